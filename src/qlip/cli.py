@@ -1,0 +1,196 @@
+"""The `qlip` command line: thin; each flag maps onto a config field, the work is done elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .nn import PRESETS, QuantConfig
+from .quant import RANGE_METHODS, check_bits, parse_bits_list
+
+DEFAULT_MODEL = "reference"
+
+
+def _bits(what: str):
+    def parse(text: str) -> int:
+        try:
+            return check_bits(int(text), what)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    return parse
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        return parse_bits_list(text, "--abits-options")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def read_prompt_file(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file not found: {file}")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {file} holds no prompts (one per line)")
+    return prompts
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="local diffusers pipeline folder, hub id, or 'reference' (default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a pipeline's UNet and save it")
+    _add_model_args(p)
+    p.add_argument("--method", default="rtn", choices=["rtn"])
+    p.add_argument("--wbits", type=_bits("--wbits"), default=4)
+    p.add_argument("--abits", type=_bits("--abits"), default=8)
+    p.add_argument("--abits-options", type=_bits_list, default=(),
+                   help="activation bit-widths calibrated for run-time switching, e.g. 8,16,32")
+    p.add_argument("--preset", default="qdiffusion", choices=sorted(PRESETS),
+                   help="layer policy: qdiffusion (all), ptqd (8-bit first/last), dgq (FP first/last)")
+    p.add_argument("--softmax-bits", type=_bits("--softmax-bits"), default=16)
+    p.add_argument("--no-attention", action="store_true", help="leave attention matmuls in FP")
+    p.add_argument("--weight-range", default="minmax", choices=RANGE_METHODS)
+    p.add_argument("--act-range", default="minmax", choices=RANGE_METHODS)
+    p.add_argument("--calib-prompts", help="file with one prompt per line (reference model: optional)")
+    p.add_argument("--calib-num", type=int, default=32, help="prompts used for calibration")
+    p.add_argument("--calib-steps", type=int, default=25, help="sampling steps of calibration runs")
+    p.add_argument("--calib-kept-steps", type=int, default=25, help="steps kept, spread uniformly")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for the quantized model")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate images (FP or quantized) with a cost report")
+    p.add_argument("prompts", nargs="*", help="one or more prompts")
+    _add_model_args(p)
+    p.add_argument("--prompt-file", help="file with one prompt per line (added to PROMPTS)")
+    p.add_argument("--quantized", help="folder written by `qlip quantize`")
+    p.add_argument("--abits", type=_bits("--abits"), help="activation bits (default: the model's)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--truncate", action="store_true",
+                   help="cut prompts longer than the tokenizer's limit instead of refusing them")
+    p.add_argument("--out", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_generate(sub)
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
+    return parser
+
+
+def _calibration_prompts(args) -> list[str]:
+    if args.calib_prompts:
+        return read_prompt_file(args.calib_prompts)
+    if args.model == DEFAULT_MODEL:
+        from .world.reference import calibration_prompts
+
+        return calibration_prompts(args.calib_num, args.seed)
+    raise ValueError("--calib-prompts FILE is needed for a model other than the reference model")
+
+
+def cmd_quantize(args) -> int:
+    from .methods.rtn import RTNConfig
+    from .pipeline import CalibrationConfig, QuantizeJob, load_pipeline, quantize_pipeline
+
+    if args.calib_num < 1 or args.calib_steps < 1 or args.calib_kept_steps < 1:
+        raise ValueError("--calib-num, --calib-steps and --calib-kept-steps must be at least 1")
+    job = QuantizeJob(
+        method=args.method,
+        quant=QuantConfig(
+            wbits=args.wbits, abits=args.abits, abits_options=args.abits_options,
+            preset=args.preset, softmax_bits=args.softmax_bits,
+            quantize_attention=not args.no_attention,
+        ),
+        calibration=CalibrationConfig(
+            num_prompts=args.calib_num, num_inference_steps=args.calib_steps,
+            num_kept_steps=args.calib_kept_steps, guidance=args.guidance, seed=args.seed,
+        ),
+        rtn=RTNConfig(weight_range=args.weight_range, act_range=args.act_range),
+        base_model=args.model,
+    )
+    prompts = _calibration_prompts(args)
+    pipe = load_pipeline(args.model, _device(args.device))
+    units = quantize_pipeline(pipe, prompts, job, args.out)
+    print(f"quantized {len(units)} units of {args.model} with {args.method} "
+          f"W{args.wbits}A{args.abits}; saved to {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import GenerationConfig, generate, load_pipeline, load_quantized
+    from .policies import FixedBits
+
+    prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    if not prompts:
+        raise ValueError("no prompts given; pass PROMPT arguments or --prompt-file")
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be at least 1")
+    pipe = load_pipeline(args.model, _device(args.device))
+    policy = None
+    if args.quantized:
+        info = load_quantized(pipe.unet, args.quantized)
+        policy = FixedBits(args.abits or info.config.abits)
+    elif args.abits:
+        raise ValueError("--abits needs --quantized DIR (a model made by `qlip quantize`)")
+    config = GenerationConfig(steps=args.steps, guidance=args.guidance,
+                              batch_size=args.batch_size, truncate=args.truncate)
+    seeds = [args.seed + i for i in range(len(prompts))]
+    result = generate(pipe, prompts, seeds, policy, config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (image, report) in enumerate(zip(result.images, result.reports)):
+        name = f"{i:04d}.png"
+        image.save(out / name)
+        entries.append({"image": name, **report.to_dict()})
+    (out / "report.json").write_text(json.dumps({"model": args.model, "quantized": args.quantized,
+                                                 "images": entries}, indent=2))
+    print(f"wrote {len(entries)} images and report.json to {out}")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = COMMANDS.get(args.command) or args.handler
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"qlip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qlip {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Quantized Linear and Conv2d, made by module swap: cached fake-quantized weights and a bank of
+activation quantizers; the active activation bit-width is an attribute set from outside per call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import UniformQuantizer, check_bits, is_bypass
+from .bank import ActivationBank, QuantizerFactory, uniform_factory
+
+
+class QuantLayer(nn.Module):
+    """Common part of :class:`QuantLinear` and :class:`QuantConv2d`.
+
+    ``splits`` (input-split quantization, Q-Diffusion's shortcut splitting) gives each part of a
+    concatenated input its own activation quantizers and its own weight quantizer over the matching
+    input-channel slice of the weight.
+    """
+
+    channel_dim: int  # dim of the input's channels
+    kind: str
+
+    def __init__(
+        self,
+        base: nn.Linear | nn.Conv2d,
+        wbits: int,
+        abits_options: Sequence[int],
+        abits: int,
+        splits: Sequence[int] | None = None,
+        weight_symmetric: bool = False,
+        weight_per_channel: bool = True,
+        act_factory: QuantizerFactory | None = None,
+        dynamic: bool = True,
+    ):
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.wbits = check_bits(wbits, "weight bits")
+        self.abits = check_bits(abits, "activation bits")
+        self.dynamic = dynamic  # False: abits fixed by a layer rule, bit policies leave it alone
+        in_ch = self.weight.shape[1]
+        self.splits = tuple(splits) if splits else (in_ch,)
+        if sum(self.splits) != in_ch:
+            raise ValueError(f"input splits {self.splits} do not add up to {in_ch} input channels")
+        out_ch = self.weight.shape[0]
+        self.weight_quantizers = nn.ModuleList(
+            UniformQuantizer(
+                wbits,
+                symmetric=weight_symmetric,
+                channel_dim=0 if weight_per_channel else None,
+                num_channels=out_ch,
+            )
+            for _ in self.splits
+        )
+        factory = act_factory or uniform_factory()
+        self.act_banks = nn.ModuleList(ActivationBank(abits_options, factory) for _ in self.splits)
+        if self.abits not in self.act_banks[0].options:
+            raise ValueError(f"abits {abits} is not among the bank options {abits_options}")
+        self._qweight: torch.Tensor | None = None
+
+    # -- weights -------------------------------------------------------------------------------
+    def weight_slices(self) -> list[torch.Tensor]:
+        return list(torch.split(self.weight, self.splits, dim=1))
+
+    def calibrate_weight(self, method: str = "minmax") -> None:
+        """Set each weight quantizer's grid from the weight (per output channel by default) and
+        store the rounded integer codes."""
+        if is_bypass(self.wbits):
+            return
+        for quantizer, w in zip(self.weight_quantizers, self.weight_slices()):
+            quantizer.calibrate(w.detach(), method)
+        with torch.no_grad():
+            self.set_weight_codes(
+                [q.quantize_codes(w) for q, w in zip(self.weight_quantizers, self.weight_slices())]
+            )
+
+    def set_weight_codes(self, codes: list[torch.Tensor]) -> None:
+        """Fix the integer weight codes (one tensor per input split); forward dequantizes them."""
+        dtype = torch.uint8 if self.wbits <= 8 else torch.int32
+        for i, c in enumerate(codes):
+            self.register_buffer(f"weight_codes_{i}", c.round().to(dtype))
+        self.refresh_weight()
+
+    def weight_codes(self) -> list[torch.Tensor] | None:
+        codes = [getattr(self, f"weight_codes_{i}", None) for i in range(len(self.splits))]
+        return None if any(c is None for c in codes) else codes
+
+    def refresh_weight(self) -> None:
+        """Drop the cached quantized weight (call after changing weight quantizers)."""
+        self._qweight = None
+
+    def compute_quantized_weight(self) -> torch.Tensor:
+        if is_bypass(self.wbits):
+            return self.weight
+        codes = self.weight_codes()
+        if codes is None or any(q.ste for q in self.weight_quantizers):
+            parts = [q(w) for q, w in zip(self.weight_quantizers, self.weight_slices())]
+        else:
+            parts = [
+                q.dequantize(c, self.weight.dtype) for q, c in zip(self.weight_quantizers, codes)
+            ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def quantized_weight(self) -> torch.Tensor:
+        # Training through the rounding (AdaRound, STE) needs a fresh graph every call.
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return self.compute_quantized_weight()
+        if self._qweight is None or self._qweight.device != self.weight.device:
+            with torch.no_grad():
+                self._qweight = self.compute_quantized_weight().detach()
+        return self._qweight.to(self.weight.dtype)
+
+    # -- activations ---------------------------------------------------------------------------
+    def set_step(self, step: int) -> None:
+        for bank in self.act_banks:
+            bank.set_step(step)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.splits) == 1:
+            return self.act_banks[0](x, self.abits)
+        parts = torch.split(x, self.splits, dim=self.channel_dim)
+        return torch.cat(
+            [bank(p, self.abits) for bank, p in zip(self.act_banks, parts)], dim=self.channel_dim
+        )
+
+    def extra_repr(self) -> str:
+        split = f", splits={self.splits}" if len(self.splits) > 1 else ""
+        return f"w{self.wbits}a{self.abits}, options={self.act_banks[0].options}{split}"
+
+
+class QuantLinear(QuantLayer):
+    channel_dim = -1
+    kind = "linear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., C_in]
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantLayer):
+    channel_dim = 1
+    kind = "conv2d"
+
+    def __init__(self, base: nn.Conv2d, *args, **kwargs):
+        super().__init__(base, *args, **kwargs)
+        if base.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {base.padding_mode!r} is not supported; only 'zeros'")
+        self.stride, self.padding = base.stride, base.padding
+        self.dilation, self.groups = base.dilation, base.groups
+        if self.groups != 1 and len(self.splits) > 1:
+            raise ValueError("input splits need a conv with groups=1")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
+        return F.conv2d(
+            self.quantize_input(x),
+            self.quantized_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
+    def weight_slices(self) -> list[torch.Tensor]:
+        if self.groups != 1:
+            return [self.weight]
+        return super().weight_slices()

@@ -1,0 +1,100 @@
+"""Module swap: replace Linear/Conv2d by quantized layers and attention processors by quantized ones."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .attention import QuantAttnProcessor
+from .bank import uniform_factory
+from .config import QuantConfig
+from .layers import QuantConv2d, QuantLayer, QuantLinear
+
+QuantUnit = QuantLayer | QuantAttnProcessor
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _is_attention(module: nn.Module) -> bool:
+    # diffusers' Attention; checked by duck typing so this layer needs no diffusers import
+    return hasattr(module, "set_processor") and hasattr(module, "head_to_batch_dim")
+
+
+def make_layer(
+    base: nn.Linear | nn.Conv2d, config: QuantConfig, wbits: int, abits: int | None,
+    splits: tuple[int, ...] | None = None,
+) -> QuantLayer:
+    cls = QuantLinear if isinstance(base, nn.Linear) else QuantConv2d
+    return cls(
+        base,
+        wbits=wbits,
+        abits_options=(abits,) if abits is not None else config.abits_options,
+        abits=abits if abits is not None else config.abits,
+        splits=splits,
+        weight_symmetric=config.weight_symmetric,
+        weight_per_channel=config.weight_per_channel,
+        act_factory=uniform_factory(config.act_symmetric, config.act_steps),
+        dynamic=abits is None,
+    )
+
+
+def make_processor(config: QuantConfig, abits: int | None) -> QuantAttnProcessor:
+    return QuantAttnProcessor(
+        abits_options=(abits,) if abits is not None else config.abits_options,
+        abits=abits if abits is not None else config.abits,
+        prob_bits=config.softmax_bits,
+        prob_quantizer=config.softmax_quantizer,
+        keep_start_token=config.keep_start_token,
+        act_factory=uniform_factory(config.act_symmetric, config.act_steps),
+        dynamic=abits is None,
+    )
+
+
+def quantize_model(
+    model: nn.Module, config: QuantConfig, splits: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, QuantUnit]:
+    """Swap, in place, every Linear/Conv2d that the config's rules select for a quantized layer, and
+    give every selected attention module a :class:`QuantAttnProcessor`. ``splits`` maps a layer name
+    to the channel sizes of its concatenated input (shortcut splitting). Returns the units by name.
+
+    >>> units = quantize_model(nn.Sequential(nn.Linear(4, 4)), QuantConfig(wbits=8, abits=8))
+    >>> sorted(units)
+    ['0']
+    """
+    splits = splits or {}
+    targets = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLayer | QuantAttnProcessor):
+            raise ValueError("this model is already quantized; start again from the FP model")
+        is_layer = type(module) in (nn.Linear, nn.Conv2d)
+        is_attn = config.quantize_attention and _is_attention(module)
+        if not (is_layer or is_attn):
+            continue
+        rule = config.rule_for(name)
+        if rule is not None and not rule.quantize:
+            continue
+        wbits = rule.wbits if rule and rule.wbits is not None else config.wbits
+        abits = rule.abits if rule else None
+        targets.append((name, module, wbits, abits, is_layer))
+
+    units: dict[str, QuantUnit] = {}
+    for name, module, wbits, abits, is_layer in targets:
+        if is_layer:
+            layer = make_layer(module, config, wbits, abits, splits.get(name))
+            _set_submodule(model, name, layer)
+            units[name] = layer
+        else:
+            processor = make_processor(config, abits)
+            module.set_processor(processor)
+            units[f"{name}.processor"] = processor
+    return units
+
+
+def quant_units(model: nn.Module) -> dict[str, QuantUnit]:
+    """Every quantized unit (layer or attention processor) of ``model``, by qualified name."""
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, QuantLayer | QuantAttnProcessor)
+    }

@@ -1,0 +1,30 @@
+"""The diffusers seam: the only part of qlip that knows pipelines."""
+
+from .accounting import BitLedger, ImageReport, MacCounter
+from .capture import capture_unet_inputs, uniform_steps
+from .generate import GenerationConfig, GenerationResult, generate
+from .loading import ModelLoadError, load_pipeline
+from .prepare import decoder_input_splits, prepare_unet
+from .quantize import CalibrationConfig, QuantizeJob, quantize_pipeline
+from .saving import QuantizedInfo, load_quantized, save_quantized
+
+__all__ = [
+    "BitLedger",
+    "CalibrationConfig",
+    "GenerationConfig",
+    "GenerationResult",
+    "ImageReport",
+    "MacCounter",
+    "ModelLoadError",
+    "QuantizeJob",
+    "QuantizedInfo",
+    "capture_unet_inputs",
+    "decoder_input_splits",
+    "generate",
+    "load_pipeline",
+    "load_quantized",
+    "prepare_unet",
+    "quantize_pipeline",
+    "save_quantized",
+    "uniform_steps",
+]

@@ -1,0 +1,134 @@
+"""Saving and loading a quantized UNet: safetensors plus a versioned JSON config; nothing is
+unpickled. The base model's weights are not copied: the saved folder holds the quantizers' state and
+the integer weight codes, and is applied on top of the same base model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..nn import QuantConfig, QuantUnit, quant_units
+from .prepare import prepare_unet
+
+FORMAT = "qlip-quantized"
+VERSION = 1
+CONFIG_FILE = "quant_config.json"
+STATE_FILE = "quant_state.safetensors"
+
+
+@dataclass
+class QuantizedInfo:
+    """What a saved quantized model says about itself."""
+
+    config: QuantConfig
+    method: str
+    method_config: dict = field(default_factory=dict)
+    base_model: str = ""
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # method state, e.g. PTQD statistics
+
+
+def fingerprint(unet: nn.Module) -> str:
+    """A short hash of the base UNet's architecture and a few of its weights."""
+    h = hashlib.sha256()
+    params = list(unet.named_parameters())
+    h.update(str([(n, tuple(p.shape)) for n, p in params]).encode())
+    for _, p in params[:2] + params[-2:]:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _unit_state(units: dict[str, QuantUnit]) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, unit in units.items():
+        for key, value in unit.state_dict().items():
+            if key in ("weight", "bias"):
+                continue  # the base model's own weights
+            state[f"{name}.{key}"] = value.detach().contiguous().cpu()
+    return state
+
+
+def save_quantized(unet: nn.Module, info: QuantizedInfo, out_dir: str | Path) -> Path:
+    """Write ``quant_config.json`` and ``quant_state.safetensors`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    units = quant_units(unet)
+    state = _unit_state(units)
+    state.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in info.extra.items()})
+    save_file(state, str(out / STATE_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "qlip_version": __version__,
+        "base_model": info.base_model,
+        "base_fingerprint": fingerprint(unet),
+        "method": info.method,
+        "method_config": info.method_config,
+        "quant_config": info.config.to_dict(),
+        "units": sorted(units),
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _assign(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = key.rpartition(".")
+    owner = root.get_submodule(owner_name)
+    current = getattr(owner, attr, None)
+    if isinstance(current, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value.to(current.device), requires_grad=False))
+    elif attr in owner._buffers or current is None:
+        device = current.device if isinstance(current, torch.Tensor) else value.device
+        owner.register_buffer(attr, value.to(device))
+    else:
+        raise ValueError(f"saved tensor {key!r} does not match a quantizer in this model")
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a qlip quantized model folder (no {CONFIG_FILE}); make one with "
+            "`qlip quantize ... --out DIR`"
+        )
+    meta = json.loads(config_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{config_file} is not a qlip quantized model config")
+    if meta.get("version", 0) > VERSION:
+        raise ValueError(
+            f"{path} was saved by a newer qlip (format version {meta['version']}); upgrade qlip"
+        )
+    return meta
+
+
+def load_quantized(unet: nn.Module, path: str | Path, strict_base: bool = True) -> QuantizedInfo:
+    """Quantize ``unet`` (the FP base model, in place) exactly as saved in ``path``."""
+    path = Path(path)
+    meta = read_config(path)
+    if strict_base and meta["base_fingerprint"] != fingerprint(unet):
+        raise ValueError(
+            f"{path} was quantized from a different base model ({meta['base_model']!r}); "
+            "load it on top of that model"
+        )
+    config = QuantConfig.from_dict(meta["quant_config"])
+    units = prepare_unet(unet, config)
+    if sorted(units) != meta["units"]:
+        raise ValueError(f"the quantized layers of {path} do not match this model's layers")
+    state = load_file(str(path / STATE_FILE))
+    extra = {}
+    for key, value in state.items():
+        if key.startswith("extra."):
+            extra[key[len("extra."):]] = value
+        else:
+            _assign(unet, key, value)
+    for unit in units.values():
+        if hasattr(unit, "refresh_weight"):
+            unit.refresh_weight()
+    return QuantizedInfo(config, meta["method"], meta["method_config"], meta["base_model"], extra)

@@ -1,0 +1,5 @@
+"""Bit policies: once per denoising step, the activation bit-width of every dynamic unit, per prompt."""
+
+from .base import BitPolicy, FixedBits, PromptBatch
+
+__all__ = ["BitPolicy", "FixedBits", "PromptBatch"]

@@ -1,0 +1,26 @@
+"""Quantization primitives: pure tensor functions and tiny modules, no diffusers here."""
+
+from .bits import BYPASS_BITS, check_bits, is_bypass, parse_bits_list
+from .log2 import Log2Quantizer, log2_quant
+from .observer import RangeObserver
+from .ranges import affine_params, fake_quant, minmax_range, mse_range, percentile_range
+from .rounding import round_ste
+from .uniform import RANGE_METHODS, UniformQuantizer
+
+__all__ = [
+    "BYPASS_BITS",
+    "RANGE_METHODS",
+    "Log2Quantizer",
+    "RangeObserver",
+    "UniformQuantizer",
+    "affine_params",
+    "check_bits",
+    "fake_quant",
+    "is_bypass",
+    "log2_quant",
+    "minmax_range",
+    "mse_range",
+    "parse_bits_list",
+    "percentile_range",
+    "round_ste",
+]

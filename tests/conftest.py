@@ -1,0 +1,45 @@
+"""Tiny random diffusers pipelines built from configs; nothing is downloaded."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from qlip.testing import build_tiny_pipeline
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def _tiny_pipeline_template(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture
+def tiny_pipe(_tiny_pipeline_template):
+    """A fresh copy of the tiny pipeline (tests quantize it in place)."""
+    return copy.deepcopy(_tiny_pipeline_template)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(_tiny_pipeline_template, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_pipe")
+    _tiny_pipeline_template.save_pretrained(folder)
+    return folder
+
+
+def unet_inputs(unet, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size, generator=g)
+    t = torch.tensor([500] * batch)
+    c = torch.randn(batch, 16, unet.config.cross_attention_dim, generator=g)
+    return x, t, c
+
+
+def snr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
