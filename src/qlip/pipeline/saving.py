@@ -37,7 +37,8 @@ class QuantizedInfo:
 def fingerprint(unet: nn.Module) -> str:
     """A short hash of the base UNet's architecture and a few of its weights."""
     h = hashlib.sha256()
-    params = list(unet.named_parameters())
+    # the base model's own parameters only (a quantized UNet also holds quantizer scales)
+    params = [(n, p) for n, p in unet.named_parameters() if "quantizers." not in n]
     h.update(str([(n, tuple(p.shape)) for n, p in params]).encode())
     for _, p in params[:2] + params[-2:]:
         h.update(p.detach().float().cpu().numpy().tobytes())

@@ -1,0 +1,136 @@
+"""Generation with bit policies, max over the batch, calibration from a real pipeline run, save/load."""
+
+import numpy as np
+import pytest
+import torch
+
+from qlip.methods.calib_data import CalibrationSet
+from qlip.nn import QuantConfig
+from qlip.pipeline import (
+    CalibrationConfig,
+    GenerationConfig,
+    QuantizeJob,
+    capture_unet_inputs,
+    generate,
+    load_quantized,
+    quantize_pipeline,
+)
+from qlip.pipeline import quantize as quantize_module
+from qlip.policies import BitPolicy, FixedBits
+
+PROMPTS = ["a red circle", "two blue squares", "a star", "green"]
+SMALL = CalibrationConfig(num_prompts=2, num_inference_steps=4, num_kept_steps=2, guidance=3.0)
+GEN = GenerationConfig(steps=3, guidance=3.0, batch_size=2)
+
+
+class LengthPolicy(BitPolicy):
+    """Test policy: 16 bits for prompts longer than 8 characters, 8 otherwise."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def possible_bits(self):
+        return {8, 16}
+
+    def begin(self, batch, num_steps):
+        self.wants = torch.tensor([16 if len(p) > 8 else 8 for p in batch.prompts])
+        assert batch.pooled.shape[0] == len(batch.prompts)
+
+    def bits(self, step, timestep):
+        self.calls += 1
+        return self.wants[:, None].expand(-1, len(self.unit_names))
+
+
+def _quantize(pipe, tmp_path, **config):
+    job = QuantizeJob(quant=QuantConfig(**config), calibration=SMALL)
+    return quantize_pipeline(pipe, PROMPTS, job, tmp_path / "q", progress=False)
+
+
+def test_capture_records_both_guidance_halves_at_kept_steps(tiny_pipe):
+    data = capture_unet_inputs(tiny_pipe, PROMPTS[:2], num_inference_steps=4, guidance_scale=3.0,
+                               keep_steps=[0, 3], progress=False)
+    assert len(data) == 2 * 2 * 2  # prompts × halves × kept steps
+    assert sorted(set(data.steps.tolist())) == [0, 3]
+    first = data.subset(torch.nonzero(data.steps == 0).flatten())
+    assert len(set(first.timesteps.tolist())) == 1
+    # the unconditional half: identical (empty-prompt) embeddings for both prompts
+    assert torch.equal(first.text[0], first.text[1])
+    assert not torch.equal(first.text[2], first.text[3])
+
+
+def test_rtn_from_a_pipeline_run_calibrates_everything_and_removes_observers(tiny_pipe, tmp_path):
+    units = _quantize(tiny_pipe, tmp_path, wbits=8, abits=8, abits_options=(8, 16))
+    for unit in units.values():
+        banks = unit.act_banks if hasattr(unit, "act_banks") else unit.banks.values()
+        for bank in banks:
+            assert bank.observer is None
+            for quantizer in bank.quantizers.values():
+                if hasattr(quantizer, "calibrated"):
+                    assert bool(quantizer.calibrated)
+        if hasattr(unit, "weight_codes"):
+            assert unit.weight_codes() is not None
+    assert (tmp_path / "q" / "calibration.safetensors").is_file()
+
+
+def test_second_calibration_reuses_the_cache(tiny_pipe, tmp_path, monkeypatch, _tiny_pipeline_template):
+    _quantize(tiny_pipe, tmp_path)
+    cached = CalibrationSet.load(tmp_path / "q" / "calibration.safetensors")
+    monkeypatch.setattr(quantize_module, "capture_unet_inputs",
+                        lambda *a, **k: pytest.fail("resampled despite the cache"))
+    import copy
+
+    again = copy.deepcopy(_tiny_pipeline_template)
+    data = quantize_module.calibration_data(again, PROMPTS, SMALL,
+                                            tmp_path / "q" / "calibration.safetensors")
+    assert torch.equal(data.latents, cached.latents)
+
+
+def test_each_layer_runs_at_the_max_over_the_batch(tiny_pipe, tmp_path):
+    _quantize(tiny_pipe, tmp_path, wbits=8, abits=8, abits_options=(8, 16))
+    policy = LengthPolicy()
+    mixed = generate(tiny_pipe, ["red", "a long prompt"], [0, 1], policy, GEN, progress=False)
+    assert [r.fab_requested for r in mixed.reports] == [8.0, 16.0]
+    assert [r.fab for r in mixed.reports] == [16.0, 16.0]
+    assert policy.calls == GEN.steps
+    alone = generate(tiny_pipe, ["red"], [0], policy, GEN, progress=False)
+    assert alone.reports[0].fab == 8.0
+    assert alone.reports[0].bitops_t < mixed.reports[0].bitops_t
+    # same seed, higher bits in the batch: a different image from running alone at 8 bits
+    assert not np.array_equal(np.asarray(mixed.images[0]), np.asarray(alone.images[0]))
+
+
+def test_policy_asking_for_uncalibrated_bits_is_refused(tiny_pipe, tmp_path):
+    _quantize(tiny_pipe, tmp_path, wbits=8, abits=8)
+    with pytest.raises(ValueError, match="abits 16 was not calibrated|needs activation bits"):
+        generate(tiny_pipe, ["red"], [0], FixedBits(16), GEN, progress=False)
+
+
+def test_save_load_is_bit_identical(tiny_pipe, tmp_path, _tiny_pipeline_template):
+    import copy
+
+    _quantize(tiny_pipe, tmp_path, wbits=4, abits=8, abits_options=(8, 16))
+    before = generate(tiny_pipe, ["a red circle"], [3], FixedBits(8), GEN, progress=False)
+    fresh = copy.deepcopy(_tiny_pipeline_template)
+    info = load_quantized(fresh.unet, tmp_path / "q")
+    assert info.method == "rtn" and info.config.abits_options == (8, 16)
+    after = generate(fresh, ["a red circle"], [3], FixedBits(8), GEN, progress=False)
+    assert np.array_equal(np.asarray(before.images[0]), np.asarray(after.images[0]))
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        a = tiny_pipe.unet(x, 10, encoder_hidden_states=c).sample
+        b = fresh.unet(x, 10, encoder_hidden_states=c).sample
+    assert torch.equal(a, b)
+
+
+def test_loading_onto_another_base_model_is_refused(tiny_pipe, tmp_path, _tiny_pipeline_template):
+    import copy
+
+    _quantize(tiny_pipe, tmp_path)
+    other = copy.deepcopy(_tiny_pipeline_template)
+    with torch.no_grad():
+        other.unet.conv_in.weight.add_(1.0)
+    with pytest.raises(ValueError, match="different base model"):
+        load_quantized(other.unet, tmp_path / "q")
+    with pytest.raises(FileNotFoundError, match="not a qlip quantized model"):
+        load_quantized(other.unet, tmp_path / "missing")
