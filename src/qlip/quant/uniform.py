@@ -53,6 +53,7 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("calibrated", torch.zeros(*rows, dtype=torch.bool) if rows else torch.tensor(False))
         self.step = 0
         self.ste = False  # set True by methods that train through the rounding
+        self._verified = False  # calibration checked once, so forward never syncs with the device
 
     @property
     def bypass(self) -> bool:
@@ -131,12 +132,14 @@ class UniformQuantizer(nn.Module):
     def _grid(
         self, x: torch.Tensor, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        calibrated = self.calibrated[self.step] if self.num_steps else self.calibrated
-        if not bool(calibrated):
-            raise RuntimeError(
-                f"this {self.bits}-bit quantizer was never calibrated; run a quantization method "
-                "(e.g. qlip.methods.rtn) before using the model"
-            )
+        if not self._verified:
+            if not bool(self.calibrated.all()):
+                rows = " (every sampling step of its table)" if self.num_steps else ""
+                raise RuntimeError(
+                    f"this {self.bits}-bit quantizer was never calibrated{rows}; run a "
+                    "quantization method (e.g. qlip.methods.rtn) before using the model"
+                )
+            self._verified = True
         scale, zero = self.params()
         dtype = dtype or x.dtype
         return self._broadcast(scale, x).to(dtype), self._broadcast(zero, x).to(dtype)
