@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_generate(sub)
     from .demo import add_demo_parser
+    from .evaluation.cli import add_eval_parser
 
+    add_eval_parser(sub)
     add_demo_parser(sub)
     return parser
 
@@ -142,9 +144,21 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from .pipeline import GenerationConfig, generate, load_pipeline, load_quantized
+def policy_for(pipe, quantized: str | None, abits: int | None):
+    """Load ``quantized`` onto the pipeline's UNet and return the bit policy to sample with."""
+    from .pipeline import load_quantized
     from .policies import FixedBits
+
+    if not quantized:
+        if abits:
+            raise ValueError("--abits needs --quantized DIR (a model made by `qlip quantize`)")
+        return None
+    info = load_quantized(pipe.unet, quantized)
+    return FixedBits(abits or info.config.abits)
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import GenerationConfig, generate, load_pipeline
 
     prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not prompts:
@@ -152,12 +166,7 @@ def cmd_generate(args) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be at least 1")
     pipe = load_pipeline(args.model, _device(args.device))
-    policy = None
-    if args.quantized:
-        info = load_quantized(pipe.unet, args.quantized)
-        policy = FixedBits(args.abits or info.config.abits)
-    elif args.abits:
-        raise ValueError("--abits needs --quantized DIR (a model made by `qlip quantize`)")
+    policy = policy_for(pipe, args.quantized, args.abits)
     config = GenerationConfig(steps=args.steps, guidance=args.guidance,
                               batch_size=args.batch_size, truncate=args.truncate)
     seeds = [args.seed + i for i in range(len(prompts))]

@@ -1,0 +1,83 @@
+"""`qlip eval`: thin; each flag maps onto EvalConfig or onto what measures the images."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..quant import check_bits
+from .harness import EvalConfig, EvalPrompt, run_evaluation
+from .measures import folder_measures, reference_measures
+
+HELDOUT = "heldout"
+
+
+def add_eval_parser(sub) -> None:
+    from ..cli import _add_model_args, _bits
+
+    p = sub.add_parser("eval", help="generate N images and measure FID, sFID, CLIP score, GIQA...")
+    _add_model_args(p)
+    p.add_argument("--quantized", help="folder written by `qlip quantize`")
+    p.add_argument("--abits", type=_bits("--abits"), help="activation bits (default: the model's)")
+    p.add_argument("--prompts", default=HELDOUT,
+                   help="'heldout' (the reference world's evaluation set) or a file, one per line")
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--real", help="folder of real images (needed unless --model reference)")
+    p.add_argument("--inception-weights", help="torch-fidelity Inception weights file (user models)")
+    p.add_argument("--clip", help="local CLIP model folder for the CLIP score (user models)")
+    p.add_argument("--reference-run", help="another eval folder with the same prompts and seeds "
+                   "(e.g. FP): report the mean squared difference of same-seed images")
+    p.add_argument("--label", default="", help="name of this run in the reports")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=cmd_eval)
+
+
+def select_prompts(source: str, count: int, world: bool) -> list[EvalPrompt]:
+    """``count`` prompts: a fixed, level-mixing subset of the held-out set, or a file's prompts
+    (cycled if the file has fewer)."""
+    if count < 1:
+        raise ValueError("--num-images must be at least 1")
+    if source == HELDOUT:
+        if not world:
+            raise ValueError("--prompts heldout is the reference world's set; for another model "
+                             "pass --prompts FILE")
+        from ..world.domain import heldout_prompts
+
+        pool = heldout_prompts()
+        if count > len(pool):
+            raise ValueError(f"the held-out set has {len(pool)} prompts; --num-images {count} is more")
+        order = np.random.default_rng(0).permutation(len(pool))[:count]
+        return [EvalPrompt(pool[i].text, pool[i].richness, pool[i]) for i in order]
+    from ..cli import read_prompt_file
+
+    texts = read_prompt_file(source)
+    return [EvalPrompt(texts[i % len(texts)]) for i in range(count)]
+
+
+def cmd_eval(args) -> int:
+    from ..cli import DEFAULT_MODEL, _device, policy_for
+    from ..pipeline import load_pipeline
+
+    if args.batch_size < 1 or args.steps < 1:
+        raise ValueError("--batch-size and --steps must be at least 1")
+    if args.abits is not None:
+        check_bits(args.abits, "--abits")
+    device = _device(args.device)
+    world = args.model == DEFAULT_MODEL
+    prompts = select_prompts(args.prompts, args.num_images, world)
+    measures = (reference_measures(prompts, device) if world and not args.real
+                else folder_measures(args.real, args.inception_weights, args.clip, device))
+    pipe = load_pipeline(args.model, device)
+    policy = policy_for(pipe, args.quantized, args.abits)
+    config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
+                        steps=args.steps, guidance=args.guidance)
+    metrics = run_evaluation(pipe, prompts, policy, config, args.out, measures,
+                             args.reference_run, args.label or args.quantized or "FP")
+    shown = {k: metrics.get(k) for k in ("fid", "sfid", "clip_score", "alignment", "giqa", "fab",
+                                         "bitops_t", "num_images")}
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    print(f"wrote metrics.json, metrics.md and grid.png to {args.out}")
+    return 0

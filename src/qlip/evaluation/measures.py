@@ -1,0 +1,88 @@
+"""What measures generated images: the reference world's evaluator and renders, or a user's real
+images with Inception and (optionally) a CLIP model from a local path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .harness import EvalPrompt, Measures
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REAL_SEED, FLOOR_SEED = 1, 2
+
+
+def _render_all(prompts: Sequence[EvalPrompt], size: int, seed: int, device: str) -> torch.Tensor:
+    from ..world.domain import render_batch
+
+    generator = torch.Generator(device).manual_seed(seed)
+    scenes = [p.world_prompt.scene for p in prompts]
+    chunks = [render_batch(scenes[i : i + 256], size, device, generator).cpu()
+              for i in range(0, len(scenes), 256)]
+    return torch.cat(chunks)
+
+
+def reference_measures(prompts: Sequence[EvalPrompt], device: str) -> Callable[[int], Measures]:
+    """Real images = renders of the prompts' scenes; a second set of renders (other jitter) gives
+    the FID floor; the evaluator is extractor, scorer and scene reader."""
+
+    from ..world.evaluator import load_evaluator
+
+    evaluator = load_evaluator(device)  # before generating: a missing evaluator fails fast
+
+    def build(size: int) -> Measures:
+        return Measures(
+            extractor=evaluator, scorer=evaluator, reader=evaluator,
+            real_images=_render_all(prompts, size, REAL_SEED, device),
+            floor_images=_render_all(prompts, size, FLOOR_SEED, device),
+            notes=["feature extractor, scorer and alignment: the reference world's evaluator",
+                   "real images: renders of the prompts' scenes"],
+        )
+
+    return build
+
+
+def load_image_folder(folder: str | Path, size: int) -> torch.Tensor:
+    """Every image in ``folder`` (sorted), resized to ``size``², as float [N, 3, H, W] in [0, 1]."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--real folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise ValueError(f"{folder} holds {len(files)} images; FID needs a set of real images")
+    arrays = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC))
+              for f in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def folder_measures(
+    real_dir: str | Path | None, inception_weights: str | None, clip_path: str | None, device: str,
+) -> Callable[[int], Measures]:
+    """For a user's model: real images from ``real_dir``, Inception features (torch-fidelity
+    weights), CLIP score from a local CLIP folder if given."""
+    if real_dir is None:
+        raise ValueError(
+            "--real DIR is needed for a model other than the reference model: a folder of real "
+            "images (e.g. COCO val images) to compute FID, sFID and GIQA against"
+        )
+
+    if not Path(real_dir).is_dir():
+        raise FileNotFoundError(f"--real folder not found: {real_dir}")
+    from ..metrics import HFCLIPScorer, InceptionExtractor
+
+    # built before generating, so that missing weights fail before any work is done
+    extractor = InceptionExtractor(inception_weights, device=device)
+    scorer = HFCLIPScorer(clip_path, device=device) if clip_path else None
+
+    def build(size: int) -> Measures:
+        notes = ["feature extractor: Inception-v3 (torch-fidelity weights)"]
+        if scorer is None:
+            notes.append("no CLIP score: pass --clip PATH (a local CLIP model folder)")
+        return Measures(extractor=extractor, scorer=scorer,
+                        real_images=load_image_folder(real_dir, size), notes=notes)
+
+    return build

@@ -1,0 +1,55 @@
+"""metrics.md tables and image grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+COLUMNS = [
+    ("fid", "FID", ".2f"), ("sfid", "sFID", ".2f"), ("clip_score", "CLIP", ".4f"),
+    ("alignment", "align", ".3f"), ("giqa", "GIQA", ".1f"), ("fab", "FAB", ".2f"),
+    ("weighted_bits", "wbits", ".2f"), ("bitops_t", "BitOPs(T)", ".4f"),
+    ("image_mse_vs_reference", "MSE vs ref", ".4f"), ("num_images", "N", "d"),
+]
+
+
+def _cell(value, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    """A markdown table with a column per metric present in any row."""
+    present = [c for c in COLUMNS if any(r.get(c[0]) is not None for _, r in rows)]
+    head = "| run | " + " | ".join(c[1] for c in present) + " |"
+    rule = "|---|" + "---:|" * len(present)
+    body = ["| " + name + " | " + " | ".join(_cell(r.get(k), f) for k, _, f in present) + " |"
+            for name, r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def write_markdown(metrics: dict, path: Path) -> None:
+    label = metrics.get("label") or "run"
+    lines = [f"# {label}", "", table([(label, metrics)]), ""]
+    if metrics.get("fid_floor") is not None:
+        lines += [f"FID floor (two independent sets of real renders): {metrics['fid_floor']:.2f}", ""]
+    if metrics.get("by_richness"):
+        lines += ["## By prompt richness", "",
+                  table([(f"richness {k}", v) for k, v in metrics["by_richness"].items()]), ""]
+    for note in metrics.get("notes", []):
+        lines.append(f"- {note}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """Images [N, 3, H, W] in [0, 1] as a grid PNG, row by row (the prompts are in generated.jsonl)."""
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, dtype=np.uint8)
+    tiles = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = tile
+    Image.fromarray(grid).save(path)

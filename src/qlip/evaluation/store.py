@@ -1,0 +1,59 @@
+"""Generated images on disk with one JSON line per image, so an interrupted run resumes where it
+stopped and nothing is generated twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class ImageStore:
+    """``<root>/images/00000.png`` … plus ``<root>/generated.jsonl`` (one record per image)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.image_dir = self.root / "images"
+        self.index_file = self.root / "generated.jsonl"
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.records: dict[int, dict] = {}
+        if self.index_file.is_file():
+            for line in self.index_file.read_text().splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption: that image is generated again
+                if self.path(record["index"]).is_file():
+                    self.records[record["index"]] = record
+
+    def path(self, index: int) -> Path:
+        return self.image_dir / f"{index:05d}.png"
+
+    def missing(self, count: int) -> list[int]:
+        return [i for i in range(count) if i not in self.records]
+
+    def add(self, index: int, image: Image.Image, record: dict) -> None:
+        """Write the image first, then its record: a record always has its image."""
+        image.save(self.path(index))
+        record = {"index": index, **record}
+        with self.index_file.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.records[index] = record
+
+    def check_matches(self, index: int, prompt: str, seed: int) -> None:
+        record = self.records.get(index)
+        if record and (record.get("prompt") != prompt or record.get("seed") != seed):
+            raise ValueError(
+                f"{self.root} holds a run with other prompts or seeds (image {index}: "
+                f"{record.get('prompt')!r}, seed {record.get('seed')}); use a new --out folder"
+            )
+
+    def load_images(self, count: int) -> torch.Tensor:
+        """The first ``count`` images as float [N, 3, H, W] in [0, 1]."""
+        arrays = [np.asarray(Image.open(self.path(i)).convert("RGB")) for i in range(count)]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0

@@ -1,0 +1,109 @@
+"""The evaluation harness on a tiny pipeline with a stand-in feature extractor: metrics written,
+an interrupted run resumes without regenerating, bad input is refused clearly."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlip.cli import main
+from qlip.evaluation import EvalConfig, EvalPrompt, run_evaluation
+from qlip.evaluation import harness as harness_module
+from qlip.evaluation.harness import Measures
+
+
+class PixelFeatures:
+    """A fixed, deterministic FeatureExtractor + ImageTextScorer for tests."""
+
+    def global_features(self, images):
+        return torch.cat([images.mean((2, 3)), images.std((2, 3)),
+                          F.avg_pool2d(images, 8).flatten(1)[:, :6]], dim=1)
+
+    def spatial_features(self, images):
+        return F.avg_pool2d(images, 4).flatten(1)
+
+    def image_text_similarity(self, images, texts):
+        return images.mean((1, 2, 3)) * torch.tensor([len(t) / 20 for t in texts])
+
+
+def _measures(size):
+    g = torch.Generator().manual_seed(0)
+    return Measures(extractor=PixelFeatures(), scorer=PixelFeatures(),
+                    real_images=torch.rand(12, 3, size, size, generator=g))
+
+
+PROMPTS = [EvalPrompt(t, richness=r) for t, r in
+           [("red", 0), ("a red circle", 1), ("blue", 0), ("a blue square", 1), ("star", 0),
+            ("a green star", 1)]]
+CONFIG = EvalConfig(num_images=6, batch_size=2, steps=2, guidance=3.0)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_without_regenerating(tiny_pipe, tmp_path, monkeypatch):
+    calls, interrupted = [], []
+    real_generate = harness_module.generate
+
+    def flaky(pipe, prompts, seeds, *args, **kwargs):
+        calls.append(list(prompts))
+        if len(calls) == 2 and not interrupted:
+            interrupted.append(True)
+            raise Interrupted  # the run is stopped after its first batch
+        return real_generate(pipe, prompts, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(harness_module, "generate", flaky)
+    with pytest.raises(Interrupted):
+        run_evaluation(tiny_pipe, PROMPTS, None, CONFIG, tmp_path, _measures)
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2
+    calls.clear()
+    metrics = run_evaluation(tiny_pipe, PROMPTS, None, CONFIG, tmp_path, _measures, label="FP")
+    assert sum(len(c) for c in calls) == 4  # only the 4 missing images were generated
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("fid", "sfid", "clip_score", "giqa", "fab", "weighted_bits", "bitops_t",
+                "num_images"):
+        assert saved[key] is not None, key
+    assert saved["num_images"] == 6 and saved["fab"] == 32.0
+    assert set(saved["by_richness"]) == {"0", "1"}
+    assert metrics["fid"] > 0
+    assert (tmp_path / "metrics.md").read_text().startswith("# FP")
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_same_images_compared_to_themselves_have_zero_distance(tiny_pipe, tmp_path):
+    run_evaluation(tiny_pipe, PROMPTS[:2], None, EvalConfig(num_images=2, batch_size=2, steps=1),
+                   tmp_path / "a", _measures)
+    metrics = run_evaluation(tiny_pipe, PROMPTS[:2], None,
+                             EvalConfig(num_images=2, batch_size=2, steps=1), tmp_path / "b",
+                             _measures, reference_run=tmp_path / "a")
+    assert metrics["image_mse_vs_reference"] == 0.0
+
+
+def test_a_folder_of_another_run_is_refused(tiny_pipe, tmp_path):
+    run_evaluation(tiny_pipe, PROMPTS[:2], None, EvalConfig(num_images=2, batch_size=2, steps=1),
+                   tmp_path, _measures)
+    other = [EvalPrompt("something else"), PROMPTS[1]]
+    with pytest.raises(ValueError, match="other prompts or seeds"):
+        run_evaluation(tiny_pipe, other, None, EvalConfig(num_images=2, steps=1), tmp_path,
+                       _measures)
+
+
+def test_eval_cli_bad_inputs(tiny_pipe_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    cases = [
+        (["--model", str(tiny_pipe_dir), "--prompts", str(prompts)], "--real DIR is needed"),
+        (["--model", str(tiny_pipe_dir)], "reference world's set"),
+        (["--model", str(tiny_pipe_dir), "--prompts", str(prompts), "--real", str(tmp_path / "x")],
+         "--real folder not found"),
+        (["--model", str(tiny_pipe_dir), "--prompts", str(prompts), "--real", str(tmp_path)],
+         "torch-fidelity"),
+        (["--prompts", str(prompts), "--num-images", "0"], "at least 1"),
+    ]
+    for argv, needle in cases:
+        code = main(["eval", "--device", "cpu", "--steps", "1", "--num-images", "2", "--out",
+                     str(tmp_path / "o"), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and "Traceback" not in err, err
