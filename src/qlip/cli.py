@@ -110,9 +110,9 @@ def _calibration_prompts(args) -> list[str]:
     if args.calib_prompts:
         return read_prompt_file(args.calib_prompts)
     if args.model == DEFAULT_MODEL:
-        from .world.reference import calibration_prompts
+        from .world.domain import training_prompts
 
-        return calibration_prompts(args.calib_num, args.seed)
+        return [p.text for p in training_prompts(args.calib_num, args.seed)]
     raise ValueError("--calib-prompts FILE is needed for a model other than the reference model")
 
 

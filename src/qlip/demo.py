@@ -1,22 +1,16 @@
-"""`qlip demo`: quantize a model (RTN W8A8 and W4A8), generate prompts of rising richness in FP and
-quantized, print a table and write an image grid."""
+"""`qlip demo`: the main job on the embedded reference world. Quantize the reference model (RTN
+W8A8 and W4A8), generate prompts of rising richness in FP and quantized, print a table (prompt,
+richness, FAB, alignment, quality) and write an image grid."""
 
 from __future__ import annotations
 
-import tempfile
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
 
-DEMO_PROMPTS = [
-    "a circle",
-    "a red circle",
-    "a small red circle at the top left",
-    "a small red circle at the top left and a large blue square at the bottom right",
-    "a small red circle at the top left, a large blue square at the bottom right "
-    "and a yellow triangle in the center, on a white background",
-]
 SETTINGS = [("FP", None, None), ("RTN W8A8", 8, 8), ("RTN W4A8", 4, 8)]
 
 
@@ -26,65 +20,106 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=int, default=2, help="scenes, each described at every richness")
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=run_demo)
 
 
-def _load_model(device: str):
-    """The reference pipeline if this install has it, else a tiny random one built on the fly."""
-    from .pipeline import ModelLoadError, load_pipeline
+def rising_prompts(num_scenes: int, seed: int) -> list:
+    """Each scene described at every richness level, from a bare noun to a full description."""
+    from .world.domain import RICHNESS_LEVELS, describe, sample_scene
 
-    try:
-        return load_pipeline("reference", device), "reference"
-    except ModelLoadError as err:
-        print(f"note: {err}; using a tiny random pipeline built on the fly")
-        from .testing import build_tiny_pipeline
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(num_scenes):
+        scene = sample_scene(rng)
+        while len(scene.objects) < 2:  # two or more objects show the richness levels best
+            scene = sample_scene(rng)
+        prompts += [describe(scene, level, rng) for level in RICHNESS_LEVELS]
+    return prompts
 
-        return build_tiny_pipeline(Path(tempfile.mkdtemp())).to(device), "tiny-random"
+
+@dataclass
+class Judge:
+    """Alignment and quality (GIQA percentile among real renders) from the reference evaluator."""
+
+    evaluator: object
+    giqa: object
+    real_scores: np.ndarray
+
+    @classmethod
+    def build(cls, device: str, size: int, seed: int) -> Judge:
+        from .metrics import GMMGIQA
+        from .world.domain import render_batch, training_prompts
+        from .world.evaluator import load_evaluator
+
+        evaluator = load_evaluator(device)
+        scenes = [p.scene for p in training_prompts(512, seed + 1)]
+        real = render_batch(scenes, size, device, torch.Generator(device).manual_seed(seed))
+        features = evaluator.global_features(real).cpu()
+        giqa = GMMGIQA().fit(features)
+        return cls(evaluator, giqa, np.asarray(giqa.score(features)))
+
+    def judge(self, images: torch.Tensor, prompts: list) -> tuple[np.ndarray, np.ndarray]:
+        from .metrics import alignment, rank_normalize
+
+        predictions = self.evaluator.predict(images)
+        aligned = alignment(prompts, predictions).scores
+        scores = self.giqa.score(self.evaluator.global_features(images).cpu())
+        return aligned, np.asarray(rank_normalize(scores, self.real_scores))
 
 
-def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
-    h, w = rows[0][0].height, rows[0][0].width
-    grid = np.zeros((h * len(rows), w * len(rows[0]), 3), dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = np.asarray(image.convert("RGB"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+def _to_tensor(images) -> torch.Tensor:
+    arrays = np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
 
 
 def run_demo(args) -> int:
-    import copy
-
     from .cli import _device
+    from .evaluation.report import save_grid
     from .nn import QuantConfig
-    from .pipeline import CalibrationConfig, GenerationConfig, QuantizeJob, generate
+    from .pipeline import CalibrationConfig, GenerationConfig, QuantizeJob, generate, load_pipeline
     from .pipeline.quantize import quantize_pipeline
+    from .world.domain import training_prompts
 
     device = _device(args.device)
-    base, name = _load_model(device)
-    prompts = DEMO_PROMPTS
-    seeds = [args.seed] * len(prompts)
-    gen = GenerationConfig(steps=args.steps, guidance=args.guidance, batch_size=len(prompts),
-                           truncate=True)
+    base = load_pipeline("reference", device)
+    prompts = rising_prompts(args.scenes, args.seed)
+    texts = [p.text for p in prompts]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    gen = GenerationConfig(steps=args.steps, guidance=args.guidance, batch_size=len(prompts))
+    calib = [p.text for p in training_prompts(16, args.seed + 2)]
     out = Path(args.out)
-    rows, table = [], []
+    judge = None
+    rows, tiles = [], []
     for label, wbits, abits in SETTINGS:
         pipe = copy.deepcopy(base)
         if wbits is not None:
             job = QuantizeJob(
                 quant=QuantConfig(wbits=wbits, abits=abits),
-                calibration=CalibrationConfig(num_prompts=8, num_inference_steps=args.steps,
+                calibration=CalibrationConfig(num_prompts=16, num_inference_steps=args.steps,
                                               num_kept_steps=5, guidance=args.guidance),
-                base_model=name,
+                base_model="reference",
             )
-            quantize_pipeline(pipe, prompts + prompts[::-1], job, out / f"w{wbits}a{abits}")
-        result = generate(pipe, prompts, seeds, config=gen)
-        rows.append(result.images)
-        table.extend((label, r) for r in result.reports)
-    save_grid(rows, out / "grid.png")
-    print(f"\nmodel: {name}\n{'setting':<10} {'FAB':>6} {'BitOPs(T)':>10}  prompt")
-    for label, r in table:
-        print(f"{label:<10} {r.fab:6.2f} {r.bitops_t:10.4f}  {r.prompt[:70]}")
-    print(f"\ngrid (rows: {', '.join(s[0] for s in SETTINGS)}; columns: prompts) -> {out / 'grid.png'}")
+            print(f"quantizing the reference model: {label}")
+            quantize_pipeline(pipe, calib, job, out / label.split()[-1].lower())
+        result = generate(pipe, texts, seeds, config=gen)
+        images = _to_tensor(result.images)
+        judge = judge or Judge.build(device, images.shape[-1], args.seed)
+        aligned, quality = judge.judge(images, prompts)
+        tiles.append(images)
+        rows += [(label, p, r, a, q) for p, r, a, q in zip(prompts, result.reports, aligned, quality)]
+    save_grid(torch.cat(tiles), out / "grid.png", columns=len(prompts))
+    _print_table(rows)
+    print(f"\ngrid: rows {', '.join(s[0] for s in SETTINGS)}; columns the prompts above, in order"
+          f" -> {out / 'grid.png'}")
     return 0
+
+
+def _print_table(rows) -> None:
+    print(f"\n{'setting':<9} {'rich':>4} {'FAB':>6} {'BitOPs(T)':>10} {'align':>6} {'quality':>7}  prompt")
+    for label, prompt, report, aligned, quality in rows:
+        print(f"{label:<9} {prompt.richness:>4} {report.fab:6.2f} {report.bitops_t:10.4f} "
+              f"{aligned:6.2f} {quality:7.2f}  {prompt.text[:80]}")
+    print("align: fraction of the prompt's attributes the evaluator finds; quality: GIQA "
+          "percentile among real renders (0-1)")

@@ -44,9 +44,10 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     if model == REFERENCE:
         try:
             from ..world.reference import load_reference_pipeline
-        except ImportError as err:  # the reference world is an optional part of an install
+
+            pipe = load_reference_pipeline(device=device, dtype=dtype)
+        except (ImportError, FileNotFoundError) as err:
             raise ModelLoadError(f"the embedded reference model is not available: {err}") from err
-        pipe = load_reference_pipeline(device=device, dtype=dtype)
     else:
         path = Path(model).expanduser()
         if path.exists():
