@@ -84,8 +84,8 @@ def main() -> None:
     began = time.perf_counter()
     variants = {
         "bf16": lambda: build_unet(device, dtype),
-        "w4a8_layers": lambda: quantized_unet(device, dtype, attention=False),
         "w4a8_layers_attention": lambda: quantized_unet(device, dtype, attention=True),
+        "w4a8_layers": lambda: quantized_unet(device, dtype, attention=False),
     }
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "batch": 2, "latent": [4, 64, 64], "context": [77, 768], "dtype": "bfloat16",

@@ -84,10 +84,11 @@ def quantize_model(
     for name, module, wbits, abits, is_layer in targets:
         if is_layer:
             layer = make_layer(module, config, wbits, abits, splits.get(name))
+            layer.to(module.weight.device)  # quantizer state lives beside the weights
             _set_submodule(model, name, layer)
             units[name] = layer
         else:
-            processor = make_processor(config, abits)
+            processor = make_processor(config, abits).to(module.to_q.weight.device)
             module.set_processor(processor)
             units[f"{name}.processor"] = processor
     return units

@@ -1,0 +1,168 @@
+"""Cost of Q-Diffusion's BRECQ/AdaRound reconstruction on the Stable Diffusion 1.4 UNet
+architecture (published config, random weights, 64×64 latents, context 77×768): time per
+reconstruction iteration (batch 8, median over iterations) of every reconstruction unit, a ResNet
+block and a transformer block singled out, and the projected time of a whole reconstruction at a
+given number of iterations per unit. Optionally, Q-Diffusion W4A8 end to end on the reference model.
+Run on the GPU:
+
+    python benchmarks/reconstruction_speed.py --out benchmarks/results/reconstruction_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from qlip.methods.calib_data import CalibrationSet
+from qlip.methods.calibrate import calibrate_weights
+from qlip.methods.reconstruction import (
+    ReconstructionConfig,
+    activations_bypassed,
+    capture_unit,
+    channel_error,
+    execution_order,
+    full_precision,
+    sample_rows,
+    weight_quantizers_replaced,
+)
+from qlip.nn import QuantConfig, QuantLayer
+from qlip.pipeline import prepare_unet
+from qlip.quant.adaround import AdaRoundQuantizer, annealed_beta
+
+SD14_UNET = dict(  # CompVis/stable-diffusion-v1-4 unet/config.json
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    norm_num_groups=32, act_fn="silu", center_input_sample=False, flip_sin_to_cos=True,
+    freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+)
+SINGLED_OUT = ("down_blocks.0.resnets.0", "down_blocks.0.attentions.0.transformer_blocks.0",
+               "down_blocks.1.resnets.0", "down_blocks.1.attentions.0.transformer_blocks.0")
+
+
+DEVICE = "cuda"
+
+
+def random_calibration(rows: int) -> CalibrationSet:
+    g = torch.Generator().manual_seed(0)
+    return CalibrationSet(torch.randn(rows, 4, 64, 64, generator=g),
+                          torch.randint(0, 1000, (rows,), generator=g).float(),
+                          torch.randn(rows, 77, 768, generator=g),
+                          torch.zeros(rows, dtype=torch.long))
+
+
+def time_unit(unet, units, module, layers, data, rows, config, warmup: int, iters: int) -> list:
+    """Milliseconds per AdaRound iteration (forward, loss, backward, Adam step) of one unit."""
+    inputs = capture_unit(unet, units, module, data, rows, config, want_output=False)
+    with full_precision(units):
+        targets = capture_unit(unet, units, module, data, rows, config, True).to(inputs.device)
+    rounders = {n: [AdaRoundQuantizer(q, w) for q, w in zip(lay.weight_quantizers, lay.weight_slices())]
+                for n, lay in layers.items()}
+    alphas = [r.alpha for rs in rounders.values() for r in rs]
+    optimiser = torch.optim.Adam(alphas, lr=config.lr)
+    times = []
+    with ExitStack() as stack:
+        for n, layer in layers.items():
+            stack.enter_context(weight_quantizers_replaced(layer, rounders[n]))
+        for it in range(warmup + iters):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            index = torch.randint(inputs.size, (config.batch_size,))
+            args, kwargs = inputs.take(index)
+            out = module(*args, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = channel_error(out, targets[index.to(targets.device)].to(out))
+            beta = annealed_beta(config.iters, config.iters)  # regulariser on, as after warm-up
+            loss = loss + config.reg_weight * sum(r.regularizer(beta) for rs in rounders.values()
+                                                  for r in rs)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            torch.cuda.synchronize()
+            if it >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def sd14_units(dtype: torch.dtype, warmup: int, iters: int, default_iters: int) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD14_UNET).to(DEVICE, dtype).eval()
+    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8))
+    calibrate_weights(units, "minmax")  # the grid does not change the cost
+    config = ReconstructionConfig(capture_batch=8)
+    data = random_calibration(8)
+    rows = sample_rows(len(data), 8, 0)
+    layers = {n: u for n, u in units.items() if isinstance(u, QuantLayer)}
+    per_unit = {}
+    with activations_bypassed(units):
+        for name, module in execution_order(unet, units, data):
+            inner = {n: layer for n, layer in layers.items()
+                     if n == name or n.startswith(name + ".")}
+            times = time_unit(unet, units, module, inner, data, rows, config, warmup, iters)
+            per_unit[name] = {"median_ms": statistics.median(times), "kind": type(module).__name__}
+            print(f"{name}: {per_unit[name]['median_ms']:.2f} ms/iter", flush=True)
+    total_ms = sum(u["median_ms"] for u in per_unit.values())
+    return {
+        "dtype": str(dtype), "batch_size": config.batch_size, "timed_iterations": iters,
+        "singled_out": {n: per_unit[n] for n in SINGLED_OUT if n in per_unit},
+        "units": per_unit, "units_count": len(per_unit),
+        "sum_of_unit_iteration_ms": total_ms,
+        f"projected_minutes_at_{default_iters}_iters": total_ms * default_iters / 60e3,
+        "projected_minutes_at_20000_iters": total_ms * 20000 / 60e3,
+    }
+
+
+def reference_end_to_end() -> dict | None:
+    """Q-Diffusion W4A8 with the documented defaults on the reference model, if it exists."""
+    try:
+        from qlip.world.reference import calibration_prompts, load_reference_pipeline
+        pipe = load_reference_pipeline(device="cuda")
+    except (ImportError, FileNotFoundError, OSError, ValueError) as err:
+        return {"skipped": f"reference model not available: {err}"}
+    from qlip.pipeline import CalibrationConfig, QuantizeJob, quantize_pipeline
+
+    job = QuantizeJob(method="qdiffusion", quant=QuantConfig(wbits=4, abits=8),
+                      calibration=CalibrationConfig(), base_model="reference")
+    start = time.perf_counter()
+    units = quantize_pipeline(pipe, calibration_prompts(job.calibration.num_prompts, 0), job,
+                              "/tmp/qd_reference", progress=False)
+    torch.cuda.synchronize()
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    return {"seconds": time.perf_counter() - start, "units": len(units), "unet_params": params,
+            "config": job.method_config()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="benchmarks/results/reconstruction_speed.json")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+    default_iters = ReconstructionConfig().iters
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+    for name in args.dtypes.split(","):
+        result["runs"].append(sd14_units(getattr(torch, name), args.warmup, args.iters,
+                                         default_iters))
+        torch.cuda.empty_cache()
+    if not args.skip_reference:
+        result["reference_qdiffusion_w4a8"] = reference_end_to_end()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    for run in result["runs"]:
+        print(run["dtype"], json.dumps(run["singled_out"]), run["sum_of_unit_iteration_ms"])
+
+
+if __name__ == "__main__":
+    main()
