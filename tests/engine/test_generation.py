@@ -134,3 +134,26 @@ def test_loading_onto_another_base_model_is_refused(tiny_pipe, tmp_path, _tiny_p
         load_quantized(other.unet, tmp_path / "q")
     with pytest.raises(FileNotFoundError, match="not a qlip quantized model"):
         load_quantized(other.unet, tmp_path / "missing")
+
+
+def test_per_step_tables_are_calibrated_and_used_by_step_index(tiny_pipe, tmp_path):
+    steps = 3
+    job = QuantizeJob(
+        quant=QuantConfig(wbits=8, abits=8, act_steps=steps),
+        calibration=CalibrationConfig(num_prompts=2, num_inference_steps=steps,
+                                      num_kept_steps=steps, guidance=3.0),
+    )
+    units = quantize_pipeline(tiny_pipe, PROMPTS, job, tmp_path / "q", progress=False)
+    scale = units["conv_in"].act_banks[0].quantizer(8).scale  # [steps, 1]
+    assert scale.shape == (steps, 1)
+    assert len(torch.unique(scale)) == steps  # x_t's range differs from step to step
+    seen = []
+    quantizer = units["conv_in"].act_banks[0].quantizer(8)
+    handle = quantizer.register_forward_pre_hook(lambda m, a: seen.append(m.step))
+    generate(tiny_pipe, ["red"], [0], None, GenerationConfig(steps=steps, guidance=3.0),
+             progress=False)
+    handle.remove()
+    assert seen == list(range(steps))
+    with pytest.raises(ValueError, match="per-step table of 3 steps"):
+        generate(tiny_pipe, ["red"], [0], None, GenerationConfig(steps=4, guidance=3.0),
+                 progress=False)

@@ -117,6 +117,11 @@ class UniformQuantizer(nn.Module):
         """The current (scale, zero) as [P] or [C] vectors (group ids expanded to channels)."""
         scale, zero = self.scale, self.zero_point
         if self.num_steps:
+            if not 0 <= self.step < self.num_steps:
+                raise ValueError(
+                    f"step {self.step} is outside this quantizer's per-step table of "
+                    f"{self.num_steps} steps; sample with num_inference_steps={self.num_steps}"
+                )
             scale, zero = scale[self.step], zero[self.step]
         if self.group_index is not None:
             scale, zero = scale[self.group_index], zero[self.group_index]
