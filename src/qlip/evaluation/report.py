@@ -53,3 +53,44 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
         r, c = divmod(i, columns)
         grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = tile
     Image.fromarray(grid).save(path)
+
+
+def _delta(a, b):
+    return None if a is None or b is None else b - a
+
+
+def damage_table(fp: dict, quantized: dict, name: str) -> str:
+    """Per richness level: FP quality and what quantization changes (FID, alignment, image distance)."""
+    head = ("| richness | N | FP GIQA | FP CLIP | FP align | FP FID | "
+            f"{name} FID | ΔFID | Δalign | MSE vs FP |")
+    lines = [head, "|---|" + "---:|" * 9]
+    for level, f in fp.get("by_richness", {}).items():
+        q = quantized.get("by_richness", {}).get(level, {})
+        cells = [f.get("num_images"), f.get("giqa"), f.get("clip_score"), f.get("alignment"),
+                 f.get("fid"), q.get("fid"), _delta(f.get("fid"), q.get("fid")),
+                 _delta(f.get("alignment"), q.get("alignment")), q.get("image_mse_vs_reference")]
+        fmts = ["d", ".1f", ".4f", ".3f", ".2f", ".2f", "+.2f", "+.3f", ".4f"]
+        lines.append(f"| {level} | " + " | ".join(_cell(c, f) for c, f in zip(cells, fmts)) + " |")
+    return "\n".join(lines)
+
+
+def summarize(run_dirs: list[Path]) -> str:
+    """One table over several eval folders, then the per-richness damage of each against the
+    first (the FP run)."""
+    import json
+
+    runs = [json.loads((Path(d) / "metrics.json").read_text()) for d in run_dirs]
+    lines = [table([(r.get("label") or Path(d).name, r) for d, r in zip(run_dirs, runs)]), ""]
+    floor = runs[0].get("fid_floor")
+    if floor is not None:
+        lines += [f"FID floor (two independent sets of real renders): {floor:.2f}", ""]
+    for run in runs[1:]:
+        lines += [f"### {run.get('label')} against {runs[0].get('label')}, by richness", "",
+                  damage_table(runs[0], run, run.get("label") or "quantized"), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(summarize([Path(p) for p in sys.argv[1:]]))
