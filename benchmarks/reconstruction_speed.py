@@ -121,24 +121,59 @@ def sd14_units(dtype: torch.dtype, warmup: int, iters: int, default_iters: int) 
     }
 
 
-def reference_end_to_end() -> dict | None:
-    """Q-Diffusion W4A8 with the documented defaults on the reference model, if it exists."""
-    try:
-        from qlip.world.reference import calibration_prompts, load_reference_pipeline
-        pipe = load_reference_pipeline(device="cuda")
-    except (ImportError, FileNotFoundError, OSError, ValueError) as err:
-        return {"skipped": f"reference model not available: {err}"}
-    from qlip.pipeline import CalibrationConfig, QuantizeJob, quantize_pipeline
+def _images(pipe, prompts: list[str], policy) -> torch.Tensor:
+    from qlip.pipeline import GenerationConfig, generate
 
-    job = QuantizeJob(method="qdiffusion", quant=QuantConfig(wbits=4, abits=8),
-                      calibration=CalibrationConfig(), base_model="reference")
-    start = time.perf_counter()
-    units = quantize_pipeline(pipe, calibration_prompts(job.calibration.num_prompts, 0), job,
-                              "/tmp/qd_reference", progress=False)
-    torch.cuda.synchronize()
-    params = sum(p.numel() for p in pipe.unet.parameters())
-    return {"seconds": time.perf_counter() - start, "units": len(units), "unet_params": params,
-            "config": job.method_config()}
+    config = GenerationConfig(steps=25, guidance=4.0, batch_size=len(prompts))
+    result = generate(pipe, prompts, list(range(len(prompts))), policy, config, progress=False)
+    return torch.stack([torch.tensor(list(im.getdata()), dtype=torch.float32)
+                        for im in result.images]) / 127.5 - 1.0  # values in [-1, 1]
+
+
+def reference_end_to_end(methods: list[str]) -> dict:
+    """Q-Diffusion / PTQD W4A8 with the documented defaults on the reference model (timed end to
+    end), and the mean squared difference between FP and quantized images of the same seeds."""
+    from qlip.pipeline import QuantizeJob, quantize_pipeline
+    from qlip.pipeline.ptqd_sampling import remove_ptqd
+    from qlip.world.domain import training_prompts
+    from qlip.world.reference import load_reference_pipeline
+
+    prompts = [p.text for p in training_prompts(32, 0)]
+    eval_prompts = [p.text for p in training_prompts(8, 123)]
+    results = {}
+    for method in methods:
+        pipe = load_reference_pipeline(device=DEVICE)
+        fp_images = _images(pipe, eval_prompts, None)
+        ptqd = method == "ptqd"
+        job = QuantizeJob(method=method, base_model="reference", quant=QuantConfig(
+            wbits=4, abits=8, preset="ptqd" if ptqd else "qdiffusion",
+            weight_per_channel=not ptqd))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        units = quantize_pipeline(pipe, prompts, job, f"/tmp/{method}_reference", progress=False)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        entry = {"seconds": seconds, "units": len(units),
+                 "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
+                 "config": job.method_config()}
+        if ptqd:
+            from qlip.methods.ptqd import CorrectionStats
+            from qlip.pipeline import apply_ptqd
+            from qlip.pipeline.saving import load_quantized
+
+            info = load_quantized(load_reference_pipeline().unet, f"/tmp/{method}_reference")
+            stats = CorrectionStats.from_extra(info.extra)
+            entry["k_t"] = stats.k.tolist()
+            entry["sigma_q"] = stats.sigma_q.tolist()
+            apply_ptqd(pipe, stats)
+            entry["image_mse_corrected_ddim25_interpolated"] = float(
+                (_images(pipe, eval_prompts, None) - fp_images).pow(2).mean())
+            remove_ptqd(pipe)
+        entry["image_mse_vs_fp"] = float((_images(pipe, eval_prompts, None) - fp_images).pow(2)
+                                         .mean())
+        results[method] = entry
+        print(method, json.dumps({k: v for k, v in entry.items() if k != "config"}), flush=True)
+    return results
 
 
 def main() -> None:
@@ -148,15 +183,18 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="only the end-to-end runs on the reference model")
+    parser.add_argument("--methods", default="qdiffusion,ptqd")
     args = parser.parse_args()
     default_iters = ReconstructionConfig().iters
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
-    for name in args.dtypes.split(","):
+    for name in [] if args.reference_only else args.dtypes.split(","):
         result["runs"].append(sd14_units(getattr(torch, name), args.warmup, args.iters,
                                          default_iters))
         torch.cuda.empty_cache()
     if not args.skip_reference:
-        result["reference_qdiffusion_w4a8"] = reference_end_to_end()
+        result["reference_w4a8"] = reference_end_to_end(args.methods.split(","))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))

@@ -55,19 +55,36 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize(sub) -> None:
+    from .methods.ptqd import PTQDConfig
+    from .methods.qdiffusion import QDiffusionConfig
+    from .methods.reconstruction import ReconstructionConfig
+
     p = sub.add_parser("quantize", help="quantize a pipeline's UNet and save it")
     _add_model_args(p)
-    p.add_argument("--method", default="rtn", choices=["rtn"])
+    p.add_argument("--method", default="rtn", choices=["rtn", "qdiffusion", "ptqd"],
+                   help="rtn (round-to-nearest), qdiffusion (BRECQ/AdaRound + EMA activations), "
+                        "ptqd (qdiffusion with per-tensor weights + noise correction)")
     p.add_argument("--wbits", type=_bits("--wbits"), default=4)
     p.add_argument("--abits", type=_bits("--abits"), default=8)
     p.add_argument("--abits-options", type=_bits_list, default=(),
                    help="activation bit-widths calibrated for run-time switching, e.g. 8,16,32")
-    p.add_argument("--preset", default="qdiffusion", choices=sorted(PRESETS),
-                   help="layer policy: qdiffusion (all), ptqd (8-bit first/last), dgq (FP first/last)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="layer policy: qdiffusion (all), ptqd (8-bit first/last), dgq (FP first/last); "
+                        "default: ptqd for --method ptqd, else qdiffusion")
     p.add_argument("--softmax-bits", type=_bits("--softmax-bits"), default=16)
     p.add_argument("--no-attention", action="store_true", help="leave attention matmuls in FP")
-    p.add_argument("--weight-range", default="minmax", choices=RANGE_METHODS)
-    p.add_argument("--act-range", default="minmax", choices=RANGE_METHODS)
+    p.add_argument("--weight-range", default="minmax", choices=RANGE_METHODS, help="rtn only")
+    p.add_argument("--act-range", default="minmax", choices=RANGE_METHODS, help="rtn only")
+    p.add_argument("--recon-iters", type=int, default=ReconstructionConfig.iters,
+                   help="qdiffusion/ptqd: AdaRound iterations per block (paper: 20000)")
+    p.add_argument("--recon-samples", type=int, default=ReconstructionConfig.num_samples,
+                   help="qdiffusion/ptqd: calibration rows used by the reconstruction")
+    p.add_argument("--act-tune-iters", type=int, default=QDiffusionConfig.act_tune_iters,
+                   help="qdiffusion/ptqd: LSQ tuning of activation step sizes per unit (0 = off)")
+    p.add_argument("--ptqd-prompts", type=int, default=PTQDConfig.num_prompts,
+                   help="ptqd: DDIM trajectories for the correction statistics (paper: 1024)")
+    p.add_argument("--ptqd-steps", type=int, default=PTQDConfig.num_steps,
+                   help="ptqd: DDIM steps of those trajectories (paper: 20)")
     p.add_argument("--calib-prompts", help="file with one prompt per line (reference model: optional)")
     p.add_argument("--calib-num", type=int, default=32, help="prompts used for calibration")
     p.add_argument("--calib-steps", type=int, default=25, help="sampling steps of calibration runs")
@@ -117,23 +134,36 @@ def _calibration_prompts(args) -> list[str]:
 
 
 def cmd_quantize(args) -> int:
+    from .methods.ptqd import PTQDConfig
+    from .methods.qdiffusion import QDiffusionConfig
+    from .methods.reconstruction import ReconstructionConfig
     from .methods.rtn import RTNConfig
     from .pipeline import CalibrationConfig, QuantizeJob, load_pipeline, quantize_pipeline
 
     if args.calib_num < 1 or args.calib_steps < 1 or args.calib_kept_steps < 1:
         raise ValueError("--calib-num, --calib-steps and --calib-kept-steps must be at least 1")
+    is_ptqd = args.method == "ptqd"
+    qdiffusion = QDiffusionConfig(
+        reconstruction=ReconstructionConfig(iters=args.recon_iters, num_samples=args.recon_samples,
+                                            seed=args.seed),
+        act_tune_iters=args.act_tune_iters, seed=args.seed,
+    )
     job = QuantizeJob(
         method=args.method,
         quant=QuantConfig(
             wbits=args.wbits, abits=args.abits, abits_options=args.abits_options,
-            preset=args.preset, softmax_bits=args.softmax_bits,
-            quantize_attention=not args.no_attention,
+            preset=args.preset or ("ptqd" if is_ptqd else "qdiffusion"),
+            softmax_bits=args.softmax_bits, quantize_attention=not args.no_attention,
+            weight_per_channel=not is_ptqd,  # PTQD: per-tensor weights
         ),
         calibration=CalibrationConfig(
             num_prompts=args.calib_num, num_inference_steps=args.calib_steps,
             num_kept_steps=args.calib_kept_steps, guidance=args.guidance, seed=args.seed,
         ),
         rtn=RTNConfig(weight_range=args.weight_range, act_range=args.act_range),
+        qdiffusion=qdiffusion,
+        ptqd=PTQDConfig(qdiffusion=qdiffusion, num_prompts=args.ptqd_prompts,
+                        num_steps=args.ptqd_steps, guidance=args.guidance, seed=args.seed),
         base_model=args.model,
     )
     prompts = _calibration_prompts(args)
@@ -147,6 +177,7 @@ def cmd_quantize(args) -> int:
 def policy_for(pipe, quantized: str | None, abits: int | None):
     """Load ``quantized`` onto the pipeline's UNet and return the bit policy to sample with."""
     from .pipeline import load_quantized
+    from .pipeline.ptqd_sampling import apply_saved_correction
     from .policies import FixedBits
 
     if not quantized:
@@ -154,6 +185,7 @@ def policy_for(pipe, quantized: str | None, abits: int | None):
             raise ValueError("--abits needs --quantized DIR (a model made by `qlip quantize`)")
         return None
     info = load_quantized(pipe.unet, quantized)
+    apply_saved_correction(pipe, info.extra)  # PTQD: wrap the scheduler when stats were saved
     return FixedBits(abits or info.config.abits)
 
 

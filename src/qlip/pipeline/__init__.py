@@ -5,6 +5,7 @@ from .capture import capture_unet_inputs, uniform_steps
 from .generate import GenerationConfig, GenerationResult, generate
 from .loading import ModelLoadError, load_pipeline
 from .prepare import decoder_input_splits, prepare_unet
+from .ptqd_sampling import PTQDScheduler, apply_ptqd, gather_correction_statistics, remove_ptqd
 from .quantize import CalibrationConfig, QuantizeJob, quantize_pipeline
 from .saving import QuantizedInfo, load_quantized, save_quantized
 
@@ -15,16 +16,20 @@ __all__ = [
     "GenerationResult",
     "ImageReport",
     "MacCounter",
+    "PTQDScheduler",
     "ModelLoadError",
     "QuantizeJob",
     "QuantizedInfo",
+    "apply_ptqd",
     "capture_unet_inputs",
     "decoder_input_splits",
+    "gather_correction_statistics",
     "generate",
     "load_pipeline",
     "load_quantized",
     "prepare_unet",
     "quantize_pipeline",
+    "remove_ptqd",
     "save_quantized",
     "uniform_steps",
 ]

@@ -7,13 +7,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..methods.calib_data import CalibrationSet
+from ..methods.ptqd import PTQDConfig
+from ..methods.qdiffusion import QDiffusionConfig, quantize_qdiffusion
 from ..methods.rtn import RTNConfig, quantize_rtn
 from ..nn import QuantConfig, QuantUnit
 from .capture import capture_unet_inputs, uniform_steps
 from .prepare import prepare_unet
+from .ptqd_sampling import gather_correction_statistics
 from .saving import QuantizedInfo, save_quantized
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "qdiffusion", "ptqd")
 
 
 @dataclass
@@ -34,11 +37,24 @@ class QuantizeJob:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     rtn: RTNConfig = field(default_factory=RTNConfig)
+    qdiffusion: QDiffusionConfig = field(default_factory=QDiffusionConfig)
+    ptqd: PTQDConfig = field(default_factory=PTQDConfig)
     base_model: str = ""
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
+        if self.method == "ptqd" and (self.quant.preset != "ptqd" or self.quant.weight_per_channel):
+            raise ValueError(
+                "PTQD quantizes weights per tensor with its own layer policy: use "
+                "QuantConfig(preset='ptqd', weight_per_channel=False) (the CLI does this for "
+                "--method ptqd)"
+            )
+
+    def method_config(self) -> dict:
+        """The chosen method's config, as saved in ``quant_config.json``."""
+        config = {"rtn": self.rtn, "qdiffusion": self.qdiffusion, "ptqd": self.ptqd}[self.method]
+        return {self.method: asdict(config), "calibration": asdict(self.calibration)}
 
 
 def calibration_data(
@@ -67,11 +83,15 @@ def quantize_pipeline(
     cache = Path(out_dir) / "calibration.safetensors" if out_dir else None
     data = calibration_data(pipe, prompts, job.calibration, cache, progress)
     units = prepare_unet(pipe.unet, job.quant)
-    quantize_rtn(pipe.unet, units, data, job.rtn, progress)
+    extra = {}
+    if job.method == "rtn":
+        quantize_rtn(pipe.unet, units, data, job.rtn, progress)
+    elif job.method == "qdiffusion":
+        quantize_qdiffusion(pipe.unet, units, data, job.qdiffusion, out_dir, progress)
+    else:
+        quantize_qdiffusion(pipe.unet, units, data, job.ptqd.qdiffusion, out_dir, progress)
+        extra = gather_correction_statistics(pipe, units, prompts, job.ptqd, progress).to_extra()
     if out_dir is not None:
-        info = QuantizedInfo(
-            job.quant, job.method,
-            {"rtn": asdict(job.rtn), "calibration": asdict(job.calibration)}, job.base_model,
-        )
+        info = QuantizedInfo(job.quant, job.method, job.method_config(), job.base_model, extra)
         save_quantized(pipe.unet, info, out_dir)
     return units

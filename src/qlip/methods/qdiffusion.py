@@ -1,0 +1,200 @@
+"""Q-Diffusion (Li et al., ICCV 2023): timestep-aware calibration data, BRECQ/AdaRound weights,
+activation grids from an mse init followed by a running (EMA) min/max, optional LSQ-style tuning of
+the activation step sizes. Layer policy: preset ``qdiffusion``; shortcut splitting is done by the
+engine (``pipeline.prepare``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..nn import ActivationBank, QuantLayer, QuantUnit
+from ..quant import UniformQuantizer
+from .calib_data import CalibrationSet
+from .calibrate import activation_banks, calibrate_weights, freeze, observing
+from .reconstruction import (
+    ReconstructionConfig,
+    capture_unit,
+    execution_order,
+    full_precision,
+    optimise_unit,
+    reconstruct_weights,
+    run_rows,
+    sample_rows,
+)
+
+CHECKPOINT_FOLDER = "reconstruction"
+
+
+@dataclass(frozen=True)
+class QDiffusionConfig:
+    """Every hyper-parameter of Q-Diffusion; the paper's values in the comments."""
+
+    weight_range: str = "mse"  # grid of the weights before AdaRound; Q-Diffusion: mse
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    act_init_samples: int = 16  # rows for the mse init of activation grids; Q-Diffusion: 16
+    act_init_values: int = 65_536  # values kept per activation for the mse search (a subsample)
+    act_momentum: float = 0.95  # running min/max over all calibration data; Q-Diffusion: 0.95
+    act_tune_iters: int = 0  # LSQ tuning of Δ per unit; Q-Diffusion: 5,000 (optional); 0 = off
+    act_tune_lr: float = 4e-4  # Adam, cosine schedule; Q-Diffusion: 4e-4
+    act_tune_p: float = 2.4  # loss |x - x̂|^p; Q-Diffusion: 2.4
+    act_tune_samples: int = 256
+    batch_size: int = 8  # rows per UNet pass while observing activations
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.reconstruction, dict):  # from a saved method config
+            object.__setattr__(self, "reconstruction", ReconstructionConfig(**self.reconstruction))
+        if not 0.0 <= self.act_momentum < 1.0:
+            raise ValueError(f"act_momentum must be in [0, 1); got {self.act_momentum}")
+        if self.act_init_samples < 1 or self.act_tune_iters < 0:
+            raise ValueError("act_init_samples must be >= 1 and act_tune_iters >= 0")
+
+
+class EmaRange:
+    """Bank observer: a running min/max, ``r ← m·r + (1 - m)·r_batch``, one per bank (the range
+    does not depend on the bit-width)."""
+
+    def __init__(self, momentum: float, low: torch.Tensor, high: torch.Tensor):
+        self.momentum, self.low, self.high = momentum, low.clone(), high.clone()
+
+    def __call__(self, x: torch.Tensor, step: int = 0) -> None:
+        x = x.detach().float()
+        m = self.momentum
+        self.low = m * self.low + (1 - m) * x.amin().to(self.low)
+        self.high = m * self.high + (1 - m) * x.amax().to(self.high)
+
+
+def _uniform_quantizers(bank: ActivationBank) -> list[UniformQuantizer]:
+    # log2 quantizers scale dynamically: nothing to calibrate
+    return [q for q in bank.quantizers.values() if isinstance(q, UniformQuantizer)]
+
+
+def _shrink_ratio(chosen: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    return torch.where(raw != 0, chosen / torch.where(raw != 0, raw, 1.0), torch.ones_like(raw))
+
+
+def _mse_init(
+    unet: nn.Module, units: dict[str, QuantUnit], data: CalibrationSet, config: QDiffusionConfig,
+) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], dict[str, EmaRange]]:
+    """Per bank: each bit-width's mse clipping ratios (mse range / raw range) on
+    ``act_init_samples`` rows, and an EMA range starting at the raw range."""
+    rows = sample_rows(len(data), config.act_init_samples, config.seed)
+    with observing(units, max_samples=config.act_init_values) as observers:
+        run_rows(unet, units, data, rows, config.batch_size)
+    ratios: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    ema: dict[str, EmaRange] = {}
+    for name, bank in activation_banks(units).items():
+        if not observers[name].steps:
+            continue  # never called (e.g. a branch the UNet does not take)
+        low, high = (v.cpu() for v in observers[name].range(0))
+        sample = observers[name].sample(0).to(unet.device)  # the search is the costly part
+        ratios[name] = []
+        for quantizer in _uniform_quantizers(bank):
+            chosen_low, chosen_high = quantizer.search_range(sample, "mse")
+            ratios[name].append((_shrink_ratio(chosen_low.cpu(), low),
+                                 _shrink_ratio(chosen_high.cpu(), high)))
+        ema[name] = EmaRange(config.act_momentum, low, high)
+    return ratios, ema
+
+
+@torch.no_grad()
+def calibrate_activations_ema(
+    unet: nn.Module, units: dict[str, QuantUnit], data: CalibrationSet, config: QDiffusionConfig,
+    progress: bool = True,
+) -> None:
+    """Q-Diffusion's activation calibration for every bit-width of every bank in one pass.
+
+    1. mse init on ``act_init_samples`` rows: each bit-width's clipping ratios (mse range / raw
+       range) and the bank's starting range; 2. a running min/max (EMA) over all rows, per bank;
+    3. each bit-width's grid = the EMA range scaled by its own mse clipping ratios.
+    """
+    banks = activation_banks(units)
+    ratios, ema = _mse_init(unet, units, data, config)
+    try:
+        for name in ema:
+            banks[name].observer = ema[name]
+        run_rows(unet, units, data, torch.arange(len(data)), config.batch_size)
+    finally:
+        for bank in banks.values():
+            bank.observer = None
+    for name, observer in ema.items():
+        for quantizer, (low_ratio, high_ratio) in zip(_uniform_quantizers(banks[name]),
+                                                      ratios[name]):
+            quantizer.set_range(observer.low * low_ratio, observer.high * high_ratio)
+
+
+def _active_step_sizes(unit: QuantUnit) -> list[UniformQuantizer]:
+    """The activation quantizers a unit uses at its current bits. The softmax quantizer is left
+    out: Adam's step is absolute, and a 16-bit grid on [0, 1] has Δ ≈ 1.5e-5 — one step at
+    lr 4e-4 would coarsen it to a few bits."""
+    if isinstance(unit, QuantLayer):
+        banks = list(unit.act_banks)
+    else:
+        banks = [unit.banks[k] for k in ("q", "k", "v")]
+    return [bank.quantizer(unit.abits) for bank in banks
+            if str(unit.abits) in bank.quantizers
+            and isinstance(bank.quantizer(unit.abits), UniformQuantizer)]
+
+
+def tune_activation_steps(
+    unet: nn.Module, units: dict[str, QuantUnit], data: CalibrationSet, config: QDiffusionConfig,
+    progress: bool = True,
+) -> None:
+    """LSQ-style tuning of the activation step sizes Δ (at each unit's active bits), unit by unit:
+    inputs from the quantized prefix, targets from the FP model, loss ``|y - ŷ|^p``."""
+    recon = config.reconstruction
+    rows = sample_rows(len(data), config.act_tune_samples, config.seed)
+    order = execution_order(unet, units, data, recon.block_types)
+    for index, (name, module) in enumerate(order):
+        inner = [u for n, u in units.items() if n == name or n.startswith(name + ".")]
+        quantizers = [q for unit in inner for q in _active_step_sizes(unit)]
+        if not quantizers:
+            continue
+        inputs = capture_unit(unet, units, module, data, rows, recon, want_output=False)
+        with full_precision(units):
+            targets = capture_unit(unet, units, module, data, rows, recon, True)
+        try:
+            for q in quantizers:
+                q.ste = True
+                q.scale.requires_grad_(True)
+            optimise_unit(module, [q.scale for q in quantizers], inputs, targets.to(inputs.device),
+                          config.act_tune_iters, recon.batch_size, config.act_tune_lr,
+                          config.seed + index, p=config.act_tune_p, cosine=True,
+                          desc=f"Δ {name}", progress=progress)
+        finally:
+            for q in quantizers:
+                q.ste = False
+                q.scale.requires_grad_(False)
+                q.scale.data.clamp_(min=1e-8)  # a step size must stay positive
+
+
+def quantize_qdiffusion(
+    unet: nn.Module, units: dict[str, QuantUnit], data: CalibrationSet,
+    config: QDiffusionConfig | None = None, out_dir: str | Path | None = None,
+    progress: bool = True, on_unit_done: Callable[[str], None] | None = None,
+) -> None:
+    """Fill every quantizer of ``units`` (swapped into ``unet``) with Q-Diffusion's recipe.
+    With ``out_dir`` the reconstruction writes a checkpoint per unit to
+    ``out_dir/reconstruction`` and a rerun resumes after the last finished unit.
+
+    >>> units = prepare_unet(pipe.unet, QuantConfig(wbits=4, abits=8))  # doctest: +SKIP
+    >>> quantize_qdiffusion(pipe.unet, units, data, QDiffusionConfig(), "out/w4a8")  # doctest: +SKIP
+    """
+    config = config or QDiffusionConfig()
+    calibrate_weights(units, config.weight_range)
+    checkpoints = Path(out_dir) / CHECKPOINT_FOLDER if out_dir is not None else None
+    reconstruct_weights(unet, units, data, config.reconstruction, checkpoints, progress,
+                        on_unit_done)
+    calibrate_activations_ema(unet, units, data, config, progress)
+    if config.act_tune_iters:
+        tune_activation_steps(unet, units, data, config, progress)
+    freeze(unet)
+    for unit in units.values():
+        if isinstance(unit, QuantLayer):
+            unit.refresh_weight()
