@@ -34,15 +34,8 @@ from qlip.methods.reconstruction import (
 from qlip.nn import QuantConfig, QuantLayer
 from qlip.pipeline import prepare_unet
 from qlip.quant.adaround import AdaRoundQuantizer, annealed_beta
+from qlip.testing import build_sd14_unet
 
-SD14_UNET = dict(  # CompVis/stable-diffusion-v1-4 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    norm_num_groups=32, act_fn="silu", center_input_sample=False, flip_sin_to_cos=True,
-    freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
-)
 SINGLED_OUT = ("down_blocks.0.resnets.0", "down_blocks.0.attentions.0.transformer_blocks.0",
                "down_blocks.1.resnets.0", "down_blocks.1.attentions.0.transformer_blocks.0")
 
@@ -92,10 +85,8 @@ def time_unit(unet, units, module, layers, data, rows, config, warmup: int, iter
 
 
 def sd14_units(dtype: torch.dtype, warmup: int, iters: int, default_iters: int) -> dict:
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD14_UNET).to(DEVICE, dtype).eval()
+    unet = build_sd14_unet(DEVICE, dtype)
     units = prepare_unet(unet, QuantConfig(wbits=4, abits=8))
     calibrate_weights(units, "minmax")  # the grid does not change the cost
     config = ReconstructionConfig(capture_batch=8)

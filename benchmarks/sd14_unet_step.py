@@ -18,22 +18,7 @@ from qlip.methods.calib_data import CalibrationSet
 from qlip.methods.rtn import quantize_rtn
 from qlip.nn import QuantConfig
 from qlip.pipeline import prepare_unet
-
-SD14_UNET = dict(  # runwayml / CompVis stable-diffusion-v1-4 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    norm_num_groups=32, act_fn="silu", center_input_sample=False, flip_sin_to_cos=True,
-    freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
-)
-
-
-def build_unet(device: str, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**SD14_UNET).to(device, dtype).eval().requires_grad_(False)
+from qlip.testing import build_sd14_unet
 
 
 def inputs(device: str, dtype: torch.dtype, seed: int = 0):
@@ -64,7 +49,7 @@ def time_step(unet, args, warmup: int, iters: int) -> dict:
 
 
 def quantized_unet(device, dtype, attention: bool):
-    unet = build_unet(device, dtype)
+    unet = build_sd14_unet(device, dtype)
     units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, quantize_attention=attention))
     x, t, c = inputs(device, dtype, seed=1)
     data = CalibrationSet(x, t.float(), c, torch.zeros(2, dtype=torch.long))
@@ -83,7 +68,7 @@ def main() -> None:
     device, dtype = "cuda", torch.bfloat16
     began = time.perf_counter()
     variants = {
-        "bf16": lambda: build_unet(device, dtype),
+        "bf16": lambda: build_sd14_unet(device, dtype),
         "w4a8_layers_attention": lambda: quantized_unet(device, dtype, attention=True),
         "w4a8_layers": lambda: quantized_unet(device, dtype, attention=False),
     }

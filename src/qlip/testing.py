@@ -79,3 +79,24 @@ def build_tiny_pipeline(tmp_dir: Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# The Stable Diffusion 1.4 UNet (CompVis/stable-diffusion-v1-4, unet/config.json), for benchmarks
+# with random weights: 859.5 M parameters.
+SD14_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    norm_num_groups=32, act_fn="silu", center_input_sample=False, flip_sin_to_cos=True,
+    freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+)
+
+
+def build_sd14_unet(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """The SD 1.4 UNet architecture with seeded random weights, in eval mode, frozen."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
+    return unet.to(device, dtype).eval().requires_grad_(False)

@@ -103,6 +103,18 @@ def extract_features(
     return torch.cat(outputs)
 
 
+def distance_from_images(
+    feature_fn: Callable[[Tensor], Tensor],
+    real_images: Iterable[Tensor] | Tensor,
+    generated_images: Iterable[Tensor] | Tensor,
+    batch_size: int = 64,
+) -> float:
+    """Fréchet distance between two image sets on the features ``feature_fn`` extracts."""
+    real = extract_features(feature_fn, real_images, batch_size)
+    generated = extract_features(feature_fn, generated_images, batch_size)
+    return fid_from_features(real, generated)
+
+
 def fid_from_images(
     extractor: FeatureExtractor,
     real_images: Iterable[Tensor] | Tensor,
@@ -114,6 +126,4 @@ def fid_from_images(
     Example:
         >>> fid_from_images(load_evaluator(), real, generated)  # tensors [N, 3, H, W] in [0, 1]
     """
-    real = extract_features(extractor.global_features, real_images, batch_size)
-    generated = extract_features(extractor.global_features, generated_images, batch_size)
-    return fid_from_features(real, generated)
+    return distance_from_images(extractor.global_features, real_images, generated_images, batch_size)

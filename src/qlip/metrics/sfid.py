@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from torch import Tensor
 
 from qlip.metrics.features import FeatureExtractor
-from qlip.metrics.fid import extract_features, fid_from_features
+from qlip.metrics.fid import distance_from_images, fid_from_features
 
 
 def sfid_from_images(
@@ -22,9 +22,9 @@ def sfid_from_images(
     Example:
         >>> sfid_from_images(load_evaluator(), real, generated)  # tensors [N, 3, H, W] in [0, 1]
     """
-    real = extract_features(extractor.spatial_features, real_images, batch_size)
-    generated = extract_features(extractor.spatial_features, generated_images, batch_size)
-    return fid_from_features(real, generated)
+    return distance_from_images(
+        extractor.spatial_features, real_images, generated_images, batch_size
+    )
 
 
 # sFID from precomputed spatial features is the same Fréchet distance.
