@@ -5,6 +5,7 @@ richness, FAB, alignment, quality) and write an image grid."""
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,22 +89,26 @@ def run_demo(args) -> int:
     texts = [p.text for p in prompts]
     seeds = [args.seed + i for i in range(len(prompts))]
     gen = GenerationConfig(steps=args.steps, guidance=args.guidance, batch_size=len(prompts))
-    calib = [p.text for p in training_prompts(16, args.seed + 2)]
+    calib = [p.text for p in training_prompts(8, args.seed + 2)]
     out = Path(args.out)
     judge = None
     rows, tiles = [], []
     for label, wbits, abits in SETTINGS:
+        start = time.perf_counter()
         pipe = copy.deepcopy(base)
         if wbits is not None:
             job = QuantizeJob(
                 quant=QuantConfig(wbits=wbits, abits=abits),
-                calibration=CalibrationConfig(num_prompts=16, num_inference_steps=args.steps,
+                calibration=CalibrationConfig(num_prompts=8, num_inference_steps=args.steps,
                                               num_kept_steps=5, guidance=args.guidance),
                 base_model="reference",
             )
             print(f"quantizing the reference model: {label}")
-            quantize_pipeline(pipe, calib, job, out / label.split()[-1].lower())
+            quantize_pipeline(pipe, calib, job, out / label.split()[-1].lower(),
+                              calibration_cache=out / "calibration.safetensors")
         result = generate(pipe, texts, seeds, config=gen)
+        print(f"{label}: quantized (if asked) and generated {len(texts)} images in "
+              f"{time.perf_counter() - start:.0f} s")
         images = _to_tensor(result.images)
         judge = judge or Judge.build(device, images.shape[-1], args.seed)
         aligned, quality = judge.judge(images, prompts)

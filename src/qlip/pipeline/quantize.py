@@ -77,11 +77,13 @@ def calibration_data(
 
 def quantize_pipeline(
     pipe, prompts: list[str], job: QuantizeJob, out_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool = True, calibration_cache: str | Path | None = None,
 ) -> dict[str, QuantUnit]:
-    """Quantize ``pipe.unet`` in place with ``job``; save to ``out_dir`` if given."""
-    cache = Path(out_dir) / "calibration.safetensors" if out_dir else None
-    data = calibration_data(pipe, prompts, job.calibration, cache, progress)
+    """Quantize ``pipe.unet`` in place with ``job``; save to ``out_dir`` if given. The captured
+    calibration data is cached at ``calibration_cache`` (default: in ``out_dir``), so several
+    settings of one model can share one capture."""
+    cache = calibration_cache or (Path(out_dir) / "calibration.safetensors" if out_dir else None)
+    data = calibration_data(pipe, prompts, job.calibration, Path(cache) if cache else None, progress)
     units = prepare_unet(pipe.unet, job.quant)
     extra = {}
     if job.method == "rtn":
