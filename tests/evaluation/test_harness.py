@@ -107,3 +107,13 @@ def test_eval_cli_bad_inputs(tiny_pipe_dir, tmp_path, capsys):
                      str(tmp_path / "o"), *argv])
         err = capsys.readouterr().err
         assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_heldout_selection_mixes_levels_and_the_floor_set_is_disjoint():
+    from qlip.evaluation.cli import floor_prompts, select_prompts
+
+    chosen = select_prompts("heldout", 300, world=True)
+    floor = floor_prompts(300)
+    assert len({p.richness for p in chosen}) == 5
+    assert not {p.world_prompt.seed for p in chosen} & {p.world_prompt.seed for p in floor}
+    assert [p.text for p in select_prompts("heldout", 300, world=True)] == [p.text for p in chosen]

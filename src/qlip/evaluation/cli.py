@@ -35,6 +35,15 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(handler=cmd_eval)
 
 
+def _heldout_order(count: int) -> tuple[list, np.ndarray]:
+    from ..world.domain import heldout_prompts
+
+    pool = heldout_prompts()
+    if count > len(pool):
+        raise ValueError(f"the held-out set has {len(pool)} prompts; --num-images {count} is more")
+    return pool, np.random.default_rng(0).permutation(len(pool))
+
+
 def select_prompts(source: str, count: int, world: bool) -> list[EvalPrompt]:
     """``count`` prompts: a fixed, level-mixing subset of the held-out set, or a file's prompts
     (cycled if the file has fewer)."""
@@ -44,17 +53,20 @@ def select_prompts(source: str, count: int, world: bool) -> list[EvalPrompt]:
         if not world:
             raise ValueError("--prompts heldout is the reference world's set; for another model "
                              "pass --prompts FILE")
-        from ..world.domain import heldout_prompts
-
-        pool = heldout_prompts()
-        if count > len(pool):
-            raise ValueError(f"the held-out set has {len(pool)} prompts; --num-images {count} is more")
-        order = np.random.default_rng(0).permutation(len(pool))[:count]
-        return [EvalPrompt(pool[i].text, pool[i].richness, pool[i]) for i in order]
+        pool, order = _heldout_order(count)
+        return [EvalPrompt(pool[i].text, pool[i].richness, pool[i]) for i in order[:count]]
     from ..cli import read_prompt_file
 
     texts = read_prompt_file(source)
     return [EvalPrompt(texts[i % len(texts)]) for i in range(count)]
+
+
+def floor_prompts(count: int) -> list[EvalPrompt]:
+    """Other held-out prompts than ``select_prompts`` picks (disjoint while 2·count fits in the
+    set): their renders are an independent real set, for the FID floor."""
+    pool, order = _heldout_order(count)
+    rest = np.concatenate([order[count:], order[:count]])[:count]
+    return [EvalPrompt(pool[i].text, pool[i].richness, pool[i]) for i in rest]
 
 
 def cmd_eval(args) -> int:
@@ -68,7 +80,8 @@ def cmd_eval(args) -> int:
     device = _device(args.device)
     world = args.model == DEFAULT_MODEL
     prompts = select_prompts(args.prompts, args.num_images, world)
-    measures = (reference_measures(prompts, device) if world and not args.real
+    measures = (reference_measures(prompts, floor_prompts(len(prompts)), device)
+                if world and args.prompts == HELDOUT and not args.real
                 else folder_measures(args.real, args.inception_weights, args.clip, device))
     pipe = load_pipeline(args.model, device)
     policy = policy_for(pipe, args.quantized, args.abits)

@@ -26,9 +26,12 @@ def _render_all(prompts: Sequence[EvalPrompt], size: int, seed: int, device: str
     return torch.cat(chunks)
 
 
-def reference_measures(prompts: Sequence[EvalPrompt], device: str) -> Callable[[int], Measures]:
-    """Real images = renders of the prompts' scenes; a second set of renders (other jitter) gives
-    the FID floor; the evaluator is extractor, scorer and scene reader."""
+def reference_measures(
+    prompts: Sequence[EvalPrompt], floor: Sequence[EvalPrompt], device: str
+) -> Callable[[int], Measures]:
+    """Real images = renders of the prompts' scenes; renders of other scenes from the same set
+    (``floor``) are an independent real set whose FID to the first is the floor; the evaluator is
+    extractor, scorer and scene reader."""
 
     from ..world.evaluator import load_evaluator
 
@@ -38,7 +41,7 @@ def reference_measures(prompts: Sequence[EvalPrompt], device: str) -> Callable[[
         return Measures(
             extractor=evaluator, scorer=evaluator, reader=evaluator,
             real_images=_render_all(prompts, size, REAL_SEED, device),
-            floor_images=_render_all(prompts, size, FLOOR_SEED, device),
+            floor_images=_render_all(floor, size, FLOOR_SEED, device),
             notes=["feature extractor, scorer and alignment: the reference world's evaluator",
                    "real images: renders of the prompts' scenes"],
         )
