@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -33,20 +32,6 @@ from qlip.world.render import rasterize, shape_inside
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as an object
 MIN_COMPONENT_PIXELS = 20  # a small object covers about 80 pixels at 64x64
-
-
-@dataclass(frozen=True)
-class FoundObject:
-    shape: str
-    color: str
-    size: str
-    position: str
-
-
-@dataclass(frozen=True)
-class FoundScene:
-    objects: tuple[FoundObject, ...]
-    background: str
 
 
 def _nearest(palette: dict[str, tuple[int, int, int]], rgb: np.ndarray) -> str:
@@ -87,7 +72,7 @@ def _classify_shape(alpha: np.ndarray, area: float, centroid: np.ndarray) -> tup
     return best, float(radii[best])
 
 
-def detect_scene(image: np.ndarray) -> FoundScene:
+def detect_scene(image: np.ndarray) -> PredictedScene:
     """Read background and objects from a uint8 [H, W, 3] image of the reference world."""
     pixels = image.astype(np.float64)
     size = image.shape[0]
@@ -96,7 +81,7 @@ def detect_scene(image: np.ndarray) -> FoundScene:
     background_rgb = np.array(BACKGROUNDS[background], float)
     distance = np.linalg.norm(pixels - background_rgb, axis=-1)
     labels, count = ndimage.label(distance > FOREGROUND_DISTANCE, structure=np.ones((3, 3)))
-    by_slot: dict[str, tuple[int, FoundObject]] = {}
+    by_slot: dict[str, tuple[int, PredictedObject]] = {}
     for index in range(1, count + 1):
         component = labels == index
         area = int(component.sum())
@@ -106,10 +91,10 @@ def detect_scene(image: np.ndarray) -> FoundScene:
         # One object per slot, as in the domain: the largest component speaks for its slot.
         if found is not None and area > by_slot.get(found.position, (0, None))[0]:
             by_slot[found.position] = (area, found)
-    return FoundScene(tuple(found for _, found in by_slot.values()), background)
+    return PredictedScene(tuple(found for _, found in by_slot.values()), background)
 
 
-def _read_object(pixels, component, background_rgb, size) -> FoundObject | None:
+def _read_object(pixels, component, background_rgb, size) -> PredictedObject | None:
     core = ndimage.binary_erosion(component)
     core = core if core.sum() >= 3 else component
     color = _nearest(COLORS, np.median(pixels[core], axis=0))
@@ -131,17 +116,13 @@ def _read_object(pixels, component, background_rgb, size) -> FoundObject | None:
     _, offset = _unit_templates()[shape]
     box_center = centroid - np.array([0.0, offset * radius])
     position = slots[int(np.linalg.norm(slot_xy - box_center, axis=1).argmin())]
-    return FoundObject(shape, color, size_name, position)
+    return PredictedObject(shape, color, size_name, position)
 
 
-def prompt_alignment(prompt: Prompt, found: FoundScene) -> float:
+def prompt_alignment(prompt: Prompt, found: PredictedScene) -> float:
     """The project's alignment (``qlip.metrics.alignment``) of the checker's reading of an image:
     fraction of stated attributes found; a mention whose stated slot is wrong finds nothing."""
-    predicted = PredictedScene(
-        tuple(PredictedObject(o.shape, o.color, o.size, o.position) for o in found.objects),
-        found.background,
-    )
-    return align_prompt(prompt.mentions, prompt.background, predicted).score
+    return align_prompt(prompt.mentions, prompt.background, found).score
 
 
 def alignment_report(prompts: list[Prompt], images: np.ndarray) -> dict[str, float]:
