@@ -46,6 +46,15 @@ def _quantized_model():
     return model, units
 
 
+def _ledger(model, units, batch: int) -> BitLedger:
+    """A ledger whose sites were counted on one forward pass of ``batch`` elements."""
+    ledger = BitLedger(units)
+    with MacCounter(model) as counter:
+        model(torch.randn(batch, 3, 4, 4))
+    ledger.sites = counter.sites
+    return ledger
+
+
 def test_mac_counter_finds_every_site_with_hand_counted_macs():
     model, units = _quantized_model()
     with MacCounter(model) as counter:
@@ -61,10 +70,7 @@ def test_mac_counter_finds_every_site_with_hand_counted_macs():
 
 def test_fab_weighted_bits_and_bitops_are_exact():
     model, units = _quantized_model()
-    ledger = BitLedger(units)
-    with MacCounter(model) as counter:
-        model(torch.randn(2, 3, 4, 4))
-    ledger.sites = counter.sites
+    ledger = _ledger(model, units, batch=2)
     ledger.record_step()  # step 1: everything at 8 bits
     units["conv"].abits = 16
     ledger.record_step()  # step 2: conv input at 16 bits
@@ -85,10 +91,7 @@ def test_fab_weighted_bits_and_bitops_are_exact():
 
 def test_bypass_counts_as_32_bits():
     model, units = _quantized_model()
-    ledger = BitLedger(units)
-    with MacCounter(model) as counter:
-        model(torch.randn(1, 3, 4, 4))
-    ledger.sites = counter.sites
+    ledger = _ledger(model, units, batch=1)
     for unit in units.values():
         unit.abits = 16
     ledger.record_step()

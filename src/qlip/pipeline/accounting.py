@@ -138,7 +138,8 @@ class BitLedger:
     def _fab(self, bits: list[dict[str, int]]) -> tuple[float, float]:
         if not self.layer_names or not bits:
             return float(BYPASS_BITS), float(BYPASS_BITS)
-        macs = {s.unit: s.macs for s in self.sites if s.unit in set(self.layer_names)}
+        layers = set(self.layer_names)
+        macs = {s.unit: s.macs for s in self.sites if s.unit in layers}
         total = sum(bits_at[n] for bits_at in bits for n in self.layer_names)
         fab = total / (len(bits) * len(self.layer_names))
         weight = sum(macs.get(n, 0) for n in self.layer_names) * len(bits)
