@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -190,13 +191,25 @@ def describe(scene: Scene, richness: int, rng: np.random.Generator) -> Prompt:
     return Prompt(text, richness, scene, tuple(mentions), background, seed)
 
 
-def training_prompts(n: int, seed: int) -> list[Prompt]:
-    """``n`` prompts of uniformly random richness over scenes without held-out combinations."""
+def training_prompts(n: int, seed: int,
+                     richness_weights: Sequence[float] | None = None) -> list[Prompt]:
+    """``n`` prompts over scenes without held-out combinations.
+
+    Richness is uniform over the levels, or drawn with ``richness_weights`` (one weight per
+    level, normalised), e.g. to show the model more captions that state positions.
+    """
     rng = np.random.default_rng(seed)
+    probabilities = None
+    if richness_weights is not None:
+        weights = np.asarray(richness_weights, dtype=float)
+        if weights.shape != (len(RICHNESS_LEVELS),) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"richness_weights needs {len(RICHNESS_LEVELS)} non-negative "
+                             f"weights, one per level, not all zero; got {richness_weights}")
+        probabilities = weights / weights.sum()
     prompts = []
     for _ in range(n):
         scene = sample_scene(rng, include_heldout=False)
-        prompts.append(describe(scene, int(rng.choice(RICHNESS_LEVELS)), rng))
+        prompts.append(describe(scene, int(rng.choice(RICHNESS_LEVELS, p=probabilities)), rng))
     return prompts
 
 

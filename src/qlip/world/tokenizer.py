@@ -64,11 +64,24 @@ def learn_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     tokenizer.train_from_iterator(corpus, trainer)
     model = json.loads(tokenizer.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    vocab = dict(model["vocab"])
+    vocab = _canonical_word_endings(dict(model["vocab"]), set(alphabet))
     # Byte fallback for unseen words: every byte symbol, also as a word ending.
     for symbol in alphabet + [s + END_OF_WORD for s in alphabet]:
         vocab.setdefault(symbol, len(vocab))
     return vocab, merges
+
+
+def _canonical_word_endings(vocab: dict[str, int], alphabet: set[str]) -> dict[str, int]:
+    """Renumber the trainer's one-symbol word endings ("a</w>", ",</w>", ...) in sorted order.
+
+    The BPE trainer adds them in hash-map order, which changes from process to process; without
+    this, two builds of the tokenizer could give the word "a" different ids. They keep the block
+    of ids the trainer gave them, so every other id is unchanged.
+    """
+    endings = [t for t in vocab if t.endswith(END_OF_WORD) and t[: -len(END_OF_WORD)] in alphabet]
+    for token, index in zip(sorted(endings), sorted(vocab[t] for t in endings), strict=True):
+        vocab[token] = index
+    return vocab
 
 
 def write_tokenizer_files(directory: str | Path) -> tuple[Path, Path]:

@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     unet.add_argument("--vae", type=Path, required=True, help="trained VAE folder (diffusers)")
     unet.add_argument("--eval-prompts", type=int, default=400)
     unet.add_argument("--pool-size", type=int, default=200_000)
+    unet.add_argument("--offset-noise", type=float, default=0.0,
+                      help="std of a per-channel constant added to the noise (0: off)")
+    unet.add_argument("--richness-weights", type=_weights,
+                      help="comma-separated probabilities of richness levels 0-4 "
+                           "(default: uniform)")
     unet.add_argument("--final-eval", action="store_true",
                       help="also sample and check all 3,000 held-out prompts at the end")
     export = sub.add_parser("export")
@@ -47,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--weights", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
     return parser
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,1,2,3,3: {error}") from None
 
 
 def _check_resume(args) -> None:
@@ -81,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         from qlip.world.train_unet import UnetTrainConfig, train_unet
 
         config = UnetTrainConfig(vae_dir=args.vae, eval_prompts=args.eval_prompts,
-                                 pool_size=args.pool_size, **_overrides(args))
+                                 pool_size=args.pool_size, offset_noise=args.offset_noise,
+                                 richness_weights=args.richness_weights, **_overrides(args))
         train_unet(config, device, final_eval=args.final_eval)
 
 

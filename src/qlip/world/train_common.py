@@ -82,13 +82,13 @@ class PromptPool:
 
 
 def build_prompt_pool(
-    count: int, seed: int, device: torch.device, tokenizer=None
+    count: int, seed: int, device: torch.device, tokenizer=None, richness_weights=None
 ) -> PromptPool:
     """``count`` training prompts (no held-out combinations), tokenized once, moved to device.
 
     Without a tokenizer (VAE training needs only scenes) the ids are an empty [N, 0] tensor.
     """
-    prompts = training_prompts(count, seed)
+    prompts = training_prompts(count, seed, richness_weights)
     ids = torch.zeros(count, 0, dtype=torch.long)
     if tokenizer is not None:
         ids = tokenizer(

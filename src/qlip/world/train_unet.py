@@ -52,6 +52,11 @@ class UnetTrainConfig:
     weight_decay: float = 0.01
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # Offset noise: a per-sample, per-channel constant of this std added to the noise, so the
+    # model learns to set an image's mean colour (the background) from the text.
+    offset_noise: float = 0.0
+    # Richness level probabilities of the training captions (None: uniform).
+    richness_weights: tuple[float, ...] | None = None
     ema_decay: float = 0.999
     seed: int = 0
     pool_size: int = 200_000
@@ -179,6 +184,9 @@ class LatentBatches:
         timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), device=device,
                                   generator=generator)
         noise = torch.randn(latents.shape, device=device, generator=generator)
+        if self.config.offset_noise > 0:
+            offset = torch.randn(*latents.shape[:2], 1, 1, device=device, generator=generator)
+            noise = noise + self.config.offset_noise * offset
         alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         snr = (alpha / (1 - alpha)).flatten()
@@ -231,7 +239,8 @@ def train_unet(config: UnetTrainConfig, device: torch.device, final_eval: bool =
     vae = AutoencoderKL.from_pretrained(config.vae_dir).to(device).eval().requires_grad_(False)
     trainee = Trainee(config, tokenizer, device)
     trainee.resume(config.out)
-    pool = build_prompt_pool(config.pool_size, config.seed + trainee.step, device, tokenizer)
+    pool = build_prompt_pool(config.pool_size, config.seed + trainee.step, device, tokenizer,
+                             config.richness_weights)
     batches = LatentBatches(config, vae, pool, tokenizer, device, trainee.step)
     loss_fn = torch.compile(denoising_loss) if config.compile else denoising_loss
     progress = read_json(config.out / "progress.json")
@@ -253,7 +262,8 @@ def train_unet(config: UnetTrainConfig, device: torch.device, final_eval: bool =
     trainee.save(config.out)
     history.append(evaluate(trainee, vae, tokenizer, eval_prompts, config.out, "last"))
     progress.update(steps=trainee.step, steps_per_second_last_run=steps_per_second,
-                    batch=config.batch, lr=config.lr)
+                    batch=config.batch, lr=config.lr, offset_noise=config.offset_noise,
+                    richness_weights=config.richness_weights)
     if final_eval:
         progress["final_heldout"] = evaluate(trainee, vae, tokenizer, heldout_prompts(),
                                              config.out, "heldout")
