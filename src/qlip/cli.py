@@ -85,6 +85,9 @@ def _add_quantize(sub) -> None:
                    help="ptqd: DDIM trajectories for the correction statistics (paper: 1024)")
     p.add_argument("--ptqd-steps", type=int, default=PTQDConfig.num_steps,
                    help="ptqd: DDIM steps of those trajectories (paper: 20)")
+    p.add_argument("--weights-from", help="qdiffusion/ptqd: reuse the quantized weights of this "
+                   "earlier `qlip quantize` folder (same --wbits and method); only the "
+                   "activations are calibrated again")
     p.add_argument("--calib-prompts", help="file with one prompt per line (reference model: optional)")
     p.add_argument("--calib-num", type=int, default=32, help="prompts used for calibration")
     p.add_argument("--calib-steps", type=int, default=25, help="sampling steps of calibration runs")
@@ -165,6 +168,7 @@ def cmd_quantize(args) -> int:
         ptqd=PTQDConfig(qdiffusion=qdiffusion, num_prompts=args.ptqd_prompts,
                         num_steps=args.ptqd_steps, guidance=args.guidance, seed=args.seed),
         base_model=args.model,
+        weights_from=args.weights_from,
     )
     prompts = _calibration_prompts(args)
     pipe = load_pipeline(args.model, _device(args.device))

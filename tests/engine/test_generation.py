@@ -123,6 +123,18 @@ def test_save_load_is_bit_identical(tiny_pipe, tmp_path, _tiny_pipeline_template
     assert torch.equal(a, b)
 
 
+def test_loaded_state_lands_on_the_model_device(tiny_pipe, tmp_path, _tiny_pipeline_template):
+    # A quantizer slot that is empty before loading (its scale is None) must take the model's
+    # device, not the file's (CPU): the "meta" device stands in for a GPU here.
+    import copy
+
+    _quantize(tiny_pipe, tmp_path, wbits=4, abits=8)
+    fresh = copy.deepcopy(_tiny_pipeline_template).unet.to("meta")
+    load_quantized(fresh, tmp_path / "q", strict_base=False)
+    devices = {t.device.type for t in fresh.buffers()} | {p.device.type for p in fresh.parameters()}
+    assert devices == {"meta"}
+
+
 def test_loading_onto_another_base_model_is_refused(tiny_pipe, tmp_path, _tiny_pipeline_template):
     import copy
 

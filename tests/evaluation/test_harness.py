@@ -117,3 +117,17 @@ def test_heldout_selection_mixes_levels_and_the_floor_set_is_disjoint():
     assert len({p.richness for p in chosen}) == 5
     assert not {p.world_prompt.seed for p in chosen} & {p.world_prompt.seed for p in floor}
     assert [p.text for p in select_prompts("heldout", 300, world=True)] == [p.text for p in chosen]
+
+
+def test_reference_world_runs_are_also_summarised_by_objects_in_the_scene(tiny_pipe, tmp_path):
+    from qlip.world.domain import heldout_prompts
+
+    world = heldout_prompts()
+    chosen = [next(p for p in world if len(p.scene.objects) == n and p.richness == r)
+              for n, r in ((1, 0), (1, 3), (2, 2), (3, 3))]
+    prompts = [EvalPrompt(p.text, p.richness, p) for p in chosen]
+    config = EvalConfig(num_images=4, batch_size=2, steps=1, guidance=3.0)
+    metrics = run_evaluation(tiny_pipe, prompts, None, config, tmp_path, _measures)
+    assert {k: v["num_images"] for k, v in metrics["by_objects"].items()} == {
+        "1": 2, "2": 1, "3": 1}
+    assert "## By objects in the scene" in (tmp_path / "metrics.md").read_text()

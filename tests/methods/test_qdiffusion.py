@@ -155,3 +155,46 @@ def test_step_size_tuning_lowers_the_error_at_low_bits(qdiffusion, calibration,
                and not torch.equal(q.scale, scales[n])]
     assert len(changed) > len(scales) // 2  # the 6-bit step sizes were tuned
     assert after > before, (before, after)
+
+
+def test_running_min_max_passes_mix_sampling_steps(_tiny_pipeline_template, calibration):
+    # The running min/max must not end on the last sampling step's batches: with mixed passes
+    # some pass holds rows of several steps, and the passes do not come in step order.
+    from qlip.methods.reconstruction import run_rows
+
+    unet = copy.deepcopy(_tiny_pipeline_template.unet)
+    seen = []
+    handle = unet.register_forward_pre_hook(
+        lambda module, args: seen.append(sorted(set(args[1].tolist()))))
+    try:
+        with torch.no_grad():
+            run_rows(unet, {}, calibration, torch.arange(len(calibration)), 4, shuffle_seed=0,
+                     mix_steps=True)
+    finally:
+        handle.remove()
+    assert any(len(timesteps) > 1 for timesteps in seen), seen
+    assert sum(len(t) for t in seen) > len(set(t for ts in seen for t in ts)), seen
+
+
+def test_weights_from_reuses_codes_and_calibrates_activations_anew(
+        qdiffusion, _tiny_pipeline_template, calibration, tmp_path):
+    from qlip.pipeline.saving import QuantizedInfo, load_quantized_weights, save_quantized
+
+    unet, units, _ = qdiffusion
+    save_quantized(unet, QuantizedInfo(QUANT, "qdiffusion", {}, "tiny", {}), tmp_path / "w4")
+    other = QuantConfig(wbits=4, abits=8)  # another activation bank, same weight settings
+    fresh = copy.deepcopy(_tiny_pipeline_template.unet)
+    fresh_units = prepare_unet(fresh, other)
+    load_quantized_weights(fresh, fresh_units, other, tmp_path / "w4")
+    quantize_qdiffusion(fresh, fresh_units, calibration, CONFIG, progress=False,
+                        weights_ready=True)
+    before, after = _codes(units), _codes(fresh_units)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(a, b) for n in before for a, b in zip(before[n], after[n]))
+    x, t, c = unet_inputs(fresh)
+    with torch.no_grad():
+        reference = _tiny_pipeline_template.unet(x, t, encoder_hidden_states=c).sample
+        assert snr_db(reference, fresh(x, t, encoder_hidden_states=c).sample) > 5.0
+    eight, third = QuantConfig(wbits=8, abits=8), copy.deepcopy(_tiny_pipeline_template.unet)
+    with pytest.raises(ValueError, match="other settings \\(wbits\\)"):
+        load_quantized_weights(third, prepare_unet(third, eight), eight, tmp_path / "w4")

@@ -85,7 +85,7 @@ def _mean(values) -> float | None:
 
 def _summary(
     index: np.ndarray, records: list[dict], per_image: dict[str, np.ndarray],
-    gen_feats: torch.Tensor, real_feats: torch.Tensor, min_fid: int,
+    gen_feats: torch.Tensor, real_feats: torch.Tensor, min_fid: int, notes: list[str],
 ) -> dict:
     out = {"num_images": int(len(index))}
     for key in ("fab", "fab_requested", "weighted_bits", "bitops_t"):
@@ -93,8 +93,18 @@ def _summary(
     for key, values in per_image.items():
         out[key] = float(values[index].mean())
     if len(index) >= min_fid:
-        out["fid"] = fid_from_features(real_feats[index], gen_feats[index])
+        out["fid"] = _distance(real_feats[index], gen_feats[index], notes, "FID")
     return out
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, notes: list[str], what: str) -> float | None:
+    """Fréchet distance, or None (with a note) when the covariances of too few images are too
+    degenerate for a stable matrix square root: the other metrics are still worth writing."""
+    try:
+        return fid_from_features(a, b)
+    except ValueError as error:
+        notes.append(f"{what} not computed on {len(a)} vs {len(b)} images: {error}")
+        return None
 
 
 def compute_metrics(
@@ -119,20 +129,28 @@ def compute_metrics(
         diff = (images - reference_images) * 2
         per_image["image_mse_vs_reference"] = diff.pow(2).flatten(1).mean(1).numpy()
     everything = np.arange(len(images))
-    metrics = _summary(everything, records, per_image, gen_g, real_g, 2)
-    metrics["sfid"] = fid_from_features(real_s, gen_s)
+    notes = list(measures.notes)
+    metrics = _summary(everything, records, per_image, gen_g, real_g, 2, notes)
+    metrics["sfid"] = _distance(real_s, gen_s, notes, "sFID")
     metrics.setdefault("clip_score", None)
     if measures.floor_images is not None:
         floor = extract_features(ex.global_features, measures.floor_images)
-        metrics["fid_floor"] = fid_from_features(real_g, floor)
+        metrics["fid_floor"] = _distance(real_g, floor, notes, "FID floor")
     levels = sorted({p.richness for p in prompts if p.richness is not None})
     richness = np.array([-1 if p.richness is None else p.richness for p in prompts])
     metrics["by_richness"] = {
         str(level): _summary(np.nonzero(richness == level)[0], records, per_image, gen_g, real_g,
-                             config.min_images_for_fid)
+                             config.min_images_for_fid, notes)
         for level in levels
     }
-    metrics["notes"] = measures.notes
+    if all(p.world_prompt is not None for p in prompts):  # reference world: by objects drawn
+        objects = np.array([len(p.world_prompt.scene.objects) for p in prompts])
+        metrics["by_objects"] = {
+            str(count): _summary(np.nonzero(objects == count)[0], records, per_image, gen_g,
+                                 real_g, config.min_images_for_fid, notes)
+            for count in sorted(set(objects.tolist()))
+        }
+    metrics["notes"] = notes
     return metrics
 
 

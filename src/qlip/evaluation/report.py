@@ -38,6 +38,9 @@ def write_markdown(metrics: dict, path: Path) -> None:
     if metrics.get("by_richness"):
         lines += ["## By prompt richness", "",
                   table([(f"richness {k}", v) for k, v in metrics["by_richness"].items()]), ""]
+    if metrics.get("by_objects"):
+        lines += ["## By objects in the scene", "",
+                  table([(f"{k} object(s)", v) for k, v in metrics["by_objects"].items()]), ""]
     for note in metrics.get("notes", []):
         lines.append(f"- {note}")
     path.write_text("\n".join(lines) + "\n")

@@ -127,13 +127,27 @@ def sample_rows(num_rows: int, count: int, seed: int) -> torch.Tensor:
 
 def run_rows(
     unet: nn.Module, units: dict[str, QuantUnit], data: CalibrationSet, rows: torch.Tensor,
-    batch_size: int,
+    batch_size: int, shuffle_seed: int | None = None, mix_steps: bool = False,
 ) -> None:
     """Feed ``rows`` of ``data`` through the UNet in batches of one sampling step each, telling the
-    units the step index (per-step tables); a capture hook may stop a pass early."""
+    units the step index (per-step tables); a capture hook may stop a pass early.
+
+    ``shuffle_seed``: the rows (or, for one-step batches, the batches) go in a random order, so a
+    running statistic does not end on the last sampling step. ``mix_steps``: batches mix rows of
+    every step (only for models without per-step tables; the units are told step 0).
+    """
     device, dtype = unet.device, unet.dtype
-    subset = data.subset(rows)
-    for step, batch in subset.by_step(batch_size):
+    generator = torch.Generator().manual_seed(shuffle_seed or 0)
+    if mix_steps:
+        if shuffle_seed is not None:
+            rows = rows[torch.randperm(len(rows), generator=generator)]
+        batches = [(0, data.subset(rows[i : i + batch_size]))
+                   for i in range(0, len(rows), batch_size)]
+    else:
+        batches = list(data.subset(rows).by_step(batch_size))
+        if shuffle_seed is not None:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+    for step, batch in batches:
         for unit in units.values():
             unit.set_step(step)
         try:

@@ -14,7 +14,7 @@ from ..nn import QuantConfig, QuantUnit
 from .capture import capture_unet_inputs, uniform_steps
 from .prepare import prepare_unet
 from .ptqd_sampling import gather_correction_statistics
-from .saving import QuantizedInfo, save_quantized
+from .saving import QuantizedInfo, load_quantized_weights, save_quantized
 
 METHODS = ("rtn", "qdiffusion", "ptqd")
 
@@ -40,10 +40,15 @@ class QuantizeJob:
     qdiffusion: QDiffusionConfig = field(default_factory=QDiffusionConfig)
     ptqd: PTQDConfig = field(default_factory=PTQDConfig)
     base_model: str = ""
+    # A quantized model folder whose weights (codes and grids) are reused: the weight
+    # calibration and reconstruction are skipped, the activations are calibrated anew.
+    weights_from: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
+        if self.weights_from and self.method == "rtn":
+            raise ValueError("weights_from reuses a reconstruction: use it with qdiffusion or ptqd")
         if self.method == "ptqd" and (self.quant.preset != "ptqd" or self.quant.weight_per_channel):
             raise ValueError(
                 "PTQD quantizes weights per tensor with its own layer policy: use "
@@ -54,7 +59,8 @@ class QuantizeJob:
     def method_config(self) -> dict:
         """The chosen method's config, as saved in ``quant_config.json``."""
         config = {"rtn": self.rtn, "qdiffusion": self.qdiffusion, "ptqd": self.ptqd}[self.method]
-        return {self.method: asdict(config), "calibration": asdict(self.calibration)}
+        return {self.method: asdict(config), "calibration": asdict(self.calibration),
+                "weights_from": self.weights_from}
 
 
 def calibration_data(
@@ -85,13 +91,17 @@ def quantize_pipeline(
     cache = calibration_cache or (Path(out_dir) / "calibration.safetensors" if out_dir else None)
     data = calibration_data(pipe, prompts, job.calibration, Path(cache) if cache else None, progress)
     units = prepare_unet(pipe.unet, job.quant)
+    if job.weights_from:
+        load_quantized_weights(pipe.unet, units, job.quant, job.weights_from)
     extra = {}
     if job.method == "rtn":
         quantize_rtn(pipe.unet, units, data, job.rtn, progress)
     elif job.method == "qdiffusion":
-        quantize_qdiffusion(pipe.unet, units, data, job.qdiffusion, out_dir, progress)
+        quantize_qdiffusion(pipe.unet, units, data, job.qdiffusion, out_dir, progress,
+                            weights_ready=bool(job.weights_from))
     else:
-        quantize_qdiffusion(pipe.unet, units, data, job.ptqd.qdiffusion, out_dir, progress)
+        quantize_qdiffusion(pipe.unet, units, data, job.ptqd.qdiffusion, out_dir, progress,
+                            weights_ready=bool(job.weights_from))
         extra = gather_correction_statistics(pipe, units, prompts, job.ptqd, progress).to_extra()
     if out_dir is not None:
         info = QuantizedInfo(job.quant, job.method, job.method_config(), job.base_model, extra)

@@ -78,17 +78,51 @@ def save_quantized(unet: nn.Module, info: QuantizedInfo, out_dir: str | Path) ->
     return out
 
 
-def _assign(root: nn.Module, key: str, value: torch.Tensor) -> None:
+def _assign(root: nn.Module, key: str, value: torch.Tensor, device: torch.device) -> None:
+    """Put a saved tensor in place; a quantizer slot still empty (None) gets the model's device."""
     owner_name, _, attr = key.rpartition(".")
     owner = root.get_submodule(owner_name)
     current = getattr(owner, attr, None)
     if isinstance(current, nn.Parameter):
         setattr(owner, attr, nn.Parameter(value.to(current.device), requires_grad=False))
     elif attr in owner._buffers or current is None:
-        device = current.device if isinstance(current, torch.Tensor) else value.device
-        owner.register_buffer(attr, value.to(device))
+        target = current.device if isinstance(current, torch.Tensor) else device
+        owner.register_buffer(attr, value.to(target))
     else:
         raise ValueError(f"saved tensor {key!r} does not match a quantizer in this model")
+
+
+# The QuantConfig fields that decide the weight grid; a model's weights can be reused by a job
+# that agrees on all of them (the activation settings may differ).
+WEIGHT_FIELDS = ("wbits", "preset", "rules", "weight_symmetric", "weight_per_channel",
+                 "split_shortcuts")
+
+
+def load_quantized_weights(
+    unet: nn.Module, units: dict[str, QuantUnit], config: QuantConfig, path: str | Path
+) -> None:
+    """Copy the integer weight codes and weight grids of the quantized model in ``path`` into
+    ``units`` (just made by ``prepare_unet(unet, config)``), leaving the activations alone: a
+    new activation calibration then reuses an earlier, costly weight reconstruction."""
+    path = Path(path)
+    meta = read_config(path)
+    if meta["base_fingerprint"] != fingerprint(unet):
+        raise ValueError(f"{path} was quantized from a different base model "
+                         f"({meta['base_model']!r}); its weights cannot be reused here")
+    saved = QuantConfig.from_dict(meta["quant_config"]).to_dict()
+    wanted = config.to_dict()
+    differing = [k for k in WEIGHT_FIELDS if saved[k] != wanted[k]]
+    if differing or sorted(units) != meta["units"]:
+        raise ValueError(f"the weights of {path} were quantized with other settings "
+                         f"({', '.join(differing) or 'layers'}); quantize the weights again "
+                         "instead of reusing them")
+    device = next(unet.parameters()).device
+    for key, value in load_file(str(path / STATE_FILE)).items():
+        if ".weight_codes_" in key or ".weight_quantizers." in key:
+            _assign(unet, key, value, device)
+    for unit in units.values():
+        if hasattr(unit, "refresh_weight"):
+            unit.refresh_weight()
 
 
 def read_config(path: str | Path) -> dict:
@@ -123,12 +157,13 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_base: bool = True) 
     if sorted(units) != meta["units"]:
         raise ValueError(f"the quantized layers of {path} do not match this model's layers")
     state = load_file(str(path / STATE_FILE))
+    device = next(unet.parameters()).device
     extra = {}
     for key, value in state.items():
         if key.startswith("extra."):
             extra[key[len("extra."):]] = value
         else:
-            _assign(unet, key, value)
+            _assign(unet, key, value, device)
     for unit in units.values():
         if hasattr(unit, "refresh_weight"):
             unit.refresh_weight()
