@@ -109,11 +109,10 @@ def calibrate_activations_ema(
     """Q-Diffusion's activation calibration for every bit-width of every bank in one pass.
 
     1. mse init on ``act_init_samples`` rows: each bit-width's starting range; 2. a running
-    min/max (EMA, ``act_momentum``) over all rows, in batches of one sampling step taken in a
-    random order, updating every bit-width's range of a bank at once; 3. each bit-width's grid is
-    its final range. (Batches in step order would leave the ranges of the last step's
-    activations: on the reference model that clipped the early steps and cost more than W8's
-    rounding.)
+    min/max (EMA, ``act_momentum``) over all rows, shuffled, in passes of ``act_stat_batch`` rows
+    that mix sampling steps (with per-step tables: passes of one step, in random order), updating
+    every bit-width's range of a bank at once; 3. each bit-width's grid is its final range.
+    (Passes in step order would end on the last steps' ranges and clip the others.)
     """
     banks = activation_banks(units)
     ema = _mse_init(unet, units, data, config)

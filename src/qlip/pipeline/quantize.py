@@ -96,12 +96,11 @@ def quantize_pipeline(
     extra = {}
     if job.method == "rtn":
         quantize_rtn(pipe.unet, units, data, job.rtn, progress)
-    elif job.method == "qdiffusion":
-        quantize_qdiffusion(pipe.unet, units, data, job.qdiffusion, out_dir, progress,
+    else:  # PTQD = Q-Diffusion's recipe + correction statistics
+        recipe = job.qdiffusion if job.method == "qdiffusion" else job.ptqd.qdiffusion
+        quantize_qdiffusion(pipe.unet, units, data, recipe, out_dir, progress,
                             weights_ready=bool(job.weights_from))
-    else:
-        quantize_qdiffusion(pipe.unet, units, data, job.ptqd.qdiffusion, out_dir, progress,
-                            weights_ready=bool(job.weights_from))
+    if job.method == "ptqd":
         extra = gather_correction_statistics(pipe, units, prompts, job.ptqd, progress).to_extra()
     if out_dir is not None:
         info = QuantizedInfo(job.quant, job.method, job.method_config(), job.base_model, extra)

@@ -116,10 +116,18 @@ def load_quantized_weights(
         raise ValueError(f"the weights of {path} were quantized with other settings "
                          f"({', '.join(differing) or 'layers'}); quantize the weights again "
                          "instead of reusing them")
+    state = load_file(str(path / STATE_FILE))
+    _put_state(unet, units, {k: v for k, v in state.items()
+                             if ".weight_codes_" in k or ".weight_quantizers." in k})
+
+
+def _put_state(
+    unet: nn.Module, units: dict[str, QuantUnit], state: dict[str, torch.Tensor]
+) -> None:
+    """Assign saved quantizer tensors (on the model's device), then rebuild cached weights."""
     device = next(unet.parameters()).device
-    for key, value in load_file(str(path / STATE_FILE)).items():
-        if ".weight_codes_" in key or ".weight_quantizers." in key:
-            _assign(unet, key, value, device)
+    for key, value in state.items():
+        _assign(unet, key, value, device)
     for unit in units.values():
         if hasattr(unit, "refresh_weight"):
             unit.refresh_weight()
@@ -157,14 +165,6 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_base: bool = True) 
     if sorted(units) != meta["units"]:
         raise ValueError(f"the quantized layers of {path} do not match this model's layers")
     state = load_file(str(path / STATE_FILE))
-    device = next(unet.parameters()).device
-    extra = {}
-    for key, value in state.items():
-        if key.startswith("extra."):
-            extra[key[len("extra."):]] = value
-        else:
-            _assign(unet, key, value, device)
-    for unit in units.values():
-        if hasattr(unit, "refresh_weight"):
-            unit.refresh_weight()
+    extra = {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")}
+    _put_state(unet, units, {k: v for k, v in state.items() if not k.startswith("extra.")})
     return QuantizedInfo(config, meta["method"], meta["method_config"], meta["base_model"], extra)
