@@ -46,13 +46,18 @@ def _quantized_model():
     return model, units
 
 
-def _ledger(model, units, batch: int) -> BitLedger:
+def _ledger(model, units, batch: int, batch_mode: str = "max") -> BitLedger:
     """A ledger whose sites were counted on one forward pass of ``batch`` elements."""
-    ledger = BitLedger(units)
+    ledger = BitLedger(units, list(units), batch_mode)
     with MacCounter(model) as counter:
         model(torch.randn(batch, 3, 4, 4))
     ledger.sites = counter.sites
     return ledger
+
+
+def _bits(units, **changed) -> torch.Tensor:
+    """[U] bits in the ledger's unit order: 8 everywhere except ``changed`` (unit name -> bits)."""
+    return torch.tensor([changed.get(n.replace(".", "_"), 8) for n in units])
 
 
 def test_mac_counter_finds_every_site_with_hand_counted_macs():
@@ -71,9 +76,8 @@ def test_mac_counter_finds_every_site_with_hand_counted_macs():
 def test_fab_weighted_bits_and_bitops_are_exact():
     model, units = _quantized_model()
     ledger = _ledger(model, units, batch=2)
-    ledger.record_step()  # step 1: everything at 8 bits
-    units["conv"].abits = 16
-    ledger.record_step()  # step 2: conv input at 16 bits
+    ledger.record_step(_bits(units), _bits(units)[None])  # step 1: everything at 8 bits
+    ledger.record_step(_bits(units, conv=16), _bits(units, conv=16)[None])  # step 2: conv at 16
     [report] = ledger.reports(["p"], [0], elements_per_image=2)
 
     layers = 5  # conv, to_q, to_k, to_v, lin (to_out is FP, not a quantized layer)
@@ -92,8 +96,29 @@ def test_fab_weighted_bits_and_bitops_are_exact():
 def test_bypass_counts_as_32_bits():
     model, units = _quantized_model()
     ledger = _ledger(model, units, batch=1)
-    for unit in units.values():
-        unit.abits = 16
-    ledger.record_step()
+    sixteen = torch.full((len(units),), 16)
+    ledger.record_step(sixteen, sixteen[None])
     [report] = ledger.reports(["p"], [0], elements_per_image=1)
     assert report.fab == 16.0
+
+
+def test_per_image_mode_counts_each_image_at_its_own_bits():
+    model, units = _quantized_model()
+    ledger = _ledger(model, units, batch=2, batch_mode="per_image")
+    requested = torch.stack([_bits(units), _bits(units, conv=16)])  # [images, U]
+    ledger.record_step(requested.T, requested)  # per image: run = requested
+    first, second = ledger.reports(["a", "b"], [0, 1], elements_per_image=2)
+    assert first.fab == first.fab_requested == 8.0
+    assert second.fab == second.fab_requested == pytest.approx((16 + 8 * 4) / 5)
+    assert (second.bitops_t - first.bitops_t) * 1e12 == pytest.approx(2 * CONV * 4 * (16 - 8))
+    assert first.batch_mode == "per_image"
+
+
+def test_max_mode_runs_at_the_batch_maximum_and_reports_the_request():
+    model, units = _quantized_model()
+    ledger = _ledger(model, units, batch=2)
+    requested = torch.stack([_bits(units), _bits(units, conv=16)])
+    ledger.record_step(requested.amax(dim=0), requested)
+    first, second = ledger.reports(["a", "b"], [0, 1], elements_per_image=2)
+    assert first.fab == second.fab == pytest.approx((16 + 8 * 4) / 5)
+    assert first.fab_requested == 8.0 and first.bitops_t == second.bitops_t

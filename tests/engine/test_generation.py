@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qlip.methods.calib_data import CalibrationSet
-from qlip.nn import QuantConfig
+from qlip.nn import QuantConfig, QuantLayer
 from qlip.pipeline import (
     CalibrationConfig,
     GenerationConfig,
@@ -61,13 +61,10 @@ def test_capture_records_both_guidance_halves_at_kept_steps(tiny_pipe):
 def test_rtn_from_a_pipeline_run_calibrates_everything_and_removes_observers(tiny_pipe, tmp_path):
     units = _quantize(tiny_pipe, tmp_path, wbits=8, abits=8, abits_options=(8, 16))
     for unit in units.values():
-        banks = unit.act_banks if hasattr(unit, "act_banks") else unit.banks.values()
-        for bank in banks:
+        for bank in unit.activation_banks().values():
             assert bank.observer is None
-            for quantizer in bank.quantizers.values():
-                if hasattr(quantizer, "calibrated"):
-                    assert bool(quantizer.calibrated)
-        if hasattr(unit, "weight_codes"):
+        unit.check_calibrated()  # every bit-width of every bank
+        if isinstance(unit, QuantLayer):
             assert unit.weight_codes() is not None
     assert (tmp_path / "q" / "calibration.safetensors").is_file()
 
@@ -156,12 +153,12 @@ def test_per_step_tables_are_calibrated_and_used_by_step_index(tiny_pipe, tmp_pa
                                       num_kept_steps=steps, guidance=3.0),
     )
     units = quantize_pipeline(tiny_pipe, PROMPTS, job, tmp_path / "q", progress=False)
-    scale = units["conv_in"].act_banks[0].quantizer(8).scale  # [steps, 1]
+    scale = units["conv_in"].act_banks[0].slot(8).scale  # [steps, 1]
     assert scale.shape == (steps, 1)
     assert len(torch.unique(scale)) == steps  # x_t's range differs from step to step
     seen = []
-    quantizer = units["conv_in"].act_banks[0].quantizer(8)
-    handle = quantizer.register_forward_pre_hook(lambda m, a: seen.append(m.step))
+    bank = units["conv_in"].act_banks[0]
+    handle = bank.register_forward_pre_hook(lambda m, a: seen.append(int(a[3])))
     generate(tiny_pipe, ["red"], [0], None, GenerationConfig(steps=steps, guidance=3.0),
              progress=False)
     handle.remove()

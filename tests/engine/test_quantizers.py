@@ -4,6 +4,7 @@ import torch
 from qlip.quant import (
     Log2Quantizer,
     RangeObserver,
+    StackedUniform,
     UniformQuantizer,
     check_bits,
     mse_range,
@@ -100,6 +101,21 @@ def test_percentile_clips_outliers():
 
 
 def test_step_tables_select_a_row_per_step():
+    q = StackedUniform((8,), num_steps=3)
+    for step, scale in enumerate((1.0, 10.0, 100.0)):
+        q.slot_view(8).calibrate(torch.tensor([-scale, scale]), step=step)
+    x = torch.tensor([0.5])
+    outs = [float(q(x, torch.tensor(0), step=torch.tensor(step))) for step in range(3)]
+    assert outs[0] == pytest.approx(0.5, abs=0.005)
+    assert abs(outs[2] - 0.5) > abs(outs[0] - 0.5)
+    fresh = StackedUniform((8,), num_steps=2)
+    fresh.slot_view(8).calibrate(torch.randn(10), step=0)
+    with pytest.raises(RuntimeError, match="never calibrated"):
+        fresh.check_calibrated()
+    assert torch.isnan(fresh(x, torch.tensor(0), step=torch.tensor(1))).all()  # never plausible
+
+
+def test_single_bit_step_tables_select_a_row_per_step():
     q = UniformQuantizer(8, num_steps=3)
     for step, scale in enumerate((1.0, 10.0, 100.0)):
         q.calibrate(torch.tensor([-scale, scale]), step=step)
@@ -114,7 +130,7 @@ def test_step_tables_select_a_row_per_step():
     fresh.calibrate(torch.randn(10), step=0)
     fresh.step = 1
     with pytest.raises(RuntimeError, match="never calibrated"):
-        fresh(x)
+        fresh.dequantize(x)
 
 
 def test_codes_round_trip_equals_fake_quant():

@@ -94,10 +94,10 @@ def test_activation_bank_switches_bits_and_error_falls_with_bits(qdiffusion,
         for bits in (6, 8, 16):
             for unit in units.values():
                 if unit.dynamic:
-                    unit.abits = bits
+                    unit.set_bits(bits)
             outputs[bits] = unet(x, t, encoder_hidden_states=c).sample
         for unit in units.values():
-            unit.abits = QUANT.abits
+            unit.set_bits(unit.default_bits)
     assert not torch.equal(outputs[6], outputs[8]) and not torch.equal(outputs[8], outputs[16])
     snr = {bits: snr_db(reference, out) for bits, out in outputs.items()}
     assert snr[6] < snr[8] < snr[16], snr
@@ -135,24 +135,25 @@ def test_step_size_tuning_lowers_the_error_at_low_bits(qdiffusion, calibration,
     from dataclasses import replace
 
     from qlip.methods.qdiffusion import tune_activation_steps
-    from qlip.nn import quant_units
+    from qlip.nn import ActivationBank, quant_units
 
     unet = copy.deepcopy(qdiffusion[0])
     units = quant_units(unet)
     for unit in units.values():
         if unit.dynamic:
-            unit.abits = 6
+            unit.set_bits(6)
     x, t, c = calibration.latents, calibration.timesteps, calibration.text  # in distribution
     with torch.no_grad():
         reference = _tiny_pipeline_template.unet(x, t, encoder_hidden_states=c).sample
         before = snr_db(reference, unet(x, t, encoder_hidden_states=c).sample)
-    scales = {n: q.scale.clone() for n, q in unet.named_modules() if n.endswith("quantizers.6")}
+    scales = {n: b.slot(6).scale.clone() for n, b in unet.named_modules()
+              if isinstance(b, ActivationBank) and 6 in b.options}
     tune_activation_steps(unet, units, calibration, replace(CONFIG, act_tune_iters=20),
                           progress=False)
     with torch.no_grad():
         after = snr_db(reference, unet(x, t, encoder_hidden_states=c).sample)
-    changed = [n for n, q in unet.named_modules() if n in scales
-               and not torch.equal(q.scale, scales[n])]
+    changed = [n for n, b in unet.named_modules() if n in scales
+               and not torch.equal(b.slot(6).scale, scales[n])]
     assert len(changed) > len(scales) // 2  # the 6-bit step sizes were tuned
     assert after > before, (before, after)
 

@@ -9,20 +9,13 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..nn import ActivationBank, QuantUnit
-from ..quant import RangeObserver, UniformQuantizer
+from ..quant import RangeObserver
 
 
 def activation_banks(units: dict[str, QuantUnit]) -> dict[str, ActivationBank]:
     """Every activation bank of the units, named ``<unit>.<input>`` (e.g. ``...to_q.in0``, ``...attn1.processor.probs``)."""
-    banks: dict[str, ActivationBank] = {}
-    for name, unit in units.items():
-        if hasattr(unit, "act_banks"):
-            for i, bank in enumerate(unit.act_banks):
-                banks[f"{name}.in{i}"] = bank
-        else:
-            for part, bank in unit.banks.items():
-                banks[f"{name}.{part}"] = bank
-    return banks
+    return {f"{name}.{part}": bank for name, unit in units.items()
+            for part, bank in unit.activation_banks().items()}
 
 
 @contextmanager
@@ -49,9 +42,7 @@ def observing(
 def calibrate_bank(bank: ActivationBank, observer: RangeObserver, method: str = "minmax") -> None:
     """Set the grid of every bit-width quantizer in ``bank`` from ``observer`` (per step if the
     quantizers hold step tables and the observer was per step)."""
-    for quantizer in bank.quantizers.values():
-        if not isinstance(quantizer, UniformQuantizer):
-            continue  # log2 quantizers scale dynamically
+    for quantizer in bank.slots():  # log2 banks have none: they scale dynamically
         for step in observer.steps:
             row = step if quantizer.num_steps else None
             if method == "minmax":
@@ -62,8 +53,7 @@ def calibrate_bank(bank: ActivationBank, observer: RangeObserver, method: str = 
 
 def calibrate_weights(units: dict[str, QuantUnit], method: str = "minmax") -> None:
     for unit in units.values():
-        if hasattr(unit, "calibrate_weight"):
-            unit.calibrate_weight(method)
+        unit.calibrate_weight(method)
 
 
 def freeze(model: nn.Module) -> None:

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn import ActivationBank, QuantLayer, QuantUnit
-from ..quant import UniformQuantizer
+from ..nn import ActivationBank, QuantUnit
 from .calib_data import CalibrationSet
 from .calibrate import activation_banks, calibrate_weights, freeze, observing
 from .reconstruction import (
@@ -76,11 +75,6 @@ class EmaRange:
         self.high = m * self.high + (1 - m) * x.amax().to(self.high)
 
 
-def _uniform_quantizers(bank: ActivationBank) -> list[UniformQuantizer]:
-    # log2 quantizers scale dynamically: nothing to calibrate
-    return [q for q in bank.quantizers.values() if isinstance(q, UniformQuantizer)]
-
-
 def _mse_init(
     unet: nn.Module, units: dict[str, QuantUnit], data: CalibrationSet, config: QDiffusionConfig,
 ) -> dict[str, EmaRange]:
@@ -94,7 +88,7 @@ def _mse_init(
         if not observers[name].steps:
             continue  # never called (e.g. a branch the UNet does not take)
         sample = observers[name].sample(0).to(unet.device)  # the search is the costly part
-        chosen = [q.search_range(sample, "mse") for q in _uniform_quantizers(bank)]
+        chosen = [q.search_range(sample, "mse") for q in bank.slots()]
         if chosen:
             ema[name] = EmaRange(config.act_momentum, torch.stack([lo.cpu() for lo, _ in chosen]),
                                  torch.stack([hi.cpu() for _, hi in chosen]))
@@ -119,28 +113,22 @@ def calibrate_activations_ema(
     try:
         for name in ema:
             banks[name].observer = ema[name]
-        per_step = any(q.num_steps for bank in banks.values() for q in _uniform_quantizers(bank))
+        per_step = any(bank.num_steps for bank in banks.values())
         run_rows(unet, units, data, torch.arange(len(data)), config.act_stat_batch,
                  shuffle_seed=config.seed, mix_steps=not per_step)
     finally:
         for bank in banks.values():
             bank.observer = None
     for name, observer in ema.items():
-        for i, quantizer in enumerate(_uniform_quantizers(banks[name])):
+        for i, quantizer in enumerate(banks[name].slots()):
             quantizer.set_range(observer.low[i], observer.high[i])
 
 
-def _active_step_sizes(unit: QuantUnit) -> list[UniformQuantizer]:
-    """The activation quantizers a unit uses at its current bits. The softmax quantizer is left
-    out: Adam's step is absolute, and a 16-bit grid on [0, 1] has Δ ≈ 1.5e-5 — one step at
+def _tuned_banks(unit: QuantUnit) -> list[ActivationBank]:
+    """The banks whose step sizes Δ are tuned, at the unit's default bits. The softmax bank is
+    left out: Adam's step is absolute, and a 16-bit grid on [0, 1] has Δ ≈ 1.5e-5 — one step at
     lr 4e-4 would coarsen it to a few bits."""
-    if isinstance(unit, QuantLayer):
-        banks = list(unit.act_banks)
-    else:
-        banks = [unit.banks[k] for k in ("q", "k", "v")]
-    return [bank.quantizer(unit.abits) for bank in banks
-            if str(unit.abits) in bank.quantizers
-            and isinstance(bank.quantizer(unit.abits), UniformQuantizer)]
+    return [bank for bank in unit.dynamic_banks() if bank.slots()]
 
 
 def tune_activation_steps(
@@ -154,25 +142,26 @@ def tune_activation_steps(
     order = execution_order(unet, units, data, recon.block_types)
     for index, (name, module) in enumerate(order):
         inner = [u for n, u in units.items() if n == name or n.startswith(name + ".")]
-        quantizers = [q for unit in inner for q in _active_step_sizes(unit)]
-        if not quantizers:
+        banks = [bank for unit in inner for bank in _tuned_banks(unit)]
+        if not banks:
             continue
+        # the stacked step sizes of every option train; only the default option's get gradients
+        scales = [bank.stack.scale for bank in banks]
         inputs = capture_unit(unet, units, module, data, rows, recon, want_output=False)
         with full_precision(units):
             targets = capture_unit(unet, units, module, data, rows, recon, True)
         try:
-            for q in quantizers:
-                q.ste = True
-                q.scale.requires_grad_(True)
-            optimise_unit(module, [q.scale for q in quantizers], inputs, targets.to(inputs.device),
+            for scale in scales:
+                scale.requires_grad_(True)
+            optimise_unit(module, scales, inputs, targets.to(inputs.device),
                           config.act_tune_iters, recon.batch_size, config.act_tune_lr,
                           config.seed + index, p=config.act_tune_p, cosine=True,
                           desc=f"Δ {name}", progress=progress)
         finally:
-            for q in quantizers:
-                q.ste = False
-                q.scale.requires_grad_(False)
-                q.scale.data.clamp_(min=1e-8)  # a step size must stay positive
+            for bank, scale in zip(banks, scales):
+                scale.requires_grad_(False)
+                scale.data.clamp_(min=1e-8)  # a step size must stay positive
+                bank.stack.refresh()
 
 
 def quantize_qdiffusion(
@@ -201,5 +190,4 @@ def quantize_qdiffusion(
         tune_activation_steps(unet, units, data, config, progress)
     freeze(unet)
     for unit in units.values():
-        if isinstance(unit, QuantLayer):
-            unit.refresh_weight()
+        unit.refresh()

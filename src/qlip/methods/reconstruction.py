@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..nn import QuantLayer, QuantUnit
+from ..nn import QuantLayer, QuantUnit, activations_bypassed
 from ..quant import BYPASS_BITS
 from ..quant.adaround import AdaRoundQuantizer, annealed_beta
 from .calib_data import CalibrationSet
@@ -65,23 +65,6 @@ class _StopForward(Exception):
 
 
 # -- model states ------------------------------------------------------------------------------
-@contextmanager
-def activations_bypassed(units: dict[str, QuantUnit]) -> Iterator[None]:
-    """Every activation quantizer (softmax included) at 32 bits = bypass while inside."""
-    saved = [(u, u.abits, getattr(u, "prob_bits", None)) for u in units.values()]
-    try:
-        for unit, _, prob_bits in saved:
-            unit.abits = BYPASS_BITS
-            if prob_bits is not None:
-                unit.prob_bits = BYPASS_BITS
-        yield
-    finally:
-        for unit, abits, prob_bits in saved:
-            unit.abits = abits
-            if prob_bits is not None:
-                unit.prob_bits = prob_bits
-
-
 class _FullPrecisionWeight(nn.Module):
     ste = True  # QuantLayer then calls forward(w) instead of dequantizing its codes
 

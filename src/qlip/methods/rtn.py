@@ -32,7 +32,7 @@ def calibrate_activations(
     """Observe every activation bank on ``data`` (FP pass) and set each bank's grids, per step when
     its quantizers hold step tables."""
     banks = activation_banks(units)
-    per_step = any(getattr(q, "num_steps", None) for b in banks.values() for q in b.quantizers.values())
+    per_step = any(bank.num_steps for bank in banks.values())
     keep = 0 if method == "minmax" else samples
     with observing(units, max_samples=keep, per_step=per_step) as observers:
         run_calibration(unet, data, units, batch_size, progress)

@@ -2,12 +2,14 @@
 its bit-width (and, for per-step tables, its step index)."""
 
 from .attention import QuantAttnProcessor
-from .bank import ActivationBank, log2_factory, uniform_factory
+from .bank import BANK_KINDS, ActivationBank
 from .config import PRESETS, LayerRule, QuantConfig
 from .layers import QuantConv2d, QuantLayer, QuantLinear
-from .swap import QuantUnit, quant_units, quantize_model
+from .swap import quant_units, quantize_model
+from .unit import QuantUnit, activations_bypassed, fp_bits, verify_calibrated
 
 __all__ = [
+    "BANK_KINDS",
     "PRESETS",
     "ActivationBank",
     "LayerRule",
@@ -17,8 +19,9 @@ __all__ = [
     "QuantLayer",
     "QuantLinear",
     "QuantUnit",
-    "log2_factory",
+    "activations_bypassed",
+    "fp_bits",
     "quant_units",
     "quantize_model",
-    "uniform_factory",
+    "verify_calibrated",
 ]

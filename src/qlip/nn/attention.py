@@ -7,18 +7,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..quant import check_bits
-from .bank import ActivationBank, QuantizerFactory, log2_factory, uniform_factory
+from ..quant import RowLayout, check_bits
+from .bank import ActivationBank
+from .unit import QuantUnit, fp_bits
 
 PROB_QUANTIZERS = ("uniform", "log2")
 
 
-class QuantAttnProcessor(nn.Module):
+class QuantAttnProcessor(QuantUnit):
     """Drop-in diffusers attention processor (self- and cross-attention; works on the pipeline's
     classifier-free-guidance batch, as every operation is per sample).
 
-    q, k, v are quantized after the head reshape at the active ``abits`` (a bank, like a layer's
-    input); the softmax output at ``prob_bits`` with a uniform or log2 quantizer. With
+    q, k, v are quantized after the head reshape at the unit's active bits (a bank each, like a
+    layer's input); the softmax output at ``prob_bits`` with a uniform or log2 quantizer. With
     ``keep_start_token`` (DGQ), in cross-attention the first key and the first key's column of the
     probabilities stay in full precision and out of the quantizers' ranges.
     """
@@ -32,35 +33,46 @@ class QuantAttnProcessor(nn.Module):
         prob_bits: int = 16,
         prob_quantizer: str = "uniform",
         keep_start_token: bool = False,
-        act_factory: QuantizerFactory | None = None,
+        act_symmetric: bool = False,
+        act_steps: int | None = None,
         dynamic: bool = True,
     ):
-        super().__init__()
         if prob_quantizer not in PROB_QUANTIZERS:
             raise ValueError(f"prob_quantizer must be one of {PROB_QUANTIZERS}; got {prob_quantizer!r}")
-        factory = act_factory or uniform_factory()
-        self.q_bank = ActivationBank(abits_options, factory)
-        self.k_bank = ActivationBank(abits_options, factory)
-        self.v_bank = ActivationBank(abits_options, factory)
-        prob_factory = log2_factory() if prob_quantizer == "log2" else uniform_factory()
-        self.prob_bits = check_bits(prob_bits, "softmax bits")
-        self.prob_bank = ActivationBank((self.prob_bits,), prob_factory)
-        self.prob_quantizer = prob_quantizer
-        self.abits = check_bits(abits, "activation bits")
-        self.keep_start_token = keep_start_token
-        self.dynamic = dynamic
+        options = tuple(sorted({check_bits(b, "activation bits") for b in abits_options}))
+        super().__init__(options, abits, dynamic)
 
-    @property
-    def banks(self) -> dict[str, ActivationBank]:
+        def bank() -> ActivationBank:
+            return ActivationBank(options, symmetric=act_symmetric, num_steps=act_steps)
+
+        self.q_bank, self.k_bank, self.v_bank = bank(), bank(), bank()
+        self.prob_bits = check_bits(prob_bits, "softmax bits")
+        self.prob_bank = ActivationBank((self.prob_bits,), kind=prob_quantizer)
+        self.register_buffer("_prob_choice", torch.zeros(1, dtype=torch.long), persistent=False)
+        self.prob_quantizer = prob_quantizer
+        self.keep_start_token = keep_start_token
+
+    def activation_banks(self) -> dict[str, ActivationBank]:
         return {"q": self.q_bank, "k": self.k_bank, "v": self.v_bank, "probs": self.prob_bank}
 
-    def set_step(self, step: int) -> None:
-        for bank in self.banks.values():
-            bank.set_step(step)
+    def dynamic_banks(self) -> list[ActivationBank]:
+        return [self.q_bank, self.k_bank, self.v_bank]
+
+    def operand_bits(self, site: str, abits: int) -> tuple[int, int]:
+        if site == "attn_qk":
+            return fp_bits(abits), fp_bits(abits)
+        return fp_bits(self.prob_bits), fp_bits(abits)  # attn_pv: probabilities × values
 
     def _keep_first(self, x: torch.Tensor, dim: int, quantize) -> torch.Tensor:
         first, rest = x.narrow(dim, 0, 1), x.narrow(dim, 1, x.shape[dim] - 1)
         return torch.cat([first, quantize(rest)], dim=dim)
+
+    def _probs(self, probs: torch.Tensor, heads: int) -> torch.Tensor:
+        # the softmax bank has one option; laid out like q, k, v, so that a log2 Δ is the max of
+        # the whole tensor (DGQ) when the batch runs at one choice and each image's max per image
+        images = self.images()
+        return self.prob_bank(probs, self._prob_choice.expand(images), RowLayout(images, heads),
+                              self.step_index())
 
     def forward(
         self,
@@ -93,18 +105,19 @@ class QuantAttnProcessor(nn.Module):
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
         keep_first = self.keep_start_token and is_cross
-        query = self.q_bank(query, self.abits)
+        heads = attn.heads
+        query = self.quantize(self.q_bank, query, heads)
         if keep_first:
-            key = self._keep_first(key, 1, lambda k: self.k_bank(k, self.abits))
+            key = self._keep_first(key, 1, lambda k: self.quantize(self.k_bank, k, heads))
         else:
-            key = self.k_bank(key, self.abits)
-        value = self.v_bank(value, self.abits)
+            key = self.quantize(self.k_bank, key, heads)
+        value = self.quantize(self.v_bank, value, heads)
 
         probs = attn.get_attention_scores(query, key, attention_mask)  # [B*heads, N, M]
         if keep_first:
-            probs = self._keep_first(probs, 2, lambda p: self.prob_bank(p, self.prob_bits))
+            probs = self._keep_first(probs, 2, lambda p: self._probs(p, heads))
         else:
-            probs = self.prob_bank(probs, self.prob_bits)
+            probs = self._probs(probs, heads)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -116,7 +129,4 @@ class QuantAttnProcessor(nn.Module):
 
     def extra_repr(self) -> str:
         start = ", keep_start_token" if self.keep_start_token else ""
-        return (
-            f"a{self.abits}, options={self.q_bank.options}, "
-            f"probs={self.prob_quantizer}{self.prob_bits}{start}"
-        )
+        return f"{self.bits_label()}, probs={self.prob_quantizer}{self.prob_bits}{start}"

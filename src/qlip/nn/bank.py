@@ -1,4 +1,5 @@
-"""A bank of activation quantizers, one per allowed bit-width, so a layer can switch bits per call."""
+"""A bank of activation quantizers: one stacked multi-bit quantizer whose options are the bit-widths
+a layer input may run at, chosen per call by a choice tensor (bits are data)."""
 
 from __future__ import annotations
 
@@ -7,58 +8,65 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..quant import Log2Quantizer, UniformQuantizer, check_bits, is_bypass
+from ..quant import RowLayout, StackedLog2, StackedUniform, UniformSlot, is_bypass
 
-QuantizerFactory = Callable[[int], nn.Module]
-
-
-def uniform_factory(
-    symmetric: bool = False, num_steps: int | None = None
-) -> QuantizerFactory:
-    """Per-tensor uniform activation quantizers (Q-Diffusion's activations)."""
-    return lambda bits: UniformQuantizer(bits, symmetric=symmetric, num_steps=num_steps)
-
-
-def log2_factory() -> QuantizerFactory:
-    return Log2Quantizer
+BANK_KINDS = ("uniform", "log2")
 
 
 class ActivationBank(nn.Module):
-    """Holds one quantizer per bit-width in ``options``; ``forward(x, bits)`` uses the one for ``bits``
-    (32 = bypass). While ``observer`` is set (calibration), inputs are passed to it and returned
-    unquantized.
+    """Quantizes one activation at the bit-width a choice names (see :mod:`qlip.quant.stacked`).
+
+    While ``observer`` is set (calibration) inputs are passed to it and returned unquantized;
+    while ``enabled`` is False (full-precision reference passes) they are returned unquantized.
+
+    >>> bank = ActivationBank((8, 16))
+    >>> bank.slot(8).calibrate(torch.randn(100)); bank.slot(16).calibrate(torch.randn(100))
+    >>> y = bank(torch.randn(2, 4), torch.tensor(0))  # both rows at 8 bits
     """
 
-    def __init__(self, options: Iterable[int], factory: QuantizerFactory | None = None):
+    def __init__(
+        self, options: Iterable[int], kind: str = "uniform", symmetric: bool = False,
+        num_steps: int | None = None,
+    ):
         super().__init__()
-        self.options = tuple(sorted({check_bits(b, "activation bits") for b in options}))
-        if not self.options:
-            raise ValueError("an activation bank needs at least one bit-width option")
-        factory = factory or uniform_factory()
-        self.quantizers = nn.ModuleDict(
-            {str(b): factory(b) for b in self.options if not is_bypass(b)}
-        )
+        if kind not in BANK_KINDS:
+            raise ValueError(f"activation bank kind must be one of {BANK_KINDS}; got {kind!r}")
+        options = tuple(options)
+        self.kind = kind
+        self.stack = (StackedLog2(options) if kind == "log2"
+                      else StackedUniform(options, symmetric=symmetric, num_steps=num_steps))
         self.observer: Callable[[torch.Tensor, int], None] | None = None
-        self.step = 0
+        self.enabled = True
+        self.step = 0  # the sampling step observers record under
 
-    def quantizer(self, bits: int) -> nn.Module:
-        key = str(bits)
-        if key not in self.quantizers:
-            raise ValueError(
-                f"activation bits {bits} not in this layer's bank {self.options}; quantize the model "
-                f"with --abits-options including {bits}"
-            )
-        return self.quantizers[key]
+    @property
+    def options(self) -> tuple[int, ...]:
+        return self.stack.options
 
-    def set_step(self, step: int) -> None:
-        self.step = step
-        for q in self.quantizers.values():
-            q.step = step
+    @property
+    def num_steps(self) -> int | None:
+        return self.stack.num_steps
 
-    def forward(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+    def slot(self, bits: int) -> UniformSlot:
+        """The quantizer of one bit-width, to calibrate (uniform banks)."""
+        return self.stack.slot_view(bits)
+
+    def slots(self) -> list[UniformSlot]:
+        """Every option that needs calibration: none for log2 banks and for the bypass (32)."""
+        if self.kind == "log2":
+            return []
+        return [self.stack.slot_view(b) for b in self.options if not is_bypass(b)]
+
+    def forward(
+        self, x: torch.Tensor, choice: torch.Tensor, layout: RowLayout | None = None,
+        step: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.observer is not None:
             self.observer(x, self.step)
             return x
-        if is_bypass(bits):
+        if not self.enabled:
             return x
-        return self.quantizer(bits)(x)
+        return self.stack(x, choice, layout, step)
+
+    def extra_repr(self) -> str:
+        return self.kind

@@ -1,5 +1,5 @@
 """Quantized Linear and Conv2d, made by module swap: cached fake-quantized weights and a bank of
-activation quantizers; the active activation bit-width is an attribute set from outside per call."""
+activation quantizers per input part; the active bits are data set from outside (``set_bits``)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import UniformQuantizer, check_bits, is_bypass
-from .bank import ActivationBank, QuantizerFactory, uniform_factory
+from .bank import ActivationBank
+from .unit import QuantUnit, fp_bits
 
 
-class QuantLayer(nn.Module):
+class QuantLayer(QuantUnit):
     """Common part of :class:`QuantLinear` and :class:`QuantConv2d`.
 
     ``splits`` (input-split quantization, Q-Diffusion's shortcut splitting) gives each part of a
-    concatenated input its own activation quantizers and its own weight quantizer over the matching
+    concatenated input its own activation bank and its own weight quantizer over the matching
     input-channel slice of the weight.
     """
 
     channel_dim: int  # dim of the input's channels
-    kind: str
+    fab_member = True
 
     def __init__(
         self,
@@ -33,15 +34,15 @@ class QuantLayer(nn.Module):
         splits: Sequence[int] | None = None,
         weight_symmetric: bool = False,
         weight_per_channel: bool = True,
-        act_factory: QuantizerFactory | None = None,
+        act_symmetric: bool = False,
+        act_steps: int | None = None,
         dynamic: bool = True,
     ):
-        super().__init__()
+        options = tuple(sorted({check_bits(b, "activation bits") for b in abits_options}))
+        super().__init__(options, abits, dynamic)
         self.weight = base.weight
         self.bias = base.bias
         self.wbits = check_bits(wbits, "weight bits")
-        self.abits = check_bits(abits, "activation bits")
-        self.dynamic = dynamic  # False: abits fixed by a layer rule, bit policies leave it alone
         in_ch = self.weight.shape[1]
         self.splits = tuple(splits) if splits else (in_ch,)
         if sum(self.splits) != in_ch:
@@ -56,11 +57,18 @@ class QuantLayer(nn.Module):
             )
             for _ in self.splits
         )
-        factory = act_factory or uniform_factory()
-        self.act_banks = nn.ModuleList(ActivationBank(abits_options, factory) for _ in self.splits)
-        if self.abits not in self.act_banks[0].options:
-            raise ValueError(f"abits {abits} is not among the bank options {abits_options}")
-        self._qweight: torch.Tensor | None = None
+        self.act_banks = nn.ModuleList(
+            ActivationBank(options, symmetric=act_symmetric, num_steps=act_steps)
+            for _ in self.splits
+        )
+        # the dequantized weight, computed once (follows the module's device and dtype)
+        self.register_buffer("_qweight", None, persistent=False)
+
+    def activation_banks(self) -> dict[str, ActivationBank]:
+        return {f"in{i}": bank for i, bank in enumerate(self.act_banks)}
+
+    def operand_bits(self, site: str, abits: int) -> tuple[int, int]:
+        return fp_bits(self.wbits), fp_bits(abits)
 
     # -- weights -------------------------------------------------------------------------------
     def weight_slices(self) -> list[torch.Tensor]:
@@ -93,6 +101,10 @@ class QuantLayer(nn.Module):
         """Drop the cached quantized weight (call after changing weight quantizers)."""
         self._qweight = None
 
+    def refresh(self) -> None:
+        super().refresh()
+        self.refresh_weight()
+
     def compute_quantized_weight(self) -> torch.Tensor:
         if is_bypass(self.wbits):
             return self.weight
@@ -112,24 +124,22 @@ class QuantLayer(nn.Module):
         if self._qweight is None or self._qweight.device != self.weight.device:
             with torch.no_grad():
                 self._qweight = self.compute_quantized_weight().detach()
-        return self._qweight.to(self.weight.dtype)
+        if self._qweight.dtype != self.weight.dtype:
+            return self._qweight.to(self.weight.dtype)
+        return self._qweight
 
     # -- activations ---------------------------------------------------------------------------
-    def set_step(self, step: int) -> None:
-        for bank in self.act_banks:
-            bank.set_step(step)
-
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.splits) == 1:
-            return self.act_banks[0](x, self.abits)
+            return self.quantize(self.act_banks[0], x)
         parts = torch.split(x, self.splits, dim=self.channel_dim)
         return torch.cat(
-            [bank(p, self.abits) for bank, p in zip(self.act_banks, parts)], dim=self.channel_dim
+            [self.quantize(bank, p) for bank, p in zip(self.act_banks, parts)], dim=self.channel_dim
         )
 
     def extra_repr(self) -> str:
         split = f", splits={self.splits}" if len(self.splits) > 1 else ""
-        return f"w{self.wbits}a{self.abits}, options={self.act_banks[0].options}{split}"
+        return f"w{self.wbits}{self.bits_label()}{split}"
 
 
 class QuantLinear(QuantLayer):

@@ -5,11 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from .attention import QuantAttnProcessor
-from .bank import uniform_factory
 from .config import QuantConfig
 from .layers import QuantConv2d, QuantLayer, QuantLinear
-
-QuantUnit = QuantLayer | QuantAttnProcessor
+from .unit import QuantUnit
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -36,7 +34,8 @@ def make_layer(
         splits=splits,
         weight_symmetric=config.weight_symmetric,
         weight_per_channel=config.weight_per_channel,
-        act_factory=uniform_factory(config.act_symmetric, config.act_steps),
+        act_symmetric=config.act_symmetric,
+        act_steps=config.act_steps,
         dynamic=abits is None,
     )
 
@@ -48,7 +47,8 @@ def make_processor(config: QuantConfig, abits: int | None) -> QuantAttnProcessor
         prob_bits=config.softmax_bits,
         prob_quantizer=config.softmax_quantizer,
         keep_start_token=config.keep_start_token,
-        act_factory=uniform_factory(config.act_symmetric, config.act_steps),
+        act_symmetric=config.act_symmetric,
+        act_steps=config.act_steps,
         dynamic=abits is None,
     )
 
@@ -67,7 +67,7 @@ def quantize_model(
     splits = splits or {}
     targets = []
     for name, module in model.named_modules():
-        if isinstance(module, QuantLayer | QuantAttnProcessor):
+        if isinstance(module, QuantUnit):
             raise ValueError("this model is already quantized; start again from the FP model")
         is_layer = type(module) in (nn.Linear, nn.Conv2d)
         is_attn = config.quantize_attention and _is_attention(module)
@@ -91,11 +91,11 @@ def quantize_model(
             processor = make_processor(config, abits).to(module.to_q.weight.device)
             module.set_processor(processor)
             units[f"{name}.processor"] = processor
-    return units
+    return {name: units[name] for name in quant_units(model)}  # in module order, as quant_units
 
 
 def quant_units(model: nn.Module) -> dict[str, QuantUnit]:
     """Every quantized unit (layer or attention processor) of ``model``, by qualified name."""
     return {
-        name: m for name, m in model.named_modules() if isinstance(m, QuantLayer | QuantAttnProcessor)
+        name: m for name, m in model.named_modules() if isinstance(m, QuantUnit)
     }

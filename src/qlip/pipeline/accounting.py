@@ -5,17 +5,21 @@
 - BitOPs: Σ over every matmul and conv of the UNet of MACs × b_w × b_a, the attention matmuls
   included (QKᵀ at b_q·b_k, attention·V at b_probs·b_v); FP modules count 32 × 32. Per image: all
   sampling steps and both halves of classifier-free guidance.
+
+Every figure is counted from the bits each image actually ran at (in ``max`` batch mode: the
+batch's maximum; in ``per_image`` mode: its own), and FAB also from what the policy requested.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..nn import QuantAttnProcessor, QuantLayer, QuantUnit
-from ..quant import BYPASS_BITS, is_bypass
+from ..nn import QuantUnit, fp_bits
+from ..quant import BYPASS_BITS
 
 
 @dataclass(frozen=True)
@@ -34,12 +38,13 @@ class ImageReport:
 
     prompt: str
     seed: int | None
-    fab: float  # as run (each layer at the batch's maximum)
+    fab: float  # as run
     fab_requested: float  # what the policy asked for this prompt alone
     weighted_bits: float
-    bitops_t: float  # tera bit-operations
+    bitops_t: float  # tera bit-operations, as run
     macs_g: float  # giga MACs
     steps: int
+    batch_mode: str = "max"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +80,8 @@ class MacCounter:
 
     def __enter__(self) -> MacCounter:
         for name, module in self.model.named_modules():
-            if isinstance(module, QuantLayer) or type(module) in (nn.Linear, nn.Conv2d):
+            is_unit = isinstance(module, QuantUnit) and module.fab_member
+            if is_unit or type(module) in (nn.Linear, nn.Conv2d):
                 self._handles.append(module.register_forward_hook(self._layer_hook(name)))
             elif _is_attention(module):
                 self._handles.append(
@@ -90,9 +96,8 @@ class MacCounter:
 
     def _layer_hook(self, name: str):
         def hook(module, args, out):
-            kind = module.kind if isinstance(module, QuantLayer) else (
-                "conv2d" if isinstance(module, nn.Conv2d) else "linear")
-            unit = name if isinstance(module, QuantLayer) else None
+            unit = name if isinstance(module, QuantUnit) else None
+            kind = "conv2d" if module.weight.ndim == 4 else "linear"
             self.sites.append(MatmulSite(name, kind, _layer_macs(module, out), unit))
 
         return hook
@@ -100,82 +105,91 @@ class MacCounter:
     def _attention_hook(self, name: str):
         def hook(module, args, kwargs, out):
             macs = _attention_macs(module, args, kwargs)
-            unit = f"{name}.processor" if isinstance(module.processor, QuantAttnProcessor) else None
+            unit = f"{name}.processor" if isinstance(module.processor, QuantUnit) else None
             self.sites.append(MatmulSite(f"{name}.qk", "attn_qk", macs, unit))
             self.sites.append(MatmulSite(f"{name}.pv", "attn_pv", macs, unit))
 
         return hook
 
 
-def site_bits(site: MatmulSite, units: dict[str, QuantUnit], abits: dict[str, int]) -> tuple[int, int]:
-    """The two operand bit-widths of a site given the units' activation bits."""
-    if site.unit is None:
-        return BYPASS_BITS, BYPASS_BITS
-    unit = units[site.unit]
-    a = abits[site.unit]
-    a = BYPASS_BITS if is_bypass(a) else a
-    if site.kind == "attn_qk":
-        return a, a
-    if site.kind == "attn_pv":
-        return (BYPASS_BITS if is_bypass(unit.prob_bits) else unit.prob_bits), a
-    return (BYPASS_BITS if is_bypass(unit.wbits) else unit.wbits), a
-
-
 class BitLedger:
-    """Records the bits every unit ran at, step by step, and turns them into per-image reports."""
+    """Records, step by step, the bits every dynamic unit ran at and what the policy requested (as
+    device tensors: no sync in the loop), and turns them into per-image reports at the end."""
 
-    def __init__(self, units: dict[str, QuantUnit]):
+    def __init__(self, units: dict[str, QuantUnit], dynamic: list[str], batch_mode: str = "max"):
         self.units = units
-        self.layer_names = [n for n, u in units.items() if isinstance(u, QuantLayer)]
+        self.dynamic = list(dynamic)
+        self.batch_mode = batch_mode
         self.sites: list[MatmulSite] = []
-        self.run_steps: list[dict[str, int]] = []  # per step: unit -> bits as run
-        self.requested_steps: list[dict[str, torch.Tensor]] = []  # per step: unit -> [B] bits
+        self.steps = 0
+        self._run: list[torch.Tensor] = []  # per step: [U] (max) or [U, n] bits as run
+        self._requested: list[torch.Tensor] = []  # per step: [n, U] bits requested
 
-    def record_step(self, requested: dict[str, torch.Tensor] | None = None) -> None:
-        self.run_steps.append({name: int(unit.abits) for name, unit in self.units.items()})
-        self.requested_steps.append(requested or {})
+    def record_step(self, run: torch.Tensor | None = None, requested: torch.Tensor | None = None):
+        self.steps += 1
+        if run is not None:
+            self._run.append(run)
+            self._requested.append(requested)
 
-    def _fab(self, bits: list[dict[str, int]]) -> tuple[float, float]:
-        if not self.layer_names or not bits:
-            return float(BYPASS_BITS), float(BYPASS_BITS)
-        layers = set(self.layer_names)
-        macs = {s.unit: s.macs for s in self.sites if s.unit in layers}
-        total = sum(bits_at[n] for bits_at in bits for n in self.layer_names)
-        fab = total / (len(bits) * len(self.layer_names))
-        weight = sum(macs.get(n, 0) for n in self.layer_names) * len(bits)
-        weighted = sum(bits_at[n] * macs.get(n, 0) for bits_at in bits for n in self.layer_names)
-        return fab, (weighted / weight if weight else fab)
+    def unit_bits(self, num_images: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(as run, requested): per unit, ``[steps, images]`` bit-widths (32 for bypass)."""
+        shape = (self.steps, num_images)
+        run = {n: np.full(shape, fp_bits(u.default_bits)) for n, u in self.units.items()}
+        requested = {n: a.copy() for n, a in run.items()}
+        if self._run:
+            ran = torch.stack(self._run).cpu().numpy()  # one read of the device, at the end
+            if ran.ndim == 2:  # max mode: [S, U] -> every image at the batch's bits
+                ran = np.repeat(ran[:, :, None], num_images, axis=2)
+            asked = torch.stack(self._requested).cpu().numpy().transpose(0, 2, 1)  # [S, U, n]
+            for j, name in enumerate(self.dynamic):
+                run[name], requested[name] = fp_bits(ran[:, j]), fp_bits(asked[:, j])
+        return run, requested
 
-    def bitops_per_element(self) -> tuple[float, float]:
-        """(BitOPs, MACs) summed over the recorded steps, per batch element."""
-        bitops = macs = 0.0
-        for abits in self.run_steps:
-            for site in self.sites:
-                b1, b2 = site_bits(site, self.units, abits)
-                bitops += site.macs * b1 * b2
-                macs += site.macs
+    def _fab(self, bits: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        layers = [n for n, u in self.units.items() if u.fab_member]
+        if not layers or not self.steps:
+            return np.full(1, float(BYPASS_BITS)), np.full(1, float(BYPASS_BITS))
+        macs = {s.unit: s.macs for s in self.sites if s.unit in bits}
+        stacked = np.stack([bits[n] for n in layers]).astype(np.float64)  # [L, S, n]
+        fab = stacked.mean(axis=(0, 1))
+        weights = np.array([macs.get(n, 0) for n in layers], dtype=np.float64)
+        if not weights.sum():
+            return fab, fab
+        weighted = (stacked.sum(axis=1) * weights[:, None]).sum(axis=0) / (weights.sum() * self.steps)
+        return fab, weighted
+
+    def bitops_per_element(self, bits: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        """(BitOPs [images], MACs) summed over the recorded steps, per batch element."""
+        n = next(iter(bits.values())).shape[1] if bits else 1
+        bitops = np.zeros(n)
+        macs = 0.0
+        for site in self.sites:
+            macs += site.macs * self.steps
+            if site.unit is None:
+                bitops += site.macs * self.steps * BYPASS_BITS * BYPASS_BITS
+                continue
+            b1, b2 = self.units[site.unit].operand_bits(site.kind, bits[site.unit])
+            bitops += site.macs * (np.asarray(b1, np.float64) * b2).sum(axis=0)
         return bitops, macs
 
     def reports(
         self, prompts: list[str], seeds: list[int | None], elements_per_image: int
     ) -> list[ImageReport]:
-        fab, weighted = self._fab(self._as_run_clamped(self.run_steps))
-        bitops, macs = self.bitops_per_element()
+        run, requested = self.unit_bits(len(prompts))
+        fab, weighted = self._fab(run)
+        fab_req, _ = self._fab(requested)
+        bitops, macs = self.bitops_per_element(run)
         out = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            requested = [
-                {n: int(req[n][i]) if n in req else run[n] for n in run}
-                for run, req in zip(self.run_steps, self.requested_steps)
-            ]
-            fab_req, _ = self._fab(self._as_run_clamped(requested))
             out.append(ImageReport(
-                prompt=prompt, seed=seed, fab=fab, fab_requested=fab_req, weighted_bits=weighted,
-                bitops_t=bitops * elements_per_image / 1e12, macs_g=macs * elements_per_image / 1e9,
-                steps=len(self.run_steps),
+                prompt=prompt, seed=seed, fab=float(_pick(fab, i)),
+                fab_requested=float(_pick(fab_req, i)), weighted_bits=float(_pick(weighted, i)),
+                bitops_t=float(_pick(bitops, i)) * elements_per_image / 1e12,
+                macs_g=macs * elements_per_image / 1e9, steps=self.steps,
+                batch_mode=self.batch_mode,
             ))
         return out
 
-    @staticmethod
-    def _as_run_clamped(steps: list[dict[str, int]]) -> list[dict[str, int]]:
-        # any bypass width counts as 32
-        return [{n: (BYPASS_BITS if is_bypass(b) else b) for n, b in s.items()} for s in steps]
+
+def _pick(values: np.ndarray, i: int) -> float:
+    return values[i] if values.shape[0] > 1 else values[0]

@@ -1,5 +1,6 @@
-"""Generation with a quantized UNet: every step, the bit policy sets each unit's bits (max over the
-batch), per-step tables are told the step index, and the ledger accounts the cost per image."""
+"""Generation with a quantized UNet: every step, the bit policy sets each unit's bits (the batch's
+maximum, or each image its own), per-step tables are told the step index, and the ledger accounts
+the cost per image from the bits each image ran at."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..nn import QuantUnit, quant_units
+from ..nn import QuantUnit, quant_units, verify_calibrated
 from ..policies import BitPolicy, FixedBits
 from .accounting import BitLedger, ImageReport, MacCounter
 from .prompts import check_prompts, encode_prompt_batch
+
+
+BATCH_MODES = ("max", "per_image")
 
 
 @dataclass
@@ -25,6 +29,13 @@ class GenerationConfig:
     height: int | None = None
     width: int | None = None
     truncate: bool = False  # allow prompts over the tokenizer's limit (cut, as CLIP pipelines do)
+    # "max": each layer runs the batch at its maximum over the batch's prompts (the paper's
+    # practice); "per_image": each prompt at its own bits (a simulation of per-prompt precision)
+    batch_mode: str = "max"
+
+    def __post_init__(self):
+        if self.batch_mode not in BATCH_MODES:
+            raise ValueError(f"batch_mode must be one of {BATCH_MODES}; got {self.batch_mode!r}")
 
 
 @dataclass
@@ -37,48 +48,79 @@ def dynamic_units(units: dict[str, QuantUnit]) -> dict[str, QuantUnit]:
     return {n: u for n, u in units.items() if u.dynamic}
 
 
-def bank_options(unit: QuantUnit) -> tuple[int, ...]:
-    banks = unit.act_banks if hasattr(unit, "act_banks") else [unit.q_bank]
-    return banks[0].options
+def check_step_tables(units: dict[str, QuantUnit], steps: int) -> None:
+    """Per-step tables have one row per sampling step: refuse a run with more steps, up front."""
+    for name, unit in units.items():
+        rows = unit.step_rows()
+        if rows is not None and steps > rows:
+            raise ValueError(
+                f"{name} holds a per-step activation table of {rows} steps but {steps} steps were "
+                f"asked; sample with num_inference_steps={rows}"
+            )
 
 
 class StepController:
-    """UNet forward pre-hook: sets the bits and the step index of every unit before each call."""
+    """The one place that counts denoising steps and applies the policy's decision: a UNet forward
+    pre-hook. Every dynamic unit reads its choice from one shared table and every unit its step
+    index from one shared tensor, so a step costs one policy call and a few small device ops —
+    no host sync, nothing that would recompile a compiled UNet."""
 
-    def __init__(self, unet: nn.Module, policy: BitPolicy | None, units: dict[str, QuantUnit]):
+    def __init__(
+        self, unet: nn.Module, policy: BitPolicy | None, units: dict[str, QuantUnit],
+        batch_mode: str = "max", num_images: int = 1,
+    ):
         self.units = units
-        self.dynamic = dynamic_units(units)
-        self.policy = policy
-        self.ledger = BitLedger(units)
+        self.dynamic = list(dynamic_units(units).values())
+        self.policy = policy if self.dynamic else None
+        self.ledger = BitLedger(units, list(dynamic_units(units)), batch_mode)
+        self.per_image = batch_mode == "per_image"
         self.step = 0
+        device = next(unet.parameters()).device
+        self._step = torch.zeros(1, dtype=torch.long, device=device)
+        for unit in units.values():
+            unit.bind_step(self._step)
+        if self.policy is not None:
+            count = len(self.dynamic)
+            self._lookup = torch.stack([u.dynamic_banks()[0].stack.lookup for u in self.dynamic])
+            rows = torch.arange(count, device=device)
+            self._rows = rows[:, None] if self.per_image else rows
+            shape = (count, num_images) if self.per_image else (count,)
+            self._choices = torch.zeros(shape, dtype=torch.long, device=device)
+            for j, unit in enumerate(self.dynamic):
+                unit.bind_bits(self._choices, j)
         self._counter: MacCounter | None = MacCounter(unet)
         self._handle = unet.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        requested = {}
-        if self.policy is not None and self.dynamic:
-            bits = self.policy.bits(self.step, float(torch.as_tensor(timestep).flatten()[0]))
-            for j, (name, unit) in enumerate(self.dynamic.items()):
-                requested[name] = bits[:, j]
-                unit.abits = int(bits[:, j].max())
-        for unit in self.units.values():
-            unit.set_step(self.step)
-        self.ledger.record_step(requested)
+        self._step.fill_(self.step)
+        if self.policy is not None:
+            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            requested = self.policy.bits(self.step, torch.as_tensor(timestep))  # [B, U]
+            requested = requested.to(self._step.device, non_blocking=True)
+            run = requested.T if self.per_image else requested.amax(dim=0)  # [U, n] or [U]
+            self._choices.copy_(self._lookup[self._rows, run])
+            self.ledger.record_step(run, requested)
+        else:
+            self.ledger.record_step()
         if self.step == 0 and self._counter is not None:
             self._counter.__enter__()
         elif self._counter is not None:
-            self._counter.__exit__()
-            self.ledger.sites = self._counter.sites
-            self._counter = None
+            self._close_counter()
         self.step += 1
+
+    def _close_counter(self) -> None:
+        self._counter.__exit__()
+        self.ledger.sites = self._counter.sites
+        self._counter = None
 
     def close(self) -> None:
         if self._counter is not None:  # a single-step run: the first call's sites are complete
-            self._counter.__exit__()
-            self.ledger.sites = self._counter.sites
-            self._counter = None
+            self._close_counter()
         self._handle.remove()
+        for unit in self.units.values():  # back to the units' own bits and steps
+            unit.bind_step(None)
+        for unit in self.dynamic:
+            unit.bind_bits(None, 0)
 
 
 def _batches(items: Sequence, size: int):
@@ -106,10 +148,12 @@ def generate(
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     check_prompts(pipe, prompts, config.truncate)
     units = quant_units(pipe.unet)
+    check_step_tables(units, config.steps)
+    verify_calibrated(units)
     if units and policy is None:
-        policy = FixedBits(next(iter(units.values())).abits)
+        policy = FixedBits(next(iter(units.values())).default_bits)
     if policy is not None:
-        policy.bind({n: bank_options(u) for n, u in dynamic_units(units).items()})
+        policy.bind({n: u.options for n, u in dynamic_units(units).items()})
     device = pipe.unet.device
     result = GenerationResult()
     bar = tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress)
@@ -117,7 +161,7 @@ def generate(
         batch_seeds = list(seeds[start : start + len(batch)])
         if policy is not None:
             policy.begin(encode_prompt_batch(pipe, batch), config.steps)
-        controller = StepController(pipe.unet, policy, units)
+        controller = StepController(pipe.unet, policy, units, config.batch_mode, len(batch))
         try:
             out = pipe(
                 batch,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..nn import QuantConfig, QuantUnit, quant_units
 from .prepare import prepare_unet
 
 FORMAT = "qlip-quantized"
-VERSION = 1
+VERSION = 2  # 2: activation banks stored as stacked tensors (one per bank, all bit-widths)
 CONFIG_FILE = "quant_config.json"
 STATE_FILE = "quant_state.safetensors"
 
@@ -129,8 +130,29 @@ def _put_state(
     for key, value in state.items():
         _assign(unet, key, value, device)
     for unit in units.values():
-        if hasattr(unit, "refresh_weight"):
-            unit.refresh_weight()
+        unit.refresh()
+
+
+def _upgrade_v1(unet: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Format 1 kept one quantizer per bit-width (``<bank>.quantizers.<bits>.scale``); format 2
+    stacks them (``<bank>.stack.scale`` ``[K, T, P]``). Convert, so older folders still load."""
+    old = re.compile(r"^(?P<bank>.+)\.quantizers\.(?P<bits>\d+)\.(?P<field>scale|zero_point|calibrated)$")
+    out, grouped = {}, {}
+    for key, value in state.items():
+        match = old.match(key)
+        if match is None:
+            out[key] = value
+        else:
+            grouped.setdefault(match["bank"], {})[(int(match["bits"]), match["field"])] = value
+    for prefix, tensors in grouped.items():
+        stack = unet.get_submodule(prefix).stack
+        fields = {f: getattr(stack, f).detach().cpu().clone()
+                  for f in ("scale", "zero_point", "calibrated")}
+        for (bits, field), value in tensors.items():
+            target = fields[field][stack.slot(bits)]
+            target.copy_(value.reshape(target.shape))
+        out.update({f"{prefix}.stack.{f}": v for f, v in fields.items()})
+    return out
 
 
 def read_config(path: str | Path) -> dict:
@@ -165,6 +187,8 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_base: bool = True) 
     if sorted(units) != meta["units"]:
         raise ValueError(f"the quantized layers of {path} do not match this model's layers")
     state = load_file(str(path / STATE_FILE))
+    if meta.get("version", 1) < 2:
+        state = _upgrade_v1(unet, state)
     extra = {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")}
     _put_state(unet, units, {k: v for k, v in state.items() if not k.startswith("extra.")})
     return QuantizedInfo(config, meta["method"], meta["method_config"], meta["base_model"], extra)

@@ -23,13 +23,20 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @property
+    def device(self) -> torch.device:
+        return self.pooled.device
+
 
 class BitPolicy(ABC):
     """Decides, once per denoising step, the activation bits of every dynamic unit for every prompt
-    of the batch. The caller runs each unit at the maximum over the batch.
+    of the batch. The seam runs each unit at the maximum over the batch (``batch_mode="max"``) or
+    each prompt at its own bits (``"per_image"``).
 
     Lifecycle: ``bind(options)`` once with the dynamic units' bank options (by unit name, in a fixed
     order), ``begin(batch, num_steps)`` per generation batch, ``bits(step, timestep)`` per step.
+    ``bits`` runs in the denoising loop: it should return a tensor on ``batch.device`` and never
+    read tensor values in Python (that would sync the host with the device every step).
     """
 
     unit_names: list[str]
@@ -58,8 +65,9 @@ class BitPolicy(ABC):
     def begin(self, batch: PromptBatch, num_steps: int) -> None: ...
 
     @abstractmethod
-    def bits(self, step: int, timestep: float) -> torch.Tensor:
-        """[B, U] integer bit-widths, U = len(unit_names)."""
+    def bits(self, step: int, timestep: torch.Tensor) -> torch.Tensor:
+        """[B, U] integer bit-widths, U = len(unit_names); ``step`` is the step index, ``timestep``
+        the scheduler's timestep (a tensor, possibly on the device)."""
 
     def describe(self) -> str:
         return type(self).__name__
@@ -70,16 +78,17 @@ class FixedBits(BitPolicy):
 
     def __init__(self, abits: int):
         self.abits = check_bits(abits, "abits")
-        self._batch_size = 0
+        self._bits = torch.empty(0, 0, dtype=torch.long)
 
     def possible_bits(self) -> set[int]:
         return {self.abits}
 
     def begin(self, batch: PromptBatch, num_steps: int) -> None:
-        self._batch_size = len(batch)
+        shape = (len(batch), len(self.unit_names))
+        self._bits = torch.full(shape, self.abits, dtype=torch.long, device=batch.device)
 
-    def bits(self, step: int, timestep: float) -> torch.Tensor:
-        return torch.full((self._batch_size, len(self.unit_names)), self.abits, dtype=torch.long)
+    def bits(self, step: int, timestep: torch.Tensor) -> torch.Tensor:
+        return self._bits
 
     def describe(self) -> str:
         return f"fixed A{self.abits}"

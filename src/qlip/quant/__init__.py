@@ -3,8 +3,16 @@
 from .bits import BYPASS_BITS, check_bits, is_bypass, parse_bits_list
 from .log2 import Log2Quantizer, log2_quant
 from .observer import RangeObserver
-from .ranges import affine_params, fake_quant, minmax_range, mse_range, percentile_range
+from .ranges import (
+    affine_params,
+    fake_quant,
+    minmax_range,
+    mse_range,
+    percentile_range,
+    search_range,
+)
 from .rounding import round_ste
+from .stacked import RowLayout, StackedLog2, StackedQuantizer, StackedUniform, UniformSlot
 from .uniform import RANGE_METHODS, UniformQuantizer
 
 __all__ = [
@@ -12,7 +20,12 @@ __all__ = [
     "RANGE_METHODS",
     "Log2Quantizer",
     "RangeObserver",
+    "RowLayout",
+    "StackedLog2",
+    "StackedQuantizer",
+    "StackedUniform",
     "UniformQuantizer",
+    "UniformSlot",
     "affine_params",
     "check_bits",
     "fake_quant",
@@ -23,4 +36,5 @@ __all__ = [
     "parse_bits_list",
     "percentile_range",
     "round_ste",
+    "search_range",
 ]

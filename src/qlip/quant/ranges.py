@@ -96,3 +96,31 @@ def mse_range(
         best_min = torch.where(better, cand_min.gather(0, pick)[0], best_min)
         best_max = torch.where(better, cand_max.gather(0, pick)[0], best_max)
     return best_min, best_max
+
+
+RANGE_METHODS = ("minmax", "mse", "percentile")
+
+
+def search_range(
+    x: torch.Tensor, method: str, bits: int, symmetric: bool = False,
+    channel_dim: int | None = None, group_index: torch.Tensor | None = None,
+    num_groups: int = 1, percentile: float = 99.99,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [xmin, xmax] that ``method`` picks for a ``bits``-bit grid on ``x``: one pair per tensor
+    (``channel_dim`` None), per channel, or per group (``group_index`` [C] -> group id)."""
+    if method not in RANGE_METHODS:
+        raise ValueError(f"range method must be one of {RANGE_METHODS}; got {method!r}")
+    dim = channel_dim % x.ndim if channel_dim is not None else None
+    if method == "minmax":
+        xmin, xmax = minmax_range(x, dim)
+    elif method == "mse":
+        xmin, xmax = mse_range(x, bits, symmetric, dim)
+    else:
+        xmin, xmax = percentile_range(x, dim, percentile)
+    if group_index is None:
+        return xmin, xmax
+    # per-channel ranges -> per-group ranges
+    idx = group_index.to(xmin.device)
+    gmin = torch.full((num_groups,), float("inf"), device=xmin.device)
+    gmax = torch.full((num_groups,), float("-inf"), device=xmin.device)
+    return gmin.scatter_reduce(0, idx, xmin, "amin"), gmax.scatter_reduce(0, idx, xmax, "amax")

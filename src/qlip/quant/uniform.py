@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from .bits import check_bits, is_bypass
-from .ranges import affine_params, fake_quant, minmax_range, mse_range, percentile_range
+from .ranges import RANGE_METHODS, affine_params, fake_quant, search_range
 
-RANGE_METHODS = ("minmax", "mse", "percentile")
+__all__ = ["RANGE_METHODS", "UniformQuantizer"]
 
 
 class UniformQuantizer(nn.Module):
@@ -53,7 +53,6 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("calibrated", torch.zeros(*rows, dtype=torch.bool) if rows else torch.tensor(False))
         self.step = 0
         self.ste = False  # set True by methods that train through the rounding
-        self._verified = False  # calibration checked once, so forward never syncs with the device
 
     @property
     def bypass(self) -> bool:
@@ -83,26 +82,8 @@ class UniformQuantizer(nn.Module):
         self, x: torch.Tensor, method: str = "minmax", percentile: float = 99.99
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The [xmin, xmax] that ``method`` picks for ``x``, one pair per parameter of this quantizer."""
-        if method not in RANGE_METHODS:
-            raise ValueError(f"range method must be one of {RANGE_METHODS}; got {method!r}")
-        dim = self.channel_dim
-        if dim is not None:
-            dim = dim % x.ndim
-        if method == "minmax":
-            xmin, xmax = minmax_range(x, dim)
-        elif method == "mse":
-            xmin, xmax = mse_range(x, self.bits, self.symmetric, dim)
-        else:
-            xmin, xmax = percentile_range(x, dim, percentile)
-        if self.group_index is not None:  # per-channel ranges -> per-group ranges
-            groups = self.scale.shape[-1]
-            gmin = torch.full((groups,), float("inf"), device=xmin.device)
-            gmax = torch.full((groups,), float("-inf"), device=xmin.device)
-            idx = self.group_index.to(xmin.device)
-            gmin = gmin.scatter_reduce(0, idx, xmin, "amin")
-            gmax = gmax.scatter_reduce(0, idx, xmax, "amax")
-            return gmin, gmax
-        return xmin, xmax
+        return search_range(x, method, self.bits, self.symmetric, self.channel_dim,
+                            self.group_index, self.scale.shape[-1], percentile)
 
     def calibrate(
         self, x: torch.Tensor, method: str = "minmax", step: int | None = None, percentile: float = 99.99
@@ -134,27 +115,31 @@ class UniformQuantizer(nn.Module):
         shape[self.channel_dim % x.ndim] = -1
         return p.reshape(shape)
 
+    def check_calibrated(self) -> None:
+        """Raise if this quantizer (or a row of its step table) was never calibrated. Reads the
+        device, so it runs where weights are dequantized once, never in a forward pass."""
+        if not bool(self.calibrated.all()):
+            rows = " (every sampling step of its table)" if self.num_steps else ""
+            raise RuntimeError(
+                f"this {self.bits}-bit quantizer was never calibrated{rows}; run a "
+                "quantization method (e.g. qlip.methods.rtn) before using the model"
+            )
+
     def _grid(
         self, x: torch.Tensor, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._verified:
-            if not bool(self.calibrated.all()):
-                rows = " (every sampling step of its table)" if self.num_steps else ""
-                raise RuntimeError(
-                    f"this {self.bits}-bit quantizer was never calibrated{rows}; run a "
-                    "quantization method (e.g. qlip.methods.rtn) before using the model"
-                )
-            self._verified = True
         scale, zero = self.params()
         dtype = dtype or x.dtype
         return self._broadcast(scale, x).to(dtype), self._broadcast(zero, x).to(dtype)
 
     def quantize_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes ``clamp(round(x/Δ) + z, 0, 2^b - 1)`` (as floats)."""
+        self.check_calibrated()
         scale, zero = self._grid(x)
         return torch.clamp(torch.round(x / scale) + zero, 0, 2**self.bits - 1)
 
     def dequantize(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        self.check_calibrated()
         scale, zero = self._grid(codes, dtype)
         return (codes.to(dtype) - zero) * scale
 
