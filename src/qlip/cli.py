@@ -55,9 +55,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_quantize(sub) -> None:
+    from .methods.brecq import ReconstructionConfig
     from .methods.ptqd import PTQDConfig
     from .methods.qdiffusion import QDiffusionConfig
-    from .methods.reconstruction import ReconstructionConfig
 
     p = sub.add_parser("quantize", help="quantize a pipeline's UNet and save it")
     _add_model_args(p)
@@ -137,9 +137,9 @@ def _calibration_prompts(args) -> list[str]:
 
 
 def cmd_quantize(args) -> int:
+    from .methods.brecq import ReconstructionConfig
     from .methods.ptqd import PTQDConfig
     from .methods.qdiffusion import QDiffusionConfig
-    from .methods.reconstruction import ReconstructionConfig
     from .methods.rtn import RTNConfig
     from .pipeline import CalibrationConfig, QuantizeJob, load_pipeline, quantize_pipeline
 

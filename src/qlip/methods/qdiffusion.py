@@ -15,15 +15,14 @@ from torch import nn
 
 from ..nn import ActivationBank, QuantLayer, QuantUnit
 from ..quant import UniformQuantizer
+from .brecq import ReconstructionConfig, reconstruct_weights
 from .calib_data import CalibrationSet
 from .calibrate import activation_banks, calibrate_weights, freeze, observing
-from .reconstruction import (
-    ReconstructionConfig,
+from .runner import (
     capture_unit,
     execution_order,
     full_precision,
     optimise_unit,
-    reconstruct_weights,
     run_rows,
     sample_rows,
 )
