@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from qlip.methods.brecq import ReconstructionConfig
 from qlip.methods.calib_data import CalibrationSet
 from qlip.methods.calibrate import calibrate_weights
-from qlip.methods.reconstruction import (
-    ReconstructionConfig,
+from qlip.methods.runner import (
     activations_bypassed,
     capture_unit,
     channel_error,

@@ -7,71 +7,36 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_args import (
+    DEFAULT_MODEL,
+    add_model_args,
+    bits_arg,
+    bits_list_arg,
+    device_name,
+    read_prompt_file,
+)
 from .nn import PRESETS, QuantConfig
-from .quant import RANGE_METHODS, check_bits, parse_bits_list
-
-DEFAULT_MODEL = "reference"
-
-
-def _bits(what: str):
-    def parse(text: str) -> int:
-        try:
-            return check_bits(int(text), what)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from err
-
-    return parse
-
-
-def _bits_list(text: str) -> tuple[int, ...]:
-    try:
-        return parse_bits_list(text, "--abits-options")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def read_prompt_file(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file not found: {file}")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {file} holds no prompts (one per line)")
-    return prompts
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="local diffusers pipeline folder, hub id, or 'reference' (default)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+from .quant import RANGE_METHODS
 
 
 def _add_quantize(sub) -> None:
+    from .methods.brecq import ReconstructionConfig
     from .methods.ptqd import PTQDConfig
     from .methods.qdiffusion import QDiffusionConfig
-    from .methods.reconstruction import ReconstructionConfig
 
     p = sub.add_parser("quantize", help="quantize a pipeline's UNet and save it")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--method", default="rtn", choices=["rtn", "qdiffusion", "ptqd"],
                    help="rtn (round-to-nearest), qdiffusion (BRECQ/AdaRound + EMA activations), "
                         "ptqd (qdiffusion with per-tensor weights + noise correction)")
-    p.add_argument("--wbits", type=_bits("--wbits"), default=4)
-    p.add_argument("--abits", type=_bits("--abits"), default=8)
-    p.add_argument("--abits-options", type=_bits_list, default=(),
+    p.add_argument("--wbits", type=bits_arg("--wbits"), default=4)
+    p.add_argument("--abits", type=bits_arg("--abits"), default=8)
+    p.add_argument("--abits-options", type=bits_list_arg, default=(),
                    help="activation bit-widths calibrated for run-time switching, e.g. 8,16,32")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="layer policy: qdiffusion (all), ptqd (8-bit first/last), dgq (FP first/last); "
                         "default: ptqd for --method ptqd, else qdiffusion")
-    p.add_argument("--softmax-bits", type=_bits("--softmax-bits"), default=16)
+    p.add_argument("--softmax-bits", type=bits_arg("--softmax-bits"), default=16)
     p.add_argument("--no-attention", action="store_true", help="leave attention matmuls in FP")
     p.add_argument("--weight-range", default="minmax", choices=RANGE_METHODS, help="rtn only")
     p.add_argument("--act-range", default="minmax", choices=RANGE_METHODS, help="rtn only")
@@ -100,10 +65,10 @@ def _add_quantize(sub) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate images (FP or quantized) with a cost report")
     p.add_argument("prompts", nargs="*", help="one or more prompts")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt-file", help="file with one prompt per line (added to PROMPTS)")
     p.add_argument("--quantized", help="folder written by `qlip quantize`")
-    p.add_argument("--abits", type=_bits("--abits"), help="activation bits (default: the model's)")
+    p.add_argument("--abits", type=bits_arg("--abits"), help="activation bits (default: the model's)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
@@ -137,9 +102,9 @@ def _calibration_prompts(args) -> list[str]:
 
 
 def cmd_quantize(args) -> int:
+    from .methods.brecq import ReconstructionConfig
     from .methods.ptqd import PTQDConfig
     from .methods.qdiffusion import QDiffusionConfig
-    from .methods.reconstruction import ReconstructionConfig
     from .methods.rtn import RTNConfig
     from .pipeline import CalibrationConfig, QuantizeJob, load_pipeline, quantize_pipeline
 
@@ -171,38 +136,23 @@ def cmd_quantize(args) -> int:
         weights_from=args.weights_from,
     )
     prompts = _calibration_prompts(args)
-    pipe = load_pipeline(args.model, _device(args.device))
+    pipe = load_pipeline(args.model, device_name(args.device))
     units = quantize_pipeline(pipe, prompts, job, args.out)
     print(f"quantized {len(units)} units of {args.model} with {args.method} "
           f"W{args.wbits}A{args.abits}; saved to {args.out}")
     return 0
 
 
-def policy_for(pipe, quantized: str | None, abits: int | None):
-    """Load ``quantized`` onto the pipeline's UNet and return the bit policy to sample with."""
-    from .pipeline import load_quantized
-    from .pipeline.ptqd_sampling import apply_saved_correction
-    from .policies import FixedBits
-
-    if not quantized:
-        if abits:
-            raise ValueError("--abits needs --quantized DIR (a model made by `qlip quantize`)")
-        return None
-    info = load_quantized(pipe.unet, quantized)
-    apply_saved_correction(pipe, info.extra)  # PTQD: wrap the scheduler when stats were saved
-    return FixedBits(abits or info.config.abits)
-
-
 def cmd_generate(args) -> int:
-    from .pipeline import GenerationConfig, generate, load_pipeline
+    from .pipeline import GenerationConfig, generate, load_for_sampling, load_pipeline
 
     prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not prompts:
         raise ValueError("no prompts given; pass PROMPT arguments or --prompt-file")
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be at least 1")
-    pipe = load_pipeline(args.model, _device(args.device))
-    policy = policy_for(pipe, args.quantized, args.abits)
+    pipe = load_pipeline(args.model, device_name(args.device))
+    policy = load_for_sampling(pipe, args.quantized, args.abits)
     config = GenerationConfig(steps=args.steps, guidance=args.guidance,
                               batch_size=args.batch_size, truncate=args.truncate)
     seeds = [args.seed + i for i in range(len(prompts))]

@@ -76,14 +76,14 @@ def _to_tensor(images) -> torch.Tensor:
 
 
 def run_demo(args) -> int:
-    from .cli import _device
+    from .cli_args import device_name
     from .evaluation.report import save_grid
     from .nn import QuantConfig
     from .pipeline import CalibrationConfig, GenerationConfig, QuantizeJob, generate, load_pipeline
     from .pipeline.quantize import quantize_pipeline
     from .world.domain import training_prompts
 
-    device = _device(args.device)
+    device = device_name(args.device)
     base = load_pipeline("reference", device)
     prompts = rising_prompts(args.scenes, args.seed)
     texts = [p.text for p in prompts]

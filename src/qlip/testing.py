@@ -100,3 +100,37 @@ def build_sd14_unet(device: str = "cpu", dtype: torch.dtype = torch.float32, see
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
     return unet.to(device, dtype).eval().requires_grad_(False)
+
+
+def build_tiny_sdxl_pipeline(tmp_dir: Path):
+    """A StableDiffusionXLPipeline with an SDXL-like tiny UNet (``addition_embed_type="text_time"``:
+    it needs ``added_cond_kwargs`` with ``text_embeds`` and ``time_ids``), two text towers, 8×8
+    latents; seeded. (Component sizes as in diffusers' own SDXL tests.)"""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    base = build_tiny_pipeline(tmp_dir)  # its VAE, tokenizer and scheduler
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled text [32]
+        cross_attention_dim=64, norm_num_groups=8,  # both towers' hidden states, 32 + 32
+    )
+    tokenizer = base.tokenizer
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=1,
+        hidden_act="gelu",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=base.vae, text_encoder=CLIPTextModel(config), text_encoder_2=(
+            CLIPTextModelWithProjection(config)), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=base.scheduler, force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from qlip.methods.reconstruction import CachedCalls, ReconstructionConfig, train_rounding
+from qlip.methods.brecq import ReconstructionConfig, train_rounding
+from qlip.methods.runner import CachedCalls
 from qlip.nn import QuantConfig, quantize_model
 from qlip.quant import UniformQuantizer
 from qlip.quant.adaround import AdaRoundQuantizer, annealed_beta, rectified_sigmoid

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 
+from qlip.methods.brecq import ReconstructionConfig
 from qlip.methods.ptqd import (
     CorrectionStats,
     PTQDConfig,
@@ -17,7 +18,6 @@ from qlip.methods.ptqd import (
     step_statistics,
 )
 from qlip.methods.qdiffusion import QDiffusionConfig
-from qlip.methods.reconstruction import ReconstructionConfig
 from qlip.nn import QuantConfig
 from qlip.pipeline import (
     CalibrationConfig,

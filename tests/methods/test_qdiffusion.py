@@ -6,14 +6,9 @@ import copy
 import pytest
 import torch
 
+from qlip.methods.brecq import ReconstructionConfig
 from qlip.methods.qdiffusion import QDiffusionConfig, quantize_qdiffusion
-from qlip.methods.reconstruction import (
-    ReconstructionConfig,
-    activations_bypassed,
-    capture_unit,
-    full_precision,
-    sample_rows,
-)
+from qlip.methods.runner import activations_bypassed, capture_unit, full_precision, sample_rows
 from qlip.nn import QuantConfig, QuantLayer
 from qlip.pipeline import capture_unet_inputs, prepare_unet
 
@@ -161,7 +156,7 @@ def test_step_size_tuning_lowers_the_error_at_low_bits(qdiffusion, calibration,
 def test_running_min_max_passes_mix_sampling_steps(_tiny_pipeline_template, calibration):
     # The running min/max must not end on the last sampling step's batches: with mixed passes
     # some pass holds rows of several steps, and the passes do not come in step order.
-    from qlip.methods.reconstruction import run_rows
+    from qlip.methods.runner import run_rows
 
     unet = copy.deepcopy(_tiny_pipeline_template.unet)
     seen = []

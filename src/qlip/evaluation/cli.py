@@ -12,7 +12,8 @@ HELDOUT = "heldout"
 
 
 def add_eval_parser(sub) -> None:
-    from ..cli import _add_model_args, _bits
+    from ..cli_args import add_model_args as _add_model_args
+    from ..cli_args import bits_arg as _bits
 
     p = sub.add_parser("eval", help="generate N images and measure FID, sFID, CLIP score, GIQA...")
     _add_model_args(p)
@@ -55,7 +56,7 @@ def select_prompts(source: str, count: int, world: bool) -> list[EvalPrompt]:
                              "pass --prompts FILE")
         pool, order = _heldout_order(count)
         return [EvalPrompt(pool[i].text, pool[i].richness, pool[i]) for i in order[:count]]
-    from ..cli import read_prompt_file
+    from ..cli_args import read_prompt_file
 
     texts = read_prompt_file(source)
     return [EvalPrompt(texts[i % len(texts)]) for i in range(count)]
@@ -70,8 +71,9 @@ def floor_prompts(count: int) -> list[EvalPrompt]:
 
 
 def cmd_eval(args) -> int:
-    from ..cli import DEFAULT_MODEL, _device, policy_for
-    from ..pipeline import load_pipeline
+    from ..cli_args import DEFAULT_MODEL
+    from ..cli_args import device_name as _device
+    from ..pipeline import load_for_sampling, load_pipeline
 
     if args.batch_size < 1 or args.steps < 1:
         raise ValueError("--batch-size and --steps must be at least 1")
@@ -84,7 +86,7 @@ def cmd_eval(args) -> int:
                 if world and args.prompts == HELDOUT and not args.real
                 else folder_measures(args.real, args.inception_weights, args.clip, device))
     pipe = load_pipeline(args.model, device)
-    policy = policy_for(pipe, args.quantized, args.abits)
+    policy = load_for_sampling(pipe, args.quantized, args.abits)
     config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
                         steps=args.steps, guidance=args.guidance)
     metrics = run_evaluation(pipe, prompts, policy, config, args.out, measures,

@@ -1,40 +1,85 @@
-"""Calibration data as rows of UNet inputs (x_t, t, c) with their sampling-step index; cached as
-safetensors, fed to a UNet step by step."""
+"""Calibration data as rows of UNet inputs (x_t, t, c and every conditioning input the pipeline
+gave the UNet) with their sampling-step index; cached as safetensors, fed to a UNet step by step."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from .unet_inputs import UNetInputs, call_unet
+
+FORMAT = "qlip-calibration"
+VERSION = "2"  # 2: optional conditioning keys and cross_attention_kwargs; 1 had the four columns
+COLUMNS = ("latents", "timesteps", "text", "steps")
 
 
 @dataclass
 class CalibrationSet:
-    """Rows of UNet inputs. ``steps`` is the sampling-step index each row was captured at."""
+    """Rows of UNet inputs. ``steps`` is the sampling-step index each row was captured at;
+    ``conditioning`` the optional conditioning per row, by flat name
+    (``added_cond_kwargs.text_embeds``, ``added_cond_kwargs.time_ids``, ``timestep_cond``...).
+
+    >>> data = CalibrationSet.from_inputs(inputs.rows(), steps)  # doctest: +SKIP
+    >>> call_unet(unet, data.subset(torch.arange(4)).inputs())  # doctest: +SKIP
+    """
 
     latents: torch.Tensor  # [N, C, H, W]  x_t
     timesteps: torch.Tensor  # [N]
     text: torch.Tensor  # [N, L, D]  encoder_hidden_states (conditional or unconditional)
     steps: torch.Tensor  # [N] long
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)  # each [N, ...]
+    cross_attention_kwargs: dict | None = None  # one for every row
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    @classmethod
+    def from_inputs(cls, inputs: UNetInputs, steps: torch.Tensor) -> CalibrationSet:
+        """A set from UNet inputs in row form (:meth:`UNetInputs.rows`)."""
+        return cls(inputs.sample, inputs.timestep, inputs.encoder_hidden_states, steps,
+                   inputs.conditioning(), inputs.cross_attention_kwargs)
+
+    def inputs(self) -> UNetInputs:
+        """All rows as one UNet input."""
+        return UNetInputs.from_conditioning(self.latents, self.timesteps, self.text,
+                                            self.conditioning, self.cross_attention_kwargs)
+
     def save(self, path: str | Path) -> None:
-        tensors = {k: v.contiguous().cpu() for k, v in vars(self).items()}
-        save_file(tensors, str(path), metadata={"format": "qlip-calibration", "version": "1"})
+        """One safetensors file: the four columns, then the conditioning under its flat names;
+        ``cross_attention_kwargs`` (JSON values only) in the metadata."""
+        try:
+            options = json.dumps(self.cross_attention_kwargs)
+        except TypeError as err:
+            raise ValueError(f"cross_attention_kwargs must hold JSON values to be saved with a "
+                             f"calibration set; got {self.cross_attention_kwargs!r}") from err
+        tensors = {name: getattr(self, name) for name in COLUMNS} | self.conditioning
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
+                  metadata={"format": FORMAT, "version": VERSION,
+                            "cross_attention_kwargs": options})
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationSet:
-        return cls(**load_file(str(path)))
+        with safe_open(str(path), framework="pt") as file:
+            meta = file.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a qlip calibration set; delete it to capture anew")
+            tensors = {k: file.get_tensor(k) for k in file.keys()}  # noqa: SIM118 (not a dict)
+        columns = [tensors.pop(name) for name in COLUMNS]
+        options = json.loads(meta.get("cross_attention_kwargs", "null"))
+        return cls(*columns, conditioning=tensors, cross_attention_kwargs=options)
 
     def subset(self, index: torch.Tensor) -> CalibrationSet:
-        return CalibrationSet(*(t[index] for t in vars(self).values()))
+        columns = [getattr(self, name)[index] for name in COLUMNS]
+        return CalibrationSet(*columns, {k: v[index] for k, v in self.conditioning.items()},
+                              self.cross_attention_kwargs)
 
     def by_step(self, batch_size: int) -> Iterator[tuple[int, CalibrationSet]]:
         """Batches that each hold rows of one sampling step (per-step tables need that)."""
@@ -44,16 +89,13 @@ class CalibrationSet:
                 yield step, self.subset(rows[start : start + batch_size])
 
 
-
 def run_calibration(
     unet: nn.Module, data: CalibrationSet, units: dict, batch_size: int = 8, progress: bool = True
 ) -> None:
     """Feed the captured inputs through the UNet, step by step, telling the units the step index."""
-    device, dtype = unet.device, unet.dtype
     batches = list(data.by_step(batch_size))
     with torch.no_grad():
         for step, batch in tqdm(batches, desc="calibrating", disable=not progress):
             for unit in units.values():
                 unit.set_step(step)
-            unet(batch.latents.to(device, dtype), batch.timesteps.to(device),
-                 encoder_hidden_states=batch.text.to(device, dtype))
+            call_unet(unet, batch.inputs())

@@ -14,15 +14,14 @@ import torch
 from torch import nn
 
 from ..nn import ActivationBank, QuantUnit
+from .brecq import ReconstructionConfig, reconstruct_weights
 from .calib_data import CalibrationSet
 from .calibrate import activation_banks, calibrate_weights, freeze, observing
-from .reconstruction import (
-    ReconstructionConfig,
+from .runner import (
     capture_unit,
     execution_order,
     full_precision,
     optimise_unit,
-    reconstruct_weights,
     run_rows,
     sample_rows,
 )

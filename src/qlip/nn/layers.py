@@ -146,6 +146,15 @@ class QuantLinear(QuantLayer):
     channel_dim = -1
     kind = "linear"
 
+    # what callers read off an nn.Linear (SDXL's pipeline reads add_embedding.linear_1.in_features)
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., C_in]
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
@@ -160,6 +169,8 @@ class QuantConv2d(QuantLayer):
             raise ValueError(f"padding_mode {base.padding_mode!r} is not supported; only 'zeros'")
         self.stride, self.padding = base.stride, base.padding
         self.dilation, self.groups = base.dilation, base.groups
+        self.in_channels, self.out_channels = base.in_channels, base.out_channels
+        self.kernel_size, self.padding_mode = base.kernel_size, base.padding_mode
         if self.groups != 1 and len(self.splits) > 1:
             raise ValueError("input splits need a conv with groups=1")
 

@@ -1,5 +1,6 @@
-"""Capturing calibration data: the UNet's inputs (x_t, t, c) from a real pipeline run, both halves
-of classifier-free guidance, at chosen sampling steps."""
+"""Capturing calibration data: the UNet's inputs (x_t, t, c and every conditioning input the
+pipeline passes, e.g. SDXL's ``added_cond_kwargs``) from a real pipeline run, both halves of
+classifier-free guidance, at chosen sampling steps."""
 
 from __future__ import annotations
 
@@ -10,23 +11,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..methods.calib_data import CalibrationSet
+from ..methods.unet_inputs import UNetInputs
 from .prompts import check_prompts
 
 
 class _InputRecorder:
+    """UNet forward pre-hook: keeps every input of the calls at the kept step indices."""
+
     def __init__(self, keep_steps: set[int] | None):
         self.keep_steps = keep_steps
         self.step = 0
-        self.rows: list[tuple[torch.Tensor, ...]] = []
+        self.rows: list[UNetInputs] = []
+        self.steps: list[torch.Tensor] = []
 
     def __call__(self, module, args, kwargs):
-        sample = kwargs.get("sample", args[0] if args else None)
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if self.keep_steps is None or self.step in self.keep_steps:
-            t = torch.as_tensor(timestep, device=sample.device).flatten().expand(sample.shape[0])
-            steps = torch.full((sample.shape[0],), self.step, dtype=torch.long)
-            self.rows.append((sample.cpu().float(), t.cpu().float(), context.cpu().float(), steps))
+            inputs = UNetInputs.from_call(args, kwargs).rows()
+            self.rows.append(inputs)
+            self.steps.append(torch.full((inputs.batch_size,), self.step, dtype=torch.long))
         self.step += 1
 
 
@@ -49,12 +51,16 @@ def capture_unet_inputs(
 ) -> CalibrationSet:
     """Run the FP pipeline on ``prompts`` and record the UNet's inputs at ``keep_steps`` (all steps
     when None). With guidance, each call holds the unconditional and the conditional half: both kept.
+    Every keyword input the pipeline passes the UNet is kept (:class:`UNetInputs`).
+
+    >>> data = capture_unet_inputs(pipe, ["a red circle"], 25, keep_steps=[0, 12, 24])  # doctest: +SKIP
     """
     prompts = list(prompts)
     check_prompts(pipe, prompts, truncate=True)
     keep = set(keep_steps) if keep_steps is not None else None
     unet: nn.Module = pipe.unet
-    rows: list[tuple[torch.Tensor, ...]] = []
+    rows: list[UNetInputs] = []
+    steps: list[torch.Tensor] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="capturing", disable=not progress):
         batch = prompts[start : start + batch_size]
         recorder = _InputRecorder(keep)
@@ -66,6 +72,7 @@ def capture_unet_inputs(
         finally:
             handle.remove()
         rows.extend(recorder.rows)
+        steps.extend(recorder.steps)
     if not rows:
         raise ValueError(f"no UNet call matched keep_steps={sorted(keep or [])}")
-    return CalibrationSet(*(torch.cat(parts) for parts in zip(*rows)))
+    return CalibrationSet.from_inputs(UNetInputs.cat(rows), torch.cat(steps))

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..methods.ptqd import CorrectionStats, PTQDConfig, correct_noise, gathered_statistics
 from ..methods.ptqd import reduced_noise_std as _reduced_noise_std
-from ..methods.reconstruction import full_precision
+from ..methods.runner import full_precision
+from ..methods.unet_inputs import UNetInputs, call_unet
 from ..nn import QuantUnit
 from .prompts import check_prompts
 
@@ -49,16 +50,15 @@ class _PairRecorder:
     def after(self, module, args, kwargs, output):
         if self.busy:
             return
+        inputs = UNetInputs.from_call(args, kwargs)  # every conditioning input, SDXL's included
         self.busy = True
         try:
             with torch.no_grad(), full_precision(self.units):
-                fp = module(*args, **kwargs)
+                eps_fp = call_unet(module, inputs)
         finally:
             self.busy = False
         eps_q = output[0] if isinstance(output, tuple) else output.sample
-        eps_fp = fp[0] if isinstance(fp, tuple) else fp.sample
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        self.timesteps[self.step] = float(torch.as_tensor(timestep).flatten()[0])
+        self.timesteps[self.step] = float(torch.as_tensor(inputs.timestep).flatten()[0])
         self.eps_q.setdefault(self.step, []).append(self._combine(eps_q).float().cpu())
         self.eps_fp.setdefault(self.step, []).append(self._combine(eps_fp).float().cpu())
         self.step += 1

@@ -1,0 +1,32 @@
+"""A pipeline made ready to sample a quantized model: the saved state loaded onto its UNet, PTQD's
+scheduler wrapper applied when the model carries its statistics, and the bit policy chosen. The
+command lines (`qlip generate`, `qlip eval`) only map their flags onto this."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..policies import BitPolicy, FixedBits
+from .ptqd_sampling import apply_saved_correction
+from .saving import load_quantized
+
+
+def load_for_sampling(
+    pipe, quantized: str | Path | None = None, abits: int | None = None
+) -> BitPolicy | None:
+    """Load the quantized model folder ``quantized`` onto ``pipe.unet`` (in place), wrap the
+    scheduler with PTQD's correction when the folder holds PTQD statistics, and return the bit
+    policy to sample with: ``abits`` for every unit, else the model's own ``abits``. Without
+    ``quantized`` the pipeline stays full precision and the policy is None.
+
+    >>> policy = load_for_sampling(pipe, "runs/w4a8", abits=16)  # doctest: +SKIP
+    >>> result = generate(pipe, ["a red circle"], seeds=[0], policy=policy)  # doctest: +SKIP
+    """
+    if not quantized:
+        if abits:
+            raise ValueError(f"abits={abits} needs a quantized model: --abits needs --quantized "
+                             "DIR (a folder made by `qlip quantize`)")
+        return None
+    info = load_quantized(pipe.unet, quantized)
+    apply_saved_correction(pipe, info.extra)
+    return FixedBits(abits or info.config.abits)
