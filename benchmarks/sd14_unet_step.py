@@ -1,24 +1,70 @@
 """One denoising step of the Stable Diffusion 1.4 UNet architecture (published config, random
-weights, 512×512 → 64×64 latents, guidance batch of 2, context 2×77×768): bf16 vs simulated W4A8,
-eager and compiled. Writes JSON; run on the GPU:
+weights, 64×64 latents, guidance batch of 2, context 2×77×768, bf16): bf16 against simulated W4A8
+(layers only; layers + attention) and a W4A{8,16,32} bank whose every unit's bits change at every
+call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
 
     python benchmarks/sd14_unet_step.py --out benchmarks/results/sd14_unet_step.json
+
+The variants run as parallel processes so that their compilations overlap; the measurements then
+take turns under a file lock (``--variant NAME`` runs one; the parent merges their JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from qlip.methods.calib_data import CalibrationSet
 from qlip.methods.rtn import quantize_rtn
-from qlip.nn import QuantConfig
+from qlip.nn import QuantConfig, quant_units
 from qlip.pipeline import prepare_unet
+from qlip.pipeline.generate import StepController
+from qlip.policies import BitPolicy, FixedBits
 from qlip.testing import build_sd14_unet
+
+VARIANTS = ("bf16", "w4a8_layers", "w4a8_attention", "bank")
+COMPILED = ("bf16", "w4a8_layers", "bank")
+BANK = (8, 16, 32)
+
+
+class RandomBits(BitPolicy):
+    """Every unit of every image at a random option of the bank, drawn anew on the device at every
+    step (what a prompt-driven policy costs the step, at the worst: all bits change)."""
+
+    def __init__(self, options, seed: int = 0):
+        self.options = tuple(options)
+        self.seed = seed
+
+    def possible_bits(self):
+        return set(self.options)
+
+    def begin(self, batch, num_steps):
+        self._shape = (len(batch), len(self.unit_names))
+        self._table = torch.tensor(self.options, device=batch.device)
+        self._generator = torch.Generator(batch.device).manual_seed(self.seed)
+
+    def bits(self, step, timestep):
+        pick = torch.randint(len(self.options), self._shape, device=self._table.device,
+                             generator=self._generator)
+        return self._table[pick]
+
+
+class _Batch:  # what begin() reads of a prompt batch
+    def __init__(self, size, device):
+        self.size, self.device = size, torch.device(device)
+
+    def __len__(self):
+        return self.size
 
 
 def inputs(device: str, dtype: torch.dtype, seed: int = 0):
@@ -28,33 +74,187 @@ def inputs(device: str, dtype: torch.dtype, seed: int = 0):
     return x, torch.tensor([500, 500], device=device), c
 
 
-def time_step(unet, args, warmup: int, iters: int) -> dict:
-    x, t, c = args
-    times = []
+def timed(call, warmup: int, iters: int) -> dict:
+    """CUDA-event time of ``call()`` (median/min ms) after ``warmup`` calls."""
     with torch.no_grad():
-        start = time.perf_counter()
-        unet(x, t, encoder_hidden_states=c)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - start
         for _ in range(warmup):
-            unet(x, t, encoder_hidden_states=c)
+            call()
+        times = []
         for _ in range(iters):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            unet(x, t, encoder_hidden_states=c)
+            call()
             end.record()
             torch.cuda.synchronize()
             times.append(begin.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "first_call_s": first}
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
 
 
-def quantized_unet(device, dtype, attention: bool):
+def build(variant: str, device: str, dtype: torch.dtype):
     unet = build_sd14_unet(device, dtype)
-    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, quantize_attention=attention))
+    if variant == "bf16":
+        return unet, {}
+    options = BANK if variant == "bank" else (8,)
+    config = QuantConfig(wbits=4, abits=8, abits_options=options,
+                         quantize_attention=variant != "w4a8_layers")
+    units = prepare_unet(unet, config)
     x, t, c = inputs(device, dtype, seed=1)
-    data = CalibrationSet(x, t.float(), c, torch.zeros(2, dtype=torch.long))
-    quantize_rtn(unet, units, data, progress=False)
-    return unet
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(2, dtype=torch.long)),
+                 progress=False)
+    return unet, quant_units(unet)
+
+
+def controller(unet, units, policy):
+    """The seam's step controller, driven by hand before each call of a compiled forward."""
+    policy.bind({n: u.options for n, u in units.items() if u.dynamic})
+    policy.begin(_Batch(1, unet.device), 1)
+    ctrl = StepController(unet, policy, units, "max", 1, count_macs=False)
+    ctrl.detach()  # no module hook: the benchmark calls it, as the pipeline's hook would
+    return ctrl
+
+
+def graph_replay(step, warmup: int, iters: int, before=None) -> dict:
+    """Capture ``step`` in a CUDA graph and time its replays (``before()`` runs outside it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        step()
+
+    def call():
+        if before is not None:
+            before()
+        graph.replay()
+
+    return timed(call, warmup, iters)
+
+
+def measure(variant: str, args) -> dict:
+    device, dtype = "cuda", torch.bfloat16
+    unet, units = build(variant, device, dtype)
+    x, t, c = inputs(device, dtype)
+
+    def step():
+        return unet(x, t, encoder_hidden_states=c).sample
+
+    out: dict = {}
+    compiled = None
+    if variant in COMPILED:
+        compiled = torch.compile(unet.forward)
+        start = time.perf_counter()
+        with torch.no_grad():
+            compiled(x, t, encoder_hidden_states=c)
+        torch.cuda.synchronize()
+        out["first_compile_s"] = time.perf_counter() - start
+    _barrier(args)
+    with _turn(args):
+        out["eager"] = timed(step, args.warmup, args.iters)
+        out["graph"] = graph_replay(step, args.warmup, args.iters)
+        if compiled is not None:
+            out["compiled"] = timed(lambda: compiled(x, t, encoder_hidden_states=c),
+                                    args.warmup, args.iters)
+        if variant == "bank":
+            out.update(bits_changing(unet, units, compiled, (x, t, c), args))
+    return out
+
+
+def bits_changing(unet, units, compiled, inputs_, args) -> dict:
+    """The bank model at fixed bits against every unit's bits changing at every call."""
+    x, t, c = inputs_
+    fixed, changing = controller(unet, units, FixedBits(8)), controller(unet, units, RandomBits(BANK))
+
+    def with_controller(ctrl, fn):
+        def call():
+            ctrl(unet, (x, t), {})
+            return fn(x, t, encoder_hidden_states=c)
+        return call
+
+    out = {}
+    out["compiled_fixed_controller"] = timed(with_controller(fixed, compiled), args.warmup, args.iters)
+    recompiled = None
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            out["compiled_bits_changing"] = timed(with_controller(changing, compiled), args.warmup,
+                                                  args.iters)
+        recompiled = False
+    except RuntimeError as err:  # the stance raises on a recompile
+        recompiled, out["recompile_error"] = True, str(err)[:400]
+    out["recompiled_when_bits_change"] = recompiled
+    out["graph_bits_changing"] = graph_replay(
+        lambda: unet(x, t, encoder_hidden_states=c), args.warmup, args.iters,
+        before=lambda: changing(unet, (x, t), {}))
+    # the compiled step computes what the eager model computes at the same bits
+    with torch.no_grad():
+        changing(unet, (x, t), {})
+        eager = unet(x, t, encoder_hidden_states=c).sample.float()
+        got = compiled(x, t, encoder_hidden_states=c).sample.float()
+    out["compiled_vs_eager_max_abs_diff"] = float((got - eager).abs().max())
+    out["output_abs_mean"] = float(eager.abs().mean())
+    counters = torch._dynamo.utils.counters
+    out["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
+    out["dynamo_graph_breaks"] = int(sum(counters["graph_break"].values()))
+    return out
+
+
+def _barrier(args) -> None:
+    """Wait until every variant process has compiled (or the deadline passed)."""
+    if not args.sync_dir:
+        return
+    folder = Path(args.sync_dir)
+    (folder / f"ready-{args.variant}").touch()
+    deadline = time.time() + args.barrier_s
+    while len(list(folder.glob("ready-*"))) < args.processes and time.time() < deadline:
+        time.sleep(1)
+
+
+class _turn:
+    """One variant measures at a time (an exclusive lock on a file in the sync folder)."""
+
+    def __init__(self, args):
+        self.path = Path(args.sync_dir) / "lock" if args.sync_dir else None
+
+    def __enter__(self):
+        if self.path is not None:
+            self.handle = open(self.path, "w")
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
+def summarise(results: dict) -> None:
+    v = results["variants"]
+    base_eager = v["bf16"]["eager"]["median_ms"]
+    base_compiled = v["bf16"].get("compiled", {}).get("median_ms")
+    rows = []
+    for name, data in v.items():
+        for mode in ("eager", "graph", "compiled", "compiled_fixed_controller",
+                     "compiled_bits_changing", "graph_bits_changing"):
+            if mode in data:
+                rows.append((name, mode, data[mode]["median_ms"]))
+    targets = {}
+    layers = v.get("w4a8_layers", {})
+    if base_compiled and "compiled" in layers:
+        targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
+    targets["eager_w4a8_layers_vs_bf16"] = layers["eager"]["median_ms"] / base_eager
+    bank = v.get("bank", {})
+    if "compiled_bits_changing" in bank:
+        targets["bits_changing_vs_fixed_compiled"] = (
+            bank["compiled_bits_changing"]["median_ms"] / bank["compiled"]["median_ms"])
+        targets["bits_changing_vs_fixed_with_controller"] = (
+            bank["compiled_bits_changing"]["median_ms"]
+            / bank["compiled_fixed_controller"]["median_ms"])
+    results["targets"] = targets
+    print(f"{'variant':<16}{'mode':<28}{'median ms':>10}")
+    for name, mode, ms in rows:
+        print(f"{name:<16}{mode:<28}{ms:>10.2f}")
+    print(json.dumps(targets, indent=2))
 
 
 def main() -> None:
@@ -62,38 +262,34 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/sd14_unet_step.json")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--compile-budget-s", type=float, default=420.0,
-                        help="skip further compiled variants once this much time has passed")
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant (internal)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--sync-dir", default="")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--barrier-s", type=float, default=420.0)
     args = parser.parse_args()
-    device, dtype = "cuda", torch.bfloat16
-    began = time.perf_counter()
-    variants = {
-        "bf16": lambda: build_sd14_unet(device, dtype),
-        "w4a8_layers_attention": lambda: quantized_unet(device, dtype, attention=True),
-        "w4a8_layers": lambda: quantized_unet(device, dtype, attention=False),
-    }
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "batch": 2, "latent": [4, 64, 64], "context": [77, 768], "dtype": "bfloat16",
-               "variants": {}}
-    x = inputs(device, dtype)
-    for name, build in variants.items():
-        unet = build()
-        results["variants"][f"{name}_eager"] = time_step(unet, x, args.warmup, args.iters)
-        print(name, "eager", results["variants"][f"{name}_eager"], flush=True)
-        if time.perf_counter() - began < args.compile_budget_s:
-            compiled = torch.compile(unet)
-            results["variants"][f"{name}_compiled"] = time_step(compiled, x, args.warmup, args.iters)
-            print(name, "compiled", results["variants"][f"{name}_compiled"], flush=True)
-        del unet
-        torch.cuda.empty_cache()
-    base = results["variants"]["bf16_eager"]["median_ms"]
-    for v in results["variants"].values():
-        v["ratio_vs_bf16_eager"] = v["median_ms"] / base
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\n{'variant':<34}{'median ms':>10}{'x bf16':>8}")
-    for name, v in results["variants"].items():
-        print(f"{name:<34}{v['median_ms']:>10.2f}{v['ratio_vs_bf16_eager']:>8.2f}")
+    if args.variant:
+        result = measure(args.variant, args)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        return
+    names = args.variants.split(",")
+    sync = tempfile.mkdtemp()
+    procs = {}
+    for name in names:
+        part = Path(sync) / f"{name}.json"
+        cmd = [sys.executable, __file__, "--variant", name, "--out", str(part), "--sync-dir", sync,
+               "--processes", str(len(names)), "--warmup", str(args.warmup),
+               "--iters", str(args.iters)]
+        procs[name] = (subprocess.Popen(cmd, env=os.environ.copy()), part)
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": 2,
+               "latent": [4, 64, 64], "context": [77, 768], "dtype": "bfloat16",
+               "bank": list(BANK), "variants": {}}
+    for name, (proc, part) in procs.items():
+        code = proc.wait()
+        results["variants"][name] = (json.loads(part.read_text()) if code == 0
+                                     else {"error": f"exit {code}"})
+    summarise(results)
+    Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from qlip.nn import QuantConfig
-from qlip.pipeline import CalibrationConfig, GenerationConfig, QuantizeJob, generate, quantize_pipeline
+from qlip.pipeline import (
+    CalibrationConfig,
+    GenerationConfig,
+    QuantizeJob,
+    generate,
+    quantize_pipeline,
+)
 from qlip.policies import BitPolicy
 from qlip.testing import build_tiny_pipeline
 

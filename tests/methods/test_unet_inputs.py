@@ -13,7 +13,7 @@ from qlip.methods.calib_data import CalibrationSet
 from qlip.methods.ptqd import PTQDConfig
 from qlip.methods.qdiffusion import QDiffusionConfig
 from qlip.methods.unet_inputs import UNetInputs, call_unet
-from qlip.nn import LayerRule, QuantConfig
+from qlip.nn import QuantConfig
 from qlip.pipeline import CalibrationConfig, QuantizeJob, capture_unet_inputs, quantize_pipeline
 from qlip.testing import build_tiny_sdxl_pipeline
 
@@ -86,10 +86,7 @@ def test_every_method_path_passes_added_cond_kwargs(sdxl, method, tmp_path):
     job = QuantizeJob(
         method=method,
         quant=QuantConfig(wbits=8, abits=8, preset="ptqd" if method == "ptqd" else "qdiffusion",
-                          weight_per_channel=method != "ptqd",
-                          # SDXL's pipeline reads this layer's `in_features`, which the swapped
-                          # layer lacks (a full SDXL run is a later issue)
-                          rules=(LayerRule("add_embedding.linear_1", quantize=False),)),
+                          weight_per_channel=method != "ptqd"),
         calibration=CalibrationConfig(num_prompts=2, num_inference_steps=2, num_kept_steps=2,
                                       guidance=3.0),
         ptqd=PTQDConfig(qdiffusion=recipe, num_prompts=2, num_steps=2, guidance=3.0),

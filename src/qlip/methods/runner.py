@@ -17,7 +17,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn import QuantLayer, QuantUnit, activations_bypassed
-from ..quant import BYPASS_BITS
 from .calib_data import CalibrationSet
 from .unet_inputs import call_unet
 

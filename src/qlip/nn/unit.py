@@ -14,7 +14,6 @@ from torch import nn
 from ..quant import BYPASS_BITS, RowLayout, check_bits, is_bypass
 from .bank import ActivationBank
 
-
 _NO_ABITS = ("a unit's activation bits are data: set them with unit.set_bits(bits) (an int, a "
              "per-image tensor or probabilities); read unit.active_bits() or unit.default_bits")
 

@@ -17,7 +17,6 @@ from ..policies import BitPolicy, FixedBits
 from .accounting import BitLedger, ImageReport, MacCounter
 from .prompts import check_prompts, encode_prompt_batch
 
-
 BATCH_MODES = ("max", "per_image")
 
 

@@ -148,8 +148,8 @@ def _upgrade_v1(unet: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
         stack = unet.get_submodule(prefix).stack
         fields = {f: getattr(stack, f).detach().cpu().clone()
                   for f in ("scale", "zero_point", "calibrated")}
-        for (bits, field), value in tensors.items():
-            target = fields[field][stack.slot(bits)]
+        for (bits, name), value in tensors.items():
+            target = fields[name][stack.slot(bits)]
             target.copy_(value.reshape(target.shape))
         out.update({f"{prefix}.stack.{f}": v for f, v in fields.items()})
     return out
