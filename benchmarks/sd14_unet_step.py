@@ -143,7 +143,7 @@ def measure(variant: str, args) -> dict:
 
     out: dict = {}
     compiled = None
-    if variant in COMPILED:
+    if variant in COMPILED and args.compile:
         compiled = torch.compile(unet.forward)
         start = time.perf_counter()
         with torch.no_grad():
@@ -157,7 +157,7 @@ def measure(variant: str, args) -> dict:
         if compiled is not None:
             out["compiled"] = timed(lambda: compiled(x, t, encoder_hidden_states=c),
                                     args.warmup, args.iters)
-        if variant == "bank":
+        if variant == "bank" and compiled is not None:
             out.update(bits_changing(unet, units, compiled, (x, t, c), args))
     return out
 
@@ -165,7 +165,6 @@ def measure(variant: str, args) -> dict:
 def bits_changing(unet, units, compiled, inputs_, args) -> dict:
     """The bank model at fixed bits against every unit's bits changing at every call."""
     x, t, c = inputs_
-    fixed, changing = controller(unet, units, FixedBits(8)), controller(unet, units, RandomBits(BANK))
 
     def with_controller(ctrl, fn):
         def call():
@@ -174,7 +173,14 @@ def bits_changing(unet, units, compiled, inputs_, args) -> dict:
         return call
 
     out = {}
-    out["compiled_fixed_controller"] = timed(with_controller(fixed, compiled), args.warmup, args.iters)
+    for bits in BANK:  # each fixed assignment through the same controller path
+        fixed = controller(unet, units, FixedBits(bits))
+        key = "compiled_fixed_controller" + ("" if bits == 8 else f"_a{bits}")
+        out[key] = timed(with_controller(fixed, compiled), args.warmup, args.iters)
+        fixed.close()
+    changing = controller(unet, units, RandomBits(BANK))
+    with torch.no_grad():  # a new binding may compile once; then no value may recompile
+        with_controller(changing, compiled)()
     recompiled = None
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
@@ -182,7 +188,7 @@ def bits_changing(unet, units, compiled, inputs_, args) -> dict:
                                                   args.iters)
         recompiled = False
     except RuntimeError as err:  # the stance raises on a recompile
-        recompiled, out["recompile_error"] = True, str(err)[:400]
+        recompiled, out["recompile_error"] = True, str(err)[:600]
     out["recompiled_when_bits_change"] = recompiled
     out["graph_bits_changing"] = graph_replay(
         lambda: unet(x, t, encoder_hidden_states=c), args.warmup, args.iters,
@@ -235,21 +241,26 @@ def summarise(results: dict) -> None:
     rows = []
     for name, data in v.items():
         for mode in ("eager", "graph", "compiled", "compiled_fixed_controller",
+                     "compiled_fixed_controller_a16", "compiled_fixed_controller_a32",
                      "compiled_bits_changing", "graph_bits_changing"):
             if mode in data:
                 rows.append((name, mode, data[mode]["median_ms"]))
     targets = {}
     layers = v.get("w4a8_layers", {})
-    if base_compiled and "compiled" in layers:
+    if base_compiled and "compiled" in layers and "compiled" in v["bf16"]:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
-    targets["eager_w4a8_layers_vs_bf16"] = layers["eager"]["median_ms"] / base_eager
+    if "eager" in layers:
+        targets["eager_w4a8_layers_vs_bf16"] = layers["eager"]["median_ms"] / base_eager
     bank = v.get("bank", {})
     if "compiled_bits_changing" in bank:
         targets["bits_changing_vs_fixed_compiled"] = (
             bank["compiled_bits_changing"]["median_ms"] / bank["compiled"]["median_ms"])
+        fixed = [bank[k]["median_ms"] for k in bank if k.startswith("compiled_fixed_controller")]
         targets["bits_changing_vs_fixed_with_controller"] = (
             bank["compiled_bits_changing"]["median_ms"]
             / bank["compiled_fixed_controller"]["median_ms"])
+        targets["bits_changing_vs_mean_of_fixed_8_16_32"] = (
+            bank["compiled_bits_changing"]["median_ms"] / statistics.mean(fixed))
     results["targets"] = targets
     print(f"{'variant':<16}{'mode':<28}{'median ms':>10}")
     for name, mode, ms in rows:
@@ -267,6 +278,8 @@ def main() -> None:
     parser.add_argument("--sync-dir", default="")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--barrier-s", type=float, default=420.0)
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="eager and CUDA-graph variants only (minutes less)")
     args = parser.parse_args()
     if args.variant:
         result = measure(args.variant, args)
@@ -279,7 +292,7 @@ def main() -> None:
         part = Path(sync) / f"{name}.json"
         cmd = [sys.executable, __file__, "--variant", name, "--out", str(part), "--sync-dir", sync,
                "--processes", str(len(names)), "--warmup", str(args.warmup),
-               "--iters", str(args.iters)]
+               "--iters", str(args.iters)] + ([] if args.compile else ["--no-compile"])
         procs[name] = (subprocess.Popen(cmd, env=os.environ.copy()), part)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": 2,
                "latent": [4, 64, 64], "context": [77, 768], "dtype": "bfloat16",
@@ -288,7 +301,11 @@ def main() -> None:
         code = proc.wait()
         results["variants"][name] = (json.loads(part.read_text()) if code == 0
                                      else {"error": f"exit {code}"})
-    summarise(results)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    try:
+        summarise(results)
+    except KeyError as err:  # a variant failed: its JSON above says how
+        print(f"no summary: missing {err}")
     Path(args.out).write_text(json.dumps(results, indent=2))
 
 

@@ -75,6 +75,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--truncate", action="store_true",
                    help="cut prompts longer than the tokenizer's limit instead of refusing them")
+    p.add_argument("--batch-mode", choices=("max", "per_image"), default="max",
+                   help="max: each layer runs the batch at its maximum bits (the paper's practice); "
+                        "per_image: each prompt at its own bits")
     p.add_argument("--out", required=True)
 
 
@@ -154,7 +157,8 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, device_name(args.device))
     policy = load_for_sampling(pipe, args.quantized, args.abits)
     config = GenerationConfig(steps=args.steps, guidance=args.guidance,
-                              batch_size=args.batch_size, truncate=args.truncate)
+                              batch_size=args.batch_size, truncate=args.truncate,
+                              batch_mode=args.batch_mode)
     seeds = [args.seed + i for i in range(len(prompts))]
     result = generate(pipe, prompts, seeds, policy, config)
     out = Path(args.out)

@@ -135,6 +135,21 @@ def test_one_graph_and_no_recompilation_for_any_bits(quantized):
                     unit.set_bits(draw())
                 got = compiled(x, t, encoder_hidden_states=c).sample
                 assert torch.equal(got, _call(unet, x, t, c)), mode
+    # the seam's way: every unit reads a shared table, rewritten in place or bound anew
+    dynamic = list(units.values())
+    table = torch.zeros(len(dynamic), 2, dtype=torch.long)
+    for j, unit in enumerate(dynamic):
+        unit.bind_bits(table, j)
+    with torch.no_grad():
+        compiled(x, t, encoder_hidden_states=c)
+    with torch.compiler.set_stance("fail_on_recompile"), torch.no_grad():
+        for _ in range(2):
+            table.copy_(torch.randint(3, table.shape, generator=generator))
+            assert torch.equal(compiled(x, t, encoder_hidden_states=c).sample, _call(unet, x, t, c))
+        other = torch.randint(3, table.shape, generator=generator)
+        for j, unit in enumerate(dynamic):  # the next generation batch binds a new table
+            unit.bind_bits(other, j)
+        assert torch.equal(compiled(x, t, encoder_hidden_states=c).sample, _call(unet, x, t, c))
 
 
 class PerUnitPolicy(BitPolicy):
@@ -235,3 +250,39 @@ def test_max_mode_reproduces_the_engine_before_bits_became_data(tmp_path, name):
     images = np.stack([np.asarray(i) for i in result.images])
     assert np.array_equal(images, reference[f"{name}.images"].numpy())
     assert quant_units(pipe.unet) == units
+
+
+def test_format_1_folders_still_load(tiny_pipe, tmp_path, _tiny_pipeline_template):
+    """Format 1 kept one quantizer per bit-width; loading converts it to the stacked banks."""
+    import copy
+    import json
+
+    from safetensors.torch import save_file
+
+    from qlip.pipeline import load_quantized
+    from qlip.pipeline.saving import CONFIG_FILE, STATE_FILE
+
+    _quantize_bank(tiny_pipe, tmp_path / "q")
+    state = load_file(str(tmp_path / "q" / STATE_FILE))
+    old = {}
+    for key, value in state.items():
+        prefix, _, name = key.rpartition(".stack.")
+        if not prefix:
+            old[key] = value
+            continue
+        for slot, bits in enumerate(tiny_pipe.unet.get_submodule(prefix).options):
+            if bits == 32:
+                continue  # format 1 had no quantizer for the bypass
+            row = value[slot]  # [T, P] or [T]
+            old[f"{prefix}.quantizers.{bits}.{name}"] = row[0].clone() if name != "calibrated" \
+                else row[0].clone().reshape(())
+    save_file(old, str(tmp_path / "q" / STATE_FILE))
+    meta = json.loads((tmp_path / "q" / CONFIG_FILE).read_text())
+    (tmp_path / "q" / CONFIG_FILE).write_text(json.dumps({**meta, "version": 1}))
+    fresh = copy.deepcopy(_tiny_pipeline_template)
+    load_quantized(fresh.unet, tmp_path / "q")
+    x, t, c = unet_inputs(fresh.unet, 2, seed=5)
+    for bits in OPTIONS:
+        _set_all(quant_units(tiny_pipe.unet), bits)
+        _set_all(quant_units(fresh.unet), bits)
+        assert torch.equal(_call(tiny_pipe.unet, x, t, c), _call(fresh.unet, x, t, c)), bits

@@ -158,10 +158,12 @@ def test_per_step_tables_are_calibrated_and_used_by_step_index(tiny_pipe, tmp_pa
     assert len(torch.unique(scale)) == steps  # x_t's range differs from step to step
     seen = []
     bank = units["conv_in"].act_banks[0]
-    handle = bank.register_forward_pre_hook(lambda m, a: seen.append(int(a[3])))
+    original = bank.forward
+    bank.forward = lambda x, choice, heads, step: seen.append(int(step)) or original(
+        x, choice, heads, step)
     generate(tiny_pipe, ["red"], [0], None, GenerationConfig(steps=steps, guidance=3.0),
              progress=False)
-    handle.remove()
+    del bank.forward
     assert seen == list(range(steps))
     with pytest.raises(ValueError, match="per-step table of 3 steps"):
         generate(tiny_pipe, ["red"], [0], None, GenerationConfig(steps=4, guidance=3.0),

@@ -5,7 +5,7 @@ from .attention import QuantAttnProcessor
 from .bank import BANK_KINDS, ActivationBank
 from .config import PRESETS, LayerRule, QuantConfig
 from .layers import QuantConv2d, QuantLayer, QuantLinear
-from .swap import quant_units, quantize_model
+from .swap import is_attention_module, quant_units, quantize_model
 from .unit import QuantUnit, activations_bypassed, fp_bits, verify_calibrated
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "QuantUnit",
     "activations_bypassed",
     "fp_bits",
+    "is_attention_module",
     "quant_units",
     "quantize_model",
     "verify_calibrated",

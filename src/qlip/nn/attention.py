@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..quant import RowLayout, check_bits
+from ..quant import check_bits
 from .bank import ActivationBank
 from .unit import QuantUnit, fp_bits
 
@@ -70,9 +70,8 @@ class QuantAttnProcessor(QuantUnit):
     def _probs(self, probs: torch.Tensor, heads: int) -> torch.Tensor:
         # the softmax bank has one option; laid out like q, k, v, so that a log2 Δ is the max of
         # the whole tensor (DGQ) when the batch runs at one choice and each image's max per image
-        images = self.images()
-        return self.prob_bank(probs, self._prob_choice.expand(images), RowLayout(images, heads),
-                              self.step_index())
+        return self.prob_bank.forward(probs, self._prob_choice.expand(self.images()), heads,
+                                      self.step_index())
 
     def forward(
         self,

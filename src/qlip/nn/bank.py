@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..quant import RowLayout, StackedLog2, StackedUniform, UniformSlot, is_bypass
+from ..quant import StackedLog2, StackedUniform, UniformSlot, is_bypass
 
 BANK_KINDS = ("uniform", "log2")
 
@@ -58,7 +58,7 @@ class ActivationBank(nn.Module):
         return [self.stack.slot_view(b) for b in self.options if not is_bypass(b)]
 
     def forward(
-        self, x: torch.Tensor, choice: torch.Tensor, layout: RowLayout | None = None,
+        self, x: torch.Tensor, choice: torch.Tensor, heads: int = 1,
         step: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.observer is not None:
@@ -66,7 +66,7 @@ class ActivationBank(nn.Module):
             return x
         if not self.enabled:
             return x
-        return self.stack(x, choice, layout, step)
+        return self.stack.forward(x, choice, heads, step)  # a plain call: eager pays per module
 
     def extra_repr(self) -> str:
         return self.kind

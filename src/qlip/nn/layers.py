@@ -118,6 +118,9 @@ class QuantLayer(QuantUnit):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def quantized_weight(self) -> torch.Tensor:
+        cached = self._qweight
+        if cached is not None and not torch.is_grad_enabled() and cached.dtype == self.weight.dtype:
+            return cached  # the inference path, kept short: eager pays for every Python step
         # Training through the rounding (AdaRound, STE) needs a fresh graph every call.
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return self.compute_quantized_weight()

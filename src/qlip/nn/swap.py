@@ -16,7 +16,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _is_attention(module: nn.Module) -> bool:
+def is_attention_module(module: nn.Module) -> bool:
     # diffusers' Attention; checked by duck typing so this layer needs no diffusers import
     return hasattr(module, "set_processor") and hasattr(module, "head_to_batch_dim")
 
@@ -70,7 +70,7 @@ def quantize_model(
         if isinstance(module, QuantUnit):
             raise ValueError("this model is already quantized; start again from the FP model")
         is_layer = type(module) in (nn.Linear, nn.Conv2d)
-        is_attn = config.quantize_attention and _is_attention(module)
+        is_attn = config.quantize_attention and is_attention_module(module)
         if not (is_layer or is_attn):
             continue
         rule = config.rule_for(name)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quant import BYPASS_BITS, RowLayout, check_bits, is_bypass
+from ..quant import BYPASS_BITS, check_bits, is_bypass
 from .bank import ActivationBank
 
 _NO_ABITS = ("a unit's activation bits are data: set them with unit.set_bits(bits) (an int, a "
@@ -181,9 +181,9 @@ class QuantUnit(nn.Module):
     # -- the forward helper ---------------------------------------------------------------------
     def quantize(self, bank: ActivationBank, x: torch.Tensor, heads: int = 1) -> torch.Tensor:
         """``x`` through ``bank`` at this unit's active choice (rows laid out with ``heads``)."""
-        choice = self.choice()
-        choice = choice.reshape(1) if choice.ndim == 0 else choice
-        return bank(x, choice, RowLayout(self.images(), heads), self.step_index())
+        choice = self._choice if self._table is None else self._table[self._row]
+        step = self._step if self._shared_step is None else self._shared_step
+        return bank.forward(x, choice, heads, step)  # not bank(...): eager pays per module call
 
     def bits_label(self) -> str:
         return f"a{self.default_bits}, options={self.options}"

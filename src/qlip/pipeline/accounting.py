@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nn import QuantUnit, fp_bits
+from ..nn import QuantUnit, fp_bits, is_attention_module
 from ..quant import BYPASS_BITS
 
 
@@ -50,10 +50,6 @@ class ImageReport:
         return asdict(self)
 
 
-def _is_attention(module: nn.Module) -> bool:
-    return hasattr(module, "set_processor") and hasattr(module, "head_to_batch_dim")
-
-
 def _layer_macs(module: nn.Module, out: torch.Tensor) -> int:
     # MACs per batch element: each output value costs (input fan-in) multiply-adds
     weight = module.weight
@@ -83,7 +79,7 @@ class MacCounter:
             is_unit = isinstance(module, QuantUnit) and module.fab_member
             if is_unit or type(module) in (nn.Linear, nn.Conv2d):
                 self._handles.append(module.register_forward_hook(self._layer_hook(name)))
-            elif _is_attention(module):
+            elif is_attention_module(module):
                 self._handles.append(
                     module.register_forward_hook(self._attention_hook(name), with_kwargs=True)
                 )

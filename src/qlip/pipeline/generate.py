@@ -53,8 +53,8 @@ def check_step_tables(units: dict[str, QuantUnit], steps: int) -> None:
         rows = unit.step_rows()
         if rows is not None and steps > rows:
             raise ValueError(
-                f"{name} holds a per-step activation table of {rows} steps but {steps} steps were "
-                f"asked; sample with num_inference_steps={rows}"
+                f"{name}: its activation quantizers hold a per-step table of {rows} steps but {steps} "
+                f"steps were asked; sample with num_inference_steps={rows}"
             )
 
 
@@ -66,7 +66,7 @@ class StepController:
 
     def __init__(
         self, unet: nn.Module, policy: BitPolicy | None, units: dict[str, QuantUnit],
-        batch_mode: str = "max", num_images: int = 1,
+        batch_mode: str = "max", num_images: int = 1, count_macs: bool = True,
     ):
         self.units = units
         self.dynamic = list(dynamic_units(units).values())
@@ -83,12 +83,17 @@ class StepController:
             self._lookup = torch.stack([u.dynamic_banks()[0].stack.lookup for u in self.dynamic])
             rows = torch.arange(count, device=device)
             self._rows = rows[:, None] if self.per_image else rows
-            shape = (count, num_images) if self.per_image else (count,)
+            shape = (count, num_images) if self.per_image else (count, 1)
             self._choices = torch.zeros(shape, dtype=torch.long, device=device)
             for j, unit in enumerate(self.dynamic):
                 unit.bind_bits(self._choices, j)
-        self._counter: MacCounter | None = MacCounter(unet)
+        self._counter: MacCounter | None = MacCounter(unet) if count_macs else None
         self._handle = unet.register_forward_pre_hook(self, with_kwargs=True)
+
+    def detach(self) -> None:
+        """Stop running as the UNet's hook (a caller that drives a compiled forward calls the
+        controller itself before each step)."""
+        self._handle.remove()
 
     def __call__(self, module, args, kwargs):
         self._step.fill_(self.step)
@@ -97,7 +102,8 @@ class StepController:
             requested = self.policy.bits(self.step, torch.as_tensor(timestep))  # [B, U]
             requested = requested.to(self._step.device, non_blocking=True)
             run = requested.T if self.per_image else requested.amax(dim=0)  # [U, n] or [U]
-            self._choices.copy_(self._lookup[self._rows, run])
+            slots = self._lookup[self._rows, run]  # [U, n] or [U]
+            self._choices.copy_(slots if self.per_image else slots[:, None])
             self.ledger.record_step(run, requested)
         else:
             self.ledger.record_step()

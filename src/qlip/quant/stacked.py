@@ -103,19 +103,22 @@ class StackedQuantizer(nn.Module):
 
     # -- the kinds of choice ------------------------------------------------------------------
     def forward(
-        self, x: torch.Tensor, choice: torch.Tensor, layout: RowLayout | None = None,
+        self, x: torch.Tensor, choice: torch.Tensor, heads: int = 1,
         step: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``x: [R, ...]``; ``choice`` as the module docstring says (a 0-d slot is one slot for the
-        whole tensor); ``step``: ``[1]`` long tensor, the row of per-step tables. Indices are
-        always 1-d tensors: a 0-d index would make dynamo specialise on its value."""
+        whole tensor); ``heads``: rows per image and copy (attention's batch×heads layout);
+        ``step``: ``[1]`` long tensor, the row of per-step tables. Indices stay 1-d tensors: a
+        0-d index would make dynamo specialise on its value."""
         if choice.ndim == 0:
             choice = choice.reshape(1)
-        layout = layout or RowLayout(choice.shape[0])
-        split = layout.split(x)  # [copies, n, heads, ...]
-        if choice.is_floating_point():
-            return self._soft(split, choice, step).flatten(0, 2)
-        return self._hard(split, choice, step).flatten(0, 2)
+        soft = choice.is_floating_point()
+        if choice.shape[0] == 1 and not soft:  # the whole batch at one option: no split
+            out = self._quantize(x, choice, step, split=False)
+            return torch.where(self.bypass[choice], x, out) if self.has_bypass else out
+        split = RowLayout(choice.shape[0], heads).split(x)  # [copies, n, heads, ...]
+        out = self._soft(split, choice, step) if soft else self._hard(split, choice, step)
+        return out.flatten(0, 2)
 
     def _hard(self, split: torch.Tensor, choice: torch.Tensor, step) -> torch.Tensor:
         out = self._quantize(split, choice, step, split=True)
@@ -134,8 +137,8 @@ class StackedQuantizer(nn.Module):
         return hard.detach() + (soft - soft.detach())
 
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
-        """Quantize ``x`` with option(s) ``choice`` (int, 0-d or [n] slots); ``split``: x is laid
-        out ``[copies, n, heads, ...]``."""
+        """Quantize ``x`` with option(s) ``choice`` (a Python int, or ``[n]`` slots, n = 1 for the
+        whole tensor); ``split``: x is laid out ``[copies, n, heads, ...]``."""
         raise NotImplementedError
 
 
@@ -172,7 +175,8 @@ class StackedUniform(StackedQuantizer):
         self.register_buffer("scale", torch.full((k, t, groups), float("nan")))
         self.register_buffer("zero_point", torch.zeros(k, t, groups))
         self.register_buffer("calibrated", torch.zeros(k, t, dtype=torch.bool))
-        self.register_buffer("table", torch.zeros(k, t, 3, groups), persistent=False)
+        # rows: option k at step t is row k·T + t
+        self.register_buffer("table", torch.zeros(k * t, 3, groups), persistent=False)
         for slot, bits in enumerate(self.options):
             if is_bypass(bits):
                 self.scale[slot] = 1.0
@@ -224,43 +228,48 @@ class StackedUniform(StackedQuantizer):
     def _table(self) -> torch.Tensor:
         zero = self.zero_point.to(self.scale)
         top = self.levels.to(self.scale)[:, None, None] - zero
-        return torch.stack([self.scale, -zero, top], dim=2)  # [K, T, 3, P]
+        return torch.stack([self.scale, -zero, top], dim=2).flatten(0, 1)  # [K·T, 3, P]
 
     # -- forward --------------------------------------------------------------------------------
-    def _params(self, choice: torch.Tensor | int, step: torch.Tensor | None) -> torch.Tensor:
-        """``[n, 3, P]`` for slots ``[n]``; ``[3, P]`` for a Python int slot."""
-        # training the step sizes (LSQ) needs the table as a function of the live scale
-        table = self._table() if self.scale.requires_grad else self.table  # [K, T, 3, P]
-        if self.num_steps:
+    def _rows(self, choice, step) -> torch.Tensor | slice:
+        """Table rows of ``choice`` (int or ``[n]`` slots) at ``step``."""
+        steps = self.num_steps
+        if steps:
             if step is None:
                 raise ValueError("this quantizer holds a per-step table: give the step index")
-            table = table.index_select(1, step.reshape(1))
-        table = table[:, 0]  # [K, 3, P]
-        return table[choice]
-
-    def _broadcast(self, p: torch.Tensor, x: torch.Tensor, split: bool) -> torch.Tensor:
-        # p: [P] (one choice) or [n, P] (per image); x: [R, ...], or [copies, n, heads, ...] if split
-        lead = 3 if split else 0
-        dims = x.ndim - lead
-        if self.group_index is not None:
-            p = p[..., self.group_index]  # groups -> channels
-        core = [1] * dims
-        if self.channel_dim is None:
-            p = p[..., 0]
-        else:
-            core[self.channel_dim % dims] = -1
-        if p.ndim > (0 if self.channel_dim is None else 1):  # per image: [n, ...]
-            return p.reshape(1, p.shape[0], 1, *core)
-        return p.reshape([1] * lead + core)
+            return step + choice * steps
+        return slice(choice, choice + 1) if isinstance(choice, int) else choice
 
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
-        params = self._params(choice, step).to(x.dtype)
-        scale, low, high = (self._broadcast(params[..., i, :], x, split) for i in range(3))
+        # training the step sizes (LSQ) needs the table as a function of the live scale
+        table = self._table() if self.scale.requires_grad else self.table
         # gradients (to x, or to Δ while it is tuned) go straight through the rounding
         ste = ste or (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad))
+        if self.channel_dim is None and not split and not ste:
+            # per tensor, whole batch, inference: the shortest path (eager pays per operation)
+            params = table[:, :, 0].index_select(0, self._rows(choice, step))  # [1, 3]
+            scale, low, high = params.to(x.dtype).unbind(1)
+            return torch.div(x, scale).round_().clamp_(low, high).mul_(scale)
+        params = table[self._rows(choice, step)].to(x.dtype)  # [n, 3, P]
+        scale, low, high = (self._broadcast(p, x, split) for p in params.unbind(1))
         q = x / scale
         q = round_ste(q) if ste else torch.round(q)
         return torch.clamp(q, low, high) * scale
+
+    def _broadcast(self, p: torch.Tensor, x: torch.Tensor, split: bool) -> torch.Tensor:
+        # p: [n, P]; x: [R, ...] (n = 1), or [copies, n, heads, ...] if split
+        lead = 3 if split else 1
+        if self.group_index is not None:
+            p = p[:, self.group_index]  # groups -> channels
+        core = [1] * (x.ndim - lead)
+        if self.channel_dim is not None:
+            dim = self.channel_dim % (x.ndim - lead + 1)  # in x's own dims (batch first)
+            core[dim - 1] = -1
+        else:
+            p = p[:, 0]
+        if split:
+            return p.reshape(1, p.shape[0], 1, *core)
+        return p.reshape(1, *core)
 
     def extra_repr(self) -> str:
         gran = "tensor" if self.channel_dim is None else (
@@ -311,7 +320,7 @@ class StackedLog2(StackedQuantizer):
 
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
         ste = ste or (torch.is_grad_enabled() and x.requires_grad)
-        levels = self.levels.to(x.dtype)[choice]
+        levels = self.levels.to(x.dtype)[choice]  # [n], or 0-d for a Python int
         if not split:
             return log2_quant(x, x.detach().amax().clamp_min(1e-12), levels, ste=ste)
         # x: [copies, n, heads, ...]: one Δ per image, over its copies and heads
