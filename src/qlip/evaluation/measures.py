@@ -8,7 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from ..metrics.fidelity import LPIPSDistance, StageMapDistance
 
 from .harness import EvalPrompt, Measures
 
@@ -26,6 +29,17 @@ def _render_all(prompts: Sequence[EvalPrompt], size: int, seed: int, device: str
     return torch.cat(chunks)
 
 
+def evaluator_stage_maps(evaluator, images: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of the evaluator's four conv stages [N, C, H, W] (64² to 8²): the maps of the
+    reference world's perceptual distance."""
+    x = evaluator.prepare(images) * 2 - 1  # the tower's own input scaling
+    maps = []
+    for index, stage in enumerate(evaluator.image_tower.stages):
+        x = stage(x if index == 0 else F.avg_pool2d(x, 2))
+        maps.append(x)
+    return maps
+
+
 def reference_measures(
     prompts: Sequence[EvalPrompt], floor: Sequence[EvalPrompt], device: str
 ) -> Callable[[int], Measures]:
@@ -39,10 +53,13 @@ def reference_measures(
 
     def build(size: int) -> Measures:
         return Measures(
-            extractor=evaluator, scorer=evaluator, reader=evaluator,
+            extractor=evaluator, scorer=evaluator, reader=evaluator, real_paired=True,
+            perceptual=StageMapDistance(lambda x: evaluator_stage_maps(evaluator, x)),
             real_images=_render_all(prompts, size, REAL_SEED, device),
             floor_images=_render_all(floor, size, FLOOR_SEED, device),
             notes=["feature extractor, scorer and alignment: the reference world's evaluator",
+                   "perceptual distance: unit-normalised evaluator conv-stage maps (LPIPS "
+                   "without learned weights)",
                    "real images: renders of the prompts' scenes"],
         )
 
@@ -64,6 +81,7 @@ def load_image_folder(folder: str | Path, size: int) -> torch.Tensor:
 
 def folder_measures(
     real_dir: str | Path | None, inception_weights: str | None, clip_path: str | None, device: str,
+    lpips_weights: str | None = None,
 ) -> Callable[[int], Measures]:
     """For a user's model: real images from ``real_dir``, Inception features (torch-fidelity
     weights), CLIP score from a local CLIP folder if given."""
@@ -80,12 +98,15 @@ def folder_measures(
     # built before generating, so that missing weights fail before any work is done
     extractor = InceptionExtractor(inception_weights, device=device)
     scorer = HFCLIPScorer(clip_path, device=device) if clip_path else None
+    perceptual = LPIPSDistance(lpips_weights, device) if lpips_weights else None
 
     def build(size: int) -> Measures:
         notes = ["feature extractor: Inception-v3 (torch-fidelity weights)"]
         if scorer is None:
             notes.append("no CLIP score: pass --clip PATH (a local CLIP model folder)")
-        return Measures(extractor=extractor, scorer=scorer,
+        if perceptual is None:
+            notes.append("no perceptual distance: pass --lpips-weights PATH (torchvision AlexNet)")
+        return Measures(extractor=extractor, scorer=scorer, perceptual=perceptual,
                         real_images=load_image_folder(real_dir, size), notes=notes)
 
     return build
