@@ -20,7 +20,7 @@ from ..metrics import (
     clip_score,
     extract_features,
 )
-from ..metrics.bootstrap import BootstrapConfig
+from ..metrics.bootstrap import DEFAULT_BOOTSTRAP, BootstrapConfig
 from ..metrics.fidelity import psnr
 from ..pipeline import GenerationConfig, generate
 from ..policies import BitPolicy
@@ -153,7 +153,7 @@ def _grouped(run: RunFeatures, name: str, min_images: int, config: BootstrapConf
 
 def compute_metrics(
     run: RunFeatures, measures: Measures, config: EvalConfig,
-    bootstrap: BootstrapConfig = BootstrapConfig(),
+    bootstrap: BootstrapConfig = DEFAULT_BOOTSTRAP,
 ) -> dict:
     """Every metric of a run with its interval, overall and per richness level / object count."""
     notes = list(measures.notes)
@@ -198,7 +198,7 @@ def check_reference(folder: str | Path, prompts: Sequence[EvalPrompt], config: E
 def run_evaluation(
     pipe, prompts: Sequence[EvalPrompt], policy: BitPolicy | None, config: EvalConfig,
     out_dir: str | Path, measures_fn, reference_run: str | Path | None = None,
-    label: str = "", bootstrap: BootstrapConfig = BootstrapConfig(),
+    label: str = "", bootstrap: BootstrapConfig = DEFAULT_BOOTSTRAP,
 ) -> dict:
     """Generate ``len(prompts)`` images into ``out_dir`` (resuming), measure them with the
     :class:`Measures` that ``measures_fn(image_size)`` builds, and write the reports."""

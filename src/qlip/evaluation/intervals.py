@@ -22,6 +22,7 @@ import torch
 
 from ..metrics import fid_from_features
 from ..metrics.bootstrap import (
+    DEFAULT_BOOTSTRAP,
     BootstrapConfig,
     Interval,
     bootstrap_frechet,
@@ -111,7 +112,7 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def metrics_with_intervals(run: RunFeatures, config: BootstrapConfig = BootstrapConfig(),
+def metrics_with_intervals(run: RunFeatures, config: BootstrapConfig = DEFAULT_BOOTSTRAP,
                            with_sets: bool = True) -> dict:
     """``{metric: estimate, ..., "intervals": {metric: [low, high]}}`` for one run
     (``with_sets=False``: per-image means only)."""
@@ -124,7 +125,7 @@ def metrics_with_intervals(run: RunFeatures, config: BootstrapConfig = Bootstrap
     return out
 
 
-def floor_interval(real, floor, config: BootstrapConfig = BootstrapConfig()) -> Interval:
+def floor_interval(real, floor, config: BootstrapConfig = DEFAULT_BOOTSTRAP) -> Interval:
     """FID between two independent real sets, each resampled on its own."""
     counts_a = resample_counts(len(real), config.resamples, config.seed)
     counts_b = resample_counts(len(floor), config.resamples, config.seed + 1)
@@ -154,7 +155,7 @@ def verdict(name: str, difference: Interval, num_images: int) -> str:
 
 
 def paired_differences(run_a: RunFeatures, run_b: RunFeatures,
-                       config: BootstrapConfig = BootstrapConfig()) -> list[PairedDifference]:
+                       config: BootstrapConfig = DEFAULT_BOOTSTRAP) -> list[PairedDifference]:
     """Every metric both runs have: A − B under the same resampled image indices."""
     counts = resample_counts(run_a.num_images, config.resamples, config.seed)
     metrics_a = {m.name: m for m in all_metrics(run_a, counts, config)}

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..metrics.fidelity import LPIPSDistance, StageMapDistance
-
 from .harness import EvalPrompt, Measures
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -29,6 +28,7 @@ def _render_all(prompts: Sequence[EvalPrompt], size: int, seed: int, device: str
     return torch.cat(chunks)
 
 
+@torch.no_grad()
 def evaluator_stage_maps(evaluator, images: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of the evaluator's four conv stages [N, C, H, W] (64² to 8²): the maps of the
     reference world's perceptual distance."""
@@ -38,6 +38,36 @@ def evaluator_stage_maps(evaluator, images: torch.Tensor) -> list[torch.Tensor]:
         x = stage(x if index == 0 else F.avg_pool2d(x, 2))
         maps.append(x)
     return maps
+
+
+FIDELITY_STAGES = (0, 1)  # the 64² and 32² stages: where pixel-level damage still shows
+
+
+@torch.no_grad()
+def evaluator_fidelity_features(evaluator, images: torch.Tensor) -> torch.Tensor:
+    """[N, 192] damage-sensitive features: the mean and the standard deviation over positions
+    of every channel of the evaluator's first two conv stages (32 + 64 channels). Global
+    features are trained to ignore noise and blur; these early maps are not (measured in
+    docs/metrics.md)."""
+    maps = evaluator_stage_maps(evaluator, images)
+    parts = [torch.cat([maps[i].mean((2, 3)), maps[i].std((2, 3))], 1) for i in FIDELITY_STAGES]
+    return torch.cat(parts, 1).float().cpu()
+
+
+class WorldExtractor:
+    """The reference evaluator's global and spatial features plus its fidelity features."""
+
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+
+    def global_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.evaluator.global_features(images)
+
+    def spatial_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.evaluator.spatial_features(images)
+
+    def fidelity_features(self, images: torch.Tensor) -> torch.Tensor:
+        return evaluator_fidelity_features(self.evaluator, images)
 
 
 def reference_measures(
@@ -53,7 +83,8 @@ def reference_measures(
 
     def build(size: int) -> Measures:
         return Measures(
-            extractor=evaluator, scorer=evaluator, reader=evaluator, real_paired=True,
+            extractor=WorldExtractor(evaluator), scorer=evaluator, reader=evaluator,
+            real_paired=True,
             perceptual=StageMapDistance(lambda x: evaluator_stage_maps(evaluator, x)),
             real_images=_render_all(prompts, size, REAL_SEED, device),
             floor_images=_render_all(floor, size, FLOOR_SEED, device),

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 FEATURES_FILE = "features.safetensors"
 SETS = ("generated", "real", "reference")

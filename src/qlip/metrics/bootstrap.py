@@ -135,9 +135,12 @@ class BootstrapConfig:
     dtype: torch.dtype = torch.float32
 
 
+DEFAULT_BOOTSTRAP = BootstrapConfig()
+
+
 def bootstrap_frechet(
     features_a, features_b, counts_a: Tensor, counts_b: Tensor | None = None,
-    config: BootstrapConfig = BootstrapConfig(),
+    config: BootstrapConfig = DEFAULT_BOOTSTRAP,
 ) -> Tensor:
     """Fréchet distances [B] of resampled feature sets [n_a, D] and [n_b, D]; ``counts_b=None``
     resamples both with the same counts (the sets are paired row by row, n_a == n_b).
