@@ -11,6 +11,7 @@ from qlip.cli import main
 from qlip.evaluation import EvalConfig, EvalPrompt, run_evaluation
 from qlip.evaluation import harness as harness_module
 from qlip.evaluation.harness import Measures
+from qlip.metrics.bootstrap import BootstrapConfig
 
 
 class PixelFeatures:
@@ -37,6 +38,15 @@ PROMPTS = [EvalPrompt(t, richness=r) for t, r in
            [("red", 0), ("a red circle", 1), ("blue", 0), ("a blue square", 1), ("star", 0),
             ("a green star", 1)]]
 CONFIG = EvalConfig(num_images=6, batch_size=2, steps=2, guidance=3.0)
+
+
+FAST = BootstrapConfig(resamples=50)
+
+
+@pytest.fixture(autouse=True)
+def fast_bootstrap(monkeypatch):
+    """Intervals from 50 resamples: the tests check their plumbing, not their precision."""
+    monkeypatch.setattr(harness_module, "DEFAULT_BOOTSTRAP", FAST)
 
 
 class Interrupted(Exception):
@@ -102,7 +112,7 @@ def test_every_metric_has_an_interval_and_the_feature_file_recomputes_it(tiny_pi
     run = load_run_features(tmp_path / "b")
     assert run.features["generated"]["global"].shape == (6, 12)
     assert set(run.features) == {"generated", "real", "reference"}
-    again = metrics_with_intervals(run)
+    again = metrics_with_intervals(run, FAST)
     for key in ("fid", "kid", "clip_score", "fid_vs_reference"):
         assert again[key] == pytest.approx(metrics[key], rel=1e-6), key
         assert again["intervals"][key] == pytest.approx(intervals[key], rel=1e-6), key

@@ -20,7 +20,7 @@ from ..metrics import (
     clip_score,
     extract_features,
 )
-from ..metrics.bootstrap import DEFAULT_BOOTSTRAP, BootstrapConfig
+from ..metrics.bootstrap import BootstrapConfig
 from ..metrics.fidelity import psnr
 from ..pipeline import GenerationConfig, generate
 from ..policies import BitPolicy
@@ -83,6 +83,7 @@ def generate_missing(
     bar.close()
 
 
+DEFAULT_BOOTSTRAP = BootstrapConfig()
 COST_KEYS = ("fab", "fab_requested", "weighted_bits", "bitops_t")
 
 
@@ -153,9 +154,11 @@ def _grouped(run: RunFeatures, name: str, min_images: int, config: BootstrapConf
 
 def compute_metrics(
     run: RunFeatures, measures: Measures, config: EvalConfig,
-    bootstrap: BootstrapConfig = DEFAULT_BOOTSTRAP,
+    bootstrap: BootstrapConfig | None = None,
 ) -> dict:
-    """Every metric of a run with its interval, overall and per richness level / object count."""
+    """Every metric of a run with its interval, overall and per richness level / object count
+    (``bootstrap=None``: ``DEFAULT_BOOTSTRAP``)."""
+    bootstrap = bootstrap or DEFAULT_BOOTSTRAP
     notes = list(measures.notes)
     metrics = {"num_images": run.num_images, **metrics_with_intervals(run, bootstrap)}
     for name in ("fid", "sfid", "clip_score"):
@@ -198,7 +201,7 @@ def check_reference(folder: str | Path, prompts: Sequence[EvalPrompt], config: E
 def run_evaluation(
     pipe, prompts: Sequence[EvalPrompt], policy: BitPolicy | None, config: EvalConfig,
     out_dir: str | Path, measures_fn, reference_run: str | Path | None = None,
-    label: str = "", bootstrap: BootstrapConfig = DEFAULT_BOOTSTRAP,
+    label: str = "", bootstrap: BootstrapConfig | None = None,
 ) -> dict:
     """Generate ``len(prompts)`` images into ``out_dir`` (resuming), measure them with the
     :class:`Measures` that ``measures_fn(image_size)`` builds, and write the reports."""
