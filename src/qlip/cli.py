@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     from .demo import add_demo_parser
     from .evaluation.cli import add_eval_parser
+    from .evaluation.compare import add_compare_parser
 
     add_eval_parser(sub)
+    add_compare_parser(sub)
     add_demo_parser(sub)
     return parser
 

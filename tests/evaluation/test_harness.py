@@ -11,6 +11,7 @@ from qlip.cli import main
 from qlip.evaluation import EvalConfig, EvalPrompt, run_evaluation
 from qlip.evaluation import harness as harness_module
 from qlip.evaluation.harness import Measures
+from qlip.metrics.bootstrap import BootstrapConfig
 
 
 class PixelFeatures:
@@ -37,6 +38,15 @@ PROMPTS = [EvalPrompt(t, richness=r) for t, r in
            [("red", 0), ("a red circle", 1), ("blue", 0), ("a blue square", 1), ("star", 0),
             ("a green star", 1)]]
 CONFIG = EvalConfig(num_images=6, batch_size=2, steps=2, guidance=3.0)
+
+
+FAST = BootstrapConfig(resamples=50)
+
+
+@pytest.fixture(autouse=True)
+def fast_bootstrap(monkeypatch):
+    """Intervals from 50 resamples: the tests check their plumbing, not their precision."""
+    monkeypatch.setattr(harness_module, "DEFAULT_BOOTSTRAP", FAST)
 
 
 class Interrupted(Exception):
@@ -79,6 +89,45 @@ def test_same_images_compared_to_themselves_have_zero_distance(tiny_pipe, tmp_pa
                              EvalConfig(num_images=2, batch_size=2, steps=1), tmp_path / "b",
                              _measures, reference_run=tmp_path / "a")
     assert metrics["image_mse_vs_reference"] == 0.0
+    assert metrics["psnr_vs_reference"] == 100.0  # identical: the cap
+    assert metrics["intervals"]["psnr_vs_reference"] == [100.0, 100.0]
+
+
+def test_every_metric_has_an_interval_and_the_feature_file_recomputes_it(tiny_pipe, tmp_path):
+    from qlip.evaluation.intervals import metrics_with_intervals
+    from qlip.evaluation.run_features import FEATURES_FILE, load_run_features
+
+    config = EvalConfig(num_images=6, batch_size=3, steps=1)
+    run_evaluation(tiny_pipe, PROMPTS, None, config, tmp_path / "a", _measures)
+    metrics = run_evaluation(tiny_pipe, PROMPTS, None, config, tmp_path / "b", _measures,
+                             reference_run=tmp_path / "a")
+    intervals = metrics["intervals"]
+    for key in ("fid", "sfid", "kid", "clip_score", "giqa", "fid_vs_reference",
+                "kid_vs_reference", "psnr_vs_reference", "image_mse_vs_reference", "fab"):
+        assert metrics[key] is not None and key in intervals, key
+        low, high = intervals[key]
+        assert low <= metrics[key] + 1e-9 and metrics[key] <= high + 1e-9, key
+    assert "fid_floor" not in metrics  # no floor set given
+    assert set(metrics["by_richness"]["0"]["intervals"]) >= {"clip_score", "giqa"}
+    run = load_run_features(tmp_path / "b")
+    assert run.features["generated"]["global"].shape == (6, 12)
+    assert set(run.features) == {"generated", "real", "reference"}
+    again = metrics_with_intervals(run, FAST)
+    for key in ("fid", "kid", "clip_score", "fid_vs_reference"):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-6), key
+        assert again["intervals"][key] == pytest.approx(intervals[key], rel=1e-6), key
+    assert (tmp_path / "b" / FEATURES_FILE).stat().st_size < 10_000
+
+
+def test_a_reference_run_of_other_prompts_is_refused_before_generating(tiny_pipe, tmp_path):
+    config = EvalConfig(num_images=2, batch_size=2, steps=1)
+    run_evaluation(tiny_pipe, PROMPTS[:2], None, config, tmp_path / "a", _measures)
+    other = [PROMPTS[0], EvalPrompt("something else")]
+    with pytest.raises(ValueError, match="image 1 is 'a red circle' seed 1, this run's is "
+                                         "'something else'"):
+        run_evaluation(tiny_pipe, other, None, config, tmp_path / "b", _measures,
+                       reference_run=tmp_path / "a")
+    assert not list((tmp_path / "b").glob("images/*.png"))
 
 
 def test_a_folder_of_another_run_is_refused(tiny_pipe, tmp_path):

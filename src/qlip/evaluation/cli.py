@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..metrics.bootstrap import BootstrapConfig
 from ..quant import check_bits
 from .harness import EvalConfig, EvalPrompt, run_evaluation
 from .measures import folder_measures, reference_measures
@@ -31,6 +32,11 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--clip", help="local CLIP model folder for the CLIP score (user models)")
     p.add_argument("--reference-run", help="another eval folder with the same prompts and seeds "
                    "(e.g. FP): report the mean squared difference of same-seed images")
+    p.add_argument("--lpips-weights", help="torchvision AlexNet weights file: LPIPS to the "
+                   "--reference-run (user models; nothing is downloaded)")
+    p.add_argument("--bootstrap-resamples", type=int, default=BootstrapConfig.resamples,
+                   help="bootstrap resamples of every interval")
+    p.add_argument("--bootstrap-seed", type=int, default=0)
     p.add_argument("--label", default="", help="name of this run in the reports")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=cmd_eval)
@@ -70,13 +76,24 @@ def floor_prompts(count: int) -> list[EvalPrompt]:
     return [EvalPrompt(pool[i].text, pool[i].richness, pool[i]) for i in rest]
 
 
+def check_reference_run(folder: str) -> None:
+    """Refuse, before any work, a --reference-run that is not an eval folder."""
+    from pathlib import Path
+
+    if not (Path(folder) / "generated.jsonl").is_file():
+        raise FileNotFoundError(f"--reference-run {folder} is not an eval folder (no "
+                                "generated.jsonl): evaluate the reference (e.g. FP) run first")
+
+
 def cmd_eval(args) -> int:
     from ..cli_args import DEFAULT_MODEL
     from ..cli_args import device_name as _device
     from ..pipeline import load_for_sampling, load_pipeline
 
-    if args.batch_size < 1 or args.steps < 1:
-        raise ValueError("--batch-size and --steps must be at least 1")
+    if args.batch_size < 1 or args.steps < 1 or args.bootstrap_resamples < 1:
+        raise ValueError("--batch-size, --steps and --bootstrap-resamples must be at least 1")
+    if args.reference_run:
+        check_reference_run(args.reference_run)
     if args.abits is not None:
         check_bits(args.abits, "--abits")
     device = _device(args.device)
@@ -84,13 +101,16 @@ def cmd_eval(args) -> int:
     prompts = select_prompts(args.prompts, args.num_images, world)
     measures = (reference_measures(prompts, floor_prompts(len(prompts)), device)
                 if world and args.prompts == HELDOUT and not args.real
-                else folder_measures(args.real, args.inception_weights, args.clip, device))
+                else folder_measures(args.real, args.inception_weights, args.clip, device,
+                                     args.lpips_weights))
     pipe = load_pipeline(args.model, device)
     policy = load_for_sampling(pipe, args.quantized, args.abits)
     config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
                         steps=args.steps, guidance=args.guidance)
+    bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
+                                device=device)
     metrics = run_evaluation(pipe, prompts, policy, config, args.out, measures,
-                             args.reference_run, args.label or args.quantized or "FP")
+                             args.reference_run, args.label or args.quantized or "FP", bootstrap)
     shown = {k: metrics.get(k) for k in ("fid", "sfid", "clip_score", "alignment", "giqa", "fab",
                                          "bitops_t", "num_images")}
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))

@@ -19,11 +19,14 @@ from ..metrics import (
     alignment,
     clip_score,
     extract_features,
-    fid_from_features,
 )
+from ..metrics.bootstrap import BootstrapConfig
+from ..metrics.fidelity import psnr
 from ..pipeline import GenerationConfig, generate
 from ..policies import BitPolicy
+from .intervals import floor_interval, metrics_with_intervals
 from .report import save_grid, write_markdown
+from .run_features import RunFeatures, extract_spaces, pairs_digest
 from .store import ImageStore
 
 
@@ -53,6 +56,8 @@ class Measures:
     scorer: ImageTextScorer | None = None
     floor_images: torch.Tensor | None = None  # a second independent real set: the FID floor
     reader: object | None = None  # reference world: an evaluator with .predict(images)
+    perceptual: object | None = None  # .distance(a, b) -> [N]: perceptual distance to reference
+    real_paired: bool = False  # real image i shows prompt i (reference world renders)
     notes: list[str] = field(default_factory=list)
 
 
@@ -78,102 +83,140 @@ def generate_missing(
     bar.close()
 
 
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
+DEFAULT_BOOTSTRAP = BootstrapConfig()
+COST_KEYS = ("fab", "fab_requested", "weighted_bits", "bitops_t")
 
 
-def _summary(
-    index: np.ndarray, records: list[dict], per_image: dict[str, np.ndarray],
-    gen_feats: torch.Tensor, real_feats: torch.Tensor, min_fid: int, notes: list[str],
-) -> dict:
-    out = {"num_images": int(len(index))}
-    for key in ("fab", "fab_requested", "weighted_bits", "bitops_t"):
-        out[key] = _mean(records[i][key] for i in index)
-    for key, values in per_image.items():
-        out[key] = float(values[index].mean())
-    if len(index) >= min_fid:
-        out["fid"] = _distance(real_feats[index], gen_feats[index], notes, "FID")
-    return out
-
-
-def _distance(a: torch.Tensor, b: torch.Tensor, notes: list[str], what: str) -> float | None:
-    """Fréchet distance, or None (with a note) when the covariances of too few images are too
-    degenerate for a stable matrix square root: the other metrics are still worth writing."""
-    try:
-        return fid_from_features(a, b)
-    except ValueError as error:
-        notes.append(f"{what} not computed on {len(a)} vs {len(b)} images: {error}")
-        return None
-
-
-def compute_metrics(
+def _per_image_scores(
     images: torch.Tensor, prompts: Sequence[EvalPrompt], records: list[dict], measures: Measures,
-    config: EvalConfig, reference_images: torch.Tensor | None = None,
-) -> dict:
-    """Every metric of a run, overall and per richness level."""
-    ex = measures.extractor
-    gen_g = extract_features(ex.global_features, images)
-    real_g = extract_features(ex.global_features, measures.real_images)
-    gen_s = extract_features(ex.spatial_features, images)
-    real_s = extract_features(ex.spatial_features, measures.real_images)
-    gmm, knn = GMMGIQA().fit(real_g), KNNGIQA().fit(real_g)
-    per_image = {"giqa": np.asarray(gmm.score(gen_g)), "giqa_knn": np.asarray(knn.score(gen_g))}
+    features: dict, reference_images: torch.Tensor | None,
+) -> dict[str, np.ndarray]:
+    """Per-image scores: GIQA (against the real features), CLIP score, alignment, costs, and
+    fidelity to the reference run's image of the same prompt and seed."""
+    generated_global = torch.from_numpy(features["generated"]["global"])
+    real = torch.from_numpy(features["real"]["global"])
+    scores = {"giqa": np.asarray(GMMGIQA().fit(real).score(generated_global)),
+              "giqa_knn": np.asarray(KNNGIQA().fit(real).score(generated_global))}
     if measures.scorer is not None:
-        per_image["clip_score"] = clip_score(
+        scores["clip_score"] = clip_score(
             measures.scorer, images, [p.text for p in prompts]).per_image.numpy()
     if measures.reader is not None and all(p.world_prompt is not None for p in prompts):
         predictions = measures.reader.predict(images)
-        per_image["alignment"] = alignment([p.world_prompt for p in prompts], predictions).scores
-    if reference_images is not None:  # the same seeds from another run (e.g. FP), in [-1, 1]
-        diff = (images - reference_images) * 2
-        per_image["image_mse_vs_reference"] = diff.pow(2).flatten(1).mean(1).numpy()
-    everything = np.arange(len(images))
+        scores["alignment"] = alignment([p.world_prompt for p in prompts], predictions).scores
+    for key in COST_KEYS:
+        if all(r.get(key) is not None for r in records):
+            scores[key] = np.array([r[key] for r in records], dtype=np.float64)
+    if reference_images is not None:  # the same seeds from another run (e.g. FP)
+        diff = (images - reference_images) * 2  # on the [-1, 1] scale of earlier tables
+        scores["image_mse_vs_reference"] = diff.pow(2).flatten(1).mean(1).numpy()
+        scores["psnr_vs_reference"] = psnr(images, reference_images)
+        if measures.perceptual is not None:
+            scores["perceptual_vs_reference"] = measures.perceptual.distance(
+                images, reference_images)
+    return scores
+
+
+def _groups(prompts: Sequence[EvalPrompt]) -> dict[str, np.ndarray]:
+    groups = {"richness": np.array([-1 if p.richness is None else p.richness for p in prompts])}
+    if all(p.world_prompt is not None for p in prompts):  # reference world: objects drawn
+        groups["objects"] = np.array([len(p.world_prompt.scene.objects) for p in prompts])
+    return groups
+
+
+def measure_run(
+    images: torch.Tensor, prompts: Sequence[EvalPrompt], records: list[dict], measures: Measures,
+    reference_images: torch.Tensor | None = None,
+) -> RunFeatures:
+    """Per-image features of the generated, real (and reference-run) images and per-image
+    scores: everything the metrics are computed from."""
+    features = {"generated": extract_spaces(measures.extractor, images),
+                "real": extract_spaces(measures.extractor, measures.real_images)}
+    if reference_images is not None:
+        features["reference"] = extract_spaces(measures.extractor, reference_images)
+    scores = _per_image_scores(images, prompts, records, measures, features, reference_images)
+    seeds = [r.get("seed") for r in records]
+    meta = {"pairs": pairs_digest([p.text for p in prompts], seeds),
+            "num_images": str(len(prompts)), "real_paired": str(int(measures.real_paired))}
+    return RunFeatures(features, scores, _groups(prompts), meta)
+
+
+def _grouped(run: RunFeatures, name: str, min_images: int, config: BootstrapConfig) -> dict:
+    """Metrics with intervals per value of a group (richness level, objects); set metrics only
+    for groups of at least ``min_images`` images."""
+    out = {}
+    for value in sorted(set(run.groups[name].tolist()) - {-1}):
+        part = run.subset(np.nonzero(run.groups[name] == value)[0])
+        with_sets = part.num_images >= min_images
+        out[str(value)] = {"num_images": part.num_images,
+                           **metrics_with_intervals(part, config, with_sets)}
+    return out
+
+
+def compute_metrics(
+    run: RunFeatures, measures: Measures, config: EvalConfig,
+    bootstrap: BootstrapConfig | None = None,
+) -> dict:
+    """Every metric of a run with its interval, overall and per richness level / object count
+    (``bootstrap=None``: ``DEFAULT_BOOTSTRAP``)."""
+    bootstrap = bootstrap or DEFAULT_BOOTSTRAP
     notes = list(measures.notes)
-    metrics = _summary(everything, records, per_image, gen_g, real_g, 2, notes)
-    metrics["sfid"] = _distance(real_s, gen_s, notes, "sFID")
-    metrics.setdefault("clip_score", None)
+    metrics = {"num_images": run.num_images, **metrics_with_intervals(run, bootstrap)}
+    for name in ("fid", "sfid", "clip_score"):
+        metrics.setdefault(name, None)
     if measures.floor_images is not None:
-        floor = extract_features(ex.global_features, measures.floor_images)
-        metrics["fid_floor"] = _distance(real_g, floor, notes, "FID floor")
-    levels = sorted({p.richness for p in prompts if p.richness is not None})
-    richness = np.array([-1 if p.richness is None else p.richness for p in prompts])
-    metrics["by_richness"] = {
-        str(level): _summary(np.nonzero(richness == level)[0], records, per_image, gen_g, real_g,
-                             config.min_images_for_fid, notes)
-        for level in levels
-    }
-    if all(p.world_prompt is not None for p in prompts):  # reference world: by objects drawn
-        objects = np.array([len(p.world_prompt.scene.objects) for p in prompts])
-        metrics["by_objects"] = {
-            str(count): _summary(np.nonzero(objects == count)[0], records, per_image, gen_g,
-                                 real_g, config.min_images_for_fid, notes)
-            for count in sorted(set(objects.tolist()))
-        }
+        floor = extract_features(measures.extractor.global_features, measures.floor_images)
+        got = floor_interval(run.features["real"]["global"], floor.numpy(), bootstrap)
+        metrics["fid_floor"] = got.estimate
+        metrics["intervals"]["fid_floor"] = got.to_list()
+    for name, key in (("richness", "by_richness"), ("objects", "by_objects")):
+        if name in run.groups and (run.groups[name] >= 0).any():
+            metrics[key] = _grouped(run, name, config.min_images_for_fid, bootstrap)
+    metrics["bootstrap"] = {"resamples": bootstrap.resamples, "seed": bootstrap.seed,
+                            "level": bootstrap.level,
+                            "interval": "percentile, re-centred on the estimate"}
     metrics["notes"] = notes
     return metrics
+
+
+def check_reference(folder: str | Path, prompts: Sequence[EvalPrompt], config: EvalConfig
+                    ) -> ImageStore:
+    """The reference run's store, refused (before any work) unless it holds every image of the
+    same prompts and seeds."""
+    other = ImageStore(folder)
+    missing = other.missing(len(prompts))
+    if missing:
+        raise ValueError(f"reference run {folder} lacks image {missing[0]} of {len(prompts)}: "
+                         "finish that evaluation first (it resumes)")
+    for i, prompt in enumerate(prompts):
+        record = other.records[i]
+        if record.get("prompt") != prompt.text or record.get("seed") != config.seed + i:
+            raise ValueError(
+                f"reference run {folder} is not of the same prompts and seeds: image {i} is "
+                f"{record.get('prompt')!r} seed {record.get('seed')}, this run's is "
+                f"{prompt.text!r} seed {config.seed + i}; evaluate both with the same --prompts, "
+                "--num-images and --seed")
+    return other
 
 
 def run_evaluation(
     pipe, prompts: Sequence[EvalPrompt], policy: BitPolicy | None, config: EvalConfig,
     out_dir: str | Path, measures_fn, reference_run: str | Path | None = None,
-    label: str = "",
+    label: str = "", bootstrap: BootstrapConfig | None = None,
 ) -> dict:
     """Generate ``len(prompts)`` images into ``out_dir`` (resuming), measure them with the
     :class:`Measures` that ``measures_fn(image_size)`` builds, and write the reports."""
     out = Path(out_dir)
+    other = check_reference(reference_run, prompts, config) if reference_run else None
     store = ImageStore(out)
     generate_missing(pipe, prompts, policy, config, store)
     images = store.load_images(len(prompts))
     records = [store.records[i] for i in range(len(prompts))]
-    reference = None
-    if reference_run is not None:
-        other = ImageStore(reference_run)
-        if other.missing(len(prompts)):
-            raise ValueError(f"{reference_run} has fewer than {len(prompts)} images to compare with")
-        reference = other.load_images(len(prompts))
+    reference = other.load_images(len(prompts)) if other is not None else None
     measures = measures_fn(images.shape[-1])
-    metrics = compute_metrics(images, prompts, records, measures, config, reference)
+    run = measure_run(images, prompts, records, measures, reference)
+    run.meta |= {"label": label, "reference_run": str(reference_run or "")}
+    run.save(out)
+    metrics = compute_metrics(run.rounded(), measures, config, bootstrap)
     metrics["label"] = label
     metrics["config"] = asdict(config)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from ..metrics.fidelity import LPIPSDistance, StageMapDistance
 from .harness import EvalPrompt, Measures
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -26,6 +28,48 @@ def _render_all(prompts: Sequence[EvalPrompt], size: int, seed: int, device: str
     return torch.cat(chunks)
 
 
+@torch.no_grad()
+def evaluator_stage_maps(evaluator, images: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of the evaluator's four conv stages [N, C, H, W] (64² to 8²): the maps of the
+    reference world's perceptual distance."""
+    x = evaluator.prepare(images) * 2 - 1  # the tower's own input scaling
+    maps = []
+    for index, stage in enumerate(evaluator.image_tower.stages):
+        x = stage(x if index == 0 else F.avg_pool2d(x, 2))
+        maps.append(x)
+    return maps
+
+
+FIDELITY_STAGES = (0, 1)  # the 64² and 32² stages: where pixel-level damage still shows
+
+
+@torch.no_grad()
+def evaluator_fidelity_features(evaluator, images: torch.Tensor) -> torch.Tensor:
+    """[N, 192] damage-sensitive features: the mean and the standard deviation over positions
+    of every channel of the evaluator's first two conv stages (32 + 64 channels). Global
+    features are trained to ignore noise and blur; these early maps are not (measured in
+    docs/metrics.md)."""
+    maps = evaluator_stage_maps(evaluator, images)
+    parts = [torch.cat([maps[i].mean((2, 3)), maps[i].std((2, 3))], 1) for i in FIDELITY_STAGES]
+    return torch.cat(parts, 1).float().cpu()
+
+
+class WorldExtractor:
+    """The reference evaluator's global and spatial features plus its fidelity features."""
+
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+
+    def global_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.evaluator.global_features(images)
+
+    def spatial_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.evaluator.spatial_features(images)
+
+    def fidelity_features(self, images: torch.Tensor) -> torch.Tensor:
+        return evaluator_fidelity_features(self.evaluator, images)
+
+
 def reference_measures(
     prompts: Sequence[EvalPrompt], floor: Sequence[EvalPrompt], device: str
 ) -> Callable[[int], Measures]:
@@ -39,10 +83,14 @@ def reference_measures(
 
     def build(size: int) -> Measures:
         return Measures(
-            extractor=evaluator, scorer=evaluator, reader=evaluator,
+            extractor=WorldExtractor(evaluator), scorer=evaluator, reader=evaluator,
+            real_paired=True,
+            perceptual=StageMapDistance(lambda x: evaluator_stage_maps(evaluator, x)),
             real_images=_render_all(prompts, size, REAL_SEED, device),
             floor_images=_render_all(floor, size, FLOOR_SEED, device),
             notes=["feature extractor, scorer and alignment: the reference world's evaluator",
+                   "perceptual distance: unit-normalised evaluator conv-stage maps (LPIPS "
+                   "without learned weights)",
                    "real images: renders of the prompts' scenes"],
         )
 
@@ -64,6 +112,7 @@ def load_image_folder(folder: str | Path, size: int) -> torch.Tensor:
 
 def folder_measures(
     real_dir: str | Path | None, inception_weights: str | None, clip_path: str | None, device: str,
+    lpips_weights: str | None = None,
 ) -> Callable[[int], Measures]:
     """For a user's model: real images from ``real_dir``, Inception features (torch-fidelity
     weights), CLIP score from a local CLIP folder if given."""
@@ -80,12 +129,15 @@ def folder_measures(
     # built before generating, so that missing weights fail before any work is done
     extractor = InceptionExtractor(inception_weights, device=device)
     scorer = HFCLIPScorer(clip_path, device=device) if clip_path else None
+    perceptual = LPIPSDistance(lpips_weights, device) if lpips_weights else None
 
     def build(size: int) -> Measures:
         notes = ["feature extractor: Inception-v3 (torch-fidelity weights)"]
         if scorer is None:
             notes.append("no CLIP score: pass --clip PATH (a local CLIP model folder)")
-        return Measures(extractor=extractor, scorer=scorer,
+        if perceptual is None:
+            notes.append("no perceptual distance: pass --lpips-weights PATH (torchvision AlexNet)")
+        return Measures(extractor=extractor, scorer=scorer, perceptual=perceptual,
                         real_images=load_image_folder(real_dir, size), notes=notes)
 
     return build

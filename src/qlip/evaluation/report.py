@@ -9,23 +9,38 @@ import torch
 from PIL import Image
 
 COLUMNS = [
-    ("fid", "FID", ".2f"), ("sfid", "sFID", ".2f"), ("clip_score", "CLIP", ".4f"),
+    ("fid", "FID", ".2f"), ("kid", "KID", ".4f"), ("sfid", "sFID", ".2f"),
+    ("fid_fidelity", "FID (fidelity feats)", ".2f"), ("clip_score", "CLIP", ".4f"),
     ("alignment", "align", ".3f"), ("giqa", "GIQA", ".1f"), ("fab", "FAB", ".2f"),
     ("weighted_bits", "wbits", ".2f"), ("bitops_t", "BitOPs(T)", ".4f"),
+    ("fid_vs_reference", "FID to ref", ".2f"), ("kid_vs_reference", "KID to ref", ".4f"),
+    ("psnr_vs_reference", "PSNR to ref", ".2f"),
+    ("perceptual_vs_reference", "perceptual to ref", ".4f"),
     ("image_mse_vs_reference", "MSE vs ref", ".4f"), ("num_images", "N", "d"),
 ]
+CONSTANT = {"fab", "weighted_bits", "bitops_t", "num_images"}  # no interval shown
 
 
-def _cell(value, fmt: str) -> str:
-    return "–" if value is None else format(value, fmt)
+def _cell(value, fmt: str, bounds=None) -> str:
+    if value is None:
+        return "–"
+    if not bounds or bounds[0] is None or bounds[0] == bounds[1]:
+        return format(value, fmt)
+    return f"{value:{fmt}} [{bounds[0]:{fmt}}, {bounds[1]:{fmt}}]"
+
+
+def _row_cell(row: dict, key: str, fmt: str) -> str:
+    bounds = None if key in CONSTANT else row.get("intervals", {}).get(key)
+    return _cell(row.get(key), fmt, bounds)
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    """A markdown table with a column per metric present in any row."""
+    """A markdown table with a column per metric present in any row; a metric with an
+    interval reads "estimate [low, high]" (95% bootstrap over images)."""
     present = [c for c in COLUMNS if any(r.get(c[0]) is not None for _, r in rows)]
     head = "| run | " + " | ".join(c[1] for c in present) + " |"
     rule = "|---|" + "---:|" * len(present)
-    body = ["| " + name + " | " + " | ".join(_cell(r.get(k), f) for k, _, f in present) + " |"
+    body = ["| " + name + " | " + " | ".join(_row_cell(r, k, f) for k, _, f in present) + " |"
             for name, r in rows]
     return "\n".join([head, rule, *body])
 
@@ -34,7 +49,8 @@ def write_markdown(metrics: dict, path: Path) -> None:
     label = metrics.get("label") or "run"
     lines = [f"# {label}", "", table([(label, metrics)]), ""]
     if metrics.get("fid_floor") is not None:
-        lines += [f"FID floor (two independent sets of real renders): {metrics['fid_floor']:.2f}", ""]
+        floor = _row_cell(metrics, "fid_floor", ".2f")
+        lines += [f"FID floor (two independent sets of real renders): {floor}", ""]
     if metrics.get("by_richness"):
         lines += ["## By prompt richness", "",
                   table([(f"richness {k}", v) for k, v in metrics["by_richness"].items()]), ""]

@@ -1,0 +1,127 @@
+"""Per-image features and scores of an evaluation, in one compact safetensors file next to
+``metrics.json``: every metric, its interval and any paired comparison can be recomputed from it
+without the images.
+
+``features.safetensors`` holds, for N images (float16 features, float32 scores):
+
+- ``generated.<space>`` / ``real.<space>`` [N, D]: the extractor's feature spaces (``global``:
+  FID, KID, GIQA; ``spatial``: sFID; ``fidelity``: the damage-sensitive features, when the
+  extractor has them), for the generated images and the real images of the same prompts;
+- ``score.<name>`` [N]: per-image scores (clip_score, alignment, giqa, giqa_knn, and against a
+  reference run: image_mse_vs_reference, psnr_vs_reference, perceptual_vs_reference);
+- ``group.<name>`` [N] int: richness level, objects in the scene (-1 = unknown);
+- metadata: ``pairs`` (a SHA-256 over the (prompt, seed) list, to refuse unpaired comparisons),
+  ``num_images``, ``label``, ``reference_run``, and ``reference.<space>`` keys in the file when
+  the reference run's generated features were measured (FID/KID to the reference).
+
+2,000 images with 256 + 512 + 128 feature dimensions: ~7 MB for both sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+FEATURES_FILE = "features.safetensors"
+SETS = ("generated", "real", "reference")
+
+
+def pairs_digest(prompts: Sequence[str], seeds: Sequence[int]) -> str:
+    """SHA-256 of the (prompt, seed) list: two runs compare image by image only if equal."""
+    text = json.dumps([[p, int(s)] for p, s in zip(prompts, seeds)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class RunFeatures:
+    """What a run's metrics are computed from (see the module doc for the keys)."""
+
+    features: dict[str, dict[str, np.ndarray]]  # set -> space -> [N, D]
+    scores: dict[str, np.ndarray]  # name -> [N]
+    groups: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [N] int
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return len(next(iter(self.features["generated"].values())))
+
+    @property
+    def real_paired(self) -> bool:
+        """Real image i shows prompt i (reference world: renders of the prompts' scenes)?
+        Otherwise the real set is resampled on its own and kept whole in subsets."""
+        return self.meta.get("real_paired") == "1"
+
+    def _sliced(self, name: str) -> bool:
+        return name != "real" or self.real_paired
+
+    def subset(self, index: np.ndarray) -> RunFeatures:
+        """The same run restricted to images ``index`` (e.g. one richness level)."""
+        return RunFeatures(
+            {s: {k: v[index] if self._sliced(s) else v for k, v in spaces.items()}
+             for s, spaces in self.features.items()},
+            {k: v[index] for k, v in self.scores.items()},
+            {k: v[index] for k, v in self.groups.items()}, dict(self.meta))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/features.safetensors``; features rounded to float16 (what the metrics
+        are then computed from: :func:`load_run_features` gives the same numbers back)."""
+        tensors = {f"{s}.{k}": np.ascontiguousarray(v, dtype=np.float16)
+                   for s, spaces in self.features.items() for k, v in spaces.items()}
+        tensors |= {f"score.{k}": np.asarray(v, dtype=np.float32) for k, v in self.scores.items()}
+        tensors |= {f"group.{k}": np.asarray(v, dtype=np.int32) for k, v in self.groups.items()}
+        path = Path(folder) / FEATURES_FILE
+        save_file(tensors, str(path), metadata={k: str(v) for k, v in self.meta.items()})
+        return path
+
+    def rounded(self) -> RunFeatures:
+        """Features as stored (float16 values in float64), so metrics match a reload."""
+        return RunFeatures(
+            {s: {k: np.asarray(v, np.float16).astype(np.float64) for k, v in spaces.items()}
+             for s, spaces in self.features.items()},
+            {k: np.asarray(v, np.float32).astype(np.float64) for k, v in self.scores.items()},
+            dict(self.groups), dict(self.meta))
+
+
+def load_run_features(folder: str | Path) -> RunFeatures:
+    """Read ``folder/features.safetensors`` written by an evaluation.
+
+    Example:
+        >>> run = load_run_features("eval/w4a8"); run.features["generated"]["global"].shape
+        (2000, 256)
+    """
+    path = Path(folder) / FEATURES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: evaluate the run again with this version of `qlip eval` (it "
+            "writes per-image features; images already generated are not generated again)")
+    with safe_open(str(path), "numpy") as handle:
+        meta = dict(handle.metadata() or {})
+    features: dict[str, dict[str, np.ndarray]] = {}
+    scores, groups = {}, {}
+    for key, value in load_file(str(path)).items():
+        kind, name = key.split(".", 1)
+        if kind == "score":
+            scores[name] = value.astype(np.float64)
+        elif kind == "group":
+            groups[name] = value.astype(np.int64)
+        else:
+            features.setdefault(kind, {})[name] = value.astype(np.float64)
+    return RunFeatures(features, scores, groups, meta)
+
+
+def extract_spaces(extractor, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every feature space the extractor has: global, spatial and (if defined) fidelity."""
+    from ..metrics import extract_features
+
+    spaces = {"global": extractor.global_features, "spatial": extractor.spatial_features}
+    if hasattr(extractor, "fidelity_features"):
+        spaces["fidelity"] = extractor.fidelity_features
+    return {name: extract_features(fn, images).numpy() for name, fn in spaces.items()}
