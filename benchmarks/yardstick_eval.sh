@@ -8,7 +8,8 @@
 # and it continues (finished models and evals are skipped, Q-Diffusion's reconstruction resumes
 # per unit, an eval resumes per image).
 #
-# quantize: the FP eval (needs no model) and four calibrations, concurrently:
+# quantize: the FP eval (needs no model) and four calibrations, concurrently (RTN's five evals
+# follow its calibration and the FP eval, while Q-Diffusion still reconstructs):
 #   qd_w4     Q-Diffusion W4, one calibration (seed 0), activation bank {4,5,6,8,16}
 #   rtn_w8    RTN W8, bank {4,5,6,8,16}
 #   qd_w4_s1, qd_w4_s2  the same Q-Diffusion W4 with calibration seeds 1 and 2 (`--seed` reaches
@@ -61,7 +62,13 @@ if [ "$phase" = quantize ] || [ "$phase" = all ]; then
         (timed "eval fp" $qlip eval "${common[@]}" --label FP --out "$out/eval_fp" \
              > "$out/logs/eval_fp.txt" 2>&1) &
     quantize qd_w4 --method qdiffusion --wbits 4 --abits 8 --abits-options $bank --seed 0 &
-    quantize rtn_w8 --method rtn --wbits 8 --abits 8 --abits-options $bank --seed 0 &
+    # RTN calibrates in a minute: its evals run while Q-Diffusion reconstructs
+    (quantize rtn_w8 --method rtn --wbits 8 --abits 8 --abits-options $bank --seed 0
+     while [ ! -e "$out/eval_fp/metrics.json" ]; do sleep 2; done
+     for a in 16 8 6 5 4; do
+         evaluate "rtn_w8a$a" "RTN W8A$a" --quantized "$out/q_rtn_w8" --abits "$a" &
+     done
+     wait) &
     for s in 1 2; do
         quantize "qd_w4_s$s" --method qdiffusion --wbits 4 --abits 8 --abits-options $bank \
             --seed "$s" &
