@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/qlip demo --out outputs/demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import os
 
-import pytest
-import torch
+# OpenMP threads that spin while they wait make every small op take milliseconds when other
+# work shares the cores (CI may be loaded): wait passively. Must precede the torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from qlip.testing import build_tiny_pipeline
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qlip.testing import build_tiny_pipeline  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)

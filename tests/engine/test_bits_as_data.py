@@ -113,8 +113,24 @@ def test_setting_old_style_abits_is_refused_with_guidance(quantized):
         unit.set_bits(torch.rand(2, 5))
 
 
-def test_one_graph_and_no_recompilation_for_any_bits(quantized):
-    unet, units = quantized
+def _micro_unet():
+    """A one-level UNet with cross-attention: every kind of unit, as few ops as possible to trace."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8,), layers_per_block=1, sample_size=4, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4)
+    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, abits_options=OPTIONS, softmax_bits=8))
+    x, t, c = unet_inputs(unet, 4, seed=1)
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(4, dtype=torch.long)),
+                 progress=False)
+    return unet, units
+
+
+def test_one_graph_and_no_recompilation_for_any_bits():
+    unet, units = _micro_unet()
     x, t, c = unet_inputs(unet, 2, seed=4)
     compiled = torch.compile(unet, backend="eager", fullgraph=True)
     generator = torch.Generator().manual_seed(0)
