@@ -12,6 +12,7 @@ from qlip.metrics.bootstrap import (
     BootstrapConfig,
     bootstrap_frechet,
     bootstrap_mmd,
+    frechet_by_eigenvalues,
     interval,
     resample_counts,
     weighted_means,
@@ -48,6 +49,11 @@ def test_weighted_frechet_with_unit_counts_is_the_scipy_fid():
     for dtype in (torch.float64, torch.float32):
         got = bootstrap_frechet(a, b, ones, config=BootstrapConfig(dtype=dtype))
         assert got.item() == pytest.approx(fid_from_features(a, b), rel=1e-4)
+
+
+def test_fid_by_eigenvalues_is_the_scipy_fid():
+    a, b = _normal(300, 16, 0, 3.0, 5.0), _normal(200, 16, 1, 3.3, 5.2)
+    assert frechet_by_eigenvalues(a, b) == pytest.approx(fid_from_features(a, b), rel=1e-9)
 
 
 def test_weighted_frechet_equals_fid_of_the_materialised_resample():

@@ -84,6 +84,7 @@ def generate_missing(
 
 
 DEFAULT_BOOTSTRAP = BootstrapConfig()
+REFERENCE_SPACES = ("global", "fidelity")  # what the set metrics to the reference read
 COST_KEYS = ("fab", "fab_requested", "weighted_bits", "bitops_t")
 
 
@@ -132,7 +133,8 @@ def measure_run(
     features = {"generated": extract_spaces(measures.extractor, images),
                 "real": extract_spaces(measures.extractor, measures.real_images)}
     if reference_images is not None:
-        features["reference"] = extract_spaces(measures.extractor, reference_images)
+        features["reference"] = extract_spaces(measures.extractor, reference_images,
+                                               REFERENCE_SPACES)
     scores = _per_image_scores(images, prompts, records, measures, features, reference_images)
     seeds = [r.get("seed") for r in records]
     meta = {"pairs": pairs_digest([p.text for p in prompts], seeds),

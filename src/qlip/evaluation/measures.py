@@ -29,12 +29,13 @@ def _render_all(prompts: Sequence[EvalPrompt], size: int, seed: int, device: str
 
 
 @torch.no_grad()
-def evaluator_stage_maps(evaluator, images: torch.Tensor) -> list[torch.Tensor]:
-    """The outputs of the evaluator's four conv stages [N, C, H, W] (64² to 8²): the maps of the
-    reference world's perceptual distance."""
+def evaluator_stage_maps(evaluator, images: torch.Tensor, count: int | None = None
+                         ) -> list[torch.Tensor]:
+    """The outputs of the evaluator's first ``count`` (default: all four) conv stages
+    [N, C, H, W] (64² to 8²): the maps of the reference world's perceptual distance."""
     x = evaluator.prepare(images) * 2 - 1  # the tower's own input scaling
     maps = []
-    for index, stage in enumerate(evaluator.image_tower.stages):
+    for index, stage in enumerate(evaluator.image_tower.stages[:count]):
         x = stage(x if index == 0 else F.avg_pool2d(x, 2))
         maps.append(x)
     return maps
@@ -49,7 +50,7 @@ def evaluator_fidelity_features(evaluator, images: torch.Tensor) -> torch.Tensor
     of every channel of the evaluator's first two conv stages (32 + 64 channels). Global
     features are trained to ignore noise and blur; these early maps are not (measured in
     docs/metrics.md)."""
-    maps = evaluator_stage_maps(evaluator, images)
+    maps = evaluator_stage_maps(evaluator, images, max(FIDELITY_STAGES) + 1)
     parts = [torch.cat([maps[i].mean((2, 3)), maps[i].std((2, 3))], 1) for i in FIDELITY_STAGES]
     return torch.cat(parts, 1).float().cpu()
 

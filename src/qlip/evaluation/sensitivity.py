@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..metrics import fid_from_features
+from ..metrics.bootstrap import frechet_by_eigenvalues
 
 STRENGTHS: dict[str, tuple[float, ...]] = {
     "noise": (0.02, 0.05, 0.1, 0.2),
@@ -81,12 +81,15 @@ def sensitivity(
     strengths = strengths or {k: v for k, v in STRENGTHS.items()
                               if k != "vae" or reconstruct is not None}
     clean = {name: fn(images).double() for name, fn in spaces.items()}
+    if reconstruct is not None:  # one VAE pass serves every strength
+        reconstruction = reconstruct(images)
+        reconstruct = lambda _: reconstruction  # noqa: E731
     table: dict[str, dict[str, list[float]]] = {name: {} for name in spaces}
     for kind, values in strengths.items():
         for strength in values:
             degraded = degrade(images, kind, strength, reconstruct=reconstruct)
             for name, fn in spaces.items():
-                fid = fid_from_features(clean[name], fn(degraded).double())
+                fid = frechet_by_eigenvalues(clean[name], fn(degraded).double())
                 table[name].setdefault(kind, []).append(fid)
     return table
 
