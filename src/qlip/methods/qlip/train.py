@@ -159,12 +159,13 @@ def train_q2b(
     optimizer = torch.optim.Adam(q2b.parameters(), lr=config.lr)
     ckpt = _Checkpoint(Path(checkpoint) if checkpoint else None)
     history = ckpt.load(q2b, optimizer)
-    gen = torch.Generator().manual_seed(config.seed + len(history))
     by_step = {s: torch.nonzero(data.steps == s).flatten() for s in torch.unique(data.steps).tolist()}
     steps = sorted(by_step)
     bar = tqdm(range(len(history), config.iters), desc="Q2B", disable=not config.progress)
     try:
         for it in bar:
+            # one generator per iteration: a resumed run draws the same rows as an uninterrupted one
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + it)
             step = steps[int(torch.randint(len(steps), (1,), generator=gen))]
             pool = by_step[step]
             rows = pool[torch.randperm(len(pool), generator=gen)[: config.batch_size]]
