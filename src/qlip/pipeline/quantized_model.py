@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..policies import BitPolicy, FixedBits
+from ..methods.qlip import has_qlip, load_qlip
+from ..policies import BitPolicy, FixedBits, QLIPPolicy
 from .ptqd_sampling import apply_saved_correction
 from .saving import load_quantized
 
@@ -16,7 +17,8 @@ def load_for_sampling(
 ) -> BitPolicy | None:
     """Load the quantized model folder ``quantized`` onto ``pipe.unet`` (in place), wrap the
     scheduler with PTQD's correction when the folder holds PTQD statistics, and return the bit
-    policy to sample with: ``abits`` for every unit, else the model's own ``abits``. Without
+    policy to sample with: ``abits`` for every unit; else QLIP when the folder holds a trained
+    T2Q/Q2B (``qlip qlip-train``); else the model's own ``abits``. Without
     ``quantized`` the pipeline stays full precision and the policy is None.
 
     >>> policy = load_for_sampling(pipe, "runs/w4a8", abits=16)  # doctest: +SKIP
@@ -29,4 +31,6 @@ def load_for_sampling(
         return None
     info = load_quantized(pipe.unet, quantized)
     apply_saved_correction(pipe, info.extra)
+    if not abits and has_qlip(quantized):
+        return QLIPPolicy(load_qlip(quantized, pipe.unet.device))
     return FixedBits(abits or info.config.abits)

@@ -1,0 +1,51 @@
+"""QLIPPolicy: T2Q scores each prompt once at ``begin``; Q2B's argmax bits of every step are
+computed then too (one small batched op), so ``bits`` is a slice: no host sync per step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..methods.qlip import QLIPModules
+from .base import BitPolicy, PromptBatch
+
+
+class QLIPPolicy(BitPolicy):
+    """The prompt decides every dynamic unit's bits at every step.
+
+    >>> policy = QLIPPolicy(load_qlip("runs/w4-qlip"))  # doctest: +SKIP
+    >>> generate(pipe, prompts, seeds, policy, GenerationConfig(batch_mode="per_image"))  # doctest: +SKIP
+    """
+
+    def __init__(self, modules: QLIPModules):
+        self.modules = modules
+        self._bits = torch.empty(0, 0, 0, dtype=torch.long)
+        self.quality = torch.empty(0)
+
+    def possible_bits(self) -> set[int]:
+        return set(self.modules.q2b.config.bits)
+
+    def bind(self, options: Mapping[str, tuple[int, ...]]) -> None:
+        if list(options) != self.modules.unit_names:
+            raise ValueError(f"QLIP was trained for {len(self.modules.unit_names)} dynamic units "
+                             f"({self.modules.unit_names[:2]}...), this model has {len(options)} "
+                             f"({list(options)[:2]}...): train QLIP again for this model")
+        super().bind(options)
+
+    def begin(self, batch: PromptBatch, num_steps: int) -> None:
+        q2b = self.modules.q2b
+        if num_steps > q2b.num_steps:
+            raise ValueError(f"Q2B was trained for {q2b.num_steps} steps; got {num_steps}: sample "
+                             f"with --steps {q2b.num_steps} or train again")
+        device = batch.device
+        t2q, q2b = self.modules.t2q.to(device), q2b.to(device)
+        with torch.no_grad():
+            self.quality = t2q(batch.pooled)  # [B]
+            self._bits = q2b.bits(self.quality, torch.arange(num_steps, device=device))  # [S, B, U]
+
+    def bits(self, step: int, timestep: torch.Tensor) -> torch.Tensor:
+        return self._bits[step]
+
+    def describe(self) -> str:
+        return f"QLIP A{{{','.join(map(str, self.modules.q2b.config.bits))}}}"
