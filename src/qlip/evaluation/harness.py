@@ -24,7 +24,7 @@ from ..metrics.bootstrap import BootstrapConfig
 from ..metrics.fidelity import psnr
 from ..pipeline import GenerationConfig, generate
 from ..policies import BitPolicy
-from .intervals import floor_interval, metrics_with_intervals
+from .intervals import floor_interval, metrics_with_intervals, set_estimates
 from .report import save_grid, write_markdown
 from .run_features import RunFeatures, extract_spaces, pairs_digest
 from .store import ImageStore
@@ -143,14 +143,17 @@ def measure_run(
 
 
 def _grouped(run: RunFeatures, name: str, min_images: int, config: BootstrapConfig) -> dict:
-    """Metrics with intervals per value of a group (richness level, objects); set metrics only
-    for groups of at least ``min_images`` images."""
+    """Per value of a group (richness level, objects): per-image means with intervals, and set
+    metrics (FID, sFID, KID) as point estimates for groups of at least ``min_images`` images.
+    Per-group FIDs measure how much of the scene the prompt fixes more than quality
+    (docs/reference-world.md), and their resampling would cost minutes per run."""
     out = {}
     for value in sorted(set(run.groups[name].tolist()) - {-1}):
         part = run.subset(np.nonzero(run.groups[name] == value)[0])
-        with_sets = part.num_images >= min_images
-        out[str(value)] = {"num_images": part.num_images,
-                           **metrics_with_intervals(part, config, with_sets)}
+        metrics = metrics_with_intervals(part, config, with_sets=False)
+        if part.num_images >= min_images:
+            metrics.update(set_estimates(part))
+        out[str(value)] = {"num_images": part.num_images, **metrics}
     return out
 
 

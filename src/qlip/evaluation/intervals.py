@@ -79,10 +79,12 @@ DISTANCES: dict[str, Callable] = {"frechet": _frechet, "kid": _kid}
 
 def set_metrics(run: RunFeatures, counts: torch.Tensor, config: BootstrapConfig
                 ) -> list[SetMetric]:
-    """Every set metric the run's features allow, with bootstrap samples under ``counts``."""
+    """Every set metric the run's features allow, with bootstrap samples under the first
+    ``config.set_resamples`` rows of ``counts`` (the same rows for two paired runs)."""
     out = []
     if run.num_images < MIN_IMAGES_FOR_SETS:
         return out
+    counts = counts[: config.set_resamples]
     generated = run.features["generated"]
     for name, other, space, distance in SET_METRICS:
         against = run.features.get(other, {})
@@ -106,6 +108,21 @@ def mean_metrics(run: RunFeatures, counts: torch.Tensor) -> list[SetMetric]:
 def all_metrics(run: RunFeatures, counts: torch.Tensor, config: BootstrapConfig,
                 with_sets: bool = True) -> list[SetMetric]:
     return mean_metrics(run, counts) + (set_metrics(run, counts, config) if with_sets else [])
+
+
+def set_estimates(run: RunFeatures) -> dict:
+    """The set metrics' point estimates alone (no resampling)."""
+    out = {}
+    generated = run.features["generated"]
+    for name, other, space, distance in SET_METRICS:
+        against = run.features.get(other, {})
+        if space in generated and space in against and run.num_images >= MIN_IMAGES_FOR_SETS:
+            estimate = (fid_from_features if distance == "frechet" else kid_from_features)
+            try:
+                out[name] = _finite(estimate(against[space], generated[space]))
+            except ValueError:  # degenerate covariances (too few images)
+                out[name] = None
+    return out
 
 
 def _finite(value: float) -> float | None:

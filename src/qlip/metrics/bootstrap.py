@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_RESAMPLES = 500
+DEFAULT_SET_RESAMPLES = 200
 DEFAULT_LEVEL = 0.95
 # Resamples per batched linear-algebra call: bounds memory to chunk x D x D float64.
 CHUNK = 25
@@ -129,6 +130,9 @@ class BootstrapConfig:
     in ``dtype`` on ``device`` (float32 halves the CPU time; the point estimates stay float64)."""
 
     resamples: int = DEFAULT_RESAMPLES
+    # set metrics (FID, sFID, KID) use the first ``set_resamples`` rows of the same counts: each
+    # Fréchet resample costs two symmetric eigen-decompositions (0.15 s at D = 512 on a CPU core)
+    set_resamples: int = DEFAULT_SET_RESAMPLES
     seed: int = 0
     level: float = DEFAULT_LEVEL
     device: str = "cpu"
