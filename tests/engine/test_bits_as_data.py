@@ -121,7 +121,7 @@ def _micro_unet():
     unet = UNet2DConditionModel(
         block_out_channels=(8,), layers_per_block=1, sample_size=4, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
-        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4)
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4, mid_block_type=None)
     units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, abits_options=OPTIONS, softmax_bits=8))
     x, t, c = unet_inputs(unet, 4, seed=1)
     quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(4, dtype=torch.long)),
