@@ -35,12 +35,8 @@ mkdir -p "$out/logs"
 cores=$(nproc)
 export OMP_NUM_THREADS=$(( cores / jobs > 0 ? cores / jobs : 1 ))  # no oversubscription
 
-timed() {  # timed LABEL COMMAND...: run, append "LABEL: S s (exit code)" to timings.txt
-    local label=$1 start=$SECONDS code; shift
-    "$@"; code=$?
-    echo "$label: $((SECONDS - start)) s (exit $code)" | tee -a "$out/timings.txt"
-    return $code
-}
+# shellcheck source=benchmarks/timed.sh
+source "$(dirname "$0")/timed.sh"
 quantize() {  # quantize NAME [qlip quantize options...]: skipped when OUT/q_NAME is complete
     local name=$1; shift
     [ -e "$out/q_$name/quant_state.safetensors" ] && return 0

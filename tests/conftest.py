@@ -48,3 +48,13 @@ def unet_inputs(unet, batch: int = 2, seed: int = 0):
 
 def snr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
+
+
+def single_torch_thread():
+    """One torch thread while a test module runs: many small ops on a tiny UNet run faster so,
+    and stay fast when other jobs share the CPU. Use as ``pytest.fixture(...)(single_torch_thread)``
+    in a package's conftest."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

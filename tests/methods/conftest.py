@@ -1,13 +1,7 @@
-"""The method tests run many small ops on a tiny UNet: one torch thread is faster for them, and
-stays fast when other jobs share the CPU (spinning OpenMP workers do not)."""
+"""The method tests run many small ops on a tiny UNet: one torch thread (see the root conftest)."""
 
 import pytest
-import torch
 
+from ..conftest import single_torch_thread
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)

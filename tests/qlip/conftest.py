@@ -1,12 +1,7 @@
-"""Tiny-UNet QLIP tests: one torch thread (many small ops; other jobs share the CPU)."""
+"""Tiny-UNet QLIP tests run on one torch thread (many small ops; other jobs share the CPU)."""
 
 import pytest
-import torch
 
+from ..conftest import single_torch_thread
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
