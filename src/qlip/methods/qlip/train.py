@@ -193,7 +193,7 @@ def _train_step(unet, q2b, units, dynamic, mapping, data, targets, quality, rows
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    values = {"loss": float(loss), "mse": float(mse), "fab": float(fab)}
+    values = {"loss": float(loss.detach()), "mse": float(mse.detach()), "fab": float(fab.detach())}
     if not all(math.isfinite(v) for v in values.values()):
         raise FloatingPointError(f"Q2B training diverged at step {step}: {values}")
     return values
