@@ -34,6 +34,9 @@ def add_eval_parser(sub) -> None:
                    "(e.g. FP): report the mean squared difference of same-seed images")
     p.add_argument("--lpips-weights", help="torchvision AlexNet weights file: LPIPS to the "
                    "--reference-run (user models; nothing is downloaded)")
+    p.add_argument("--batch-mode", choices=("max", "per_image"), default="max",
+                   help="max: each layer runs the batch at its maximum bits; per_image: each prompt "
+                        "at its own bits")
     p.add_argument("--bootstrap-resamples", type=int, default=BootstrapConfig.resamples,
                    help="bootstrap resamples of every interval")
     p.add_argument("--bootstrap-seed", type=int, default=0)
@@ -106,7 +109,7 @@ def cmd_eval(args) -> int:
     pipe = load_pipeline(args.model, device)
     policy = load_for_sampling(pipe, args.quantized, args.abits)
     config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
-                        steps=args.steps, guidance=args.guidance)
+                        steps=args.steps, guidance=args.guidance, batch_mode=args.batch_mode)
     bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
                                 device=device)
     metrics = run_evaluation(pipe, prompts, policy, config, args.out, measures,

@@ -45,6 +45,7 @@ class EvalConfig:
     steps: int = 25
     guidance: float = 4.0
     min_images_for_fid: int = 50  # per-richness FID only for levels with at least this many
+    batch_mode: str = "max"  # GenerationConfig.batch_mode: "max" or "per_image"
 
 
 @dataclass
@@ -70,7 +71,7 @@ def generate_missing(
     for i, prompt in enumerate(prompts):
         store.check_matches(i, prompt.text, seeds[i])
     todo = store.missing(len(prompts))
-    gen = GenerationConfig(steps=config.steps, guidance=config.guidance,
+    gen = GenerationConfig(steps=config.steps, guidance=config.guidance, batch_mode=config.batch_mode,
                            batch_size=config.batch_size, truncate=True)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generating", unit="img")
     for start in range(0, len(todo), config.batch_size):
