@@ -74,9 +74,8 @@ class QuantUnit(nn.Module):
             bank.stack.refresh()
 
     def check_calibrated(self) -> None:
-        """Raise if any quantizer of this unit was never calibrated (reads the device)."""
-        for bank in self.activation_banks().values():
-            bank.stack.check_calibrated()
+        """Raise if any quantizer of this unit was never calibrated (one read of the device)."""
+        verify_calibrated({type(self).__name__: self})
 
     def operand_bits(self, site: str, abits: int) -> tuple[int, int]:
         """The two operand bit-widths of one of this unit's matmul sites at activation bits
@@ -105,7 +104,7 @@ class QuantUnit(nn.Module):
                 raise ValueError(f"per-image bits must be a 1-d tensor; got shape {tuple(bits.shape)}")
             if bits.device.type == "cpu":  # checking CPU values costs no device sync
                 self._check_values(bits)
-            lookup = self.dynamic_banks()[0].stack.lookup
+            lookup = self.slot_lookup()
             choice = lookup[bits.to(lookup.device).long()]
         else:
             slot = self.slot_of(bits)
@@ -120,6 +119,10 @@ class QuantUnit(nn.Module):
         ``set_bits`` stores them); whoever owns ``table`` updates it in place. ``None``: back to
         the unit's own choice."""
         self._table, self._row = table, row
+
+    def slot_lookup(self) -> torch.Tensor:
+        """``[33]`` long: the slot of every bit-width (out of range for those not in the bank)."""
+        return self.dynamic_banks()[0].stack.lookup
 
     def slot_of(self, bits: int) -> int:
         return self.dynamic_banks()[0].stack.slot(check_bits(bits, "activation bits"))

@@ -80,7 +80,7 @@ class StepController:
             unit.bind_step(self._step)
         if self.policy is not None:
             count = len(self.dynamic)
-            self._lookup = torch.stack([u.dynamic_banks()[0].stack.lookup for u in self.dynamic])
+            self._lookup = torch.stack([u.slot_lookup() for u in self.dynamic])
             rows = torch.arange(count, device=device)
             self._rows = rows[:, None] if self.per_image else rows
             shape = (count, num_images) if self.per_image else (count, 1)
