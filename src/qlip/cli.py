@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from .cli_args import (
     DEFAULT_MODEL,
@@ -89,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_parser
     from .evaluation.cli import add_eval_parser
     from .evaluation.compare import add_compare_parser
+    from .qlip_training.cli import add_train_qlip_parser
 
     add_eval_parser(sub)
     add_compare_parser(sub)
+    add_train_qlip_parser(sub)
     add_demo_parser(sub)
     return parser
 
@@ -150,6 +150,7 @@ def cmd_quantize(args) -> int:
 
 def cmd_generate(args) -> int:
     from .pipeline import GenerationConfig, generate, load_for_sampling, load_pipeline
+    from .pipeline.generate import save_generation
 
     prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not prompts:
@@ -163,16 +164,10 @@ def cmd_generate(args) -> int:
                               batch_mode=args.batch_mode)
     seeds = [args.seed + i for i in range(len(prompts))]
     result = generate(pipe, prompts, seeds, policy, config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, (image, report) in enumerate(zip(result.images, result.reports)):
-        name = f"{i:04d}.png"
-        image.save(out / name)
-        entries.append({"image": name, **report.to_dict()})
-    (out / "report.json").write_text(json.dumps({"model": args.model, "quantized": args.quantized,
-                                                 "images": entries}, indent=2))
-    print(f"wrote {len(entries)} images and report.json to {out}")
+    path = save_generation(result, args.out, {"model": args.model, "quantized": args.quantized,
+                                              "policy": policy.describe() if policy else "FP"})
+    extra = " and bits.safetensors" if result.bits is not None else ""
+    print(f"wrote {len(result.images)} images, report.json{extra} to {path.parent}")
     return 0
 
 

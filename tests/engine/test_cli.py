@@ -41,6 +41,12 @@ def test_quantize_then_generate_writes_images_and_report(tiny_pipe_dir, prompt_f
     assert [e["seed"] for e in report["images"]] == [5, 6]
     assert all(e["fab"] == 16.0 and e["bitops_t"] > 0 for e in report["images"])
     assert (out / "0000.png").is_file() and (out / "0001.png").is_file()
+    from qlip.pipeline.generate import load_generation_bits
+
+    bits, requested, names = load_generation_bits(out)  # each image's bits per step and unit
+    assert bits.shape == (2, 2, len(names)) and names == report["units"]
+    assert (bits == 16).all() and (requested == 16).all()
+    assert [e["bits_row"] for e in report["images"]] == [0, 1]
 
 
 def test_missing_model_folder(capsys, tmp_path):

@@ -98,14 +98,19 @@ def reference_measures(
     return build
 
 
-def load_image_folder(folder: str | Path, size: int) -> torch.Tensor:
-    """Every image in ``folder`` (sorted), resized to ``size``², as float [N, 3, H, W] in [0, 1]."""
+def load_image_folder(folder: str | Path, size: int, names: Sequence[str] | None = None
+                      ) -> torch.Tensor:
+    """Every image in ``folder`` (sorted; or the files ``names`` of it), resized to ``size``², as
+    float [N, 3, H, W] in [0, 1]."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--real folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) < 2:
-        raise ValueError(f"{folder} holds {len(files)} images; FID needs a set of real images")
+    if names is not None:
+        files = [folder / name for name in names]
+    else:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(files) < 2:
+            raise ValueError(f"{folder} holds {len(files)} images; FID needs a set of real images")
     arrays = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC))
               for f in files]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0

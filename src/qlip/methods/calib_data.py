@@ -60,10 +60,31 @@ class CalibrationSet:
         except TypeError as err:
             raise ValueError(f"cross_attention_kwargs must hold JSON values to be saved with a "
                              f"calibration set; got {self.cross_attention_kwargs!r}") from err
-        tensors = {name: getattr(self, name) for name in COLUMNS} | self.conditioning
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
+        save_file(self.tensors(), str(path),
                   metadata={"format": FORMAT, "version": VERSION,
                             "cross_attention_kwargs": options})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The four columns and the conditioning by flat name, contiguous on the CPU."""
+        tensors = {name: getattr(self, name) for name in COLUMNS} | self.conditioning
+        return {k: v.contiguous().cpu() for k, v in tensors.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor],
+                     cross_attention_kwargs: dict | None = None) -> CalibrationSet:
+        """The inverse of :meth:`tensors`."""
+        rest = dict(tensors)
+        columns = [rest.pop(name) for name in COLUMNS]
+        return cls(*columns, conditioning=rest, cross_attention_kwargs=cross_attention_kwargs)
+
+    @classmethod
+    def cat(cls, sets: list[CalibrationSet]) -> CalibrationSet:
+        """The rows of several sets, in order (same conditioning keys)."""
+        keys = [set(s.conditioning) for s in sets]
+        if any(k != keys[0] for k in keys):
+            raise ValueError(f"cannot concatenate calibration sets with conditioning {keys}")
+        joined = {k: torch.cat([s.tensors()[k] for s in sets]) for k in sets[0].tensors()}
+        return cls.from_tensors(joined, sets[0].cross_attention_kwargs)
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationSet:
@@ -72,9 +93,7 @@ class CalibrationSet:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a qlip calibration set; delete it to capture anew")
             tensors = {k: file.get_tensor(k) for k in file.keys()}  # noqa: SIM118 (not a dict)
-        columns = [tensors.pop(name) for name in COLUMNS]
-        options = json.loads(meta.get("cross_attention_kwargs", "null"))
-        return cls(*columns, conditioning=tensors, cross_attention_kwargs=options)
+        return cls.from_tensors(tensors, json.loads(meta.get("cross_attention_kwargs", "null")))
 
     def subset(self, index: torch.Tensor) -> CalibrationSet:
         columns = [getattr(self, name)[index] for name in COLUMNS]

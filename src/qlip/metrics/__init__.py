@@ -26,6 +26,7 @@ from qlip.metrics.fid import (
     frechet_distance,
 )
 from qlip.metrics.giqa import GMMGIQA, KNNGIQA, rank_normalize
+from qlip.metrics.realism import RealismScore
 from qlip.metrics.sfid import sfid_from_features, sfid_from_images
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "PredictedObject",
     "PredictedScene",
     "PromptAlignment",
+    "RealismScore",
     "align_prompt",
     "alignment",
     "check_images",

@@ -4,11 +4,16 @@ the cost per image from the bits each image ran at."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,8 +44,27 @@ class GenerationConfig:
 
 @dataclass
 class GenerationResult:
+    """Images, their cost reports and the bits every unit ran at at every step:
+    ``bits[i, s, u]`` (and ``requested``: what the policy asked for image i alone) for unit
+    ``unit_names[u]`` (every quantized unit, fixed ones at their own bits; 32 = FP)."""
+
     images: list[Image.Image] = field(default_factory=list)
     reports: list[ImageReport] = field(default_factory=list)
+    unit_names: list[str] = field(default_factory=list)
+    bits: np.ndarray | None = None  # [images, steps, units] uint8
+    requested: np.ndarray | None = None  # [images, steps, units] uint8
+
+    def add_bits(self, ledger: BitLedger, count: int) -> None:
+        """Append one batch's bits from its ledger."""
+        run, requested = ledger.unit_bits(count)
+        self.unit_names = list(run)
+        parts = [np.ascontiguousarray(np.stack([t[n] for n in run], -1).transpose(1, 0, 2),
+                                      np.uint8) for t in (run, requested)]  # [S, n] -> [n, S, U]
+        if self.bits is None:
+            self.bits, self.requested = parts
+        else:
+            self.bits = np.concatenate([self.bits, parts[0]])
+            self.requested = np.concatenate([self.requested, parts[1]])
 
 
 def dynamic_units(units: dict[str, QuantUnit]) -> dict[str, QuantUnit]:
@@ -181,6 +205,51 @@ def generate(
         cfg = 2 if config.guidance > 1.0 else 1
         result.images.extend(out.images)
         result.reports.extend(controller.ledger.reports(batch, batch_seeds, cfg))
+        if units:
+            result.add_bits(controller.ledger, len(batch))
         bar.update(len(batch))
     bar.close()
     return result
+
+
+BITS_FILE = "bits.safetensors"
+
+
+def save_generation(result: GenerationResult, out_dir: str | Path, header: dict | None = None
+                    ) -> Path:
+    """Write ``0000.png``…, ``report.json`` (``header`` + one entry per image: its cost report
+    and FAB) and, for a quantized model, ``bits.safetensors``: ``bits`` and ``requested``
+    ``[images, steps, units]`` uint8, the unit names in its metadata (``units``, JSON) and in
+    ``report.json``. Image i's bits are row i (``report.json``: ``"bits_row"``).
+
+    >>> save_generation(generate(pipe, prompts, seeds, policy), "runs/images")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (image, report) in enumerate(zip(result.images, result.reports)):
+        name = f"{i:04d}.png"
+        image.save(out / name)
+        entries.append({"image": name, **report.to_dict(),
+                        **({"bits_row": i} if result.bits is not None else {})})
+    document = {**(header or {}), "images": entries}
+    if result.bits is not None:
+        save_file({"bits": torch.from_numpy(result.bits),
+                   "requested": torch.from_numpy(result.requested)}, str(out / BITS_FILE),
+                  metadata={"units": json.dumps(result.unit_names)})
+        document |= {"bits_file": BITS_FILE, "bits_shape": list(result.bits.shape),
+                     "units": result.unit_names}
+    path = out / "report.json"
+    path.write_text(json.dumps(document, indent=2))
+    return path
+
+
+def load_generation_bits(out_dir: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(bits, requested, unit names) of a folder :func:`save_generation` wrote."""
+    path = Path(out_dir) / BITS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: generate with a quantized model "
+                                "(`qlip generate --quantized DIR`) first")
+    with safe_open(str(path), framework="numpy") as handle:
+        names = json.loads(handle.metadata()["units"])
+        return handle.get_tensor("bits"), handle.get_tensor("requested"), names

@@ -1,5 +1,9 @@
-"""QLIP's data from real pipeline runs: FP generations for T2Q's labels (resumable, in chunks),
-and FP trajectories for Q2B with each row's prompt index (both guidance halves)."""
+"""QLIP's data from real pipeline runs, all in full precision and resumable in chunks of prompts
+(:class:`~qlip.pipeline.cache.ChunkStore`): FP generations measured for T2Q's labels, FP
+trajectories for Q2B (every step, both guidance halves, each row with its prompt's index), and
+each prompt's quantization sensitivity along its FP trajectory. Prompt i always uses the seed
+``seed + i`` (its own generator), so results do not depend on batch or chunk sizes' boundaries
+and prompt i's trajectory is the one its T2Q image was drawn from."""
 
 from __future__ import annotations
 
@@ -9,94 +13,169 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..methods.calib_data import CalibrationSet
+from ..methods.qlip.sensitivity import per_prompt_mean, row_sensitivity
 from ..methods.runner import full_precision
+from ..methods.unet_inputs import UNetInputs
 from ..nn import quant_units
-from .capture import capture_unet_inputs
-from .prompts import encode_prompt_batch
+from .cache import ChunkStore
+from .capture import _InputRecorder
+from .prompts import check_prompts, encode_prompt_batch
+
+# images [B, 3, H, W] in [0, 1] and their prompts -> named per-image tensors, e.g.
+# {"features": [B, D], "image_text": [B]}
+Measure = Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]
 
 
 @dataclass
-class T2QDataConfig:
-    num_prompts: int = 10_000  # N, the paper's 10k generations
+class FPRunConfig:
+    """How the FP runs over prompts sample (T2Q data, trajectories, sensitivity)."""
+
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float = 4.0  # the reference world's; SD 1.x is usually sampled at 7.5
+    seed: int = 0  # prompt i uses seed + i
     chunk: int = 64  # prompts per saved chunk (the unit of resumption)
     batch_size: int = 16
-    seed: int = 0  # image i uses seed + i
     progress: bool = True
 
+    def __post_init__(self):
+        if self.steps < 1 or self.chunk < 1 or self.batch_size < 1:
+            raise ValueError(f"FPRunConfig needs steps, chunk and batch_size >= 1; got "
+                             f"{self.steps}, {self.chunk}, {self.batch_size}")
 
-def generate_t2q_data(
-    pipe, prompts: Sequence[str], features: Callable[[torch.Tensor], torch.Tensor],
-    out_dir: str | Path, config: T2QDataConfig | None = None,
-) -> dict[str, torch.Tensor]:
-    """FP images of ``prompts`` (the first ``num_prompts``) turned into image ``features`` (a
-    callable on [B, 3, H, W] images in [0, 1], e.g. Inception pool3) and the prompts' pooled text
-    embeddings; chunks saved in ``out_dir`` are kept and skipped on a rerun. Returns
-    ``{"pooled": [N, C], "features": [N, D]}``. Score them with GIQA afterwards.
+    def fingerprint(self) -> dict:
+        """What decides the results (not the batch size, the chunk size is the store's)."""
+        return {"steps": self.steps, "guidance": self.guidance, "seed": self.seed}
 
-    >>> data = generate_t2q_data(pipe, prompts, extractor.global_features, "runs/t2q-data")  # doctest: +SKIP
-    """
-    config = config or T2QDataConfig()
-    prompts = list(prompts)[: config.num_prompts]
-    if not prompts:
-        raise ValueError("generate_t2q_data needs at least one prompt")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    chunks = range(0, len(prompts), config.chunk)
-    for start in tqdm(chunks, desc="T2Q data", disable=not config.progress):
-        path = out / f"chunk_{start:07d}.safetensors"
-        if not path.exists():
-            save_file(_chunk(pipe, prompts[start : start + config.chunk], start, features, config),
-                      str(path))
-    parts = [load_file(str(out / f"chunk_{s:07d}.safetensors")) for s in chunks]
-    return {k: torch.cat([p[k] for p in parts]) for k in ("pooled", "features")}
+
+def _generators(pipe, first_seed: int, count: int) -> list[torch.Generator]:
+    device = pipe.unet.device
+    return [torch.Generator(device).manual_seed(first_seed + i) for i in range(count)]
+
+
+def _keys(prompts: Sequence[str]) -> list[str]:
+    return [f"{i}\t{p}" for i, p in enumerate(prompts)]
 
 
 @torch.no_grad()
-def _chunk(pipe, prompts: list[str], start: int, features, config: T2QDataConfig) -> dict:
-    pooled, feats = [], []
+def fp_images(pipe, prompts: list[str], first_seed: int, config: FPRunConfig) -> torch.Tensor:
+    """FP images [n, 3, H, W] in [0, 1] of ``prompts`` (seeds ``first_seed + i``), even when the
+    UNet holds quantized units (they are bypassed)."""
+    out = []
     with full_precision(quant_units(pipe.unet)):
         for b in range(0, len(prompts), config.batch_size):
             batch = prompts[b : b + config.batch_size]
-            seeds = range(config.seed + start + b, config.seed + start + b + len(batch))
-            gens = [torch.Generator(pipe.unet.device).manual_seed(s) for s in seeds]
             images = pipe(batch, num_inference_steps=config.steps, guidance_scale=config.guidance,
-                          generator=gens, output_type="np").images
-            images = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float()
-            feats.append(features(images).float().cpu())
-            pooled.append(encode_prompt_batch(pipe, batch).pooled.cpu())
-    return {"pooled": torch.cat(pooled).contiguous(), "features": torch.cat(feats).contiguous()}
+                          generator=_generators(pipe, first_seed + b, len(batch)),
+                          output_type="np").images
+            out.append(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float())
+    return torch.cat(out).clamp(0, 1)
 
 
+def generate_t2q_data(
+    pipe, prompts: Sequence[str], measure: Measure | None, out_dir: str | Path,
+    config: FPRunConfig | None = None, fingerprint: dict | None = None, redo: bool = False,
+) -> dict[str, torch.Tensor]:
+    """FP images of ``prompts``, measured by ``measure`` (e.g. the evaluator's global features and
+    image–text cosines), plus the prompts' pooled text embeddings; saved in chunks in ``out_dir``.
+    ``fingerprint`` names what else decides the results (the model, the measure). Returns
+    ``{"pooled": [N, C], **measure}``. Score them with GIQA afterwards. Without ``measure`` no
+    image is generated: only the embeddings (a label that needs no image, e.g. sensitivity).
+
+    >>> data = generate_t2q_data(pipe, prompts, measure, "runs/t2q-data")  # doctest: +SKIP
+    """
+    config = config or FPRunConfig()
+    prompts = list(prompts)
+    check_prompts(pipe, prompts, truncate=True)
+    store = ChunkStore(out_dir, {"kind": "t2q-data", **config.fingerprint(), **(fingerprint or {})},
+                       config.chunk, redo, "T2Q data set")
+
+    def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
+        batch = prompts[start:stop]
+        measured = {}
+        if measure is not None:
+            images = fp_images(pipe, batch, config.seed + start, config)
+            measured = {k: v.float().cpu() for k, v in measure(images, batch).items()}
+        return {"pooled": encode_prompt_batch(pipe, batch).pooled.float().cpu(), **measured}
+
+    return store.run(_keys(prompts), compute, "T2Q data", config.progress)
+
+
+@torch.no_grad()
 def capture_trajectories(
     pipe, prompts: Sequence[str], steps: int = 25, guidance: float = 7.5, batch_size: int = 8,
     seed: int = 0, progress: bool = True,
 ) -> tuple[CalibrationSet, torch.Tensor]:
-    """FP trajectories (every step, both guidance halves) of ``prompts`` and each row's prompt
-    index ``[N]`` (rows of one call are ``[uncond b, cond b]``), for Q2B training.
+    """FP trajectories (every step, both guidance halves) of ``prompts`` (prompt i from seed
+    ``seed + i``) and each row's prompt index ``[N]`` (rows of one call are
+    ``[uncond b, cond b]``), for Q2B training.
 
     >>> rows, prompt_of_row = capture_trajectories(pipe, prompts, steps=25)  # doctest: +SKIP
     """
     prompts = list(prompts)
-    sets, index = [], []
+    check_prompts(pipe, prompts, truncate=True)
+    rows, steps_of_row, index = [], [], []
     halves = 2 if guidance > 1.0 else 1
     with full_precision(quant_units(pipe.unet)):
-        for start in tqdm(range(0, len(prompts), batch_size), desc="trajectories", disable=not progress):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="trajectories",
+                          disable=not progress):
             batch = prompts[start : start + batch_size]
-            data = capture_unet_inputs(pipe, batch, steps, guidance, seed=seed + start,
-                                       batch_size=len(batch), progress=False)
+            recorder = _InputRecorder(None)
+            handle = pipe.unet.register_forward_pre_hook(recorder, with_kwargs=True)
+            try:
+                pipe(batch, num_inference_steps=steps, guidance_scale=guidance,
+                     generator=_generators(pipe, seed + start, len(batch)), output_type="latent")
+            finally:
+                handle.remove()
             per_call = torch.arange(start, start + len(batch)).repeat(halves)
-            index.append(per_call.repeat(len(data) // len(per_call)))
-            sets.append(data)
-    rows = sets[0] if len(sets) == 1 else _cat(sets)
-    return rows, torch.cat(index)
+            rows += recorder.rows
+            steps_of_row += recorder.steps
+            index += [per_call] * len(recorder.rows)
+    data = CalibrationSet.from_inputs(UNetInputs.cat(rows), torch.cat(steps_of_row))
+    return data, torch.cat(index)
 
 
-def _cat(sets: list[CalibrationSet]) -> CalibrationSet:
-    return CalibrationSet.from_inputs(
-        type(sets[0].inputs()).cat([s.inputs() for s in sets]), torch.cat([s.steps for s in sets]))
+def trajectory_data(
+    pipe, prompts: Sequence[str], out_dir: str | Path, config: FPRunConfig | None = None,
+    fingerprint: dict | None = None, redo: bool = False,
+) -> tuple[CalibrationSet, torch.Tensor]:
+    """:func:`capture_trajectories`, saved in chunks in ``out_dir`` (resumable)."""
+    config = config or FPRunConfig()
+    prompts = list(prompts)
+    store = ChunkStore(out_dir, {"kind": "trajectories", **config.fingerprint(),
+                                 **(fingerprint or {})}, config.chunk, redo, "trajectory set")
+
+    def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
+        rows, index = capture_trajectories(pipe, prompts[start:stop], config.steps,
+                                           config.guidance, config.batch_size,
+                                           config.seed + start, progress=False)
+        return rows.tensors() | {"prompt_of_row": index + start}
+
+    tensors = store.run(_keys(prompts), compute, "trajectories", config.progress)
+    index = tensors.pop("prompt_of_row")
+    return CalibrationSet.from_tensors(tensors), index
+
+
+def prompt_sensitivity(
+    pipe, prompts: Sequence[str], bits: int, out_dir: str | Path,
+    config: FPRunConfig | None = None, fingerprint: dict | None = None, redo: bool = False,
+) -> torch.Tensor:
+    """``[N]`` each prompt's ``mean((ε_fp − ε_q)²)`` with every dynamic unit at ``bits``, over its
+    FP trajectory's rows (:func:`~qlip.methods.qlip.sensitivity.row_sensitivity`); chunked in
+    ``out_dir``. ``fingerprint`` must name the quantized model."""
+    config = config or FPRunConfig()
+    prompts = list(prompts)
+    units = quant_units(pipe.unet)
+    store = ChunkStore(out_dir, {"kind": "sensitivity", "bits": bits, **config.fingerprint(),
+                                 **(fingerprint or {})}, config.chunk, redo, "sensitivity set")
+
+    def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
+        rows, index = capture_trajectories(pipe, prompts[start:stop], config.steps,
+                                           config.guidance, config.batch_size,
+                                           config.seed + start, progress=False)
+        errors = row_sensitivity(pipe.unet, units, rows, bits, config.batch_size)
+        return {"sensitivity": per_prompt_mean(errors, index, stop - start)}
+
+    return store.run(_keys(prompts), compute, f"sensitivity A{bits}", config.progress)["sensitivity"]

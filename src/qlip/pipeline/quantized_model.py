@@ -18,7 +18,7 @@ def load_for_sampling(
     """Load the quantized model folder ``quantized`` onto ``pipe.unet`` (in place), wrap the
     scheduler with PTQD's correction when the folder holds PTQD statistics, and return the bit
     policy to sample with: ``abits`` for every unit; else QLIP when the folder holds a trained
-    T2Q/Q2B (``qlip qlip-train``); else the model's own ``abits``. Without
+    T2Q/Q2B (``qlip train-qlip``); else the model's own ``abits``. Without
     ``quantized`` the pipeline stays full precision and the policy is None.
 
     >>> policy = load_for_sampling(pipe, "runs/w4a8", abits=16)  # doctest: +SKIP

@@ -206,10 +206,35 @@ def training_prompts(n: int, seed: int,
             raise ValueError(f"richness_weights needs {len(RICHNESS_LEVELS)} non-negative "
                              f"weights, one per level, not all zero; got {richness_weights}")
         probabilities = weights / weights.sum()
-    prompts = []
-    for _ in range(n):
+    stream = _training_stream(rng, probabilities)
+    return [next(stream) for _ in range(n)]
+
+
+def _training_stream(rng: np.random.Generator, probabilities: np.ndarray | None = None):
+    """Training prompts one after another (``training_prompts(n)`` is a prefix of this)."""
+    while True:
         scene = sample_scene(rng, include_heldout=False)
-        prompts.append(describe(scene, int(rng.choice(RICHNESS_LEVELS, p=probabilities)), rng))
+        yield describe(scene, int(rng.choice(RICHNESS_LEVELS, p=probabilities)), rng)
+
+
+def heldout_free_prompts(n: int, seed: int) -> list[Prompt]:
+    """``n`` prompts of the training distribution whose texts are none of the held-out set's:
+    what a bit policy (QLIP's T2Q and Q2B) trains on, so that an evaluation on held-out prompts
+    never scores a text the policy was fitted to. A prefix of a longer call with the same seed.
+
+    Every richness-0 and -1 text of the world (24 and 126 distinct texts) is in the held-out
+    set, so these prompts are of richness 2-4 only (about 8% of level-2 draws are dropped too).
+    """
+    excluded = {p.text for p in heldout_prompts()}
+    stream = _training_stream(np.random.default_rng(seed))
+    prompts: list[Prompt] = []
+    for draws, prompt in enumerate(stream):
+        if prompt.text not in excluded:
+            prompts.append(prompt)
+        if len(prompts) == n:
+            return prompts
+        if draws > 100 * n + 10_000:  # cannot happen with this world's captions; never spin
+            raise RuntimeError("the training distribution yields almost only held-out texts")
     return prompts
 
 

@@ -59,7 +59,7 @@ def load_qlip(folder: str | Path, device: str | torch.device = "cpu") -> QLIPMod
     """Read what :func:`save_qlip` wrote (refusing other formats and newer versions)."""
     path = Path(folder) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: train QLIP with `qlip qlip-train` first")
+        raise FileNotFoundError(f"{path} not found: train QLIP with `qlip train-qlip` first")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
         raise ValueError(f"{path}: not a qlip QLIP file of version <= {VERSION} "

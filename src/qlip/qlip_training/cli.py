@@ -1,0 +1,106 @@
+"""`qlip train-qlip` and `qlip plot-qlip`: thin; each flag maps onto one config field."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..methods.qlip import Q2BConfig, Q2BTrainConfig, T2QConfig
+from ..methods.qlip.q2b import FORCE_MODES, OPTION_COUNTS
+from ..methods.qlip.train import PENALTY_NORMS
+from ..pipeline.qlip_data import FPRunConfig
+from ..quant import parse_bits_list
+from .labels import LABELS, LabelConfig
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        return parse_bits_list(text, "--bits")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def add_train_qlip_parser(sub) -> None:
+    from ..cli_args import add_model_args
+
+    p = sub.add_parser("train-qlip", help="train QLIP's T2Q and Q2B on a quantized model")
+    add_model_args(p)
+    p.add_argument("--quantized", required=True, help="folder written by `qlip quantize`")
+    p.add_argument("--bits", type=_bits, default=Q2BConfig.bits,
+                   help="Q2B's bit options, low to high, all in the model's activation bank")
+    p.add_argument("--out", help="folder for qlip.json (default: the --quantized folder; another "
+                   "folder gets a copy of the quantized model too)")
+    p.add_argument("--work-dir", help="the stages' caches (default: QUANTIZED/qlip_work)")
+    p.add_argument("--prompts", help="training prompts, one a line (default on the reference "
+                   "model: its training captions, every held-out text excluded)")
+    p.add_argument("--num-prompts", type=int, default=10_000, help="N, T2Q's FP generations")
+    p.add_argument("--prompt-seed", type=int, default=0)
+    p.add_argument("--q2b-prompts", type=int, default=128,
+                   help="the first prompts, whose FP trajectories train Q2B")
+    p.add_argument("--steps", type=int, default=FPRunConfig.steps,
+                   help="sampling steps (Q2B is trained for exactly these)")
+    p.add_argument("--guidance", type=float, default=FPRunConfig.guidance)
+    p.add_argument("--seed", type=int, default=FPRunConfig.seed, help="prompt i uses seed + i")
+    p.add_argument("--chunk", type=int, default=FPRunConfig.chunk,
+                   help="prompts per saved chunk of the FP runs (the unit of resumption)")
+    p.add_argument("--batch-size", type=int, default=FPRunConfig.batch_size)
+    p.add_argument("--label", choices=LABELS, default=LabelConfig.label,
+                   help="T2Q's label: giqa (GMM), giqa_knn, realism, image_text, sensitivity")
+    p.add_argument("--giqa-components", type=int, default=LabelConfig.giqa_components)
+    p.add_argument("--knn-k", type=int, default=LabelConfig.knn_k)
+    p.add_argument("--realism-k", type=int, default=LabelConfig.realism_k)
+    p.add_argument("--real", help="user models: a folder of real images (giqa, realism)")
+    p.add_argument("--inception-weights", help="user models: torch-fidelity Inception weights")
+    p.add_argument("--clip", help="user models: a local CLIP model folder (image_text)")
+    p.add_argument("--t2q-iters", type=int, default=T2QConfig.iters)
+    p.add_argument("--t2q-batch-size", type=int, default=T2QConfig.batch_size)
+    p.add_argument("--t2q-lr", type=float, default=T2QConfig.lr)
+    p.add_argument("--t2q-holdout", type=float, default=0.1,
+                   help="share of the prompts held out to measure T2Q's SROCC/PLCC")
+    p.add_argument("--variant", choices=sorted(OPTION_COUNTS), default=Q2BConfig.variant)
+    p.add_argument("--group-steps", type=int, default=Q2BConfig.group_steps,
+                   help="M: steps sharing one (p_m, p_h)")
+    p.add_argument("--high-steps", type=int, default=Q2BConfig.high_steps,
+                   help="m: first steps forced high")
+    p.add_argument("--force", choices=FORCE_MODES, default=Q2BConfig.force)
+    p.add_argument("--q2b-iters", type=int, default=Q2BTrainConfig.iters)
+    p.add_argument("--q2b-batch-size", type=int, default=Q2BTrainConfig.batch_size)
+    p.add_argument("--q2b-lr", type=float, default=Q2BTrainConfig.lr)
+    p.add_argument("--lam", type=float, default=Q2BTrainConfig.lam, help="λ, the bit-penalty weight")
+    p.add_argument("--penalty-norm", choices=PENALTY_NORMS, default=Q2BTrainConfig.penalty_norm)
+    p.add_argument("--checkpoint-every", type=int, default=Q2BTrainConfig.checkpoint_every)
+    p.add_argument("--redo-stale", action="store_true",
+                   help="recompute a stage whose cache was made from other inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_train_qlip)
+
+
+def train_config_from_args(args):
+    """The TrainQLIPConfig the flags say (one field per flag)."""
+    from ..cli_args import device_name
+    from .job import TrainQLIPConfig
+
+    return TrainQLIPConfig(
+        quantized=args.quantized, model=args.model, out=args.out, work_dir=args.work_dir,
+        device=device_name(args.device), prompts=args.prompts, num_prompts=args.num_prompts,
+        prompt_seed=args.prompt_seed, q2b_prompts=args.q2b_prompts,
+        sampling=FPRunConfig(steps=args.steps, guidance=args.guidance, seed=args.seed,
+                             chunk=args.chunk, batch_size=args.batch_size),
+        labels=LabelConfig(label=args.label, giqa_components=args.giqa_components,
+                           knn_k=args.knn_k, realism_k=args.realism_k),
+        real=args.real, inception_weights=args.inception_weights, clip=args.clip,
+        t2q=T2QConfig(iters=args.t2q_iters, batch_size=args.t2q_batch_size, lr=args.t2q_lr),
+        t2q_holdout=args.t2q_holdout,
+        q2b=Q2BConfig(bits=args.bits, variant=args.variant, group_steps=args.group_steps,
+                      high_steps=args.high_steps, force=args.force),
+        q2b_train=Q2BTrainConfig(iters=args.q2b_iters, batch_size=args.q2b_batch_size,
+                                 lr=args.q2b_lr, lam=args.lam, penalty_norm=args.penalty_norm,
+                                 checkpoint_every=args.checkpoint_every),
+        redo_stale=args.redo_stale, progress=not args.no_progress,
+    )
+
+
+def cmd_train_qlip(args) -> int:
+    from .job import train_qlip
+
+    train_qlip(train_config_from_args(args))
+    return 0

@@ -1,0 +1,298 @@
+"""Training QLIP on a quantized model, end to end (`qlip train-qlip`): T2Q data (FP generations
+of N prompts) → labels → T2Q → FP trajectories → Q2B → ``qlip.json`` + ``qlip.safetensors``.
+
+Every stage keeps its results in the work folder (default ``<quantized>/qlip_work``) with the
+fingerprint of what made them, so a rerun resumes where it stopped (the FP runs per chunk of
+prompts, Q2B per checkpoint) and reuses a stage only when its inputs match; a stage of other
+inputs is refused with the differing fields named (``redo_stale`` recomputes it). The FP stages
+(T2Q data, real features, trajectories) depend on the base model only, so trainings of several
+bit sets on one quantized model share them.
+
+>>> modules = train_qlip(TrainQLIPConfig("runs/qd-w4", q2b=Q2BConfig(bits=(8, 16, 32))))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..methods.qlip import Q2B, T2Q, Q2BConfig, Q2BTrainConfig, QLIPModules, T2QConfig, save_qlip
+from ..methods.qlip.train import train_q2b
+from ..nn import QuantConfig, quant_units
+from ..pipeline import load_pipeline, load_quantized
+from ..pipeline.cache import ChunkStore, claim, digest, file_digest, tensor_digest
+from ..pipeline.qlip_data import FPRunConfig, generate_t2q_data, prompt_sensitivity, trajectory_data
+from ..pipeline.saving import CONFIG_FILE, STATE_FILE, read_config
+from .labels import LabelConfig, normalized_labels, raw_scores
+from .sources import LabelSource, folder_source, reference_source
+from .t2q_stage import T2QResult, fit_t2q
+
+REFERENCE = "reference"
+
+
+@dataclass
+class TrainQLIPConfig:
+    """Everything `qlip train-qlip` does; each field is one flag."""
+
+    quantized: str = ""  # a folder made by `qlip quantize`
+    model: str = REFERENCE  # the base model the folder was quantized from
+    out: str | None = None  # where qlip.json goes (default: the quantized folder itself)
+    work_dir: str | None = None  # the stages' caches (default: <quantized>/qlip_work)
+    device: str = "cpu"
+    prompts: str | None = None  # a file, one prompt a line; None: the reference world's own
+    num_prompts: int = 10_000  # N, T2Q's FP generations (the paper's 10k)
+    prompt_seed: int = 0  # which reference-world prompts
+    q2b_prompts: int = 128  # the first prompts, whose FP trajectories train Q2B
+    sampling: FPRunConfig = field(default_factory=FPRunConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    real: str | None = None  # user models: a folder of real images (GIQA, realism)
+    inception_weights: str | None = None  # user models: torch-fidelity Inception weights
+    clip: str | None = None  # user models: a local CLIP folder (the image_text label)
+    t2q: T2QConfig = field(default_factory=T2QConfig)
+    t2q_holdout: float = 0.1  # share of the N prompts T2Q's SROCC/PLCC are measured on
+    q2b: Q2BConfig = field(default_factory=Q2BConfig)
+    q2b_train: Q2BTrainConfig = field(default_factory=Q2BTrainConfig)
+    redo_stale: bool = False  # recompute a stage whose cache was made from other inputs
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.quantized:
+            raise ValueError("TrainQLIPConfig.quantized: pass --quantized DIR (a `qlip quantize` "
+                             "folder)")
+        if self.num_prompts < 2 or not 1 <= self.q2b_prompts <= self.num_prompts:
+            raise ValueError(f"need num_prompts >= 2 and 1 <= q2b_prompts <= num_prompts; got "
+                             f"{self.num_prompts}, {self.q2b_prompts}")
+        if not 0 < self.t2q_holdout < 1 or round(self.t2q_holdout * self.num_prompts) < 2:
+            raise ValueError(f"t2q_holdout must leave >= 2 held-out and >= 2 training prompts; "
+                             f"got {self.t2q_holdout} of {self.num_prompts}")
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir or Path(self.quantized) / "qlip_work")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"q2b": self.q2b.to_dict()}
+
+
+@dataclass
+class ModelFacts:
+    """What the quantized folder says about itself, read before any work."""
+
+    meta: dict
+    config: QuantConfig
+    digest: str  # of the saved quantizer state: names the quantized model in fingerprints
+
+
+def _same_model(given: str, recorded: str) -> bool:
+    if given == recorded:
+        return True
+    return Path(given).expanduser().resolve() == Path(recorded).expanduser().resolve()
+
+
+def check_inputs(config: TrainQLIPConfig) -> ModelFacts:
+    """Every check that needs no model loaded; raises with what to do."""
+    folder = Path(config.quantized)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--quantized {folder}: no such folder; make one with `qlip "
+                                "quantize --abits-options ... --out DIR`")
+    meta = read_config(folder)  # refuses a folder that is not a quantized model
+    quant = QuantConfig.from_dict(meta["quant_config"])
+    bank, bits = quant.abits_options, config.q2b.bits
+    missing = sorted(set(bits) - set(bank))
+    if missing:
+        raise ValueError(f"--bits {','.join(map(str, bits))}: {missing} not in the activation bank "
+                         f"of {folder} {list(bank)}; choose --bits among them or quantize again "
+                         f"with --abits-options {','.join(map(str, sorted(set(bank) | set(bits))))}")
+    if meta.get("base_model") and not _same_model(config.model, meta["base_model"]):
+        raise ValueError(f"{folder} was quantized from {meta['base_model']!r}, not "
+                         f"{config.model!r}: pass --model {meta['base_model']}")
+    if quant.act_steps is not None and config.sampling.steps > quant.act_steps:
+        raise ValueError(f"{folder} has per-step activation tables of {quant.act_steps} steps; "
+                         f"--steps {config.sampling.steps} is more")
+    world = config.model == REFERENCE
+    if config.prompts is None and not world:
+        raise ValueError("--prompts FILE is needed for a model other than the reference model")
+    if config.prompts is not None and not Path(config.prompts).is_file():
+        raise FileNotFoundError(f"--prompts {config.prompts}: no such file")
+    if not world and config.labels.needs_real and not (config.real and Path(config.real).is_dir()):
+        raise FileNotFoundError(f"the {config.labels.label} label needs --real DIR (a folder of "
+                                f"real images) on a model other than the reference model")
+    if not world and config.labels.label == "image_text" and not config.clip:
+        raise ValueError("the image_text label needs --clip DIR (a local CLIP model folder) on a "
+                         "model other than the reference model")
+    _check_out(config, folder)
+    return ModelFacts(meta, quant, file_digest(folder / STATE_FILE))
+
+
+def _check_out(config: TrainQLIPConfig, folder: Path) -> None:
+    out = Path(config.out) if config.out else folder
+    theirs = out / CONFIG_FILE
+    if out.resolve() != folder.resolve() and theirs.is_file():
+        if file_digest(theirs) != file_digest(folder / CONFIG_FILE) or \
+                file_digest(out / STATE_FILE) != file_digest(folder / STATE_FILE):
+            raise ValueError(f"--out {out} holds another quantized model; choose an empty folder")
+
+
+def training_prompts(config: TrainQLIPConfig) -> tuple[list[str], list | None]:
+    """The N training prompts (texts) and, on the reference world, their world prompts."""
+    if config.prompts is not None:
+        from ..cli_args import read_prompt_file
+
+        texts = read_prompt_file(config.prompts)
+        if len(texts) < config.num_prompts:
+            raise ValueError(f"--prompts {config.prompts} holds {len(texts)} prompts; "
+                             f"--num-prompts {config.num_prompts} needs that many")
+        return texts[: config.num_prompts], None
+    from ..world.domain import heldout_free_prompts
+
+    world = heldout_free_prompts(config.num_prompts, config.prompt_seed)
+    return [p.text for p in world], world
+
+
+def _image_size(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def label_source(config: TrainQLIPConfig, pipe, world_prompts: list | None) -> LabelSource | None:
+    """The reference world's evaluator and renders; a user's real folder and networks; or, for
+    the sensitivity label on a user's model, nothing (no image is generated for T2Q)."""
+    size = _image_size(pipe)
+    if world_prompts is not None and config.model == REFERENCE and config.real is None:
+        return reference_source(world_prompts, size, config.device)
+    if config.labels.label == "sensitivity" and config.real is None:
+        return None
+    return folder_source(config.real, config.inception_weights, config.clip, size, config.device)
+
+
+class _Stages:
+    """The job's state between stages; one method per stage."""
+
+    def __init__(self, config: TrainQLIPConfig, facts: ModelFacts, log: Callable[[str], None]):
+        self.config, self.facts, self.log = config, facts, log
+        self.sampling = replace(config.sampling, progress=config.progress)
+        self.base = {"model": config.model, "base": facts.meta["base_fingerprint"]}
+        self.times: dict[str, float] = {}
+
+    def timed(self, name: str, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        self.times[name] = round(time.perf_counter() - start, 1)
+        self.config.work.mkdir(parents=True, exist_ok=True)
+        (self.config.work / "status.json").write_text(json.dumps(self.times, indent=1))
+        return result
+
+    def t2q_data(self, pipe, texts, source: LabelSource | None) -> dict[str, torch.Tensor]:
+        what = "FP generations" if source else "text embeddings"
+        self.log(f"T2Q data: {what} of {len(texts)} prompts -> {self.config.work}/t2q_data")
+        measure = source.measure if source else None
+        return generate_t2q_data(pipe, texts, measure, self.config.work / "t2q_data",
+                                 self.sampling, self.base | {"measure": getattr(source, "name", "")},
+                                 self.config.redo_stale)
+
+    def real_features(self, source: LabelSource) -> torch.Tensor:
+        self.log(f"real features: {len(source.real_keys)} real images ({source.name})")
+        store = ChunkStore(self.config.work / "real_features", {"source": source.name},
+                           self.sampling.chunk, self.config.redo_stale, "real-feature set")
+        return store.run(source.real_keys, lambda a, b: {"features": source.real_chunk(a, b)},
+                         "real features", self.config.progress)["features"]
+
+    def sensitivity(self, pipe, texts) -> torch.Tensor:
+        low = self.config.q2b.bits[0]
+        self.log(f"sensitivity: every prompt's FP trajectory at A{low} vs FP")
+        return prompt_sensitivity(pipe, texts, low, self.config.work / f"sensitivity_A{low}",
+                                  self.sampling, self.base | {"quantized": self.facts.digest},
+                                  self.config.redo_stale)
+
+    def trajectories(self, pipe, texts):
+        count = self.config.q2b_prompts
+        self.log(f"trajectories: FP trajectories of the first {count} prompts")
+        return trajectory_data(pipe, texts[:count], self.config.work / "trajectories",
+                               self.sampling, self.base, self.config.redo_stale)
+
+
+def _raw_scores(stages: _Stages, pipe, texts, data, source) -> torch.Tensor:
+    labels = stages.config.labels
+    real = stages.timed("real features", stages.real_features, source) if labels.needs_real else None
+    sens = stages.timed("sensitivity", stages.sensitivity, pipe, texts) \
+        if labels.label == "sensitivity" else None
+    return torch.from_numpy(raw_scores(labels, data, real, sens))
+
+
+def _fit_q2b(stages: _Stages, pipe, t2q: T2Q, pooled: torch.Tensor, texts) -> tuple[Q2B, list]:
+    config = stages.config
+    rows, prompt_of_row = stages.timed("trajectories", stages.trajectories, pipe, texts)
+    with torch.no_grad():
+        quality = t2q(pooled[: config.q2b_prompts])[prompt_of_row]
+    units = quant_units(pipe.unet)
+    dynamic = [n for n, u in units.items() if u.dynamic]
+    q2b = Q2B(len(dynamic), config.sampling.steps, config.q2b).to(pipe.unet.device)
+    train = replace(config.q2b_train, progress=config.progress)
+    fingerprint = {"q2b": config.q2b.to_dict(), "train": _without(asdict(train), "iters"),
+                   "quantized": stages.facts.digest, "t2q": tensor_digest(t2q.state_dict()),
+                   "rows": digest([stages.sampling.fingerprint(), stages.base,
+                                   texts[: config.q2b_prompts]])}
+    folder = config.work / f"q2b_A{'-'.join(map(str, config.q2b.bits))}_{config.labels.label}"
+    claim(folder, fingerprint, config.redo_stale, "Q2B checkpoint")
+    stages.log(f"Q2B: {train.iters} iterations on {len(rows)} rows of {config.q2b_prompts} "
+               f"prompts, {len(dynamic)} dynamic units -> {folder}")
+    history = stages.timed("q2b", train_q2b, pipe.unet, q2b, units, rows, quality, train, folder)
+    return q2b.cpu(), history
+
+
+def _without(values: dict, *keys: str) -> dict:
+    return {k: v for k, v in values.items() if k not in keys and k != "progress"}
+
+
+def _metrics(config: TrainQLIPConfig, fitted: T2QResult, history: list, texts, world,
+             times: dict) -> dict:
+    tail = history[-max(1, len(history) // 10):]
+    q2b = {"iters": len(history), **{k: sum(h[k] for h in tail) / len(tail)
+                                     for k in ("loss", "mse", "fab")}}
+    prompts = {"source": config.prompts or f"reference world, held-out texts excluded, seed "
+                                           f"{config.prompt_seed}", "count": len(texts)}
+    if world is not None:
+        levels = [p.richness for p in world]
+        prompts["richness"] = {str(r): levels.count(r) for r in sorted(set(levels))}
+    return {"t2q": fitted.metrics, "q2b": q2b, "prompts": prompts, "seconds": times,
+            "job": config.to_dict()}
+
+
+def _write(modules: QLIPModules, config: TrainQLIPConfig) -> Path:
+    folder = Path(config.quantized)
+    out = Path(config.out) if config.out else folder
+    if out.resolve() != folder.resolve():  # a copy of the model, so that --quantized OUT works
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (CONFIG_FILE, STATE_FILE):
+            shutil.copy2(folder / name, out / name)
+    return save_qlip(modules, out)
+
+
+def train_qlip(config: TrainQLIPConfig, log: Callable[[str], None] = print,
+               source: LabelSource | None = None) -> QLIPModules:
+    """Run (or resume) every stage and save T2Q and Q2B into ``config.out`` (default: the
+    quantized folder), with T2Q's held-out SROCC/PLCC and the training record in qlip.json.
+    ``source`` replaces what measures the labels (default: :func:`label_source`)."""
+    facts = check_inputs(config)
+    texts, world = training_prompts(config)
+    pipe = load_pipeline(config.model, config.device)
+    load_quantized(pipe.unet, config.quantized)
+    stages = _Stages(config, facts, log)
+    source = source or label_source(config, pipe, world)
+    data = stages.timed("t2q data", stages.t2q_data, pipe, texts, source)
+    raw = _raw_scores(stages, pipe, texts, data, source)
+    fitted = stages.timed("t2q", fit_t2q, config.work / f"t2q_{config.labels.label}",
+                          data["pooled"], raw, normalized_labels(raw.numpy()), config, log)
+    q2b, history = _fit_q2b(stages, pipe, fitted.model, data["pooled"], texts)
+    names = [n for n, u in quant_units(pipe.unet).items() if u.dynamic]
+    modules = QLIPModules(fitted.model, q2b.eval().requires_grad_(False), names,
+                          _metrics(config, fitted, history, texts, world, stages.times))
+    path = _write(modules, config)
+    log(f"T2Q held-out SROCC {fitted.metrics['srocc']:.3f}, PLCC {fitted.metrics['plcc']:.3f}; "
+        f"Q2B FAB {modules.metrics['q2b']['fab']:.2f} (last tenth of training); saved to {path}")
+    return modules
