@@ -115,3 +115,13 @@ def test_pixel_checker_reads_real_renders():
     assert report["overall"] > 0.98
     flat = np.full_like(images, 128)
     assert alignment_report(prompts, flat)["overall"] < 0.3
+
+
+def test_heldout_free_prompts_hold_no_heldout_text():
+    held = {p.text for p in heldout_prompts()}
+    prompts = domain.heldout_free_prompts(3000, seed=0)
+    assert len(prompts) == 3000 and not {p.text for p in prompts} & held
+    assert domain.heldout_free_prompts(100, seed=0) == prompts[:100]  # a prefix of a longer call
+    # every richness-0/1 text of the world is a held-out text: none is left
+    assert {p.richness for p in prompts} == {2, 3, 4}
+    assert not any(is_heldout_combination(o) for p in prompts for o in p.scene.objects)

@@ -54,7 +54,18 @@ def file_digest(path: str | Path, block: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _differences(old: dict, new: dict) -> list[str]:
+    old, new = _flat(old), _flat(new)
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} (cached) vs {new.get(k)!r} (now)" for k in keys
             if old.get(k) != new.get(k)]

@@ -95,8 +95,9 @@ def _same_model(given: str, recorded: str) -> bool:
     return Path(given).expanduser().resolve() == Path(recorded).expanduser().resolve()
 
 
-def check_inputs(config: TrainQLIPConfig) -> ModelFacts:
-    """Every check that needs no model loaded; raises with what to do."""
+def check_inputs(config: TrainQLIPConfig, own_source: bool = False) -> ModelFacts:
+    """Every check that needs no model loaded; raises with what to do. ``own_source``: the
+    caller measures the labels itself (no --real/--clip needed)."""
     folder = Path(config.quantized)
     if not folder.is_dir():
         raise FileNotFoundError(f"--quantized {folder}: no such folder; make one with `qlip "
@@ -120,14 +121,20 @@ def check_inputs(config: TrainQLIPConfig) -> ModelFacts:
         raise ValueError("--prompts FILE is needed for a model other than the reference model")
     if config.prompts is not None and not Path(config.prompts).is_file():
         raise FileNotFoundError(f"--prompts {config.prompts}: no such file")
-    if not world and config.labels.needs_real and not (config.real and Path(config.real).is_dir()):
-        raise FileNotFoundError(f"the {config.labels.label} label needs --real DIR (a folder of "
-                                f"real images) on a model other than the reference model")
-    if not world and config.labels.label == "image_text" and not config.clip:
-        raise ValueError("the image_text label needs --clip DIR (a local CLIP model folder) on a "
-                         "model other than the reference model")
+    if not (world or own_source):
+        _check_label_inputs(config)
     _check_out(config, folder)
     return ModelFacts(meta, quant, file_digest(folder / STATE_FILE))
+
+
+def _check_label_inputs(config: TrainQLIPConfig) -> None:
+    """A user's model: what the label is measured with must be given."""
+    if config.labels.needs_real and not (config.real and Path(config.real).is_dir()):
+        raise FileNotFoundError(f"the {config.labels.label} label needs --real DIR (a folder of "
+                                f"real images) on a model other than the reference model")
+    if config.labels.label == "image_text" and not config.clip:
+        raise ValueError("the image_text label needs --clip DIR (a local CLIP model folder) on a "
+                         "model other than the reference model")
 
 
 def _check_out(config: TrainQLIPConfig, folder: Path) -> None:
@@ -278,7 +285,7 @@ def train_qlip(config: TrainQLIPConfig, log: Callable[[str], None] = print,
     """Run (or resume) every stage and save T2Q and Q2B into ``config.out`` (default: the
     quantized folder), with T2Q's held-out SROCC/PLCC and the training record in qlip.json.
     ``source`` replaces what measures the labels (default: :func:`label_source`)."""
-    facts = check_inputs(config)
+    facts = check_inputs(config, own_source=source is not None)
     texts, world = training_prompts(config)
     pipe = load_pipeline(config.model, config.device)
     load_quantized(pipe.unet, config.quantized)

@@ -1,0 +1,83 @@
+"""T2Q's labels against closed forms and hand counts, and the prompts' quantization sensitivity on
+the tiny pipeline (float noise when nothing is quantized, larger at fewer bits)."""
+
+import copy
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from qlip.methods.qlip.sensitivity import per_prompt_mean, row_sensitivity
+from qlip.nn import QuantConfig, quant_units
+from qlip.pipeline import CalibrationConfig, QuantizeJob, quantize_pipeline
+from qlip.pipeline.qlip_data import capture_trajectories
+from qlip.qlip_training.labels import LabelConfig, normalized_labels, raw_scores
+
+RNG = np.random.default_rng(0)
+REAL = RNG.normal(size=(400, 3)) * [1.0, 2.0, 0.5] + [1.0, -1.0, 0.0]
+GENERATED = RNG.normal(size=(5, 3))
+
+
+def test_gmm_giqa_with_one_component_is_the_gaussian_log_likelihood():
+    config = LabelConfig(label="giqa", giqa_components=1, giqa_pca=None)
+    got = raw_scores(config, {"features": torch.from_numpy(GENERATED)}, torch.from_numpy(REAL))
+    mean, cov = REAL.mean(0), np.cov(REAL.T, bias=True)  # the mixture's ML estimates
+    want = scipy.stats.multivariate_normal(mean, cov).logpdf(GENERATED)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_knn_giqa_and_realism_by_hand():
+    real = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 5.0]])
+    features = {"features": torch.tensor([[1.0, 1.0], [0.0, 4.0]])}
+    knn = raw_scores(LabelConfig(label="giqa_knn", knn_k=2), features, real)
+    # L1 distances: (1,1) -> 2, 2, 5 (the two nearest: 1/2 + 1/2); (0,4) -> 4, 6, 1 (1/1 + 1/4)
+    np.testing.assert_allclose(knn, [1.0, 1.25])
+    realism = raw_scores(LabelConfig(label="realism", realism_k=1, realism_keep=1.0), features,
+                         real)
+    # 1-NN radii 2, 2, 5; (0,4): max(2/4, 2/√20, 5/1) = 5; (1,1): max(2/√2, 2/√2, 5/√17) = √2
+    np.testing.assert_allclose(realism, [np.sqrt(2), 5.0])
+
+
+def test_image_text_and_sensitivity_pass_through_then_rank_normalise():
+    data = {"features": torch.zeros(4, 2), "image_text": torch.tensor([0.3, 0.1, 0.2, 0.1])}
+    raw = raw_scores(LabelConfig(label="image_text"), data)
+    np.testing.assert_allclose(raw, [0.3, 0.1, 0.2, 0.1])
+    # percentile among the four: fraction of scores <= each
+    np.testing.assert_allclose(normalized_labels(raw), [1.0, 0.5, 0.75, 0.5])
+    sens = raw_scores(LabelConfig(label="sensitivity"), data, sensitivity=torch.tensor([2.0, 1.0]))
+    np.testing.assert_allclose(sens, [2.0, 1.0])
+    with pytest.raises(ValueError, match="needs real"):
+        raw_scores(LabelConfig(label="giqa"), data)
+    with pytest.raises(ValueError, match="--clip"):
+        raw_scores(LabelConfig(label="image_text"), {"features": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="label must be one of"):
+        LabelConfig(label="bogus")
+
+
+def test_per_prompt_mean_by_hand():
+    values = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0])
+    got = per_prompt_mean(values, torch.tensor([0, 1, 0, 1, 2]), 3)
+    torch.testing.assert_close(got, torch.tensor([2.0, 3.5, 7.0]))
+    with pytest.raises(ValueError, match="needs rows"):
+        per_prompt_mean(values, torch.tensor([0, 0, 0, 2, 2]), 3)
+
+
+def test_sensitivity_is_zero_unquantized_and_grows_as_bits_fall(_tiny_pipeline_template):
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    job = QuantizeJob(quant=QuantConfig(wbits=32, abits=32, abits_options=(4, 8, 32)),
+                      calibration=CalibrationConfig(num_prompts=2, num_inference_steps=3,
+                                                    num_kept_steps=2, guidance=3.0))
+    quantize_pipeline(pipe, ["a red circle", "a star"], job, progress=False)
+    rows, index = capture_trajectories(pipe, ["a red circle", "two big squares"], steps=3,
+                                       guidance=3.0, progress=False)
+    units = quant_units(pipe.unet)
+    errors = {b: row_sensitivity(pipe.unet, units, rows, b) for b in (32, 8, 4)}
+    # W32A32: the FP computation up to float rounding (the FP path's attention kernel differs)
+    assert errors[32].max() < 1e-4 * errors[4].mean()
+    assert (errors[4] > errors[8]).float().mean() > 0.9 and (errors[8] > 0).all()
+    assert all(u.active_bits() == 32 for u in units.values())  # the units' bits restored
+    per_prompt = per_prompt_mean(errors[4], index, 2)
+    assert per_prompt.shape == (2,) and (per_prompt > 0).all()
+    with pytest.raises(ValueError, match="no quantizer for 6 bits"):
+        row_sensitivity(pipe.unet, units, rows, 6)
