@@ -87,11 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_parser
     from .evaluation.cli import add_eval_parser
     from .evaluation.compare import add_compare_parser
-    from .qlip_training.cli import add_train_qlip_parser
+    from .qlip_training.cli import add_plot_qlip_parser, add_train_qlip_parser
 
     add_eval_parser(sub)
     add_compare_parser(sub)
     add_train_qlip_parser(sub)
+    add_plot_qlip_parser(sub)
     add_demo_parser(sub)
     return parser
 

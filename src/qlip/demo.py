@@ -27,17 +27,11 @@ def add_demo_parser(sub) -> None:
 
 
 def rising_prompts(num_scenes: int, seed: int) -> list:
-    """Each scene described at every richness level, from a bare noun to a full description."""
-    from .world.domain import RICHNESS_LEVELS, describe, sample_scene
+    """Each scene described at every richness level, from a bare noun to a full description
+    (scenes of two or more objects show the levels best)."""
+    from .world.domain import richness_series
 
-    rng = np.random.default_rng(seed)
-    prompts = []
-    for _ in range(num_scenes):
-        scene = sample_scene(rng)
-        while len(scene.objects) < 2:  # two or more objects show the richness levels best
-            scene = sample_scene(rng)
-        prompts += [describe(scene, level, rng) for level in RICHNESS_LEVELS]
-    return prompts
+    return richness_series(num_scenes, seed, min_objects=2)
 
 
 @dataclass

@@ -104,3 +104,49 @@ def cmd_train_qlip(args) -> int:
 
     train_qlip(train_config_from_args(args))
     return 0
+
+
+def add_plot_qlip_parser(sub) -> None:
+    from ..cli_args import add_model_args
+    from .figures import QLIPFiguresConfig as F
+
+    p = sub.add_parser("plot-qlip", help="QLIP's figures (bit share per layer, FAB by richness, "
+                       "bits per step) for a trained model folder")
+    add_model_args(p)
+    p.add_argument("--quantized", required=True, help="folder with qlip.json (`qlip train-qlip`)")
+    p.add_argument("--out", required=True, help="folder for the PNGs and figures.json")
+    p.add_argument("--prompts", default=F.prompts,
+                   help="bit-share prompts: 'heldout' (reference world) or a file, one per line")
+    p.add_argument("--num-prompts", type=int, default=F.num_prompts)
+    p.add_argument("--richness-captions", help="user models: groups of captions of rising "
+                   "richness, one a line, groups separated by a blank line")
+    p.add_argument("--example-scenes", type=int, default=F.example_scenes)
+    p.add_argument("--curve-scenes", type=int, default=F.curve_scenes)
+    p.add_argument("--seed", type=int, default=F.seed)
+    p.add_argument("--guidance", type=float, default=F.guidance)
+    p.add_argument("--batch-size", type=int, default=F.batch_size)
+    p.set_defaults(handler=cmd_plot_qlip)
+
+
+def figures_config_from_args(args):
+    """The QLIPFiguresConfig the flags say (one field per flag)."""
+    from ..cli_args import device_name
+    from .figures import QLIPFiguresConfig
+
+    return QLIPFiguresConfig(
+        quantized=args.quantized, out=args.out, model=args.model, device=device_name(args.device),
+        prompts=args.prompts, num_prompts=args.num_prompts,
+        richness_captions=args.richness_captions, example_scenes=args.example_scenes,
+        curve_scenes=args.curve_scenes, seed=args.seed, guidance=args.guidance,
+        batch_size=args.batch_size)
+
+
+def cmd_plot_qlip(args) -> int:
+    from .figures import make_figures
+
+    numbers = make_figures(figures_config_from_args(args))
+    levels = numbers["s4"]["fab_by_level_mean"]
+    print("FAB by richness level: " + ", ".join(f"{k}: {v:.2f}" for k, v in levels.items()))
+    print(f"wrote bit_share_per_layer.png, fab_by_richness.png, bits_per_step.png and "
+          f"figures.json to {args.out}")
+    return 0

@@ -238,6 +238,20 @@ def heldout_free_prompts(n: int, seed: int) -> list[Prompt]:
     return prompts
 
 
+def richness_series(num_scenes: int, seed: int, min_objects: int = 2) -> list[Prompt]:
+    """``num_scenes`` scenes (of at least ``min_objects`` objects, drawn from the full
+    distribution), each described at every richness level in turn: richness-controlled captions
+    of one scene, from a bare noun to the full description (QLIP's Fig. S4)."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(num_scenes):
+        scene = sample_scene(rng)
+        while len(scene.objects) < min_objects:
+            scene = sample_scene(rng)
+        prompts += [describe(scene, level, rng) for level in RICHNESS_LEVELS]
+    return prompts
+
+
 # --- the held-out set -------------------------------------------------------------------------
 
 

@@ -1,0 +1,163 @@
+"""`qlip plot-qlip`: QLIP's three figures for a trained model folder, plus ``figures.json`` with
+the numbers they show.
+
+The bits are what QLIP asks for each prompt alone (T2Q once, Q2B's argmax per step: the
+``requested`` bits of ``report.json``, what ``per_image`` batches run); the FAB of a prompt is
+their mean over the FAB layers (the quantized Linear/Conv units, fixed ones at their own bits)
+and the sampling steps, as the ledger counts it. Only the example scenes of Fig. S4 are
+generated (their images); everything else costs one T2Q/Q2B pass per prompt.
+
+>>> make_figures(QLIPFiguresConfig("runs/qd-w4-qlip", out="runs/figures"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..nn import QuantUnit, fp_bits, quant_units
+from ..pipeline import GenerationConfig, generate, load_for_sampling, load_pipeline
+from ..pipeline.generate import dynamic_units
+from ..pipeline.prompts import encode_prompt_batch
+from ..policies import QLIPPolicy
+from .plots import plot_bit_share, plot_bits_heatmap, plot_fab_by_richness
+
+REFERENCE = "reference"
+
+
+@dataclass
+class QLIPFiguresConfig:
+    quantized: str = ""  # a folder with qlip.json (`qlip train-qlip`)
+    out: str = "figures"
+    model: str = REFERENCE
+    device: str = "cpu"
+    prompts: str = "heldout"  # Fig. S3's prompts: the reference world's held-out set or a file
+    num_prompts: int = 1000
+    richness_captions: str | None = None  # user models: groups of captions, blank-line separated
+    example_scenes: int = 3  # Fig. S4: scenes shown with their images
+    curve_scenes: int = 200  # Fig. S4: scenes the FAB-per-level curve averages
+    seed: int = 0
+    guidance: float = 4.0
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if not self.quantized:
+            raise ValueError("QLIPFiguresConfig.quantized: pass --quantized DIR (with qlip.json)")
+        if min(self.num_prompts, self.example_scenes, self.curve_scenes, self.batch_size) < 1:
+            raise ValueError("--num-prompts, --example-scenes, --curve-scenes and --batch-size "
+                             "must be at least 1")
+
+
+def requested_bits(pipe, policy: QLIPPolicy, prompts: list[str], batch_size: int) -> np.ndarray:
+    """``[N, S, U]`` QLIP's bits for each prompt alone (U = the dynamic units, policy order)."""
+    steps, out = policy.modules.q2b.num_steps, []
+    for start in range(0, len(prompts), batch_size):
+        policy.begin(encode_prompt_batch(pipe, prompts[start : start + batch_size]), steps)
+        timestep = torch.zeros(())
+        out.append(torch.stack([policy.bits(s, timestep) for s in range(steps)], 1).cpu())
+    return torch.cat(out).numpy()
+
+
+def fab(bits: np.ndarray, units: dict[str, QuantUnit], dynamic: list[str]) -> np.ndarray:
+    """``[N]`` FAB of ``bits [N, S, U]`` over the FAB layers (fixed layers at their own bits)."""
+    column = {name: j for j, name in enumerate(dynamic)}
+    layers = [n for n, u in units.items() if u.fab_member]
+    per_layer = [fp_bits(bits[:, :, column[n]]).mean(1) if n in column else
+                 np.full(len(bits), float(fp_bits(units[n].default_bits))) for n in layers]
+    return np.mean(per_layer, axis=0)
+
+
+def _s3_prompts(config: QLIPFiguresConfig) -> list[str]:
+    if config.prompts == "heldout":
+        if config.model != REFERENCE:
+            raise ValueError("--prompts heldout is the reference world's; pass --prompts FILE")
+        from ..evaluation.cli import select_prompts
+
+        return [p.text for p in select_prompts("heldout", config.num_prompts, True)]
+    from ..cli_args import read_prompt_file
+
+    return read_prompt_file(config.prompts)[: config.num_prompts]
+
+
+def _series(config: QLIPFiguresConfig, scenes: int, seed: int) -> list[list[str]]:
+    """Groups of richness-controlled captions, one group a scene."""
+    if config.richness_captions:
+        groups = Path(config.richness_captions).read_text().strip().split("\n\n")
+        return [[line.strip() for line in g.splitlines() if line.strip()] for g in groups][:scenes]
+    if config.model != REFERENCE:
+        raise ValueError("--richness-captions FILE is needed for a model other than the reference "
+                         "model (groups of captions of rising richness, blank-line separated)")
+    from ..world.domain import RICHNESS_LEVELS, richness_series
+
+    texts = [p.text for p in richness_series(scenes, seed)]
+    return [texts[i : i + len(RICHNESS_LEVELS)] for i in range(0, len(texts), len(RICHNESS_LEVELS))]
+
+
+def _examples(pipe, policy, groups: list[list[str]], config: QLIPFiguresConfig) -> list[dict]:
+    gen = GenerationConfig(steps=policy.modules.q2b.num_steps, guidance=config.guidance,
+                           batch_size=config.batch_size, batch_mode="per_image")
+    examples = []
+    for i, captions in enumerate(groups):
+        result = generate(pipe, captions, [config.seed + i] * len(captions), policy, gen,
+                          progress=False)
+        examples.append({"captions": captions, "fab": [r.fab for r in result.reports],
+                         "images": [np.asarray(im.convert("RGB")) for im in result.images]})
+    return examples
+
+
+def make_figures(config: QLIPFiguresConfig) -> dict:
+    """Write ``bit_share_per_layer.png``, ``fab_by_richness.png``, ``bits_per_step.png`` and
+    ``figures.json`` into ``config.out``; returns the numbers."""
+    pipe = load_pipeline(config.model, config.device)
+    policy = load_for_sampling(pipe, config.quantized)
+    if not isinstance(policy, QLIPPolicy):
+        raise FileNotFoundError(f"{config.quantized} holds no trained QLIP (qlip.json): run "
+                                "`qlip train-qlip --quantized DIR` first")
+    units = quant_units(pipe.unet)
+    dynamic = list(dynamic_units(units))
+    policy.bind({n: units[n].options for n in dynamic})
+    options = list(policy.modules.q2b.config.bits)
+    out = Path(config.out)
+    name = f"QLIP A{{{','.join(map(str, options))}}} ({Path(config.quantized).name})"
+
+    prompts = _s3_prompts(config)
+    bits = requested_bits(pipe, policy, prompts, config.batch_size)
+    plot_bit_share(bits, dynamic, options, out / "bit_share_per_layer.png",
+                   f"{name}: share of each bit-width per layer, {len(prompts)} prompts × "
+                   f"{bits.shape[1]} steps (the first {policy.modules.q2b.config.high_steps} "
+                   "forced high)")
+    groups = _series(config, config.curve_scenes, config.seed)
+    curve_bits = requested_bits(pipe, policy, [t for g in groups for t in g], config.batch_size)
+    curve_fab, curve = fab(curve_bits, units, dynamic), defaultdict(list)
+    for k, value in enumerate(curve_fab):
+        curve[k % len(groups[0])].append(float(value))
+    examples = _examples(pipe, policy, groups[: config.example_scenes], config)
+    plot_fab_by_richness(examples, dict(curve), out / "fab_by_richness.png",
+                         f"{name}\nFAB per prompt alone (per_image)")
+    simple, rich = examples[0]["captions"][0], examples[0]["captions"][-1]
+    pair = requested_bits(pipe, policy, [simple, rich], config.batch_size)
+    plot_bits_heatmap([(f"simple: {simple!r}", pair[0]), (f"rich: {rich!r}", pair[1])], dynamic,
+                      options, out / "bits_per_step.png")
+    numbers = _numbers(config, bits, units, dynamic, options, curve, examples, pair)
+    (out / "figures.json").write_text(json.dumps(numbers, indent=1))
+    return numbers
+
+
+def _numbers(config, bits, units, dynamic, options, curve, examples, pair) -> dict:
+    shares = {str(b): float((bits == b).mean()) for b in options}
+    return {
+        "config": asdict(config), "options": options,
+        "s3": {"prompts": len(bits), "share_of_each_option": shares,
+               "fab_mean": float(fab(bits, units, dynamic).mean())},
+        "s4": {"fab_by_level_mean": {str(k): float(np.mean(v)) for k, v in sorted(curve.items())},
+               "fab_by_level_std": {str(k): float(np.std(v)) for k, v in sorted(curve.items())},
+               "scenes": len(curve[0]),
+               "examples": [{"captions": e["captions"], "fab": e["fab"]} for e in examples]},
+        "heatmap": {"simple_fab": float(fab(pair[:1], units, dynamic)[0]),
+                    "rich_fab": float(fab(pair[1:], units, dynamic)[0])},
+    }

@@ -1,0 +1,161 @@
+"""QLIP's figures, as PNG (matplotlib), drawn from arrays of bits:
+
+- :func:`plot_bit_share`: the share of each bit-width per layer (the paper's Fig. S3), layers in
+  the UNet's order, transformer-block layers labelled in red and the others in black;
+- :func:`plot_fab_by_richness`: FAB against caption richness on richness-controlled captions of
+  one scene (Fig. S4): each scene's images and FAB per level, and FAB per level over many scenes;
+- :func:`plot_bits_heatmap`: bits per sampling step × layer for a simple and a rich prompt.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
+
+SHORT_NAMES = (("down_blocks.", "down"), ("up_blocks.", "up"), ("mid_block.", "mid."),
+               ("attentions.", "att"), ("resnets.", "res"), ("transformer_blocks.", "tb"),
+               ("downsamplers.0.", "dsamp."), ("upsamplers.0.", "usamp."),
+               ("time_embedding.", "temb."), ("to_out.0", "to_out"), (".processor", ".matmuls"))
+PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+
+
+def short_name(name: str) -> str:
+    """``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v`` → ``down0.att0.tb0.attn2.to_v``."""
+    for long, short in SHORT_NAMES:
+        name = name.replace(long, short)
+    return name
+
+
+_SECTIONS = ("down_blocks.", "mid_block.", "up_blocks.")
+
+
+def unet_order(names: Sequence[str]) -> list[int]:
+    """Indices that put unit names in the UNet's order of execution: input layers and the time
+    embedding, the down blocks, the middle block, the up blocks, the output layers (diffusers
+    registers ``up_blocks`` before ``mid_block``)."""
+    def section(name: str) -> int:
+        for k, prefix in enumerate(_SECTIONS):
+            if name.startswith(prefix):
+                return k + 1
+        return 4 if name.startswith("conv_out") or name.startswith("conv_norm_out") else 0
+
+    return sorted(range(len(names)), key=lambda i: (section(names[i]), i))
+
+
+def is_transformer_layer(name: str) -> bool:
+    """A layer of a transformer (cross-attention) block, proj_in/proj_out included."""
+    return ".attentions." in name
+
+
+def _colors(options: Sequence[int]) -> list[str]:
+    return [PALETTE[i % len(PALETTE)] for i in range(len(options))]
+
+
+def bit_shares(bits: np.ndarray, options: Sequence[int]) -> np.ndarray:
+    """``[U, J]`` share of each option per unit, over every image and step of ``bits [N, S, U]``."""
+    flat = bits.reshape(-1, bits.shape[-1])
+    return np.stack([(flat == b).mean(0) for b in options], -1)
+
+
+def _label_layers(ax, names: Sequence[str], size: float = 6.0) -> None:
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([short_name(n) for n in names], rotation=90, fontsize=size)
+    for label, name in zip(ax.get_xticklabels(), names):
+        label.set_color("#c00000" if is_transformer_layer(name) else "black")
+    ax.set_xlim(-0.6, len(names) - 0.4)
+
+
+def plot_bit_share(bits: np.ndarray, names: Sequence[str], options: Sequence[int], path: Path,
+                   title: str) -> Path:
+    """Stacked bars: per layer, the share of images × steps at each bit option."""
+    order = unet_order(names)
+    shares, names = bit_shares(bits, options)[order], [names[i] for i in order]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.13 * len(names) + 2), 5.2), layout="constrained")
+    bottom = np.zeros(len(names))
+    for j, (b, color) in enumerate(zip(options, _colors(options))):
+        ax.bar(range(len(names)), shares[:, j], bottom=bottom, width=0.85, color=color,
+               label=f"{b} bits")
+        bottom += shares[:, j]
+    _label_layers(ax, names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of images × steps")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set_xlabel("layers in the UNet's order; red: transformer-block (cross-attention) layers, "
+                  "black: the others; '.matmuls': an attention unit's q, k, v inputs", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_bits_heatmap(panels: Sequence[tuple[str, np.ndarray]], names: Sequence[str],
+                      options: Sequence[int], path: Path) -> Path:
+    """One heatmap per (caption, bits [S, U]) panel: steps down, layers across."""
+    cmap = ListedColormap(_colors(options))
+    edges = [options[0] - 0.5] + [(a + b) / 2 for a, b in zip(options, options[1:])] + \
+        [options[-1] + 0.5]
+    norm = BoundaryNorm(edges, cmap.N)
+    order = unet_order(names)
+    names = [names[i] for i in order]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False, layout="constrained",
+                             figsize=(max(8.0, 0.13 * len(names) + 2), 2.6 * len(panels) + 1.6))
+    for ax, (caption, bits) in zip(axes[:, 0], panels):
+        image = ax.imshow(bits[:, order], aspect="auto", cmap=cmap, norm=norm,
+                          interpolation="nearest")
+        fab = bits.mean()
+        ax.set_title(textwrap.fill(f"{caption}  (mean bits {fab:.2f})", 150), fontsize=9)
+        ax.set_ylabel("sampling step")
+    _label_layers(axes[-1, 0], names)
+    axes[-1, 0].set_xlabel("layers in the UNet's order (red: transformer-block layers)", fontsize=8)
+    bar = fig.colorbar(image, ax=axes[:, 0].tolist(), ticks=list(options), fraction=0.015,
+                       pad=0.005)
+    bar.set_label("activation bits")
+    return _save(fig, path)
+
+
+def plot_fab_by_richness(examples: Sequence[dict], curve: dict[int, list[float]],
+                         path: Path, note: str = "") -> Path:
+    """``examples``: one dict a scene, ``{"images": [H, W, 3] per level, "captions", "fab"}``;
+    ``curve``: FAB values per richness level over many scenes (mean ± std drawn)."""
+    levels = len(examples[0]["captions"])
+    fig = plt.figure(figsize=(2.3 * levels + 4.2, 2.6 * len(examples) + 0.6), layout="constrained")
+    grid = fig.add_gridspec(len(examples), levels + 2)
+    for row, example in enumerate(examples):
+        for level in range(levels):
+            ax = fig.add_subplot(grid[row, level])
+            ax.imshow(example["images"][level], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            caption = textwrap.fill(example["captions"][level], 34)
+            ax.set_xlabel(f"{caption}\nFAB {example['fab'][level]:.2f}", fontsize=6.5)
+            if row == 0:
+                ax.set_title(f"richness {level}", fontsize=9)
+    ax = fig.add_subplot(grid[:, levels:])
+    xs = sorted(curve)
+    means = np.array([np.mean(curve[x]) for x in xs])
+    stds = np.array([np.std(curve[x]) for x in xs])
+    ax.fill_between(xs, means - stds, means + stds, color="#999999", alpha=0.3,
+                    label=f"± std over {len(curve[xs[0]])} scenes")
+    ax.plot(xs, means, "k-o", label="mean over scenes")
+    for i, example in enumerate(examples):
+        ax.plot(range(levels), example["fab"], "--", marker=".", label=f"scene {i + 1}")
+    ax.set_xticks(xs)
+    ax.set_xlabel("caption richness (level)")
+    ax.set_ylabel("FAB (mean activation bits)")
+    ax.legend(fontsize=7)
+    ax.set_title(note, fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -1,0 +1,106 @@
+"""QLIP's figures on the tiny pipeline: the FAB they show is the ledger's, the shares are hand
+counts, layers are drawn in the UNet's order, and `qlip plot-qlip` writes the three PNGs."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qlip.cli import build_parser, main
+from qlip.methods.qlip import Q2B, T2Q, Q2BConfig, QLIPModules, save_qlip
+from qlip.nn import QuantConfig, quant_units
+from qlip.pipeline import (
+    CalibrationConfig,
+    GenerationConfig,
+    QuantizeJob,
+    generate,
+    load_for_sampling,
+    quantize_pipeline,
+)
+from qlip.pipeline.generate import dynamic_units
+from qlip.qlip_training.cli import figures_config_from_args
+from qlip.qlip_training.figures import QLIPFiguresConfig, fab, requested_bits
+from qlip.qlip_training.plots import bit_shares, unet_order
+
+PROMPTS = ["a red circle", "two blue squares at the top left", "a star", "a big green star"]
+
+
+@pytest.fixture(scope="module")
+def qlip_folder(_tiny_pipeline_template, tiny_pipe_dir, tmp_path_factory):
+    """A W4 model of the tiny pipeline with a hand-set QLIP A{4,8,16} that spreads its choices."""
+    folder = tmp_path_factory.mktemp("fig") / "q"
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    job = QuantizeJob(quant=QuantConfig(wbits=4, abits=16, abits_options=(4, 8, 16)),
+                      calibration=CalibrationConfig(num_prompts=2, num_inference_steps=3,
+                                                    num_kept_steps=2, guidance=3.0),
+                      base_model=str(tiny_pipe_dir))
+    quantize_pipeline(pipe, PROMPTS[:2], job, folder, progress=False)
+    names = list(dynamic_units(quant_units(pipe.unet)))
+    torch.manual_seed(1)
+    q2b = Q2B(len(names), 3, Q2BConfig((4, 8, 16), group_steps=2, high_steps=1))
+    with torch.no_grad():
+        q2b.s.copy_(torch.linspace(-20, 20, len(names)))
+        q2b.h_logit.normal_()
+        q2b.m_logit.normal_()
+    save_qlip(QLIPModules(T2Q(pipe.text_encoder.config.hidden_size, 16).eval(), q2b, names), folder)
+    return folder
+
+
+def test_figure_fab_is_the_ledgers_fab_requested(qlip_folder, _tiny_pipeline_template):
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    policy = load_for_sampling(pipe, qlip_folder)
+    units = quant_units(pipe.unet)
+    dynamic = list(dynamic_units(units))
+    policy.bind({n: units[n].options for n in dynamic})
+    bits = requested_bits(pipe, policy, PROMPTS, batch_size=3)  # two batches
+    result = generate(pipe, PROMPTS, [0, 1, 2, 3], policy,
+                      GenerationConfig(steps=3, guidance=3.0, batch_size=4), progress=False)
+    want = [r.fab_requested for r in result.reports]
+    np.testing.assert_allclose(fab(bits, units, dynamic), want)
+    assert len(set(np.round(want, 6))) > 1  # the prompts do differ
+    columns = [result.unit_names.index(n) for n in dynamic]
+    np.testing.assert_array_equal(bits, result.requested[:, :, columns])
+
+
+def test_shares_by_hand_and_the_unet_order():
+    bits = np.array([[[4, 8], [4, 16]], [[8, 8], [4, 16]]])  # [2 images, 2 steps, 2 units]
+    np.testing.assert_allclose(bit_shares(bits, (4, 8, 16)), [[0.75, 0.25, 0], [0, 0.5, 0.5]])
+    names = ["conv_in", "time_embedding.linear_1", "down_blocks.0.resnets.0.conv1",
+             "up_blocks.0.resnets.0.conv1", "mid_block.resnets.0.conv1", "conv_out"]
+    assert [names[i] for i in unet_order(names)] == [names[k] for k in (0, 1, 2, 4, 3, 5)]
+
+
+def test_plot_qlip_writes_the_three_figures(qlip_folder, tiny_pipe_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    captions = tmp_path / "rich.txt"
+    captions.write_text("a star\na red star\na big red star at the top\n\n"
+                        "a square\na blue square\na small blue square on the left\n")
+    out = tmp_path / "figs"
+    code = main(["plot-qlip", "--model", str(tiny_pipe_dir), "--quantized", str(qlip_folder),
+                 "--device", "cpu", "--out", str(out), "--prompts", str(prompts),
+                 "--richness-captions", str(captions), "--example-scenes", "2",
+                 "--guidance", "3"])
+    assert code == 0, capsys.readouterr().err
+    for name in ("bit_share_per_layer.png", "fab_by_richness.png", "bits_per_step.png"):
+        width, height = Image.open(out / name).size
+        assert width > 800 and height > 300, name
+    numbers = json.loads((out / "figures.json").read_text())
+    assert numbers["s3"]["prompts"] == 4 and numbers["s4"]["scenes"] == 2
+    assert sum(numbers["s3"]["share_of_each_option"].values()) == pytest.approx(1.0)
+    assert [e["captions"][0] for e in numbers["s4"]["examples"]] == ["a star", "a square"]
+
+
+def test_plot_flags_map_onto_the_config():
+    args = build_parser().parse_args([
+        "plot-qlip", "--quantized", "q", "--out", "o", "--model", "m", "--device", "cpu",
+        "--prompts", "p.txt", "--num-prompts", "50", "--richness-captions", "r.txt",
+        "--example-scenes", "4", "--curve-scenes", "20", "--seed", "3", "--guidance", "7.5",
+        "--batch-size", "8"])
+    assert figures_config_from_args(args) == QLIPFiguresConfig(
+        quantized="q", out="o", model="m", device="cpu", prompts="p.txt", num_prompts=50,
+        richness_captions="r.txt", example_scenes=4, curve_scenes=20, seed=3, guidance=7.5,
+        batch_size=8)
