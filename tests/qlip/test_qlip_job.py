@@ -203,7 +203,7 @@ def test_every_flag_maps_onto_its_config_field():
     args = build_parser().parse_args([
         "train-qlip", "--quantized", "q", "--bits", "4,5,6", "--model", "m", "--device", "cpu",
         "--out", "o", "--work-dir", "w", "--prompts", "p.txt", "--num-prompts", "500",
-        "--prompt-seed", "3", "--q2b-prompts", "50", "--steps", "20", "--guidance", "7.5",
+        "--prompt-seed", "3", "--keep-heldout-texts", "--q2b-prompts", "50", "--steps", "20", "--guidance", "7.5",
         "--seed", "9", "--chunk", "32", "--batch-size", "8", "--label", "giqa_knn",
         "--giqa-components", "7", "--knn-k", "2", "--realism-k", "4", "--real", "r",
         "--inception-weights", "i.pth", "--clip", "c", "--t2q-iters", "100",
@@ -213,7 +213,7 @@ def test_every_flag_maps_onto_its_config_field():
         "--penalty-norm", "max", "--checkpoint-every", "10", "--redo-stale", "--no-progress"])
     want = TrainQLIPConfig(
         quantized="q", model="m", out="o", work_dir="w", device="cpu", prompts="p.txt",
-        num_prompts=500, prompt_seed=3, q2b_prompts=50,
+        num_prompts=500, prompt_seed=3, exclude_heldout=False, q2b_prompts=50,
         sampling=FPRunConfig(steps=20, guidance=7.5, seed=9, chunk=32, batch_size=8),
         labels=LabelConfig(label="giqa_knn", giqa_components=7, knn_k=2, realism_k=4),
         real="r", inception_weights="i.pth", clip="c",

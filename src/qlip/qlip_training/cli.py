@@ -34,6 +34,10 @@ def add_train_qlip_parser(sub) -> None:
                    "model: its training captions, every held-out text excluded)")
     p.add_argument("--num-prompts", type=int, default=10_000, help="N, T2Q's FP generations")
     p.add_argument("--prompt-seed", type=int, default=0)
+    p.add_argument("--keep-heldout-texts", action="store_true",
+                   help="reference model, demos only: draw every training caption, held-out texts "
+                   "included (an evaluation on held-out prompts would score texts QLIP was "
+                   "trained on)")
     p.add_argument("--q2b-prompts", type=int, default=128,
                    help="the first prompts, whose FP trajectories train Q2B")
     p.add_argument("--steps", type=int, default=FPRunConfig.steps,
@@ -82,7 +86,8 @@ def train_config_from_args(args):
     return TrainQLIPConfig(
         quantized=args.quantized, model=args.model, out=args.out, work_dir=args.work_dir,
         device=device_name(args.device), prompts=args.prompts, num_prompts=args.num_prompts,
-        prompt_seed=args.prompt_seed, q2b_prompts=args.q2b_prompts,
+        prompt_seed=args.prompt_seed, exclude_heldout=not args.keep_heldout_texts,
+        q2b_prompts=args.q2b_prompts,
         sampling=FPRunConfig(steps=args.steps, guidance=args.guidance, seed=args.seed,
                              chunk=args.chunk, batch_size=args.batch_size),
         labels=LabelConfig(label=args.label, giqa_components=args.giqa_components,

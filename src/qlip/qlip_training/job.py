@@ -48,6 +48,9 @@ class TrainQLIPConfig:
     prompts: str | None = None  # a file, one prompt a line; None: the reference world's own
     num_prompts: int = 10_000  # N, T2Q's FP generations (the paper's 10k)
     prompt_seed: int = 0  # which reference-world prompts
+    # reference world: leave out every text of the held-out set (False only for demos: an
+    # evaluation on held-out prompts would then score texts the policy was trained on)
+    exclude_heldout: bool = True
     q2b_prompts: int = 128  # the first prompts, whose FP trajectories train Q2B
     sampling: FPRunConfig = field(default_factory=FPRunConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
@@ -157,8 +160,10 @@ def training_prompts(config: TrainQLIPConfig) -> tuple[list[str], list | None]:
                              f"--num-prompts {config.num_prompts} needs that many")
         return texts[: config.num_prompts], None
     from ..world.domain import heldout_free_prompts
+    from ..world.domain import training_prompts as world_training_prompts
 
-    world = heldout_free_prompts(config.num_prompts, config.prompt_seed)
+    pick = heldout_free_prompts if config.exclude_heldout else world_training_prompts
+    world = pick(config.num_prompts, config.prompt_seed)
     return [p.text for p in world], world
 
 
@@ -261,8 +266,9 @@ def _metrics(config: TrainQLIPConfig, fitted: T2QResult, history: list, texts, w
     tail = history[-max(1, len(history) // 10):]
     q2b = {"iters": len(history), **{k: sum(h[k] for h in tail) / len(tail)
                                      for k in ("loss", "mse", "fab")}}
-    prompts = {"source": config.prompts or f"reference world, held-out texts excluded, seed "
-                                           f"{config.prompt_seed}", "count": len(texts)}
+    kept = "excluded" if config.exclude_heldout else "kept"
+    world_source = f"reference world, held-out texts {kept}, seed {config.prompt_seed}"
+    prompts = {"source": config.prompts or world_source, "count": len(texts)}
     if world is not None:
         levels = [p.richness for p in world]
         prompts["richness"] = {str(r): levels.count(r) for r in sorted(set(levels))}

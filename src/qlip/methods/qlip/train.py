@@ -155,10 +155,12 @@ def train_q2b(
         raise ValueError(f"rows reach step {int(data.steps.max())}; Q2B covers {q2b.num_steps} steps")
     mapping = option_map(dynamic, q2b.config.bits)
     unet.requires_grad_(False)  # only Q2B learns
-    targets = fp_targets(unet, data, units)
     optimizer = torch.optim.Adam(q2b.parameters(), lr=config.lr)
     ckpt = _Checkpoint(Path(checkpoint) if checkpoint else None)
     history = ckpt.load(q2b, optimizer)
+    if len(history) >= config.iters:  # a finished run: nothing to compute
+        return history
+    targets = fp_targets(unet, data, units)
     by_step = {s: torch.nonzero(data.steps == s).flatten() for s in torch.unique(data.steps).tolist()}
     steps = sorted(by_step)
     bar = tqdm(range(len(history), config.iters), desc="Q2B", disable=not config.progress)
