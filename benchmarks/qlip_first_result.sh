@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Issue 11's first result on the reference world: Q-Diffusion W4 + QLIP against fixed bits, for
+# the paper's option set {8,16,32} and for {4,5,6} (this model's activation cliff lies between 4
+# and 5 bits), on N held-out prompts with the yardstick's intervals. On one GPU:
+#   PHASE=quantize bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # FP eval + W4 model
+#   PHASE=train    bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # QLIP for both sets
+#   PHASE=eval     bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # 6 fixed + 2 QLIP evals
+#   PHASE=summary  bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # compare, plots, export
+# (PHASE=all runs the four in turn.) Every phase resumes: run it again after a timeout and it
+# continues (the reconstruction per unit, `qlip train-qlip` per stage, chunk and Q2B checkpoint,
+# an eval per image; finished steps are skipped).
+#
+# quantize: the FP eval and one Q-Diffusion W4 calibration with the bank {4,5,6,8,16,32}, at once.
+# train:    `qlip train-qlip` for {8,16,32} then {4,5,6} (GIQA labels, N_T2Q FP generations of
+#           held-out-free training prompts; the second set reuses the first's FP stages); each
+#           writes a copy of the model plus qlip.json to OUT/q_qlip_<set>.
+# eval:     fixed A32, A16, A8, A6, A5, A4 and the two QLIPs (each prompt at its own bits:
+#           --batch-mode per_image), every eval with --reference-run FP, JOBS at a time.
+# summary:  OUT/summary.md (table with intervals, FAB, BitOPs, T2Q SROCC/PLCC, paired comparisons
+#           of each QLIP against its neighbouring fixed settings), OUT/figures_<set>/*.png
+#           (`qlip plot-qlip`), OUT/export/*.tar.
+# Smoke test (CPU): STEPS=2 N_T2Q=40 TRAIN_EXTRA="--q2b-prompts 4 --q2b-iters 4 --t2q-iters 50
+#   --chunk 16" QUANT_EXTRA="--recon-iters 2 --recon-samples 8 --calib-num 2 --calib-steps 2
+#   --calib-kept-steps 2" EVAL_EXTRA="--bootstrap-resamples 20" PLOT_EXTRA="--num-prompts 20
+#   --curve-scenes 4 --example-scenes 1" COMPARE_RESAMPLES=20 bash benchmarks/qlip_first_result.sh OUT 16 cpu
+set -uo pipefail
+out=${1:?output folder}; n=${2:-1000}; device=${3:-cuda}; phase=${PHASE:-all}; jobs=${JOBS:-4}
+steps=${STEPS:-25}; n_t2q=${N_T2Q:-10000}
+qlip="python3 -m qlip.cli"
+# shellcheck disable=SC2206
+common=(--model reference --device "$device" --prompts heldout --num-images "$n" --batch-size 250
+        --steps "$steps" --guidance 4 ${EVAL_EXTRA:-})
+# shellcheck disable=SC2206
+quant=(--model reference --device "$device" --guidance 4 ${QUANT_EXTRA:-})
+# shellcheck disable=SC2206
+train=(--model reference --device "$device" --quantized "$out/q_qd_w4" --work-dir "$out/qlip_work"
+       --num-prompts "$n_t2q" --steps "$steps" --guidance 4 --batch-size 250 --chunk 1000
+       --no-progress ${TRAIN_EXTRA:-})
+sets=("8,16,32" "4,5,6")
+mkdir -p "$out/logs"
+cores=$(nproc)
+export OMP_NUM_THREADS=$(( cores / jobs > 0 ? cores / jobs : 1 ))
+
+# shellcheck source=benchmarks/timed.sh
+source "$(dirname "$0")/timed.sh"
+tag() { echo "${1//,/-}"; }  # 8,16,32 -> 8-16-32
+evaluate() {  # evaluate NAME LABEL [qlip eval options...]: skipped when metrics.json exists
+    local name=$1 label=$2; shift 2
+    [ -e "$out/eval_$name/metrics.json" ] && return 0
+    timed "eval $name" $qlip eval "${common[@]}" --label "$label" --reference-run "$out/eval_fp" \
+        --out "$out/eval_$name" "$@" > "$out/logs/eval_$name.txt" 2>&1
+}
+throttle() { while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done; }
+
+if [ "$phase" = quantize ] || [ "$phase" = all ]; then
+    [ -e "$out/eval_fp/metrics.json" ] || \
+        (timed "eval fp" $qlip eval "${common[@]}" --label FP --out "$out/eval_fp" \
+             > "$out/logs/eval_fp.txt" 2>&1) &
+    [ -e "$out/q_qd_w4/quant_state.safetensors" ] || \
+        timed "quantize qd_w4" $qlip quantize "${quant[@]}" --method qdiffusion --wbits 4 \
+            --abits 8 --abits-options 4,5,6,8,16,32 --seed 0 --out "$out/q_qd_w4" \
+            > "$out/logs/q_qd_w4.txt" 2>&1
+    wait
+fi
+
+if [ "$phase" = train ] || [ "$phase" = all ]; then
+    if [ ! -e "$out/q_qd_w4/quant_state.safetensors" ]; then
+        echo "the W4 model is not quantized: run PHASE=quantize first" >&2; exit 1
+    fi
+    for bits in "${sets[@]}"; do
+        t=$(tag "$bits")
+        [ -e "$out/q_qlip_$t/qlip.json" ] && continue
+        timed "train-qlip $t" $qlip train-qlip "${train[@]}" --bits "$bits" \
+            --out "$out/q_qlip_$t" > "$out/logs/train_$t.txt" 2>&1
+    done
+fi
+
+if [ "$phase" = eval ] || [ "$phase" = all ]; then
+    if [ ! -e "$out/eval_fp/metrics.json" ]; then
+        echo "the FP eval is not finished: run PHASE=quantize again first" >&2; exit 1
+    fi
+    for a in 32 16 8 6 5 4; do
+        throttle; evaluate "qd_w4a$a" "Q-Diffusion W4A$a" --quantized "$out/q_qd_w4" --abits "$a" &
+    done
+    for bits in "${sets[@]}"; do
+        t=$(tag "$bits")
+        if [ ! -e "$out/q_qlip_$t/qlip.json" ]; then
+            echo "QLIP {$bits} is not trained: run PHASE=train again first" >&2; continue
+        fi
+        throttle; evaluate "qlip_$t" "Q-Diffusion W4 + QLIP A{$bits}" --quantized "$out/q_qlip_$t" \
+            --batch-mode per_image &
+    done
+    wait
+fi
+
+if [ "$phase" = summary ] || [ "$phase" = all ]; then
+    for bits in "${sets[@]}"; do
+        t=$(tag "$bits")
+        [ -e "$out/q_qlip_$t/qlip.json" ] || continue
+        [ -e "$out/figures_$t/figures.json" ] || \
+            timed "plot-qlip $t" $qlip plot-qlip --model reference --device "$device" \
+                --quantized "$out/q_qlip_$t" --out "$out/figures_$t" --num-prompts "$n" \
+                --guidance 4 ${PLOT_EXTRA:-} > "$out/logs/plot_$t.txt" 2>&1
+    done
+    python3 "$(dirname "$0")/qlip_first_result_summary.py" "$out" "$device"
+fi
+grep -h "exit [1-9]" "$out/timings.txt" 2>/dev/null && echo "some steps failed: see $out/logs" >&2
+exit 0
