@@ -141,8 +141,10 @@ def make_figures(config: QLIPFiguresConfig) -> dict:
                          f"{name}\nFAB per prompt alone (per_image)")
     simple, rich = examples[0]["captions"][0], examples[0]["captions"][-1]
     pair = requested_bits(pipe, policy, [simple, rich], config.batch_size)
-    plot_bits_heatmap([(f"simple: {simple!r}", pair[0]), (f"rich: {rich!r}", pair[1])], dynamic,
-                      options, out / "bits_per_step.png")
+    pair_fab = fab(pair, units, dynamic)
+    plot_bits_heatmap([(f"simple: {simple!r}", pair[0], pair_fab[0]),
+                       (f"rich: {rich!r}", pair[1], pair_fab[1])], dynamic, options,
+                      out / "bits_per_step.png")
     numbers = _numbers(config, bits, units, dynamic, options, curve, examples, pair)
     (out / "figures.json").write_text(json.dumps(numbers, indent=1))
     return numbers

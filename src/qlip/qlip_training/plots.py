@@ -94,9 +94,9 @@ def plot_bit_share(bits: np.ndarray, names: Sequence[str], options: Sequence[int
     return _save(fig, path)
 
 
-def plot_bits_heatmap(panels: Sequence[tuple[str, np.ndarray]], names: Sequence[str],
+def plot_bits_heatmap(panels: Sequence[tuple[str, np.ndarray, float]], names: Sequence[str],
                       options: Sequence[int], path: Path) -> Path:
-    """One heatmap per (caption, bits [S, U]) panel: steps down, layers across."""
+    """One heatmap per (caption, bits [S, U], FAB) panel: steps down, layers across."""
     cmap = ListedColormap(_colors(options))
     edges = [options[0] - 0.5] + [(a + b) / 2 for a, b in zip(options, options[1:])] + \
         [options[-1] + 0.5]
@@ -105,11 +105,10 @@ def plot_bits_heatmap(panels: Sequence[tuple[str, np.ndarray]], names: Sequence[
     names = [names[i] for i in order]
     fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False, layout="constrained",
                              figsize=(max(8.0, 0.13 * len(names) + 2), 2.6 * len(panels) + 1.6))
-    for ax, (caption, bits) in zip(axes[:, 0], panels):
+    for ax, (caption, bits, fab) in zip(axes[:, 0], panels):
         image = ax.imshow(bits[:, order], aspect="auto", cmap=cmap, norm=norm,
                           interpolation="nearest")
-        fab = bits.mean()
-        ax.set_title(textwrap.fill(f"{caption}  (mean bits {fab:.2f})", 150), fontsize=9)
+        ax.set_title(textwrap.fill(f"{caption}  (FAB {fab:.2f})", 150), fontsize=9)
         ax.set_ylabel("sampling step")
     _label_layers(axes[-1, 0], names)
     axes[-1, 0].set_xlabel("layers in the UNet's order (red: transformer-block layers)", fontsize=8)
@@ -156,6 +155,6 @@ def plot_fab_by_richness(examples: Sequence[dict], curve: dict[int, list[float]]
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
