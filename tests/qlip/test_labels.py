@@ -81,3 +81,20 @@ def test_sensitivity_is_zero_unquantized_and_grows_as_bits_fall(_tiny_pipeline_t
     assert per_prompt.shape == (2,) and (per_prompt > 0).all()
     with pytest.raises(ValueError, match="no quantizer for 6 bits"):
         row_sensitivity(pipe.unet, units, rows, 6)
+
+
+def test_the_reference_source_renders_the_training_prompts_own_scenes():
+    from qlip.qlip_training.sources import REAL_RENDER_SEED, reference_source
+    from qlip.world.domain import heldout_free_prompts, render_batch
+    from qlip.world.evaluator import load_evaluator
+
+    prompts = heldout_free_prompts(6, seed=0)
+    source = reference_source(prompts, 64, "cpu")
+    generator = torch.Generator().manual_seed(REAL_RENDER_SEED * 1_000_003 + 2)
+    renders = render_batch([p.scene for p in prompts[2:5]], 64, "cpu", generator)
+    evaluator = load_evaluator("cpu")
+    torch.testing.assert_close(source.real_chunk(2, 5), evaluator.global_features(renders).float())
+    measured = source.measure(renders, [p.text for p in prompts[2:5]])
+    torch.testing.assert_close(measured["image_text"], evaluator.image_text_similarity(
+        renders, [p.text for p in prompts[2:5]]).float())
+    assert measured["features"].shape == (3, 256) and len(source.real_keys) == 6

@@ -172,10 +172,14 @@ def prompt_sensitivity(
                                  **(fingerprint or {})}, config.chunk, redo, "sensitivity set")
 
     def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
-        rows, index = capture_trajectories(pipe, prompts[start:stop], config.steps,
-                                           config.guidance, config.batch_size,
-                                           config.seed + start, progress=False)
-        errors = row_sensitivity(pipe.unet, units, rows, bits, config.batch_size)
-        return {"sensitivity": per_prompt_mean(errors, index, stop - start)}
+        out = []
+        for first in range(start, stop, config.batch_size):  # one batch's rows in memory
+            last = min(first + config.batch_size, stop)
+            rows, index = capture_trajectories(pipe, prompts[first:last], config.steps,
+                                               config.guidance, config.batch_size,
+                                               config.seed + first, progress=False)
+            errors = row_sensitivity(pipe.unet, units, rows, bits, config.batch_size)
+            out.append(per_prompt_mean(errors, index, last - first))
+        return {"sensitivity": torch.cat(out)}
 
     return store.run(_keys(prompts), compute, f"sensitivity A{bits}", config.progress)["sensitivity"]
