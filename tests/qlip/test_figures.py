@@ -104,3 +104,23 @@ def test_plot_flags_map_onto_the_config():
         quantized="q", out="o", model="m", device="cpu", prompts="p.txt", num_prompts=50,
         richness_captions="r.txt", example_scenes=4, curve_scenes=20, seed=3, guidance=7.5,
         batch_size=8)
+
+
+def test_an_eval_of_qlip_keeps_every_images_bits(qlip_folder, _tiny_pipeline_template, tmp_path):
+    from qlip.evaluation import EvalConfig, EvalPrompt, run_evaluation
+    from qlip.pipeline.generate import load_generation_bits
+
+    from ..evaluation.test_harness import _measures
+
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    policy = load_for_sampling(pipe, qlip_folder)
+    config = EvalConfig(num_images=3, batch_size=2, steps=3, guidance=3.0, batch_mode="per_image")
+    prompts = [EvalPrompt(t) for t in PROMPTS[:3]]
+    run_evaluation(pipe, prompts, policy, config, tmp_path, _measures)  # batches [0, 1], [2]
+    bits, requested, names = load_generation_bits(tmp_path)
+    alone = generate(pipe, PROMPTS[:3], [0, 1, 2], policy,
+                     GenerationConfig(steps=3, guidance=3.0, batch_size=3,
+                                      batch_mode="per_image"), progress=False)
+    assert names == alone.unit_names and bits.shape == (3, 3, len(names))
+    np.testing.assert_array_equal(bits, alone.bits)
+    np.testing.assert_array_equal(requested, alone.requested)

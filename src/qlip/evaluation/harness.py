@@ -78,6 +78,8 @@ def generate_missing(
         batch = todo[start : start + config.batch_size]
         result = generate(pipe, [prompts[i].text for i in batch], [seeds[i] for i in batch],
                           policy, gen, progress=False)
+        if result.bits is not None:
+            store.add_bits(batch, result.bits, result.requested, result.unit_names)
         for i, image, report in zip(batch, result.images, result.reports):
             store.add(i, image, {**report.to_dict(), "richness": prompts[i].richness})
         bar.update(len(batch))
@@ -215,6 +217,7 @@ def run_evaluation(
     other = check_reference(reference_run, prompts, config) if reference_run else None
     store = ImageStore(out)
     generate_missing(pipe, prompts, policy, config, store)
+    store.write_bits(len(prompts))  # bits.safetensors: every image's bits per step and unit
     images = store.load_images(len(prompts))
     records = [store.records[i] for i in range(len(prompts))]
     reference = other.load_images(len(prompts)) if other is not None else None

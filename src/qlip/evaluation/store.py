@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..pipeline.generate import BITS_FILE, read_bits, save_bits
+
 
 class ImageStore:
     """``<root>/images/00000.png`` … plus ``<root>/generated.jsonl`` (one record per image)."""
@@ -52,6 +54,35 @@ class ImageStore:
                 f"{self.root} holds a run with other prompts or seeds (image {index}: "
                 f"{record.get('prompt')!r}, seed {record.get('seed')}); use a new --out folder"
             )
+
+    def add_bits(self, indices: list[int], bits: np.ndarray, requested: np.ndarray,
+                 unit_names: list[str]) -> None:
+        """Keep one batch's bits per step and unit (written before its images: every image on
+        record has its bits)."""
+        folder = self.root / "bits"
+        folder.mkdir(exist_ok=True)
+        save_bits(folder / f"{indices[0]:05d}.safetensors", bits, requested, unit_names, indices)
+
+    def write_bits(self, count: int) -> Path | None:
+        """Join the batches' bits of the first ``count`` images into ``bits.safetensors`` (the
+        format of `qlip generate`'s); None when some image has none (an FP run, or images from
+        before this version)."""
+        tables = [read_bits(p) for p in sorted((self.root / "bits").glob("*.safetensors"))]
+        if not tables:
+            return None
+        shape = (count, *tables[0]["bits"].shape[1:])
+        bits, requested = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+        seen = np.zeros(count, bool)
+        for table in tables:
+            keep = table["index"] < count
+            index = table["index"][keep]
+            bits[index], requested[index] = table["bits"][keep], table["requested"][keep]
+            seen[index] = True
+        if not seen.all():
+            return None
+        path = self.root / BITS_FILE
+        save_bits(path, bits, requested, tables[0]["units"])
+        return path
 
     def load_images(self, count: int) -> torch.Tensor:
         """The first ``count`` images as float [N, 3, H, W] in [0, 1]."""

@@ -234,9 +234,7 @@ def save_generation(result: GenerationResult, out_dir: str | Path, header: dict 
                         **({"bits_row": i} if result.bits is not None else {})})
     document = {**(header or {}), "images": entries}
     if result.bits is not None:
-        save_file({"bits": torch.from_numpy(result.bits),
-                   "requested": torch.from_numpy(result.requested)}, str(out / BITS_FILE),
-                  metadata={"units": json.dumps(result.unit_names)})
+        save_bits(out / BITS_FILE, result.bits, result.requested, result.unit_names)
         document |= {"bits_file": BITS_FILE, "bits_shape": list(result.bits.shape),
                      "units": result.unit_names}
     path = out / "report.json"
@@ -244,12 +242,32 @@ def save_generation(result: GenerationResult, out_dir: str | Path, header: dict 
     return path
 
 
+def save_bits(path: str | Path, bits: np.ndarray, requested: np.ndarray,
+              unit_names: list[str], index: np.ndarray | None = None) -> None:
+    """``bits`` / ``requested`` [images, steps, units] uint8 (and the images' ``index``) as
+    safetensors, the unit names in the metadata; written atomically."""
+    tensors = {"bits": torch.from_numpy(np.ascontiguousarray(bits, np.uint8)),
+               "requested": torch.from_numpy(np.ascontiguousarray(requested, np.uint8))}
+    if index is not None:
+        tensors["index"] = torch.as_tensor(np.asarray(index, np.int64))
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"units": json.dumps(list(unit_names))})
+    tmp.replace(path)
+
+
+def read_bits(path: str | Path) -> dict:
+    """What :func:`save_bits` wrote: ``bits``, ``requested`` (and ``index``) arrays, ``units``."""
+    with safe_open(str(path), framework="numpy") as handle:
+        out = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+        return out | {"units": json.loads(handle.metadata()["units"])}
+
+
 def load_generation_bits(out_dir: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(bits, requested, unit names) of a folder :func:`save_generation` wrote."""
+    """(bits, requested, unit names) of a folder :func:`save_generation` (or `qlip eval`) wrote."""
     path = Path(out_dir) / BITS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: generate with a quantized model "
-                                "(`qlip generate --quantized DIR`) first")
-    with safe_open(str(path), framework="numpy") as handle:
-        names = json.loads(handle.metadata()["units"])
-        return handle.get_tensor("bits"), handle.get_tensor("requested"), names
+        raise FileNotFoundError(f"{path} not found: generate or evaluate with a quantized model "
+                                "(`qlip generate/eval --quantized DIR`) first")
+    table = read_bits(path)
+    return table["bits"], table["requested"], table["units"]
