@@ -70,6 +70,9 @@ def generate_missing(
     seeds = [config.seed + i for i in range(len(prompts))]
     for i, prompt in enumerate(prompts):
         store.check_matches(i, prompt.text, seeds[i])
+    store.check_settings({"steps": config.steps, "guidance": config.guidance,
+                          "batch_mode": config.batch_mode,
+                          "policy": policy.describe() if policy is not None else "full precision"})
     todo = store.missing(len(prompts))
     gen = GenerationConfig(steps=config.steps, guidance=config.guidance, batch_mode=config.batch_mode,
                            batch_size=config.batch_size, truncate=True)
