@@ -10,13 +10,12 @@ candidate causes on eval folders of the same held-out prompts and seeds, and wri
 - residual noise: pixel std on the background (where the prompt's render is background);
 - per richness level: FID (from metrics.json).
 
-    python benchmarks/anomaly_analysis.py OUT_DIR FP_EVAL RUN_EVAL... > OUT_DIR/anomaly.md
+    python benchmarks/anomaly_analysis.py OUT_DIR FP_EVAL RUN_EVAL... [--images N] > OUT_DIR/anomaly.md
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +73,12 @@ def streak_and_noise(images: torch.Tensor, mask: torch.Tensor) -> dict:
             "background_residual": float(residual.mean())}
 
 
-def main(out: Path, fp: Path, runs: list[Path]) -> None:
+def main(out: Path, fp: Path, runs: list[Path], images: int | None = None) -> None:
+    """``images``: measure the image-based columns on the first ``images`` images only (folders
+    brought back from the GPU with a sample of their images); FID and its parts always use every
+    image's features."""
     out.mkdir(parents=True, exist_ok=True)
-    n = len(ImageStore(fp).records)
+    n = len(ImageStore(fp).records) if images is None else images
     prompts = select_prompts("heldout", n, world=True)
     real = _render_all(prompts, 64, REAL_SEED, "cpu")
     mask = background_mask(real)
@@ -106,4 +108,12 @@ def main(out: Path, fp: Path, runs: list[Path]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("fp", type=Path)
+    parser.add_argument("runs", type=Path, nargs="*")
+    parser.add_argument("--images", type=int, help="image-based measures on the first N images")
+    args = parser.parse_args()
+    main(args.out, args.fp, args.runs, args.images)

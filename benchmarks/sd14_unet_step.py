@@ -59,6 +59,17 @@ class RandomBits(BitPolicy):
         return self._table[pick]
 
 
+class FrozenRandomBits(RandomBits):
+    """One random assignment drawn as :class:`RandomBits` draws it, then the same at every call."""
+
+    def begin(self, batch, num_steps):
+        super().begin(batch, num_steps)
+        self._frozen = super().bits(0, None)
+
+    def bits(self, step, timestep):
+        return self._frozen
+
+
 class _Batch:  # what begin() reads of a prompt batch
     def __init__(self, size, device):
         self.size, self.device = size, torch.device(device)
@@ -87,7 +98,8 @@ def timed(call, warmup: int, iters: int) -> dict:
             end.record()
             torch.cuda.synchronize()
             times.append(begin.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters}
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "iters": iters,
+            "times": times}
 
 
 def build(variant: str, device: str, dtype: torch.dtype):
@@ -104,10 +116,14 @@ def build(variant: str, device: str, dtype: torch.dtype):
     return unet, quant_units(unet)
 
 
-def controller(unet, units, policy):
-    """The seam's step controller, driven by hand before each call of a compiled forward."""
+def ready(policy, units, unet):
     policy.bind({n: u.options for n, u in units.items() if u.dynamic})
     policy.begin(_Batch(1, unet.device), 1)
+
+
+def controller(unet, units, policy):
+    """The seam's step controller, driven by hand before each call of a compiled forward."""
+    ready(policy, units, unet)
     ctrl = StepController(unet, policy, units, "max", 1, count_macs=False)
     ctrl.detach()  # no module hook: the benchmark calls it, as the pipeline's hook would
     return ctrl
@@ -163,7 +179,12 @@ def measure(variant: str, args) -> dict:
 
 
 def bits_changing(unet, units, compiled, inputs_, args) -> dict:
-    """The bank model at fixed bits against every unit's bits changing at every call."""
+    """The bank model at fixed bits against every unit's bits changing at every call.
+
+    Fixed assignments: all units at 8, 16 or 32 bits, and one random assignment drawn like the
+    changing one but frozen (the same mix of bit-widths, never changing: what separates the cost of
+    *changing* bits from that of *which* bits run). The variants are timed in interleaved rounds so
+    that clock or thermal drift during the measurement falls on all of them alike."""
     x, t, c = inputs_
 
     def with_controller(ctrl, fn):
@@ -172,27 +193,48 @@ def bits_changing(unet, units, compiled, inputs_, args) -> dict:
             return fn(x, t, encoder_hidden_states=c)
         return call
 
-    out = {}
-    for bits in BANK:  # each fixed assignment through the same controller path
-        fixed = controller(unet, units, FixedBits(bits))
-        key = "compiled_fixed_controller" + ("" if bits == 8 else f"_a{bits}")
-        out[key] = timed(with_controller(fixed, compiled), args.warmup, args.iters)
-        fixed.close()
-    changing = controller(unet, units, RandomBits(BANK))
+    policies = {f"compiled_fixed_controller{'' if b == 8 else f'_a{b}'}": FixedBits(b) for b in BANK}
+    policies["compiled_fixed_random_assignment"] = FrozenRandomBits(BANK)
+    policies["compiled_bits_changing"] = RandomBits(BANK)
+    # one controller (one bound table, as in a real run); the rounds swap its policy
+    ctrl = controller(unet, units, policies["compiled_bits_changing"])
+    for policy in policies.values():
+        ready(policy, units, unet)
+
+    def with_policy(policy):
+        call = with_controller(ctrl, compiled)
+
+        def run():
+            ctrl.policy = policy
+            return call()
+        return run
+
+    calls = {key: with_policy(policy) for key, policy in policies.items()}
+    out: dict = {}
+    recompiled = False
     with torch.no_grad():  # a new binding may compile once; then no value may recompile
-        with_controller(changing, compiled)()
-    recompiled = None
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
     try:
         with torch.compiler.set_stance("fail_on_recompile"):
-            out["compiled_bits_changing"] = timed(with_controller(changing, compiled), args.warmup,
-                                                  args.iters)
-        recompiled = False
+            for _ in range(args.rounds):
+                for key, call in calls.items():
+                    times[key] += timed(call, 2, args.iters)["times"]
     except RuntimeError as err:  # the stance raises on a recompile
         recompiled, out["recompile_error"] = True, str(err)[:600]
+    for key, values in times.items():
+        if values:
+            out[key] = {"median_ms": statistics.median(values), "min_ms": min(values),
+                        "iters": len(values), "rounds": args.rounds}
     out["recompiled_when_bits_change"] = recompiled
+    ctrl.policy = policies["compiled_bits_changing"]
+    changing = ctrl
     out["graph_bits_changing"] = graph_replay(
         lambda: unet(x, t, encoder_hidden_states=c), args.warmup, args.iters,
         before=lambda: changing(unet, (x, t), {}))
+    out["controller_only_changing"] = timed(lambda: changing(unet, (x, t), {}), args.warmup,
+                                            args.iters)
     # the compiled step computes what the eager model computes at the same bits
     with torch.no_grad():
         changing(unet, (x, t), {})
@@ -200,6 +242,7 @@ def bits_changing(unet, units, compiled, inputs_, args) -> dict:
         got = compiled(x, t, encoder_hidden_states=c).sample.float()
     out["compiled_vs_eager_max_abs_diff"] = float((got - eager).abs().max())
     out["output_abs_mean"] = float(eager.abs().mean())
+    ctrl.close()
     counters = torch._dynamo.utils.counters
     out["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
     out["dynamo_graph_breaks"] = int(sum(counters["graph_break"].values()))
@@ -242,7 +285,8 @@ def summarise(results: dict) -> None:
     for name, data in v.items():
         for mode in ("eager", "graph", "compiled", "compiled_fixed_controller",
                      "compiled_fixed_controller_a16", "compiled_fixed_controller_a32",
-                     "compiled_bits_changing", "graph_bits_changing"):
+                     "compiled_fixed_random_assignment", "compiled_bits_changing",
+                     "graph_bits_changing", "controller_only_changing"):
             if mode in data:
                 rows.append((name, mode, data[mode]["median_ms"]))
     targets = {}
@@ -261,6 +305,10 @@ def summarise(results: dict) -> None:
             / bank["compiled_fixed_controller"]["median_ms"])
         targets["bits_changing_vs_mean_of_fixed_8_16_32"] = (
             bank["compiled_bits_changing"]["median_ms"] / statistics.mean(fixed))
+        if "compiled_fixed_random_assignment" in bank:  # the same mix of bits, not changing
+            targets["bits_changing_vs_same_mix_fixed"] = (
+                bank["compiled_bits_changing"]["median_ms"]
+                / bank["compiled_fixed_random_assignment"]["median_ms"])
     results["targets"] = targets
     print(f"{'variant':<16}{'mode':<28}{'median ms':>10}")
     for name, mode, ms in rows:
@@ -273,6 +321,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/sd14_unet_step.json")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds of the fixed/changing-bits comparison")
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant (internal)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--sync-dir", default="")
@@ -292,7 +342,7 @@ def main() -> None:
         part = Path(sync) / f"{name}.json"
         cmd = [sys.executable, __file__, "--variant", name, "--out", str(part), "--sync-dir", sync,
                "--processes", str(len(names)), "--warmup", str(args.warmup),
-               "--iters", str(args.iters)] + ([] if args.compile else ["--no-compile"])
+               "--iters", str(args.iters), "--rounds", str(args.rounds)] + ([] if args.compile else ["--no-compile"])
         procs[name] = (subprocess.Popen(cmd, env=os.environ.copy()), part)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": 2,
                "latent": [4, 64, 64], "context": [77, 768], "dtype": "bfloat16",

@@ -2,7 +2,8 @@
 comparisons of interest, the calibration-seed spread, a side-by-side grid, and OUT/export/*.tar
 (everything the docs need, in files of at most 15 MB).
 
-    python benchmarks/yardstick_summary.py OUT > OUT/summary.md
+    python benchmarks/yardstick_summary.py OUT [DEVICE] > OUT/summary.md
+    PAIRS="qd_w4a16:qd_w4a8,fp:rtn_w8a5" python benchmarks/yardstick_summary.py OUT  # some pairs
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ from qlip.evaluation.store import ImageStore
 
 ROWS = ["fp", *[f"qd_w4a{a}" for a in (16, 8, 6, 5, 4)], *[f"rtn_w8a{a}" for a in (16, 8, 6, 5, 4)],
         "qd_w4a8_s1", "qd_w4a8_s2"]
-COLUMNS = [("fid", ".1f"), ("kid", ".3f"), ("sfid", ".2f"), ("clip_score", ".4f"),
+COLUMNS = [("fid", ".1f"), ("kid", ".0f"), ("sfid", ".2f"), ("clip_score", ".4f"),
            ("alignment", ".3f"), ("fid_fidelity", ".1f"), ("fid_vs_reference", ".1f"),
-           ("kid_vs_reference", ".3f"), ("psnr_vs_reference", ".2f"),
+           ("kid_vs_reference", ".1f"), ("fid_fidelity_vs_reference", ".3f"),
+           ("psnr_vs_reference", ".2f"),
            ("perceptual_vs_reference", ".4f"), ("image_mse_vs_reference", ".4f")]
 PAIRS = [("qd_w4a16", "qd_w4a8"), ("qd_w4a8", "qd_w4a6"), ("qd_w4a6", "qd_w4a5"),
          ("qd_w4a5", "qd_w4a4"), ("qd_w4a16", "qd_w4a5"), ("fp", "qd_w4a16"),
          ("rtn_w8a16", "rtn_w8a8"), ("rtn_w8a8", "rtn_w8a6"), ("rtn_w8a6", "rtn_w8a5"),
          ("rtn_w8a5", "rtn_w8a4"), ("fp", "rtn_w8a5"), ("fp", "rtn_w8a16"),
          ("qd_w4a8", "qd_w4a8_s1"), ("qd_w4a8", "qd_w4a8_s2")]
+if os.environ.get("PAIRS"):  # e.g. PAIRS="qd_w4a16:qd_w4a8,fp:rtn_w8a5": only these comparisons
+    PAIRS = [tuple(p.split(":")) for p in os.environ["PAIRS"].split(",")]
 SEEDS = ["qd_w4a8", "qd_w4a8_s1", "qd_w4a8_s2"]
 EXPORT_LIMIT = 15 * 2**20
 RESAMPLES = int(os.environ.get("COMPARE_RESAMPLES", "500"))  # paired bootstrap resamples

@@ -96,3 +96,28 @@ def test_a_folder_without_features_is_refused_with_advice(tmp_path):
     (tmp_path / "old").mkdir()
     with pytest.raises(FileNotFoundError, match="evaluate the run again"):
         compare_runs(CompareConfig(str(tmp_path / "old"), str(tmp_path / "old")))
+
+
+def test_recompute_metrics_rebuilds_metrics_json_from_the_features(tmp_path):
+    from qlip.evaluation.harness import recompute_metrics
+    from qlip.evaluation.intervals import metrics_with_intervals
+    from qlip.evaluation.run_features import load_run_features
+
+    folder = tmp_path / "run"
+    _write(folder, _run(3, shift=0.3))
+    with pytest.raises(FileNotFoundError, match="evaluate the run first"):
+        recompute_metrics(folder, CONFIG)
+    stale = {"fid": -1.0, "kid": -1.0, "label": "W4A8", "fid_floor": 12.5,
+             "intervals": {"fid_floor": [10.0, 15.0]}, "notes": ["old"], "fab": 8.0}
+    (folder / "metrics.json").write_text(json.dumps(stale))
+    got = recompute_metrics(folder, CONFIG)
+    expected = metrics_with_intervals(load_run_features(folder), CONFIG)
+    assert got["fid"] == pytest.approx(expected["fid"]) and got["fid"] > 0
+    assert got["kid"] == pytest.approx(expected["kid"])
+    assert got["intervals"]["fid"] == pytest.approx(expected["intervals"]["fid"])
+    # what the features cannot give again is kept, and the recomputation is noted
+    assert got["label"] == "W4A8" and got["fid_floor"] == 12.5 and got["fab"] == 8.0
+    assert got["intervals"]["fid_floor"] == [10.0, 15.0]
+    assert got["notes"][0] == "old" and "recomputed" in got["notes"][-1]
+    assert json.loads((folder / "metrics.json").read_text())["fid"] == pytest.approx(got["fid"])
+    assert (folder / "metrics.md").is_file()

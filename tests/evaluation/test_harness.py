@@ -139,6 +139,30 @@ def test_a_folder_of_another_run_is_refused(tiny_pipe, tmp_path):
                        _measures)
 
 
+def test_a_folder_made_with_other_settings_is_refused_before_generating(tiny_pipe, tmp_path,
+                                                                          monkeypatch):
+    config = EvalConfig(num_images=2, batch_size=2, steps=1)
+    run_evaluation(tiny_pipe, PROMPTS[:2], None, config, tmp_path, _measures)
+    assert json.loads((tmp_path / "settings.json").read_text())["steps"] == 1
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated although the settings differ")
+
+    monkeypatch.setattr(harness_module, "generate", no_generation)
+    for changed, key in ((EvalConfig(num_images=4, batch_size=2, steps=2), "steps"),
+                         (EvalConfig(num_images=4, batch_size=2, steps=1, batch_mode="per_image"),
+                          "batch_mode"),
+                         (EvalConfig(num_images=4, batch_size=2, steps=1, guidance=7.5),
+                          "guidance")):
+        with pytest.raises(ValueError, match=f"{key}=.*new --out folder"):
+            run_evaluation(tiny_pipe, PROMPTS[:4], None, changed, tmp_path, _measures)
+    # a folder from before settings.json: its records' steps still refuse a mismatch
+    (tmp_path / "settings.json").unlink()
+    with pytest.raises(ValueError, match="steps=1"):
+        run_evaluation(tiny_pipe, PROMPTS[:4], None,
+                       EvalConfig(num_images=4, batch_size=2, steps=2), tmp_path, _measures)
+
+
 def test_eval_cli_bad_inputs(tiny_pipe_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")

@@ -26,7 +26,7 @@ from ..pipeline import GenerationConfig, generate
 from ..policies import BitPolicy
 from .intervals import floor_interval, metrics_with_intervals, set_estimates
 from .report import save_grid, write_markdown
-from .run_features import RunFeatures, extract_spaces, pairs_digest
+from .run_features import RunFeatures, extract_spaces, load_run_features, pairs_digest
 from .store import ImageStore
 
 
@@ -70,6 +70,9 @@ def generate_missing(
     seeds = [config.seed + i for i in range(len(prompts))]
     for i, prompt in enumerate(prompts):
         store.check_matches(i, prompt.text, seeds[i])
+    store.check_settings({"steps": config.steps, "guidance": config.guidance,
+                          "batch_mode": config.batch_mode,
+                          "policy": policy.describe() if policy is not None else "full precision"})
     todo = store.missing(len(prompts))
     gen = GenerationConfig(steps=config.steps, guidance=config.guidance, batch_mode=config.batch_mode,
                            batch_size=config.batch_size, truncate=True)
@@ -183,6 +186,43 @@ def compute_metrics(
                             "level": bootstrap.level,
                             "interval": "percentile, re-centred on the estimate"}
     metrics["notes"] = notes
+    return metrics
+
+
+def recompute_metrics(folder: str | Path, bootstrap: BootstrapConfig | None = None,
+                      min_images_for_fid: int = EvalConfig.min_images_for_fid) -> dict:
+    """Recompute an evaluation's metrics and intervals from its ``features.safetensors`` alone
+    (no images, no model: after a metric's estimator changed) and rewrite ``metrics.json``. What
+    the features cannot give again (the real-vs-real FID floor, the label, notes) is kept from
+    the old file, and a note says that the metrics were recomputed.
+
+    >>> recompute_metrics("runs/eval/w4a8")  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    path = folder / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: evaluate the run first (`qlip eval`)")
+    old = json.loads(path.read_text())
+    run = load_run_features(folder)
+    bootstrap = bootstrap or DEFAULT_BOOTSTRAP
+    metrics = {"num_images": run.num_images, **metrics_with_intervals(run, bootstrap)}
+    for name, key in (("richness", "by_richness"), ("objects", "by_objects")):
+        if name in run.groups and (run.groups[name] >= 0).any():
+            metrics[key] = _grouped(run, name, min_images_for_fid, bootstrap)
+    for key in ("fid_floor", "label"):
+        if key in old:
+            metrics[key] = old[key]
+    if "fid_floor" in old.get("intervals", {}):
+        metrics["intervals"]["fid_floor"] = old["intervals"]["fid_floor"]
+    metrics["bootstrap"] = {"resamples": bootstrap.resamples, "seed": bootstrap.seed,
+                            "level": bootstrap.level,
+                            "interval": "percentile, re-centred on the estimate"}
+    metrics["notes"] = [*old.get("notes", []),
+                        "metrics recomputed from features.safetensors (recompute_metrics)"]
+    for key, value in old.items():  # anything else the evaluation wrote (cost, settings)
+        metrics.setdefault(key, value)
+    path.write_text(json.dumps(metrics, indent=2))
+    write_markdown(metrics, folder / "metrics.md")
     return metrics
 
 

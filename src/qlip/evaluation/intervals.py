@@ -60,7 +60,7 @@ class SetMetric:
     samples: np.ndarray
 
 
-def _frechet(a, b, counts_a, counts_b, config) -> tuple[float, np.ndarray]:
+def _frechet(a, b, counts_a, counts_b, config, paired: bool = False) -> tuple[float, np.ndarray]:
     try:
         estimate = fid_from_features(a, b)
     except ValueError:  # degenerate covariances (too few images): no estimate
@@ -68,10 +68,19 @@ def _frechet(a, b, counts_a, counts_b, config) -> tuple[float, np.ndarray]:
     return estimate, bootstrap_frechet(a, b, counts_a, counts_b, config=config).numpy()
 
 
-def _kid(a, b, counts_a, counts_b, config) -> tuple[float, np.ndarray]:
+def _kid(a, b, counts_a, counts_b, config, paired: bool = False) -> tuple[float, np.ndarray]:
     kernels = [k.to(config.device) for k in kernel_matrices(a, b)]
-    samples = bootstrap_mmd(*kernels, counts_a.to(config.device), counts_b.to(config.device))
-    return kid_from_features(a, b), samples.cpu().numpy()
+    if paired:
+        samples = bootstrap_mmd(*kernels, counts_a.to(config.device), paired=True)
+    else:
+        samples = bootstrap_mmd(*kernels, counts_a.to(config.device), counts_b.to(config.device))
+    return kid_from_features(a, b, paired), samples.cpu().numpy()
+
+
+def is_paired(run: RunFeatures, other: str) -> bool:
+    """Row i of ``other``'s features shows run image i's prompt and seed (the reference run), or
+    its prompt's render (the reference world's real set)."""
+    return other == "reference" or (other == "real" and run.real_paired)
 
 
 DISTANCES: dict[str, Callable] = {"frechet": _frechet, "kid": _kid}
@@ -90,11 +99,12 @@ def set_metrics(run: RunFeatures, counts: torch.Tensor, config: BootstrapConfig
         against = run.features.get(other, {})
         if space not in generated or space not in against:
             continue
+        paired = is_paired(run, other)
         other_counts = counts  # paired sets: the same prompts resampled
-        if other == "real" and not run.real_paired:
+        if not paired:
             other_counts = resample_counts(len(against[space]), len(counts), config.seed + 1)
         estimate, samples = DISTANCES[distance](against[space], generated[space], other_counts,
-                                                counts, config)
+                                                counts, config, paired)
         out.append(SetMetric(name, estimate, samples))
     return out
 
@@ -117,9 +127,11 @@ def set_estimates(run: RunFeatures) -> dict:
     for name, other, space, distance in SET_METRICS:
         against = run.features.get(other, {})
         if space in generated and space in against and run.num_images >= MIN_IMAGES_FOR_SETS:
-            estimate = (fid_from_features if distance == "frechet" else kid_from_features)
+            paired = is_paired(run, other)
             try:
-                out[name] = _finite(estimate(against[space], generated[space]))
+                out[name] = _finite(
+                    fid_from_features(against[space], generated[space]) if distance == "frechet"
+                    else kid_from_features(against[space], generated[space], paired))
             except ValueError:  # degenerate covariances (too few images)
                 out[name] = None
     return out

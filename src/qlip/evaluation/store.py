@@ -84,6 +84,24 @@ class ImageStore:
         save_bits(path, bits, requested, tables[0]["units"])
         return path
 
+    def check_settings(self, settings: dict) -> None:
+        """Refuse to resume a folder whose images were made with other generation settings
+        (steps, guidance, batch mode, bit policy…): mixing them would measure neither. The
+        settings are kept in ``settings.json``; a folder from before it existed is checked by the
+        steps and batch mode its records hold. An empty folder takes the new settings."""
+        path = self.root / "settings.json"
+        if self.records:
+            saved = json.loads(path.read_text()) if path.is_file() else {
+                k: v for k, v in next(iter(self.records.values())).items()
+                if k in ("steps", "batch_mode")}
+            for key, value in saved.items():
+                if key in settings and settings[key] != value:
+                    raise ValueError(
+                        f"{self.root} holds images made with {key}={value!r}; this run asks for "
+                        f"{key}={settings[key]!r}. Use a new --out folder (or the same settings "
+                        "to resume)")
+        path.write_text(json.dumps(settings, indent=2))
+
     def load_images(self, count: int) -> torch.Tensor:
         """The first ``count`` images as float [N, 3, H, W] in [0, 1]."""
         arrays = [np.asarray(Image.open(self.path(i)).convert("RGB")) for i in range(count)]

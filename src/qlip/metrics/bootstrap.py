@@ -167,22 +167,30 @@ def bootstrap_frechet(
 
 
 def bootstrap_mmd(
-    k_xx: Tensor, k_xy: Tensor, k_yy: Tensor, counts_x: Tensor, counts_y: Tensor | None = None
+    k_xx: Tensor, k_xy: Tensor, k_yy: Tensor, counts_x: Tensor, counts_y: Tensor | None = None,
+    paired: bool = False,
 ) -> Tensor:
     """Unbiased MMD² [B] of resampled sets from kernel matrices, computed once
-    (k_xx [n, n], k_xy [n, m], k_yy [m, m]); ``counts_y=None``: paired, the same counts.
+    (k_xx [n, n], k_xy [n, m], k_yy [m, m]); ``counts_y=None``: the same counts for both sets.
 
     Within a set, every pair of *distinct original images* counts, so a resample reduces to the
     unbiased estimate (torchmetrics' ``maximum_mean_discrepancy``) when every count is 1:
     ``(wᵀKw − Σ w_i² K_ii) / (n² − Σ w_i²)`` for each within-set term, ``w_xᵀ K_xy w_y / (n m)``
-    across."""
+    across. ``paired=True`` (row i of both sets is one prompt and seed, resampled together): the
+    cross term also drops the pairs of one original row, ``(wᵀK_xy w − Σ w_i² K_xy,ii) /
+    (n² − Σ w_i²)``, the U-statistic (see :func:`qlip.metrics.kid.kid_from_features`)."""
+    if paired and counts_y is not None and counts_y is not counts_x:
+        raise ValueError("a paired MMD resamples both sets with the same counts: give counts_x only")
     counts_y = counts_x if counts_y is None else counts_y
 
     def within(kernel: Tensor, w: Tensor) -> Tensor:
         total = ((w @ kernel) * w).sum(1) - (w.pow(2) * kernel.diagonal()).sum(1)
         return total / (w.sum(1).pow(2) - w.pow(2).sum(1))
 
-    across = ((counts_x @ k_xy) * counts_y).sum(1) / (counts_x.sum(1) * counts_y.sum(1))
+    if paired:
+        across = within(k_xy, counts_x)
+    else:
+        across = ((counts_x @ k_xy) * counts_y).sum(1) / (counts_x.sum(1) * counts_y.sum(1))
     return within(k_xx, counts_x) + within(k_yy, counts_y) - 2 * across
 
 

@@ -33,15 +33,27 @@ def kernel_matrices(features_a, features_b) -> tuple[Tensor, Tensor, Tensor]:
     return poly_kernel(a, a), poly_kernel(a, b), poly_kernel(b, b)
 
 
-def kid_from_features(features_a, features_b) -> float:
-    """Unbiased KID (MMD², cubic kernel) between feature sets [n, D] and [m, D], n == m.
+def kid_from_features(features_a, features_b, paired: bool = False) -> float:
+    """Unbiased KID (MMD², cubic kernel) between feature sets [n, D] and [m, D].
+
+    ``paired=False`` (independent sets, n == m): torchmetrics' estimator, whose cross term
+    averages every pair (i, j), i = j included. That is unbiased only when a_i and b_i are
+    independent. ``paired=True`` (row i of both sets shows the same prompt and seed: a run against
+    the FP run of the same seeds, or against renders of its own prompts): the U-statistic of
+    Gretton et al. (2012), which drops the i = j pairs of the cross term too; it stays unbiased
+    for the marginals when a_i and b_i are alike, where the estimator above reads far below
+    zero (a paired copy gives exactly 0 here).
 
     Example:
         >>> kid_from_features(real_feats, gen_feats)  # ~0 for two draws of one distribution
     """
     k_aa, k_ab, k_bb = kernel_matrices(features_a, features_b)
+    ones_a = torch.ones(1, len(k_aa), dtype=torch.float64)
+    if paired:
+        if len(k_aa) != len(k_bb):
+            raise ValueError(f"paired sets need as many rows: {len(k_aa)} vs {len(k_bb)}")
+        return float(bootstrap_mmd(k_aa, k_ab, k_bb, ones_a, paired=True)[0])
     if len(k_aa) != len(k_bb):  # torchmetrics' estimator assumes equal set sizes
-        ones_a = torch.ones(1, len(k_aa), dtype=torch.float64)
         ones_b = torch.ones(1, len(k_bb), dtype=torch.float64)
         return float(bootstrap_mmd(k_aa, k_ab, k_bb, ones_a, ones_b)[0])
     return float(maximum_mean_discrepancy(k_aa, k_ab, k_bb))

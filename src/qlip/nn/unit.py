@@ -50,7 +50,8 @@ class QuantUnit(nn.Module):
             raise ValueError(f"abits {default_bits} is not among the bank options {self.options}")
         self.dynamic = dynamic  # False: bits fixed by a layer rule, bit policies leave it alone
         slot = self.options.index(self.default_bits)
-        self.register_buffer("_choice", torch.tensor(slot), persistent=False)
+        # [1]: one slot for the whole batch (a 1-d index: no reshape per call, no specialising)
+        self.register_buffer("_choice", torch.tensor([slot]), persistent=False)
         self.register_buffer("_step", torch.zeros(1, dtype=torch.long), persistent=False)
         self._table: torch.Tensor | None = None  # shared choices of many units (bind_bits)
         self._row = 0
@@ -108,10 +109,10 @@ class QuantUnit(nn.Module):
             choice = lookup[bits.to(lookup.device).long()]
         else:
             slot = self.slot_of(bits)
-            if self._choice.ndim == 0 and not self._choice.is_floating_point():
+            if self._choice.shape == (1,) and not self._choice.is_floating_point():
                 self._choice.fill_(slot)  # no host-to-device copy
                 return
-            choice = torch.full((), slot, dtype=torch.long, device=self._choice.device)
+            choice = torch.full((1,), slot, dtype=torch.long, device=self._choice.device)
         self._put_choice(choice)
 
     def bind_bits(self, table: torch.Tensor | None, row: int = 0) -> None:
@@ -128,7 +129,8 @@ class QuantUnit(nn.Module):
         return self.dynamic_banks()[0].stack.slot(check_bits(bits, "activation bits"))
 
     def choice(self) -> torch.Tensor:
-        """The active choice: 0-d slot, ``[n]`` slots or ``[n, K]`` probabilities."""
+        """The active choice: ``[1]`` slot (the whole batch), ``[n]`` slots or ``[n, K]``
+        probabilities."""
         return self._choice if self._table is None else self._table[self._row]
 
     def images(self) -> int:
@@ -137,7 +139,7 @@ class QuantUnit(nn.Module):
         return choice.shape[0] if choice.ndim else 1
 
     def active_bits(self) -> torch.Tensor:
-        """The bits of the active choice (expected bits for soft choices): 0-d or ``[n]``."""
+        """The bits of the active choice (expected bits for soft choices): ``[1]`` or ``[n]``."""
         return self.dynamic_banks()[0].stack.expected_bits(self.choice())
 
     expected_bits = active_bits

@@ -177,6 +177,7 @@ class StackedUniform(StackedQuantizer):
         self.register_buffer("calibrated", torch.zeros(k, t, dtype=torch.bool))
         # rows: option k at step t is row k·T + t
         self.register_buffer("table", torch.zeros(k * t, 3, groups), persistent=False)
+        self._cast: tuple | None = None  # (table, its version, the [K·T, 3] copy in x's dtype)
         for slot, bits in enumerate(self.options):
             if is_bypass(bits):
                 self.scale[slot] = 1.0
@@ -247,14 +248,28 @@ class StackedUniform(StackedQuantizer):
         ste = ste or (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad))
         if self.channel_dim is None and not split and not ste:
             # per tensor, whole batch, inference: the shortest path (eager pays per operation)
-            params = table[:, :, 0].index_select(0, self._rows(choice, step))  # [1, 3]
-            scale, low, high = params.to(x.dtype).unbind(1)
+            params = self._flat_table(x.dtype).index_select(0, self._rows(choice, step))  # [1, 3]
+            scale, low, high = params.unbind(1)
             return torch.div(x, scale).round_().clamp_(low, high).mul_(scale)
         params = table[self._rows(choice, step)].to(x.dtype)  # [n, 3, P]
         scale, low, high = (self._broadcast(p, x, split) for p in params.unbind(1))
         q = x / scale
         q = round_ste(q) if ste else torch.round(q)
         return torch.clamp(q, low, high) * scale
+
+    def _flat_table(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[K·T, 3]``: the per-tensor table in ``dtype``. Eager keeps the cast copy while the
+        table is unchanged (its version counter), saving two operations per call; a compiled
+        graph fuses the cast anyway."""
+        table = self.table
+        if torch.compiler.is_compiling() or table.is_inference():  # (no version counter)
+            return table[:, :, 0].to(dtype)
+        cached = self._cast
+        if (cached is None or cached[0] is not table or cached[1] != table._version
+                or cached[2].dtype != dtype):
+            cached = (table, table._version, table[:, :, 0].to(dtype).contiguous())
+            self._cast = cached
+        return cached[2]
 
     def _broadcast(self, p: torch.Tensor, x: torch.Tensor, split: bool) -> torch.Tensor:
         # p: [n, P]; x: [R, ...] (n = 1), or [copies, n, heads, ...] if split
