@@ -3,17 +3,18 @@
 # the paper's option set {8,16,32} and for {4,5,6} (this model's activation cliff lies between 4
 # and 5 bits), on N held-out prompts with the yardstick's intervals. On one GPU:
 #   PHASE=quantize bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # FP eval + W4 model
-#   PHASE=train    bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # QLIP for both sets
+#   PHASE=train_a  bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # QLIP A{8,16,32}
+#   PHASE=train_b  bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # QLIP A{4,5,6}
 #   PHASE=eval     bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # 6 fixed + 2 QLIP evals
 #   PHASE=summary  bash benchmarks/qlip_first_result.sh OUT [N=1000] [DEVICE=cuda]  # compare, plots, export
-# (PHASE=all runs the four in turn.) Every phase resumes: run it again after a timeout and it
+# (PHASE=train runs train_a and train_b, PHASE=all every phase in turn.) Every phase resumes: run it again after a timeout and it
 # continues (the reconstruction per unit, `qlip train-qlip` per stage, chunk and Q2B checkpoint,
 # an eval per image; finished steps are skipped).
 #
 # quantize: the FP eval and one Q-Diffusion W4 calibration with the bank {4,5,6,8,16,32}, at once.
-# train:    `qlip train-qlip` for {8,16,32} then {4,5,6} (GIQA labels, N_T2Q FP generations of
-#           held-out-free training prompts; the second set reuses the first's FP stages); each
-#           writes a copy of the model plus qlip.json to OUT/q_qlip_<set>.
+# train_a/b: `qlip train-qlip` for {8,16,32} / {4,5,6} (GIQA labels, N_T2Q FP generations of
+#           held-out-free training prompts; whichever runs second reuses the first's FP stages);
+#           each writes a copy of the model plus qlip.json to OUT/q_qlip_<set>.
 # eval:     fixed A32, A16, A8, A6, A5, A4 and the two QLIPs (each prompt at its own bits:
 #           --batch-mode per_image), every eval with --reference-run FP, JOBS at a time.
 # summary:  OUT/summary.md (table with intervals, FAB, BitOPs, T2Q SROCC/PLCC, paired comparisons
@@ -63,11 +64,17 @@ if [ "$phase" = quantize ] || [ "$phase" = all ]; then
     wait
 fi
 
-if [ "$phase" = train ] || [ "$phase" = all ]; then
+case "$phase" in
+    train_a) train_sets=("${sets[0]}") ;;
+    train_b) train_sets=("${sets[1]}") ;;
+    train|all) train_sets=("${sets[@]}") ;;
+    *) train_sets=() ;;
+esac
+if [ "${#train_sets[@]}" -gt 0 ]; then
     if [ ! -e "$out/q_qd_w4/quant_state.safetensors" ]; then
         echo "the W4 model is not quantized: run PHASE=quantize first" >&2; exit 1
     fi
-    for bits in "${sets[@]}"; do
+    for bits in "${train_sets[@]}"; do
         t=$(tag "$bits")
         [ -e "$out/q_qlip_$t/qlip.json" ] && continue
         timed "train-qlip $t" $qlip train-qlip "${train[@]}" --bits "$bits" \
@@ -85,7 +92,7 @@ if [ "$phase" = eval ] || [ "$phase" = all ]; then
     for bits in "${sets[@]}"; do
         t=$(tag "$bits")
         if [ ! -e "$out/q_qlip_$t/qlip.json" ]; then
-            echo "QLIP {$bits} is not trained: run PHASE=train again first" >&2; continue
+            echo "QLIP {$bits} is not trained: run PHASE=train_a / train_b first" >&2; continue
         fi
         throttle; evaluate "qlip_$t" "Q-Diffusion W4 + QLIP A{$bits}" --quantized "$out/q_qlip_$t" \
             --batch-mode per_image &
