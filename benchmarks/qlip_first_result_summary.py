@@ -36,7 +36,8 @@ def _pairs(rows: list[str]) -> list[tuple[str, str]]:
 
 def t2q_table(out: Path) -> str:
     lines = ["| QLIP | label | T2Q SROCC | T2Q PLCC | held-out prompts | training prompts (levels) "
-             "| Q2B iterations | Q2B FAB (last tenth) | stage seconds |", "|---|---|---:|---:|---:|---|---:|---:|---|"]
+             "| Q2B iterations | Q2B mean bits (last tenth) | stage seconds |",
+             "|---|---|---:|---:|---:|---|---:|---:|---|"]
     for name in SETS:
         path = out / f"q_qlip_{name}" / "qlip.json"
         if not path.is_file():

@@ -307,5 +307,6 @@ def train_qlip(config: TrainQLIPConfig, log: Callable[[str], None] = print,
                           _metrics(config, fitted, history, texts, world, stages.times))
     path = _write(modules, config)
     log(f"T2Q held-out SROCC {fitted.metrics['srocc']:.3f}, PLCC {fitted.metrics['plcc']:.3f}; "
-        f"Q2B FAB {modules.metrics['q2b']['fab']:.2f} (last tenth of training); saved to {path}")
+        f"Q2B mean bits {modules.metrics['q2b']['fab']:.2f} (last tenth of training); saved to "
+        f"{path}")
     return modules
