@@ -223,7 +223,7 @@ def heldout_free_prompts(n: int, seed: int) -> list[Prompt]:
     never scores a text the policy was fitted to. A prefix of a longer call with the same seed.
 
     Every richness-0 and -1 text of the world (24 and 126 distinct texts) is in the held-out
-    set, so these prompts are of richness 2-4 only (about 8% of level-2 draws are dropped too).
+    set, so these prompts are of richness 2-4 only (41% of level-2 draws are dropped too).
     """
     excluded = {p.text for p in heldout_prompts()}
     stream = _training_stream(np.random.default_rng(seed))
