@@ -117,9 +117,11 @@ class _Checkpoint:
         q2b.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         names = [n for n, _ in q2b.named_parameters()]
         for param, name in zip([p for g in optimizer.param_groups for p in g["params"]], names):
+            # the moments live with the parameter (a GPU run resumes on the GPU); Adam keeps
+            # its step count on the CPU
             optimizer.state[param] = {"step": state[f"adam.{name}.step"],
-                                      "exp_avg": state[f"adam.{name}.m"],
-                                      "exp_avg_sq": state[f"adam.{name}.v"]}
+                                      "exp_avg": state[f"adam.{name}.m"].to(param.device),
+                                      "exp_avg_sq": state[f"adam.{name}.v"].to(param.device)}
         return meta["history"]
 
     def save(self, q2b: Q2B, optimizer: torch.optim.Optimizer, history: list[dict]) -> None:
