@@ -73,6 +73,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--calib-num", type=int, default=32, help="prompts used for calibration")
     p.add_argument("--calib-steps", type=int, default=25, help="sampling steps of calibration runs")
     p.add_argument("--calib-kept-steps", type=int, default=25, help="steps kept, spread uniformly")
+    p.add_argument("--calib-cache", help="calibration capture file shared by several quantize "
+                   "runs of one model and calibration setting (default: OUT/calibration."
+                   "safetensors)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for the quantized model")
@@ -169,7 +172,7 @@ def cmd_quantize(args) -> int:
     )
     prompts = _calibration_prompts(args)
     pipe = load_pipeline(args.model, device_name(args.device))
-    units = quantize_pipeline(pipe, prompts, job, args.out)
+    units = quantize_pipeline(pipe, prompts, job, args.out, calibration_cache=args.calib_cache)
     groups = f" g={args.groups}" if args.method == "dgq" else ""
     print(f"quantized {len(units)} units of {args.model} with {args.method} "
           f"W{args.wbits}A{args.abits}{groups}; saved to {args.out}")

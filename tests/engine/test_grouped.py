@@ -167,7 +167,7 @@ def test_grouped_conv_is_unfold_then_groups_then_matmul():
             cols = F.unfold(part, 3, padding=1, stride=2)  # [B, 2·9, L]
             stack = bank.stack
             dim = int(stack.candidate_dims[stack.chosen_dim[0]])
-            index = getattr(stack, f"group_index_{int(stack.chosen_dim[0])}")[0]
+            index = getattr(stack, f"group_index_{int(stack.chosen_dim[0])}")[0].long()
             shape = [1, 1, 1]
             shape[dim] = -1
             scale, zero = stack.scale[0, 0][index].reshape(shape), stack.zero_point[0, 0][index]

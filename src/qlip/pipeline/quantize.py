@@ -3,6 +3,7 @@ the method, save."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -108,9 +109,11 @@ def calibration_data(
         pipe, prompts[: config.num_prompts], config.num_inference_steps, config.guidance, keep,
         config.seed, config.batch_size, progress,
     )
-    if cache is not None:
+    if cache is not None:  # atomically: jobs sharing one cache may capture at the same time
         cache.parent.mkdir(parents=True, exist_ok=True)
-        data.save(cache)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        data.save(partial)
+        os.replace(partial, cache)
     return data
 
 

@@ -12,7 +12,7 @@ exactly 1 and clamping to ±∞ change nothing, so the result is exactly the cho
 State (saved): ``scale``/``zero_point`` ``[K, T, G]`` and ``calibrated`` ``[K, T]`` as in
 :class:`StackedUniform`; ``candidate_dims [D]`` (negative dims of the input), ``sizes [D]``
 (0: the input has no such dim, e.g. the token dim of a ``[B, C]`` input), ``chosen_dim [T]``
-(index into the candidates) and ``group_index_<d> [T, S_d]`` (each index's group).
+(index into the candidates) and ``group_index_<d> [T, S_d]`` (each index's group, uint8).
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ class StackedGrouped(StackedQuantizer):
         self.register_buffer("candidate_dims", torch.tensor(dims, dtype=torch.long))
         self.register_buffer("sizes", torch.zeros(len(dims), dtype=torch.long))
         self.register_buffer("chosen_dim", torch.zeros(t, dtype=torch.long))
+        # group ids are small: stored in a byte each (a saved model stays small)
+        self.index_dtype = torch.uint8 if groups <= 256 else torch.int32
         for i in range(len(dims)):
-            self.register_buffer(f"group_index_{i}", torch.zeros(t, 0, dtype=torch.long))
+            self.register_buffer(f"group_index_{i}", torch.zeros(t, 0, dtype=self.index_dtype))
         for slot, bits in enumerate(self.options):
             if is_bypass(bits):
                 self.scale[slot] = 1.0
@@ -83,7 +85,8 @@ class StackedGrouped(StackedQuantizer):
         rows = slice(None) if step is None or not self.num_steps else slice(step, step + 1)
         with torch.no_grad():
             self._set_sizes(sizes)
-            getattr(self, f"group_index_{chosen}")[rows] = labels.to(self.chosen_dim.device)
+            getattr(self, f"group_index_{chosen}")[rows] = labels.to(self.chosen_dim.device,
+                                                                      self.index_dtype)
             self.chosen_dim[rows] = chosen
             for slot, bits in enumerate(self.options):
                 if is_bypass(bits):
@@ -107,7 +110,7 @@ class StackedGrouped(StackedQuantizer):
         t = self.num_steps or 1
         for i, size in enumerate(sizes):
             self.register_buffer(f"group_index_{i}", torch.zeros(
-                t, size, dtype=torch.long, device=self.chosen_dim.device))
+                t, size, dtype=self.index_dtype, device=self.chosen_dim.device))
 
     def slot_view(self, bits: int):
         raise ValueError("grouped quantizers are calibrated by DGQ (`qlip quantize --method dgq`), "
@@ -130,7 +133,7 @@ class StackedGrouped(StackedQuantizer):
             self.register_buffer(f"table_{i}", self._table(i), persistent=False)
 
     def _table(self, i: int) -> torch.Tensor:
-        index = getattr(self, f"group_index_{i}")  # [T, S]
+        index = getattr(self, f"group_index_{i}").long()  # [T, S]
         k, t, _ = self.scale.shape
         gather = index[None].expand(k, t, index.shape[1])  # [K, T, S]
         scale = self.scale.gather(2, gather)
