@@ -191,8 +191,9 @@ class QuantConv2d(QuantLayer):
         if self.groups != 1 and self.act_groups > 1:
             raise ValueError("grouped activations (DGQ) run a conv as unfold + matmul, which "
                              "needs groups=1; keep this conv out with a LayerRule")
-        if isinstance(self.padding, str):
-            raise ValueError(f"padding={self.padding!r} is not supported; give the padding in pixels")
+        if isinstance(self.padding, str) and self.act_groups > 1:
+            raise ValueError(f"grouped activations (DGQ) unfold the conv's input, which needs the "
+                             f"padding in pixels; got padding={self.padding!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
         if self.act_groups > 1 and not self.act_banks[0].passes_through():
