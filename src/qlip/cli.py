@@ -7,11 +7,13 @@ import sys
 
 from .cli_args import (
     DEFAULT_MODEL,
+    SOFTMAX_FOLLOWS,
     add_model_args,
     bits_arg,
     bits_list_arg,
     device_name,
     read_prompt_file,
+    softmax_bits_arg,
 )
 from .nn import PRESETS, QuantConfig
 from .quant import RANGE_METHODS
@@ -19,42 +21,59 @@ from .quant import RANGE_METHODS
 
 def _add_quantize(sub) -> None:
     from .methods.brecq import ReconstructionConfig
+    from .methods.dgq import DGQConfig
     from .methods.ptqd import PTQDConfig
     from .methods.qdiffusion import QDiffusionConfig
+    from .nn.attention import PROB_QUANTIZERS
 
     p = sub.add_parser("quantize", help="quantize a pipeline's UNet and save it")
     add_model_args(p)
-    p.add_argument("--method", default="rtn", choices=["rtn", "qdiffusion", "ptqd"],
+    p.add_argument("--method", default="rtn", choices=["rtn", "qdiffusion", "ptqd", "dgq"],
                    help="rtn (round-to-nearest), qdiffusion (BRECQ/AdaRound + EMA activations), "
-                        "ptqd (qdiffusion with per-tensor weights + noise correction)")
+                        "ptqd (qdiffusion with per-tensor weights + noise correction), dgq "
+                        "(qdiffusion weights + per-step grouped activations, log2 attention)")
     p.add_argument("--wbits", type=bits_arg("--wbits"), default=4)
     p.add_argument("--abits", type=bits_arg("--abits"), default=8)
     p.add_argument("--abits-options", type=bits_list_arg, default=(),
                    help="activation bit-widths calibrated for run-time switching, e.g. 8,16,32")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="layer policy: qdiffusion (all), ptqd (8-bit first/last), dgq (FP first/last); "
-                        "default: ptqd for --method ptqd, else qdiffusion")
-    p.add_argument("--softmax-bits", type=bits_arg("--softmax-bits"), default=16)
+                        "default: the method's (ptqd, dgq), else qdiffusion")
+    p.add_argument("--softmax-bits", type=softmax_bits_arg, default=None,
+                   help="bits of the attention probabilities, or 'abits' for the unit's activation "
+                        "bits (default: abits for --method dgq, else 16)")
+    p.add_argument("--softmax-quantizer", choices=PROB_QUANTIZERS, default=None,
+                   help="uniform or log2 (dynamic scale) probabilities (default: log2 for dgq)")
+    p.add_argument("--keep-start-token", action=argparse.BooleanOptionalAction, default=None,
+                   help="cross-attention's first key and start-token column stay FP and out of "
+                        "the log2 max (default: on for dgq)")
+    p.add_argument("--groups", type=int, default=1,
+                   help="dgq: activation groups g per layer input (1 = per tensor; DGQ: 8 or 16)")
+    p.add_argument("--kmeans-init", type=int, default=DGQConfig.kmeans_n_init,
+                   help="dgq: K-means restarts per input and step (scikit-learn n_init)")
     p.add_argument("--no-attention", action="store_true", help="leave attention matmuls in FP")
     p.add_argument("--weight-range", default="minmax", choices=RANGE_METHODS, help="rtn only")
     p.add_argument("--act-range", default="minmax", choices=RANGE_METHODS, help="rtn only")
     p.add_argument("--recon-iters", type=int, default=ReconstructionConfig.iters,
-                   help="qdiffusion/ptqd: AdaRound iterations per block (paper: 20000)")
+                   help="qdiffusion/ptqd/dgq: AdaRound iterations per block (paper: 20000)")
     p.add_argument("--recon-samples", type=int, default=ReconstructionConfig.num_samples,
-                   help="qdiffusion/ptqd: calibration rows used by the reconstruction")
+                   help="qdiffusion/ptqd/dgq: calibration rows used by the reconstruction")
     p.add_argument("--act-tune-iters", type=int, default=QDiffusionConfig.act_tune_iters,
                    help="qdiffusion/ptqd: LSQ tuning of activation step sizes per unit (0 = off)")
     p.add_argument("--ptqd-prompts", type=int, default=PTQDConfig.num_prompts,
                    help="ptqd: DDIM trajectories for the correction statistics (paper: 1024)")
     p.add_argument("--ptqd-steps", type=int, default=PTQDConfig.num_steps,
                    help="ptqd: DDIM steps of those trajectories (paper: 20)")
-    p.add_argument("--weights-from", help="qdiffusion/ptqd: reuse the quantized weights of this "
-                   "earlier `qlip quantize` folder (same --wbits and method); only the "
+    p.add_argument("--weights-from", help="qdiffusion/ptqd/dgq: reuse the quantized weights of "
+                   "this earlier `qlip quantize` folder (same --wbits and preset); only the "
                    "activations are calibrated again")
     p.add_argument("--calib-prompts", help="file with one prompt per line (reference model: optional)")
     p.add_argument("--calib-num", type=int, default=32, help="prompts used for calibration")
     p.add_argument("--calib-steps", type=int, default=25, help="sampling steps of calibration runs")
     p.add_argument("--calib-kept-steps", type=int, default=25, help="steps kept, spread uniformly")
+    p.add_argument("--calib-cache", help="calibration capture file shared by several quantize "
+                   "runs of one model and calibration setting (default: OUT/calibration."
+                   "safetensors)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for the quantized model")
@@ -107,8 +126,24 @@ def _calibration_prompts(args) -> list[str]:
     raise ValueError("--calib-prompts FILE is needed for a model other than the reference model")
 
 
+def _quant_config(args) -> QuantConfig:
+    """The flags' QuantConfig; flags left unset take the method's defaults."""
+    from .pipeline.quantize import METHOD_QUANT_DEFAULTS
+
+    given = {"preset": args.preset, "softmax_quantizer": args.softmax_quantizer,
+             "keep_start_token": args.keep_start_token}
+    if args.softmax_bits == SOFTMAX_FOLLOWS:
+        given["softmax_follows_abits"] = True
+    elif args.softmax_bits is not None:
+        given |= {"softmax_bits": args.softmax_bits, "softmax_follows_abits": False}
+    fields = METHOD_QUANT_DEFAULTS[args.method] | {k: v for k, v in given.items() if v is not None}
+    return QuantConfig(wbits=args.wbits, abits=args.abits, abits_options=args.abits_options,
+                       quantize_attention=not args.no_attention, act_groups=args.groups, **fields)
+
+
 def cmd_quantize(args) -> int:
     from .methods.brecq import ReconstructionConfig
+    from .methods.dgq import DGQConfig
     from .methods.ptqd import PTQDConfig
     from .methods.qdiffusion import QDiffusionConfig
     from .methods.rtn import RTNConfig
@@ -116,20 +151,13 @@ def cmd_quantize(args) -> int:
 
     if args.calib_num < 1 or args.calib_steps < 1 or args.calib_kept_steps < 1:
         raise ValueError("--calib-num, --calib-steps and --calib-kept-steps must be at least 1")
-    is_ptqd = args.method == "ptqd"
-    qdiffusion = QDiffusionConfig(
-        reconstruction=ReconstructionConfig(iters=args.recon_iters, num_samples=args.recon_samples,
-                                            seed=args.seed),
-        act_tune_iters=args.act_tune_iters, seed=args.seed,
-    )
+    reconstruction = ReconstructionConfig(iters=args.recon_iters, num_samples=args.recon_samples,
+                                          seed=args.seed)
+    qdiffusion = QDiffusionConfig(reconstruction=reconstruction,
+                                  act_tune_iters=args.act_tune_iters, seed=args.seed)
     job = QuantizeJob(
         method=args.method,
-        quant=QuantConfig(
-            wbits=args.wbits, abits=args.abits, abits_options=args.abits_options,
-            preset=args.preset or ("ptqd" if is_ptqd else "qdiffusion"),
-            softmax_bits=args.softmax_bits, quantize_attention=not args.no_attention,
-            weight_per_channel=not is_ptqd,  # PTQD: per-tensor weights
-        ),
+        quant=_quant_config(args),
         calibration=CalibrationConfig(
             num_prompts=args.calib_num, num_inference_steps=args.calib_steps,
             num_kept_steps=args.calib_kept_steps, guidance=args.guidance, seed=args.seed,
@@ -138,14 +166,17 @@ def cmd_quantize(args) -> int:
         qdiffusion=qdiffusion,
         ptqd=PTQDConfig(qdiffusion=qdiffusion, num_prompts=args.ptqd_prompts,
                         num_steps=args.ptqd_steps, guidance=args.guidance, seed=args.seed),
+        dgq=DGQConfig(reconstruction=reconstruction, kmeans_n_init=args.kmeans_init,
+                      seed=args.seed),
         base_model=args.model,
         weights_from=args.weights_from,
     )
     prompts = _calibration_prompts(args)
     pipe = load_pipeline(args.model, device_name(args.device))
-    units = quantize_pipeline(pipe, prompts, job, args.out)
+    units = quantize_pipeline(pipe, prompts, job, args.out, calibration_cache=args.calib_cache)
+    groups = f" g={args.groups}" if args.method == "dgq" else ""
     print(f"quantized {len(units)} units of {args.model} with {args.method} "
-          f"W{args.wbits}A{args.abits}; saved to {args.out}")
+          f"W{args.wbits}A{args.abits}{groups}; saved to {args.out}")
     return 0
 
 

@@ -23,6 +23,16 @@ def bits_arg(what: str) -> Callable[[str], int]:
     return parse
 
 
+SOFTMAX_FOLLOWS = "abits"  # --softmax-bits abits: QuantConfig.softmax_follows_abits
+
+
+def softmax_bits_arg(text: str) -> int | str:
+    """``--softmax-bits``: a bit-width, or ``abits`` (the probabilities at each unit's bits)."""
+    if text == SOFTMAX_FOLLOWS:
+        return text
+    return bits_arg("--softmax-bits (a bit-width or 'abits')")(text)
+
+
 def bits_list_arg(text: str) -> tuple[int, ...]:
     """An argparse type for ``--abits-options 8,16,32``."""
     try:

@@ -192,7 +192,7 @@ def test_cli_maps_ptqd_flags_onto_the_job(monkeypatch, tmp_path):
     jobs = []
     monkeypatch.setattr(pipeline_module, "load_pipeline", lambda model, device: None)
     monkeypatch.setattr(pipeline_module, "quantize_pipeline",
-                        lambda pipe, prompts, job, out: jobs.append(job) or {})
+                        lambda pipe, prompts, job, out, **kw: jobs.append(job) or {})
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
     code = main(["quantize", "--model", str(tmp_path), "--method", "ptqd", "--wbits", "4",

@@ -163,6 +163,19 @@ def tune_activation_steps(
                 bank.stack.refresh()
 
 
+def quantize_weights(
+    unet: nn.Module, units: dict[str, QuantUnit], data: CalibrationSet, weight_range: str,
+    reconstruction: ReconstructionConfig, out_dir: str | Path | None = None,
+    progress: bool = True, on_unit_done: Callable[[str], None] | None = None,
+) -> None:
+    """Q-Diffusion's weights: a per-channel grid by ``weight_range`` (mse), then BRECQ/AdaRound
+    reconstruction (checkpointed per unit in ``out_dir/reconstruction`` when given). DGQ's
+    weights are these too."""
+    calibrate_weights(units, weight_range)
+    checkpoints = Path(out_dir) / CHECKPOINT_FOLDER if out_dir is not None else None
+    reconstruct_weights(unet, units, data, reconstruction, checkpoints, progress, on_unit_done)
+
+
 def quantize_qdiffusion(
     unet: nn.Module, units: dict[str, QuantUnit], data: CalibrationSet,
     config: QDiffusionConfig | None = None, out_dir: str | Path | None = None,
@@ -180,10 +193,8 @@ def quantize_qdiffusion(
     """
     config = config or QDiffusionConfig()
     if not weights_ready:
-        calibrate_weights(units, config.weight_range)
-        checkpoints = Path(out_dir) / CHECKPOINT_FOLDER if out_dir is not None else None
-        reconstruct_weights(unet, units, data, config.reconstruction, checkpoints, progress,
-                            on_unit_done)
+        quantize_weights(unet, units, data, config.weight_range, config.reconstruction, out_dir,
+                         progress, on_unit_done)
     calibrate_activations_ema(unet, units, data, config, progress)
     if config.act_tune_iters:
         tune_activation_steps(unet, units, data, config, progress)

@@ -19,9 +19,12 @@ class QuantAttnProcessor(QuantUnit):
     classifier-free-guidance batch, as every operation is per sample).
 
     q, k, v are quantized after the head reshape at the unit's active bits (a bank each, like a
-    layer's input); the softmax output at ``prob_bits`` with a uniform or log2 quantizer. With
-    ``keep_start_token`` (DGQ), in cross-attention the first key and the first key's column of the
-    probabilities stay in full precision and out of the quantizers' ranges.
+    layer's input; grouped along head-dim channel or token with ``act_groups > 1``, DGQ); the
+    softmax output at ``prob_bits``, or at the unit's active bits with ``prob_follows_abits``
+    (DGQ's code: softmax bits = activation bits), with a uniform or log2 quantizer (log2: in
+    self- and cross-attention, as DGQ's code). With ``keep_start_token`` (DGQ), in
+    cross-attention the first key and the first key's column of the probabilities stay in full
+    precision and out of the quantizers' ranges (the log2 scale is the max of the other columns).
     """
 
     kind = "attention"
@@ -36,18 +39,25 @@ class QuantAttnProcessor(QuantUnit):
         act_symmetric: bool = False,
         act_steps: int | None = None,
         dynamic: bool = True,
+        act_groups: int = 1,
+        prob_follows_abits: bool = False,
     ):
         if prob_quantizer not in PROB_QUANTIZERS:
             raise ValueError(f"prob_quantizer must be one of {PROB_QUANTIZERS}; got {prob_quantizer!r}")
         options = tuple(sorted({check_bits(b, "activation bits") for b in abits_options}))
         super().__init__(options, abits, dynamic)
+        kind = "grouped" if act_groups > 1 else "uniform"
 
-        def bank() -> ActivationBank:
-            return ActivationBank(options, symmetric=act_symmetric, num_steps=act_steps)
+        def bank() -> ActivationBank:  # q, k, v: [B·heads, N, d] -> head-dim channel, token
+            return ActivationBank(options, kind, symmetric=act_symmetric, num_steps=act_steps,
+                                  groups=act_groups, dims=(-1, -2))
 
         self.q_bank, self.k_bank, self.v_bank = bank(), bank(), bank()
         self.prob_bits = check_bits(prob_bits, "softmax bits")
-        self.prob_bank = ActivationBank((self.prob_bits,), kind=prob_quantizer)
+        self.prob_follows_abits = prob_follows_abits
+        prob_options = options if prob_follows_abits else (self.prob_bits,)
+        prob_steps = act_steps if prob_follows_abits and prob_quantizer == "uniform" else None
+        self.prob_bank = ActivationBank(prob_options, kind=prob_quantizer, num_steps=prob_steps)
         self.register_buffer("_prob_choice", torch.zeros(1, dtype=torch.long), persistent=False)
         self.prob_quantizer = prob_quantizer
         self.keep_start_token = keep_start_token
@@ -59,7 +69,7 @@ class QuantAttnProcessor(QuantUnit):
         return [self.q_bank, self.k_bank, self.v_bank]
 
     def operand_bits(self, site: str, abits: int) -> tuple[int, int]:
-        if site == "attn_qk":
+        if site == "attn_qk" or self.prob_follows_abits:
             return fp_bits(abits), fp_bits(abits)
         return fp_bits(self.prob_bits), fp_bits(abits)  # attn_pv: probabilities × values
 
@@ -68,10 +78,12 @@ class QuantAttnProcessor(QuantUnit):
         return torch.cat([first, quantize(rest)], dim=dim)
 
     def _probs(self, probs: torch.Tensor, heads: int) -> torch.Tensor:
-        # the softmax bank has one option; laid out like q, k, v, so that a log2 Δ is the max of
-        # the whole tensor (DGQ) when the batch runs at one choice and each image's max per image
-        return self.prob_bank.forward(probs, self._prob_choice.expand(self.images()), heads,
-                                      self.step_index())
+        # laid out like q, k, v, so that a log2 Δ is the max of the whole tensor (DGQ) when the
+        # batch runs at one choice and each image's max per image; the bank has one option, or
+        # the unit's options and follows its choice
+        choice = self.choice() if self.prob_follows_abits else self._prob_choice.expand(
+            self.images())
+        return self.prob_bank.forward(probs, choice, heads, self.step_index())
 
     def forward(
         self,
@@ -128,4 +140,5 @@ class QuantAttnProcessor(QuantUnit):
 
     def extra_repr(self) -> str:
         start = ", keep_start_token" if self.keep_start_token else ""
-        return f"{self.bits_label()}, probs={self.prob_quantizer}{self.prob_bits}{start}"
+        bits = "=abits" if self.prob_follows_abits else self.prob_bits
+        return f"{self.bits_label()}, probs={self.prob_quantizer}{bits}{start}"

@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..quant import StackedLog2, StackedUniform, UniformSlot, is_bypass
+from ..quant import StackedGrouped, StackedLog2, StackedUniform, UniformSlot, is_bypass
 
-BANK_KINDS = ("uniform", "log2")
+BANK_KINDS = ("uniform", "log2", "grouped")
 
 
 class ActivationBank(nn.Module):
@@ -18,6 +18,8 @@ class ActivationBank(nn.Module):
 
     While ``observer`` is set (calibration) inputs are passed to it and returned unquantized;
     while ``enabled`` is False (full-precision reference passes) they are returned unquantized.
+    Kinds: ``uniform`` (per tensor, per-step tables with ``num_steps``), ``log2`` (dynamic scale)
+    and ``grouped`` (DGQ: ``groups`` groups along one of the candidate ``dims`` per step).
 
     >>> bank = ActivationBank((8, 16))
     >>> bank.slot(8).calibrate(torch.randn(100)); bank.slot(16).calibrate(torch.randn(100))
@@ -26,15 +28,23 @@ class ActivationBank(nn.Module):
 
     def __init__(
         self, options: Iterable[int], kind: str = "uniform", symmetric: bool = False,
-        num_steps: int | None = None,
+        num_steps: int | None = None, groups: int = 1, dims: tuple[int, ...] = (-1,),
     ):
         super().__init__()
         if kind not in BANK_KINDS:
             raise ValueError(f"activation bank kind must be one of {BANK_KINDS}; got {kind!r}")
         options = tuple(options)
         self.kind = kind
-        self.stack = (StackedLog2(options) if kind == "log2"
-                      else StackedUniform(options, symmetric=symmetric, num_steps=num_steps))
+        self.dims = tuple(dims) if kind == "grouped" else ()  # DGQ's candidate dims
+        if kind == "log2":
+            self.stack = StackedLog2(options)
+        elif kind == "grouped":
+            if symmetric:
+                raise ValueError("grouped (DGQ) activation quantizers are asymmetric; drop "
+                                 "act_symmetric")
+            self.stack = StackedGrouped(options, groups, dims, num_steps)
+        else:
+            self.stack = StackedUniform(options, symmetric=symmetric, num_steps=num_steps)
         self.observer: Callable[[torch.Tensor, int], None] | None = None
         self.enabled = True
         self.step = 0  # the sampling step observers record under
@@ -51,10 +61,18 @@ class ActivationBank(nn.Module):
         """The quantizer of one bit-width, to calibrate (uniform banks)."""
         return self.stack.slot_view(bits)
 
+    def passes_through(self) -> bool:
+        """True while the bank returns its input unquantized and unobserved (full-precision
+        reference passes): a unit may then take its plain path."""
+        return not self.enabled and self.observer is None
+
     def slots(self) -> list[UniformSlot]:
-        """Every option that needs calibration: none for log2 banks and for the bypass (32)."""
+        """Every option that needs calibration: none for log2 banks and for the bypass (32).
+        Grouped banks are calibrated together by DGQ, not per bit-width: asking raises."""
         if self.kind == "log2":
             return []
+        if self.kind == "grouped":
+            self.stack.slot_view(self.options[0])  # raises, saying which method calibrates it
         return [self.stack.slot_view(b) for b in self.options if not is_bypass(b)]
 
     def forward(

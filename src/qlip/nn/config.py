@@ -65,8 +65,12 @@ class QuantConfig:
     weight_per_channel: bool = True
     act_symmetric: bool = False
     act_steps: int | None = None  # per-step activation tables with this many rows
+    # DGQ: activations in this many groups along channel or token, chosen per step (1: per tensor)
+    act_groups: int = 1
     quantize_attention: bool = True
     softmax_bits: int = 16
+    # the softmax output at each unit's activation bits (its bank's options) instead of softmax_bits
+    softmax_follows_abits: bool = False
     softmax_quantizer: str = "uniform"
     keep_start_token: bool = False
     split_shortcuts: bool = True
@@ -84,6 +88,15 @@ class QuantConfig:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {self.preset!r}")
         if self.softmax_quantizer not in PROB_QUANTIZERS:
             raise ValueError(f"softmax_quantizer must be one of {PROB_QUANTIZERS}")
+        if isinstance(self.act_groups, bool) or not isinstance(self.act_groups, int) or (
+                self.act_groups < 1):
+            raise ValueError(f"act_groups must be an integer >= 1 (1 = per tensor); got "
+                             f"{self.act_groups!r}")
+        if self.act_groups > 1 and self.act_symmetric:
+            raise ValueError("grouped activations (act_groups > 1) are asymmetric; drop "
+                             "act_symmetric")
+        if self.act_steps is not None and self.act_steps < 1:
+            raise ValueError(f"act_steps must be >= 1 or None; got {self.act_steps}")
         object.__setattr__(self, "rules", tuple(
             r if isinstance(r, LayerRule) else LayerRule(**r) for r in self.rules))
 

@@ -19,10 +19,12 @@ class QuantLayer(QuantUnit):
 
     ``splits`` (input-split quantization, Q-Diffusion's shortcut splitting) gives each part of a
     concatenated input its own activation bank and its own weight quantizer over the matching
-    input-channel slice of the weight.
+    input-channel slice of the weight. ``act_groups > 1`` (DGQ) makes the banks grouped, along
+    the candidate dims ``group_dims`` of what the bank sees.
     """
 
     channel_dim: int  # dim of the input's channels
+    group_dims: tuple[int, ...]  # DGQ's candidate dims (channel, token) of a bank's input
     fab_member = True
 
     def __init__(
@@ -37,6 +39,7 @@ class QuantLayer(QuantUnit):
         act_symmetric: bool = False,
         act_steps: int | None = None,
         dynamic: bool = True,
+        act_groups: int = 1,
     ):
         options = tuple(sorted({check_bits(b, "activation bits") for b in abits_options}))
         super().__init__(options, abits, dynamic)
@@ -57,8 +60,11 @@ class QuantLayer(QuantUnit):
             )
             for _ in self.splits
         )
+        kind = "grouped" if act_groups > 1 else "uniform"
+        self.act_groups = act_groups
         self.act_banks = nn.ModuleList(
-            ActivationBank(options, symmetric=act_symmetric, num_steps=act_steps)
+            ActivationBank(options, kind, symmetric=act_symmetric, num_steps=act_steps,
+                           groups=act_groups, dims=self.group_dims)
             for _ in self.splits
         )
         # the dequantized weight, computed once (follows the module's device and dtype)
@@ -147,6 +153,7 @@ class QuantLayer(QuantUnit):
 
 class QuantLinear(QuantLayer):
     channel_dim = -1
+    group_dims = (-1, -2)  # x: [B, N, C] -> channel C, token N (a [B, C] input: channel only)
     kind = "linear"
 
     # what callers read off an nn.Linear (SDXL's pipeline reads add_embedding.linear_1.in_features)
@@ -163,7 +170,12 @@ class QuantLinear(QuantLayer):
 
 
 class QuantConv2d(QuantLayer):
+    """With grouped activations (DGQ) the conv runs as unfold + matmul, and the banks quantize
+    the unfolded input ``[B, C_in·kh·kw, L]``: its candidate dims are the unfolded channel and
+    the output position, as in DGQ's code. Full-precision passes take the plain conv."""
+
     channel_dim = 1
+    group_dims = (-2, -1)  # unfolded x: [B, C·kh·kw, L] -> unfolded channel, position
     kind = "conv2d"
 
     def __init__(self, base: nn.Conv2d, *args, **kwargs):
@@ -176,8 +188,16 @@ class QuantConv2d(QuantLayer):
         self.kernel_size, self.padding_mode = base.kernel_size, base.padding_mode
         if self.groups != 1 and len(self.splits) > 1:
             raise ValueError("input splits need a conv with groups=1")
+        if self.groups != 1 and self.act_groups > 1:
+            raise ValueError("grouped activations (DGQ) run a conv as unfold + matmul, which "
+                             "needs groups=1; keep this conv out with a LayerRule")
+        if isinstance(self.padding, str) and self.act_groups > 1:
+            raise ValueError(f"grouped activations (DGQ) unfold the conv's input, which needs the "
+                             f"padding in pixels; got padding={self.padding!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
+        if self.act_groups > 1 and not self.act_banks[0].passes_through():
+            return self._unfolded_forward(x)
         return F.conv2d(
             self.quantize_input(x),
             self.quantized_weight(),
@@ -187,6 +207,20 @@ class QuantConv2d(QuantLayer):
             self.dilation,
             self.groups,
         )
+
+    def _unfolded_forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self.splits, dim=1) if len(self.splits) > 1 else (x,)
+        columns = [self.quantize(bank, F.unfold(p, self.kernel_size, self.dilation, self.padding,
+                                                self.stride))
+                   for bank, p in zip(self.act_banks, parts)]  # each [B, c_i·kh·kw, L]
+        # F.unfold orders (channel, kh, kw) channel-major, as the weight's flatten(1) does
+        cols = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)
+        out = self.quantized_weight().flatten(1) @ cols  # [B, C_out, L]
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        size = [(x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1)
+                 - 1) // self.stride[i] + 1 for i in range(2)]
+        return out.unflatten(2, size)
 
     def weight_slices(self) -> list[torch.Tensor]:
         if self.groups != 1:

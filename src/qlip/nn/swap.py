@@ -37,6 +37,7 @@ def make_layer(
         act_symmetric=config.act_symmetric,
         act_steps=config.act_steps,
         dynamic=abits is None,
+        act_groups=config.act_groups,
     )
 
 
@@ -50,6 +51,8 @@ def make_processor(config: QuantConfig, abits: int | None) -> QuantAttnProcessor
         act_symmetric=config.act_symmetric,
         act_steps=config.act_steps,
         dynamic=abits is None,
+        act_groups=config.act_groups,
+        prob_follows_abits=config.softmax_follows_abits,
     )
 
 

@@ -4,6 +4,7 @@ the cost per image from the bits each image ran at."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,14 +72,25 @@ def dynamic_units(units: dict[str, QuantUnit]) -> dict[str, QuantUnit]:
     return {n: u for n, u in units.items() if u.dynamic}
 
 
-def check_step_tables(units: dict[str, QuantUnit], steps: int) -> None:
-    """Per-step tables have one row per sampling step: refuse a run with more steps, up front."""
+def unet_calls(pipe, steps: int) -> int:
+    """How many UNet calls the pipeline's scheduler makes for ``steps`` sampling steps (PNDM,
+    SD 1.x's default, makes one more: it repeats a timestep)."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+def check_step_tables(units: dict[str, QuantUnit], steps: int, calls: int | None = None) -> None:
+    """Per-step tables have one row per sampling step (UNet call): refuse a run that makes more
+    calls than a table has rows, up front. ``calls``: the run's UNet calls (default ``steps``)."""
+    calls = steps if calls is None else calls
     for name, unit in units.items():
         rows = unit.step_rows()
-        if rows is not None and steps > rows:
+        if rows is not None and calls > rows:
             raise ValueError(
-                f"{name}: its activation quantizers hold a per-step table of {rows} steps but {steps} "
-                f"steps were asked; sample with num_inference_steps={rows}"
+                f"{name}: its activation quantizers hold a per-step table of {rows} steps (a "
+                f"row per UNet call) but {steps} steps make {calls} UNet calls with this "
+                "scheduler; sample with the scheduler and number of steps it was calibrated with"
             )
 
 
@@ -93,6 +105,8 @@ class StepController:
         batch_mode: str = "max", num_images: int = 1, count_macs: bool = True,
     ):
         self.units = units
+        rows = [r for r in (u.step_rows() for u in units.values()) if r is not None]
+        self.max_steps = min(rows) if rows else None  # per-step tables: no call past their rows
         self.dynamic = list(dynamic_units(units).values())
         self.policy = policy if self.dynamic else None
         self.ledger = BitLedger(units, list(dynamic_units(units)), batch_mode)
@@ -120,6 +134,10 @@ class StepController:
         self._handle.remove()
 
     def __call__(self, module, args, kwargs):
+        if self.max_steps is not None and self.step >= self.max_steps:
+            raise RuntimeError(f"UNet call {self.step + 1} of this run has no row in the per-step "
+                               f"activation tables ({self.max_steps} rows); sample with the "
+                               "scheduler and steps the model was calibrated with")
         self._step.fill_(self.step)
         if self.policy is not None:
             timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
@@ -177,7 +195,7 @@ def generate(
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     check_prompts(pipe, prompts, config.truncate)
     units = quant_units(pipe.unet)
-    check_step_tables(units, config.steps)
+    check_step_tables(units, config.steps, unet_calls(pipe, config.steps))
     verify_calibrated(units)
     if units and policy is None:
         policy = FixedBits(next(iter(units.values())).default_bits)

@@ -3,10 +3,12 @@ the method, save."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..methods.calib_data import CalibrationSet
+from ..methods.dgq import DGQConfig, quantize_dgq, table_steps
 from ..methods.ptqd import PTQDConfig
 from ..methods.qdiffusion import QDiffusionConfig, quantize_qdiffusion
 from ..methods.rtn import RTNConfig, quantize_rtn
@@ -16,7 +18,15 @@ from .prepare import prepare_unet
 from .ptqd_sampling import gather_correction_statistics
 from .saving import QuantizedInfo, load_quantized_weights, save_quantized
 
-METHODS = ("rtn", "qdiffusion", "ptqd")
+METHODS = ("rtn", "qdiffusion", "ptqd", "dgq")
+# The QuantConfig each method's paper implies, where the caller says nothing else (the CLI
+# fills its unset flags from here).
+METHOD_QUANT_DEFAULTS: dict[str, dict] = {
+    "rtn": {}, "qdiffusion": {},
+    "ptqd": {"preset": "ptqd", "weight_per_channel": False},
+    "dgq": {"preset": "dgq", "softmax_quantizer": "log2", "softmax_follows_abits": True,
+            "keep_start_token": True},
+}
 
 
 @dataclass
@@ -39,6 +49,7 @@ class QuantizeJob:
     rtn: RTNConfig = field(default_factory=RTNConfig)
     qdiffusion: QDiffusionConfig = field(default_factory=QDiffusionConfig)
     ptqd: PTQDConfig = field(default_factory=PTQDConfig)
+    dgq: DGQConfig = field(default_factory=DGQConfig)
     base_model: str = ""
     # A quantized model folder whose weights (codes and grids) are reused: the weight
     # calibration and reconstruction are skipped, the activations are calibrated anew.
@@ -48,7 +59,16 @@ class QuantizeJob:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
         if self.weights_from and self.method == "rtn":
-            raise ValueError("weights_from reuses a reconstruction: use it with qdiffusion or ptqd")
+            raise ValueError("weights_from reuses a reconstruction: use it with qdiffusion, ptqd "
+                             "or dgq")
+        if self.quant.act_groups > 1 and self.method != "dgq":
+            raise ValueError(f"grouped activations (act_groups={self.quant.act_groups}) are "
+                             "calibrated by DGQ: use method 'dgq' (`--method dgq --groups G`)")
+        if self.method == "dgq" and (
+                self.calibration.num_kept_steps < self.calibration.num_inference_steps):
+            raise ValueError("DGQ calibrates a table row per sampling step: keep every step "
+                             f"(--calib-kept-steps {self.calibration.num_inference_steps}, got "
+                             f"{self.calibration.num_kept_steps})")
         if self.method == "ptqd" and (self.quant.preset != "ptqd" or self.quant.weight_per_channel):
             raise ValueError(
                 "PTQD quantizes weights per tensor with its own layer policy: use "
@@ -58,9 +78,21 @@ class QuantizeJob:
 
     def method_config(self) -> dict:
         """The chosen method's config, as saved in ``quant_config.json``."""
-        config = {"rtn": self.rtn, "qdiffusion": self.qdiffusion, "ptqd": self.ptqd}[self.method]
+        config = {"rtn": self.rtn, "qdiffusion": self.qdiffusion, "ptqd": self.ptqd,
+                  "dgq": self.dgq}[self.method]
         return {self.method: asdict(config), "calibration": asdict(self.calibration),
                 "weights_from": self.weights_from}
+
+    def quant_for(self, data: CalibrationSet) -> QuantConfig:
+        """The layer config the model is prepared with: DGQ's per-step tables get one row per
+        sampling step of ``data`` (a given ``act_steps`` must agree)."""
+        if self.method != "dgq":
+            return self.quant
+        steps = table_steps(data)
+        if self.quant.act_steps not in (None, steps):
+            raise ValueError(f"act_steps={self.quant.act_steps} but the calibration data has "
+                             f"{steps} sampling steps; leave act_steps unset for DGQ")
+        return replace(self.quant, act_steps=steps)
 
 
 def calibration_data(
@@ -70,14 +102,18 @@ def calibration_data(
     resample)."""
     if cache is not None and cache.is_file():
         return CalibrationSet.load(cache)
+    # keeping every step keeps every UNet call (PNDM makes one more call than steps)
+    keep = (None if config.num_kept_steps >= config.num_inference_steps
+            else uniform_steps(config.num_inference_steps, config.num_kept_steps))
     data = capture_unet_inputs(
-        pipe, prompts[: config.num_prompts], config.num_inference_steps, config.guidance,
-        uniform_steps(config.num_inference_steps, config.num_kept_steps), config.seed,
-        config.batch_size, progress,
+        pipe, prompts[: config.num_prompts], config.num_inference_steps, config.guidance, keep,
+        config.seed, config.batch_size, progress,
     )
-    if cache is not None:
+    if cache is not None:  # atomically: jobs sharing one cache may capture at the same time
         cache.parent.mkdir(parents=True, exist_ok=True)
-        data.save(cache)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        data.save(partial)
+        os.replace(partial, cache)
     return data
 
 
@@ -90,12 +126,16 @@ def quantize_pipeline(
     settings of one model can share one capture."""
     cache = calibration_cache or (Path(out_dir) / "calibration.safetensors" if out_dir else None)
     data = calibration_data(pipe, prompts, job.calibration, Path(cache) if cache else None, progress)
-    units = prepare_unet(pipe.unet, job.quant)
+    quant = job.quant_for(data)
+    units = prepare_unet(pipe.unet, quant)
     if job.weights_from:
-        load_quantized_weights(pipe.unet, units, job.quant, job.weights_from)
+        load_quantized_weights(pipe.unet, units, quant, job.weights_from)
     extra = {}
     if job.method == "rtn":
         quantize_rtn(pipe.unet, units, data, job.rtn, progress)
+    elif job.method == "dgq":
+        quantize_dgq(pipe.unet, units, data, job.dgq, out_dir, progress,
+                     weights_ready=bool(job.weights_from))
     else:  # PTQD = Q-Diffusion's recipe + correction statistics
         recipe = job.qdiffusion if job.method == "qdiffusion" else job.ptqd.qdiffusion
         quantize_qdiffusion(pipe.unet, units, data, recipe, out_dir, progress,
@@ -103,6 +143,6 @@ def quantize_pipeline(
     if job.method == "ptqd":
         extra = gather_correction_statistics(pipe, units, prompts, job.ptqd, progress).to_extra()
     if out_dir is not None:
-        info = QuantizedInfo(job.quant, job.method, job.method_config(), job.base_model, extra)
+        info = QuantizedInfo(quant, job.method, job.method_config(), job.base_model, extra)
         save_quantized(pipe.unet, info, out_dir)
     return units

@@ -1,6 +1,8 @@
 """Quantization primitives: pure tensor functions and tiny modules, no diffusers here."""
 
 from .bits import BYPASS_BITS, check_bits, is_bypass, parse_bits_list
+from .grouped import StackedGrouped
+from .grouping import GroupRangeObserver, GroupStats, choose_dimension, kmeans_groups, spread
 from .log2 import Log2Quantizer, log2_quant
 from .observer import RangeObserver
 from .ranges import (
@@ -17,10 +19,13 @@ from .uniform import RANGE_METHODS, UniformQuantizer
 
 __all__ = [
     "BYPASS_BITS",
+    "GroupRangeObserver",
+    "GroupStats",
     "RANGE_METHODS",
     "Log2Quantizer",
     "RangeObserver",
     "RowLayout",
+    "StackedGrouped",
     "StackedLog2",
     "StackedQuantizer",
     "StackedUniform",
@@ -28,8 +33,10 @@ __all__ = [
     "UniformSlot",
     "affine_params",
     "check_bits",
+    "choose_dimension",
     "fake_quant",
     "is_bypass",
+    "kmeans_groups",
     "log2_quant",
     "minmax_range",
     "mse_range",
@@ -37,4 +44,5 @@ __all__ = [
     "percentile_range",
     "round_ste",
     "search_range",
+    "spread",
 ]

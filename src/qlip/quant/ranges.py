@@ -38,12 +38,15 @@ def percentile_range(
 
 
 def affine_params(
-    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, include_zero: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero-point of a ``bits``-bit grid covering [xmin, xmax] (zero always representable)."""
+    """Scale and zero-point of a ``bits``-bit grid covering [xmin, xmax]. ``include_zero``: the
+    range is widened to hold 0 (so 0 is exactly representable); without it the grid spans exactly
+    [xmin, xmax] (DGQ's per-group ranges), and the zero point may lie outside [0, 2^b - 1]."""
     levels = 2**bits - 1
-    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
-    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if include_zero:
+        xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+        xmax = torch.maximum(xmax, torch.zeros_like(xmax))
     if symmetric:
         absmax = torch.maximum(xmax, -xmin)
         scale = (2 * absmax / levels).clamp_min(1e-8)
