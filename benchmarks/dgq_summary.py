@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from yardstick_summary import export, grid, table  # benchmarks/ is the script's folder
+from yardstick_summary import finish, table  # benchmarks/ is the script's folder
 
 from qlip.evaluation.compare import (
     CompareConfig,
@@ -96,12 +96,7 @@ def main(out: Path, device: str = "cpu") -> None:
             short.append(f"| {a} | {b} | {verdicts(result['json'])} |")
             text.append(f"### {a} vs {b}\n\n{result['markdown']}\n")
     text[4:4] = ["\n## Verdicts on the deciding metrics\n", "\n".join(short)]
-    (out / "comparisons.json").write_text(json.dumps(comparisons, indent=2))
-    (out / "summary.md").write_text("\n".join(text) + "\n")
-    extra = [grid(out, rows), out / "comparisons.json", out / "timings.txt", out / "summary.md"]
-    tars = export(out, rows, extra)
-    print("\n".join(text))
-    print("exported: " + ", ".join(f"{t.name} ({t.stat().st_size / 2**20:.1f} MB)" for t in tars))
+    finish(out, rows, text, comparisons)
 
 
 if __name__ == "__main__":

@@ -147,9 +147,14 @@ def main(out: Path, device: str = "cpu") -> None:
             result = compare_runs(config)
             comparisons[f"{a} vs {b}"] = comparison_json(result)
             text.append(f"### {a} vs {b}\n\n{comparison_markdown(result)}\n")
-    (out / "comparisons.json").write_text(json.dumps(comparisons, indent=2))
     if all(r in rows for r in SEEDS):
         text.append("## Calibration seeds (Q-Diffusion W4A8)\n\n" + seed_spread(out) + "\n")
+    finish(out, rows, text, comparisons)
+
+
+def finish(out: Path, rows: list[str], text: list[str], comparisons: dict) -> None:
+    """Write comparisons.json and summary.md, the grid and the export tars; print the summary."""
+    (out / "comparisons.json").write_text(json.dumps(comparisons, indent=2))
     (out / "summary.md").write_text("\n".join(text) + "\n")
     extra = [grid(out, rows), out / "comparisons.json", out / "timings.txt", out / "summary.md"]
     tars = export(out, rows, extra)
