@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from yardstick_summary import finish, table  # benchmarks/ is the script's folder
+from yardstick_summary import finish, finished_rows, table  # benchmarks/ is the script's folder
 
 from qlip.evaluation.compare import (
     CompareConfig,
@@ -80,10 +80,7 @@ def verdicts(result: dict) -> str:
 
 
 def main(out: Path, device: str = "cpu") -> None:
-    rows = [r for r in ROWS if (out / f"eval_{r}" / "metrics.json").is_file()]
-    if not rows or rows[0] != "fp":
-        sys.exit(f"no FP eval in {out}: run PHASE=quantize and PHASE=eval first")
-    count = json.loads((out / "eval_fp/metrics.json").read_text())["num_images"]
+    rows, count = finished_rows(out, ROWS)
     text = [f"# DGQ on the reference world ({count} images)\n", table(out, rows),
             "\n## Calibration wall times\n", calibration_times(out),
             "\n## Paired comparisons (A − B, 95% paired bootstrap)\n"]

@@ -132,11 +132,17 @@ def export(out: Path, rows: list[str], extra: list[Path]) -> list[Path]:
     return tars
 
 
-def main(out: Path, device: str = "cpu") -> None:
-    rows = [r for r in ROWS if (out / f"eval_{r}" / "metrics.json").is_file()]
+def finished_rows(out: Path, order: list[str]) -> tuple[list[str], int]:
+    """The runs of ``order`` whose eval finished, FP first, and the number of images; exits with
+    advice when the FP eval is missing."""
+    rows = [r for r in order if (out / f"eval_{r}" / "metrics.json").is_file()]
     if not rows or rows[0] != "fp":
         sys.exit(f"no FP eval in {out}: run PHASE=quantize and PHASE=eval first")
-    count = json.loads((out / "eval_fp/metrics.json").read_text())["num_images"]
+    return rows, json.loads((out / "eval_fp/metrics.json").read_text())["num_images"]
+
+
+def main(out: Path, device: str = "cpu") -> None:
+    rows, count = finished_rows(out, ROWS)
     text = [f"# Yardstick run ({count} images)\n", table(out, rows),
             "\n## Paired comparisons (A − B, 95% paired bootstrap)\n"]
     comparisons = {}

@@ -146,13 +146,6 @@ class StackedGrouped(StackedQuantizer):
         return table.flatten(0, 1)
 
     # -- forward --------------------------------------------------------------------------------
-    def _rows(self, choice, step) -> torch.Tensor | slice:
-        if self.num_steps:
-            if step is None:
-                raise ValueError("this quantizer holds a per-step table: give the step index")
-            return step + choice * self.num_steps
-        return slice(choice, choice + 1) if isinstance(choice, int) else choice
-
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
         ste = ste or (torch.is_grad_enabled() and x.requires_grad)
         rows = self._rows(choice, step)

@@ -66,7 +66,9 @@ def slot_lookup(options: Sequence[int]) -> torch.Tensor:
 
 
 class StackedQuantizer(nn.Module):
-    """Common part of the stacked uniform and log2 quantizers: options, slot lookup, bypass mask."""
+    """Common part of the stacked quantizers: options, slot lookup, bypass mask, table rows."""
+
+    num_steps: int | None = None  # rows of per-step tables (None: one row for every step)
 
     def __init__(self, options: Sequence[int]):
         super().__init__()
@@ -135,6 +137,15 @@ class StackedQuantizer(nn.Module):
             soft = soft + RowLayout.per_image(probs[:, k].to(split.dtype), rest) * q_k
         hard = self._hard(split, probs.detach().argmax(dim=1), step)
         return hard.detach() + (soft - soft.detach())
+
+    def _rows(self, choice, step) -> torch.Tensor | slice:
+        """Rows (option k at step t: k·T + t) of the tables, for ``choice`` (int or ``[n]`` slots) at ``step``."""
+        steps = self.num_steps
+        if steps:
+            if step is None:
+                raise ValueError("this quantizer holds a per-step table: give the step index")
+            return step + choice * steps
+        return slice(choice, choice + 1) if isinstance(choice, int) else choice
 
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
         """Quantize ``x`` with option(s) ``choice`` (a Python int, or ``[n]`` slots, n = 1 for the
@@ -232,15 +243,6 @@ class StackedUniform(StackedQuantizer):
         return torch.stack([self.scale, -zero, top], dim=2).flatten(0, 1)  # [K·T, 3, P]
 
     # -- forward --------------------------------------------------------------------------------
-    def _rows(self, choice, step) -> torch.Tensor | slice:
-        """Table rows of ``choice`` (int or ``[n]`` slots) at ``step``."""
-        steps = self.num_steps
-        if steps:
-            if step is None:
-                raise ValueError("this quantizer holds a per-step table: give the step index")
-            return step + choice * steps
-        return slice(choice, choice + 1) if isinstance(choice, int) else choice
-
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
         # training the step sizes (LSQ) needs the table as a function of the live scale
         table = self._table() if self.scale.requires_grad else self.table
@@ -321,8 +323,6 @@ class StackedLog2(StackedQuantizer):
     """Base-2 logarithmic fake quantizer per option (DGQ's attention probabilities) with dynamic
     scaling Δ = the max of the current tensor; with per-image choices, of each image's rows, so an
     image gets what it would alone. Needs no calibration."""
-
-    num_steps = None
 
     def slot_view(self, bits: int):
         raise ValueError("log2 quantizers scale dynamically; there is nothing to calibrate")
