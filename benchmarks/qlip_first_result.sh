@@ -11,12 +11,16 @@
 # continues (the reconstruction per unit, `qlip train-qlip` per stage, chunk and Q2B checkpoint,
 # an eval per image; finished steps are skipped).
 #
-# quantize: the FP eval and one Q-Diffusion W4 calibration with the bank {4,5,6,8,16,32}, at once.
+# quantize: the FP eval, one Q-Diffusion W4 calibration with the bank {4,5,6,8,16,32} and QLIP's
+#           FP stages (`qlip train-qlip --stop-after trajectories`: T2Q data, labels, T2Q, Q2B's
+#           FP trajectories, none of which needs the quantized model), all at once.
 # train_a/b: `qlip train-qlip` for {8,16,32} / {4,5,6} (GIQA labels, N_T2Q FP generations of
 #           held-out-free training prompts; whichever runs second reuses the first's FP stages);
 #           each writes a copy of the model plus qlip.json to OUT/q_qlip_<set>.
 # eval:     fixed A32, A16, A8, A6, A5, A4 and the two QLIPs (each prompt at its own bits:
-#           --batch-mode per_image), every eval with --reference-run FP, JOBS at a time.
+#           --batch-mode per_image), every eval with --reference-run FP, JOBS at a time; then,
+#           alone on the device, QLIP's cost per image against fixed bits (benchmarks/qlip_cost.py
+#           -> OUT/qlip_cost_<set>.json).
 # summary:  OUT/summary.md (table with intervals, FAB, BitOPs, T2Q SROCC/PLCC, paired comparisons
 #           of each QLIP against its neighbouring fixed settings), OUT/figures_<set>/*.png
 #           (`qlip plot-qlip`), OUT/export/*.tar.
@@ -34,9 +38,8 @@ common=(--model reference --device "$device" --prompts heldout --num-images "$n"
 # shellcheck disable=SC2206
 quant=(--model reference --device "$device" --guidance 4 ${QUANT_EXTRA:-})
 # shellcheck disable=SC2206
-train=(--model reference --device "$device" --quantized "$out/q_qd_w4" --work-dir "$out/qlip_work"
-       --num-prompts "$n_t2q" --steps "$steps" --guidance 4 --batch-size 250 --chunk 1000
-       --no-progress ${TRAIN_EXTRA:-})
+train=(--model reference --device "$device" --work-dir "$out/qlip_work" --num-prompts "$n_t2q"
+       --steps "$steps" --guidance 4 --batch-size 250 --chunk 1000 --no-progress ${TRAIN_EXTRA:-})
 sets=("8,16,32" "4,5,6")
 mkdir -p "$out/logs"
 cores=$(nproc)
@@ -60,7 +63,9 @@ if [ "$phase" = quantize ] || [ "$phase" = all ]; then
     [ -e "$out/q_qd_w4/quant_state.safetensors" ] || \
         timed "quantize qd_w4" $qlip quantize "${quant[@]}" --method qdiffusion --wbits 4 \
             --abits 8 --abits-options 4,5,6,8,16,32 --seed 0 --out "$out/q_qd_w4" \
-            > "$out/logs/q_qd_w4.txt" 2>&1
+            > "$out/logs/q_qd_w4.txt" 2>&1 &
+    timed "fp stages" $qlip train-qlip "${train[@]}" --stop-after trajectories \
+        > "$out/logs/fp_stages.txt" 2>&1
     wait
 fi
 
@@ -77,8 +82,8 @@ if [ "${#train_sets[@]}" -gt 0 ]; then
     for bits in "${train_sets[@]}"; do
         t=$(tag "$bits")
         [ -e "$out/q_qlip_$t/qlip.json" ] && continue
-        timed "train-qlip $t" $qlip train-qlip "${train[@]}" --bits "$bits" \
-            --out "$out/q_qlip_$t" > "$out/logs/train_$t.txt" 2>&1
+        timed "train-qlip $t" $qlip train-qlip "${train[@]}" --quantized "$out/q_qd_w4" \
+            --bits "$bits" --out "$out/q_qlip_$t" > "$out/logs/train_$t.txt" 2>&1
     done
 fi
 
@@ -98,6 +103,13 @@ if [ "$phase" = eval ] || [ "$phase" = all ]; then
             --batch-mode per_image &
     done
     wait
+    for bits in ${COST_SETS:-${sets[0]}}; do  # alone on the device: nothing else shares it
+        t=$(tag "$bits")
+        [ -e "$out/q_qlip_$t/qlip.json" ] && [ ! -e "$out/qlip_cost_$t.json" ] || continue
+        timed "cost $t" python3 "$(dirname "$0")/qlip_cost.py" "$out/q_qlip_$t" --device "$device" \
+            --steps "$steps" --out "$out/qlip_cost_$t.json" ${COST_EXTRA:-} \
+            > "$out/logs/cost_$t.txt" 2>&1
+    done
 fi
 
 if [ "$phase" = summary ] || [ "$phase" = all ]; then

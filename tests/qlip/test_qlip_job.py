@@ -153,6 +153,28 @@ def test_an_interrupted_job_resumes_to_the_straight_result(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_fp_stages_run_without_a_quantized_model_and_are_reused(
+        quantized, tiny_pipe_dir, prompt_file, tmp_path, _tiny_pipeline_template):
+    """--stop-after: the FP stages (here up to the trajectories) need no quantized model, so they
+    can run while the quantizer calibrates; the full job then generates nothing again."""
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    small = dict(num_prompts=64, t2q=T2QConfig(iters=50, batch_size=32))
+    first = _TeacherSource(pipe)
+    assert train_qlip(_config("", tiny_pipe_dir, prompt_file, tmp_path, stop_after="trajectories",
+                              **small), _quiet, first) is None
+    assert first.calls == 2 and (tmp_path / "trajectories" / "fingerprint.json").is_file()
+    assert not (tmp_path / "qlip").exists() and not list(tmp_path.glob("q2b_*"))
+    again = _TeacherSource(pipe)
+    modules = train_qlip(_config(quantized, tiny_pipe_dir, prompt_file, tmp_path, **small),
+                         _quiet, again)
+    assert again.calls == 0 and modules.metrics["q2b"]["iters"] == 6
+    with pytest.raises(ValueError, match="--stop-after"):
+        _config("", tiny_pipe_dir, prompt_file, tmp_path)
+    with pytest.raises(ValueError, match="sensitivity label"):
+        _config("", tiny_pipe_dir, prompt_file, tmp_path, stop_after="t2q",
+                labels=LabelConfig(label="sensitivity"))
+
+
 def test_caches_of_other_inputs_are_refused_or_redone(quantized, tiny_pipe_dir, prompt_file,
                                                       tmp_path):
     base = dict(num_prompts=12, t2q_holdout=0.25, labels=LabelConfig(label="sensitivity"),
@@ -210,7 +232,8 @@ def test_every_flag_maps_onto_its_config_field():
         "--t2q-batch-size", "32", "--t2q-lr", "0.01", "--t2q-holdout", "0.2",
         "--variant", "pq_pm", "--group-steps", "4", "--high-steps", "3", "--force", "p_q",
         "--q2b-iters", "70", "--q2b-batch-size", "6", "--q2b-lr", "0.05", "--lam", "0.3",
-        "--penalty-norm", "max", "--checkpoint-every", "10", "--redo-stale", "--no-progress"])
+        "--penalty-norm", "max", "--checkpoint-every", "10", "--redo-stale", "--stop-after",
+        "t2q", "--no-progress"])
     want = TrainQLIPConfig(
         quantized="q", model="m", out="o", work_dir="w", device="cpu", prompts="p.txt",
         num_prompts=500, prompt_seed=3, exclude_heldout=False, q2b_prompts=50,
@@ -221,7 +244,7 @@ def test_every_flag_maps_onto_its_config_field():
         q2b=Q2BConfig(bits=(4, 5, 6), variant="pq_pm", group_steps=4, high_steps=3, force="p_q"),
         q2b_train=Q2BTrainConfig(iters=70, batch_size=6, lr=0.05, lam=0.3, penalty_norm="max",
                                  checkpoint_every=10),
-        redo_stale=True, progress=False)
+        redo_stale=True, stop_after="t2q", progress=False)
     assert train_config_from_args(args) == want
     defaults = train_config_from_args(build_parser().parse_args(
         ["train-qlip", "--quantized", "q", "--device", "cpu"]))

@@ -44,6 +44,11 @@ class QLIPPolicy(BitPolicy):
             self.quality = t2q(batch.pooled)  # [B]
             self._bits = q2b.bits(self.quality, torch.arange(num_steps, device=device))  # [S, B, U]
 
+    @property
+    def planned(self) -> torch.Tensor:
+        """[S, B, U] the bits ``begin`` chose for the current batch (every step, prompt, unit)."""
+        return self._bits
+
     def bits(self, step: int, timestep: torch.Tensor) -> torch.Tensor:
         return self._bits[step]
 

@@ -9,6 +9,7 @@ from ..methods.qlip.q2b import FORCE_MODES, OPTION_COUNTS
 from ..methods.qlip.train import PENALTY_NORMS
 from ..pipeline.qlip_data import FPRunConfig
 from ..quant import parse_bits_list
+from .job import STOP_POINTS
 from .labels import LABELS, LabelConfig
 
 
@@ -24,7 +25,8 @@ def add_train_qlip_parser(sub) -> None:
 
     p = sub.add_parser("train-qlip", help="train QLIP's T2Q and Q2B on a quantized model")
     add_model_args(p)
-    p.add_argument("--quantized", required=True, help="folder written by `qlip quantize`")
+    p.add_argument("--quantized", help="folder written by `qlip quantize` (needed unless "
+                   "--stop-after)")
     p.add_argument("--bits", type=_bits, default=Q2BConfig.bits,
                    help="Q2B's bit options, low to high, all in the model's activation bank")
     p.add_argument("--out", help="folder for qlip.json (default: the --quantized folder; another "
@@ -74,6 +76,9 @@ def add_train_qlip_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=Q2BTrainConfig.checkpoint_every)
     p.add_argument("--redo-stale", action="store_true",
                    help="recompute a stage whose cache was made from other inputs")
+    p.add_argument("--stop-after", choices=STOP_POINTS,
+                   help="run the FP stages up to this one and stop (no --quantized needed; "
+                   "e.g. while the quantizer calibrates, into a --work-dir a later job reuses)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_train_qlip)
 
@@ -84,7 +89,7 @@ def train_config_from_args(args):
     from .job import TrainQLIPConfig
 
     return TrainQLIPConfig(
-        quantized=args.quantized, model=args.model, out=args.out, work_dir=args.work_dir,
+        quantized=args.quantized or "", stop_after=args.stop_after, model=args.model, out=args.out, work_dir=args.work_dir,
         device=device_name(args.device), prompts=args.prompts, num_prompts=args.num_prompts,
         prompt_seed=args.prompt_seed, exclude_heldout=not args.keep_heldout_texts,
         q2b_prompts=args.q2b_prompts,

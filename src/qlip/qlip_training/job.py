@@ -28,12 +28,15 @@ from ..nn import QuantConfig, quant_units
 from ..pipeline import load_pipeline, load_quantized
 from ..pipeline.cache import ChunkStore, claim, digest, file_digest, tensor_digest
 from ..pipeline.qlip_data import FPRunConfig, generate_t2q_data, prompt_sensitivity, trajectory_data
-from ..pipeline.saving import CONFIG_FILE, STATE_FILE, read_config
+from ..pipeline.saving import CONFIG_FILE, STATE_FILE, fingerprint, read_config
 from .labels import LabelConfig, normalized_labels, raw_scores
 from .sources import LabelSource, folder_source, reference_source
 from .t2q_stage import T2QResult, fit_t2q
 
 REFERENCE = "reference"
+# where `stop_after` may end the job: each FP stage in order (they need no quantized model, so they
+# can run while the quantizer still calibrates, into the work folder a later job reuses)
+STOP_POINTS = ("t2q_data", "t2q", "trajectories")
 
 
 @dataclass
@@ -62,12 +65,20 @@ class TrainQLIPConfig:
     q2b: Q2BConfig = field(default_factory=Q2BConfig)
     q2b_train: Q2BTrainConfig = field(default_factory=Q2BTrainConfig)
     redo_stale: bool = False  # recompute a stage whose cache was made from other inputs
+    stop_after: str | None = None  # one of STOP_POINTS: run the FP stages up to it, then stop
     progress: bool = True
 
     def __post_init__(self):
-        if not self.quantized:
+        if self.stop_after is not None and self.stop_after not in STOP_POINTS:
+            raise ValueError(f"stop_after must be one of {STOP_POINTS}; got {self.stop_after!r}")
+        if not self.quantized and self.stop_after is None:
             raise ValueError("TrainQLIPConfig.quantized: pass --quantized DIR (a `qlip quantize` "
-                             "folder)")
+                             "folder), or --stop-after STAGE to run the FP stages only")
+        if not self.quantized and self.labels.label == "sensitivity":
+            raise ValueError("the sensitivity label is measured on the quantized model: pass "
+                             "--quantized DIR")
+        if not self.quantized and self.work_dir is None:
+            raise ValueError("without --quantized, pass --work-dir DIR for the stages' caches")
         if self.num_prompts < 2 or not 1 <= self.q2b_prompts <= self.num_prompts:
             raise ValueError(f"need num_prompts >= 2 and 1 <= q2b_prompts <= num_prompts; got "
                              f"{self.num_prompts}, {self.q2b_prompts}")
@@ -87,8 +98,8 @@ class TrainQLIPConfig:
 class ModelFacts:
     """What the quantized folder says about itself, read before any work."""
 
-    meta: dict
-    config: QuantConfig
+    meta: dict | None  # None: no quantized model (the FP stages only, `stop_after`)
+    config: QuantConfig | None
     digest: str  # of the saved quantizer state: names the quantized model in fingerprints
 
 
@@ -101,6 +112,9 @@ def _same_model(given: str, recorded: str) -> bool:
 def check_inputs(config: TrainQLIPConfig, own_source: bool = False) -> ModelFacts:
     """Every check that needs no model loaded; raises with what to do. ``own_source``: the
     caller measures the labels itself (no --real/--clip needed)."""
+    if not config.quantized:  # the FP stages only
+        _check_prompts(config, own_source)
+        return ModelFacts(None, None, "")
     folder = Path(config.quantized)
     if not folder.is_dir():
         raise FileNotFoundError(f"--quantized {folder}: no such folder; make one with `qlip "
@@ -119,6 +133,12 @@ def check_inputs(config: TrainQLIPConfig, own_source: bool = False) -> ModelFact
     if quant.act_steps is not None and config.sampling.steps > quant.act_steps:
         raise ValueError(f"{folder} has per-step activation tables of {quant.act_steps} steps; "
                          f"--steps {config.sampling.steps} is more")
+    _check_prompts(config, own_source)
+    _check_out(config, folder)
+    return ModelFacts(meta, quant, file_digest(folder / STATE_FILE))
+
+
+def _check_prompts(config: TrainQLIPConfig, own_source: bool) -> None:
     world = config.model == REFERENCE
     if config.prompts is None and not world:
         raise ValueError("--prompts FILE is needed for a model other than the reference model")
@@ -126,8 +146,6 @@ def check_inputs(config: TrainQLIPConfig, own_source: bool = False) -> ModelFact
         raise FileNotFoundError(f"--prompts {config.prompts}: no such file")
     if not (world or own_source):
         _check_label_inputs(config)
-    _check_out(config, folder)
-    return ModelFacts(meta, quant, file_digest(folder / STATE_FILE))
 
 
 def _check_label_inputs(config: TrainQLIPConfig) -> None:
@@ -185,10 +203,11 @@ def label_source(config: TrainQLIPConfig, pipe, world_prompts: list | None) -> L
 class _Stages:
     """The job's state between stages; one method per stage."""
 
-    def __init__(self, config: TrainQLIPConfig, facts: ModelFacts, log: Callable[[str], None]):
+    def __init__(self, config: TrainQLIPConfig, facts: ModelFacts, base_fingerprint: str,
+                 log: Callable[[str], None]):
         self.config, self.facts, self.log = config, facts, log
         self.sampling = replace(config.sampling, progress=config.progress)
-        self.base = {"model": config.model, "base": facts.meta["base_fingerprint"]}
+        self.base = {"model": config.model, "base": base_fingerprint}
         self.times: dict[str, float] = {}
 
     def timed(self, name: str, fn, *args):
@@ -287,20 +306,41 @@ def _write(modules: QLIPModules, config: TrainQLIPConfig) -> Path:
 
 
 def train_qlip(config: TrainQLIPConfig, log: Callable[[str], None] = print,
-               source: LabelSource | None = None) -> QLIPModules:
+               source: LabelSource | None = None) -> QLIPModules | None:
     """Run (or resume) every stage and save T2Q and Q2B into ``config.out`` (default: the
     quantized folder), with T2Q's held-out SROCC/PLCC and the training record in qlip.json.
-    ``source`` replaces what measures the labels (default: :func:`label_source`)."""
+    ``source`` replaces what measures the labels (default: :func:`label_source`). With
+    ``config.stop_after`` it runs the FP stages up to that one and returns None: their caches in
+    the work folder are then reused by a full job on any quantized model of the same base."""
     facts = check_inputs(config, own_source=source is not None)
     texts, world = training_prompts(config)
     pipe = load_pipeline(config.model, config.device)
-    load_quantized(pipe.unet, config.quantized)
-    stages = _Stages(config, facts, log)
+    if facts.meta is None:
+        base_fingerprint = fingerprint(pipe.unet)
+    else:
+        base_fingerprint = facts.meta["base_fingerprint"]
+        load_quantized(pipe.unet, config.quantized)
+    stages = _Stages(config, facts, base_fingerprint, log)
     source = source or label_source(config, pipe, world)
+
+    def done(stage: str) -> bool:
+        if config.stop_after != stage:
+            return False
+        log(f"stopped after {stage} (--stop-after); the caches are in {config.work}")
+        return True
+
     data = stages.timed("t2q data", stages.t2q_data, pipe, texts, source)
+    if done("t2q_data"):
+        return None
     raw = _raw_scores(stages, pipe, texts, data, source)
     fitted = stages.timed("t2q", fit_t2q, config.work / f"t2q_{config.labels.label}",
                           data["pooled"], raw, normalized_labels(raw.numpy()), config, log)
+    if done("t2q"):
+        return None
+    if config.stop_after == "trajectories":
+        stages.timed("trajectories", stages.trajectories, pipe, texts)
+        done("trajectories")
+        return None
     q2b, history = _fit_q2b(stages, pipe, fitted.model, data["pooled"], texts)
     names = [n for n, u in quant_units(pipe.unet).items() if u.dynamic]
     modules = QLIPModules(fitted.model, q2b.eval().requires_grad_(False), names,

@@ -1,0 +1,131 @@
+"""QLIP's cost per image against the same quantized model at fixed bits, in one run on one device
+(issue 11 item 4, issue 12 item 5; the paper: 4.85 s against 4.53 s for fixed W4A8, +7%).
+
+Every policy generates the same prompts with the same seeds, taking turns (policy order rotated
+each round), and the device is synchronised around each timed batch:
+
+- ``fixed A{b}``: :class:`FixedBits` at each bit-width of Q2B's set;
+- ``QLIP``: :class:`QLIPPolicy` (T2Q once per prompt, Q2B's bits of every step at ``begin``);
+- ``replay``: QLIP's own bits for these prompts, computed beforehand and replayed step by step,
+  so that ``QLIP / replay`` is the selection's own cost and ``replay / fixed`` what running the
+  chosen (mixed) assignment costs.
+
+    python benchmarks/qlip_cost.py RUN/q_qlip_8-16-32 --out RUN/qlip_cost.json --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from qlip.pipeline import GenerationConfig, generate, load_pipeline
+from qlip.pipeline.prompts import encode_prompt_batch
+from qlip.pipeline.quantized_model import load_for_sampling
+from qlip.policies import BitPolicy, FixedBits, PromptBatch, QLIPPolicy
+from qlip.world.domain import heldout_prompts
+
+
+class ReplayBits(BitPolicy):
+    """Replays bits computed beforehand ([S, B, U] per batch, in batch order)."""
+
+    def __init__(self, batches: list[torch.Tensor], possible: set[int]):
+        self.batches, self.possible, self.index = batches, possible, 0
+        self._bits = batches[0]
+
+    def possible_bits(self) -> set[int]:
+        return self.possible
+
+    def begin(self, batch: PromptBatch, num_steps: int) -> None:
+        self._bits = self.batches[self.index % len(self.batches)].to(batch.device)
+        self.index += 1
+
+    def bits(self, step: int, timestep: torch.Tensor) -> torch.Tensor:
+        return self._bits[step]
+
+    def describe(self) -> str:
+        return "replayed QLIP bits"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("quantized", help="a folder with qlip.json (`qlip train-qlip`)")
+    parser.add_argument("--model", default="reference")
+    parser.add_argument("--out", required=True, help="JSON file for the timings")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batches", type=int, default=4, help="batches per timed run")
+    parser.add_argument("--batch-sizes", default="1,16", help="comma-separated")
+    parser.add_argument("--batch-modes", default="per_image,max", help="comma-separated")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per policy (median)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    args = parser.parse_args()
+
+    pipe = load_pipeline(args.model, args.device)
+    qlip_policy = load_for_sampling(pipe, args.quantized)
+    if not isinstance(qlip_policy, QLIPPolicy):
+        raise SystemExit(f"{args.quantized} holds no trained QLIP (qlip.json): run `qlip "
+                         "train-qlip` first")
+    world = [p.text for p in heldout_prompts()]
+    options = sorted(qlip_policy.possible_bits())
+    rows = []
+    for batch_size in map(int, args.batch_sizes.split(",")):
+        prompts = world[: args.batches * batch_size]
+        seeds = list(range(len(prompts)))
+        for mode in args.batch_modes.split(","):
+            if batch_size == 1 and mode == "max" and "per_image" in args.batch_modes:
+                continue  # one prompt a batch: the two modes are the same run
+            config = GenerationConfig(steps=args.steps, guidance=args.guidance,
+                                      batch_size=batch_size, batch_mode=mode)
+            # QLIP's bits for these prompts, batch by batch, to replay
+            chosen = []
+            for start in range(0, len(prompts), batch_size):
+                qlip_policy.begin(encode_prompt_batch(pipe, prompts[start:start + batch_size]),
+                                  args.steps)
+                chosen.append(qlip_policy.planned.clone())
+            result = generate(pipe, prompts, seeds, qlip_policy, config, progress=False)  # warm-up
+            policies = {f"fixed A{b}": FixedBits(b) for b in options}
+            policies |= {"QLIP": qlip_policy, "replay": ReplayBits(chosen, set(options))}
+            fab = statistics.fmean(r.fab for r in result.reports)
+            times: dict[str, list[float]] = {name: [] for name in policies}
+            names = list(policies)
+            for turn in range(args.rounds):
+                for name in names[turn % len(names):] + names[: turn % len(names)]:
+                    policy = policies[name]
+                    if isinstance(policy, ReplayBits):
+                        policy.index = 0
+                    _sync(args.device)
+                    start = time.perf_counter()
+                    generate(pipe, prompts, seeds, policy, config, progress=False)
+                    _sync(args.device)
+                    times[name].append((time.perf_counter() - start) / len(prompts))
+            median = {name: statistics.median(t) for name, t in times.items()}
+            row = {"batch_size": batch_size, "batch_mode": mode, "images": len(prompts),
+                   "qlip_fab": fab,
+                   "seconds_per_image": median, "all_rounds": times,
+                   "qlip_over_replay": median["QLIP"] / median["replay"] - 1,
+                   "qlip_over_fixed": {f"A{b}": median["QLIP"] / median[f"fixed A{b}"] - 1
+                                       for b in options}}
+            rows.append(row)
+            print(f"batch {batch_size} {mode}: " + ", ".join(
+                f"{n} {1e3 * s:.1f} ms/img" for n, s in median.items()) +
+                f"; QLIP/replay {100 * row['qlip_over_replay']:+.1f}%; QLIP FAB {fab:.2f}")
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    out = {"device": gpu, "torch": torch.__version__, "quantized": args.quantized,
+           "steps": args.steps, "guidance": args.guidance,
+           "rounds": args.rounds, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
