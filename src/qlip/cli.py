@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .cli_args import (
     DEFAULT_MODEL,
     SOFTMAX_FOLLOWS,
     add_model_args,
+    add_prompt_args,
     bits_arg,
     bits_list_arg,
     device_name,
+    finite_float,
+    int_at_least,
+    output_folder,
     read_prompt_file,
     softmax_bits_arg,
 )
+from .files import FolderLock, note
 from .nn import PRESETS, QuantConfig
 from .quant import RANGE_METHODS
 
@@ -47,35 +53,42 @@ def _add_quantize(sub) -> None:
     p.add_argument("--keep-start-token", action=argparse.BooleanOptionalAction, default=None,
                    help="cross-attention's first key and start-token column stay FP and out of "
                         "the log2 max (default: on for dgq)")
-    p.add_argument("--groups", type=int, default=1,
+    p.add_argument("--groups", type=int_at_least("--groups", 1), default=1,
                    help="dgq: activation groups g per layer input (1 = per tensor; DGQ: 8 or 16)")
-    p.add_argument("--kmeans-init", type=int, default=DGQConfig.kmeans_n_init,
+    p.add_argument("--kmeans-init", type=int_at_least("--kmeans-init", 1), default=DGQConfig.kmeans_n_init,
                    help="dgq: K-means restarts per input and step (scikit-learn n_init)")
     p.add_argument("--no-attention", action="store_true", help="leave attention matmuls in FP")
     p.add_argument("--weight-range", default="minmax", choices=RANGE_METHODS, help="rtn only")
     p.add_argument("--act-range", default="minmax", choices=RANGE_METHODS, help="rtn only")
-    p.add_argument("--recon-iters", type=int, default=ReconstructionConfig.iters,
+    p.add_argument("--recon-iters", type=int_at_least("--recon-iters", 0), default=ReconstructionConfig.iters,
                    help="qdiffusion/ptqd/dgq: AdaRound iterations per block (paper: 20000)")
-    p.add_argument("--recon-samples", type=int, default=ReconstructionConfig.num_samples,
+    p.add_argument("--recon-samples", type=int_at_least("--recon-samples", 1), default=ReconstructionConfig.num_samples,
                    help="qdiffusion/ptqd/dgq: calibration rows used by the reconstruction")
-    p.add_argument("--act-tune-iters", type=int, default=QDiffusionConfig.act_tune_iters,
+    p.add_argument("--act-tune-iters", type=int_at_least("--act-tune-iters", 0), default=QDiffusionConfig.act_tune_iters,
                    help="qdiffusion/ptqd: LSQ tuning of activation step sizes per unit (0 = off)")
-    p.add_argument("--ptqd-prompts", type=int, default=PTQDConfig.num_prompts,
+    p.add_argument("--ptqd-prompts", type=int_at_least("--ptqd-prompts", 1), default=PTQDConfig.num_prompts,
                    help="ptqd: DDIM trajectories for the correction statistics (paper: 1024)")
-    p.add_argument("--ptqd-steps", type=int, default=PTQDConfig.num_steps,
+    p.add_argument("--ptqd-steps", type=int_at_least("--ptqd-steps", 1), default=PTQDConfig.num_steps,
                    help="ptqd: DDIM steps of those trajectories (paper: 20)")
     p.add_argument("--weights-from", help="qdiffusion/ptqd/dgq: reuse the quantized weights of "
                    "this earlier `qlip quantize` folder (same --wbits and preset); only the "
                    "activations are calibrated again")
     p.add_argument("--calib-prompts", help="file with one prompt per line (reference model: optional)")
-    p.add_argument("--calib-num", type=int, default=32, help="prompts used for calibration")
-    p.add_argument("--calib-steps", type=int, default=25, help="sampling steps of calibration runs")
-    p.add_argument("--calib-kept-steps", type=int, default=25, help="steps kept, spread uniformly")
+    p.add_argument("--calib-num", type=int_at_least("--calib-num", 1), default=32,
+                   help="prompts used for calibration")
+    p.add_argument("--calib-steps", type=int_at_least("--calib-steps", 1), default=25,
+                   help="sampling steps of calibration runs")
+    p.add_argument("--calib-kept-steps", type=int_at_least("--calib-kept-steps", 1), default=25,
+                   help="steps kept, spread uniformly")
     p.add_argument("--calib-cache", help="calibration capture file shared by several quantize "
                    "runs of one model and calibration setting (default: OUT/calibration."
-                   "safetensors)")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
+                   "safetensors); reused only when captured from the same model, prompts and "
+                   "settings, else captured anew")
+    p.add_argument("--guidance", type=finite_float("--guidance", 0), default=7.5)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0)
+    p.add_argument("--truncate", action="store_true",
+                   help="cut calibration prompts longer than the tokenizer's limit (a line says "
+                        "how many) instead of refusing them")
     p.add_argument("--out", required=True, help="folder for the quantized model")
 
 
@@ -86,15 +99,18 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt-file", help="file with one prompt per line (added to PROMPTS)")
     p.add_argument("--quantized", help="folder written by `qlip quantize`")
     p.add_argument("--abits", type=bits_arg("--abits"), help="activation bits (default: the model's)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--truncate", action="store_true",
-                   help="cut prompts longer than the tokenizer's limit instead of refusing them")
+    p.add_argument("--steps", type=int_at_least("--steps", 1), default=25)
+    p.add_argument("--guidance", type=finite_float("--guidance", 0), default=7.5)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0,
+                   help="image i uses seed + i")
+    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=4)
+    add_prompt_args(p)
     p.add_argument("--batch-mode", choices=("max", "per_image"), default="max",
                    help="max: each layer runs the batch at its maximum bits (the paper's practice); "
                         "per_image: each prompt at its own bits")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing an earlier run's images, "
+                        "report and bits (other files are left alone)")
     p.add_argument("--out", required=True)
 
 
@@ -149,8 +165,6 @@ def cmd_quantize(args) -> int:
     from .methods.rtn import RTNConfig
     from .pipeline import CalibrationConfig, QuantizeJob, load_pipeline, quantize_pipeline
 
-    if args.calib_num < 1 or args.calib_steps < 1 or args.calib_kept_steps < 1:
-        raise ValueError("--calib-num, --calib-steps and --calib-kept-steps must be at least 1")
     reconstruction = ReconstructionConfig(iters=args.recon_iters, num_samples=args.recon_samples,
                                           seed=args.seed)
     qdiffusion = QDiffusionConfig(reconstruction=reconstruction,
@@ -161,6 +175,7 @@ def cmd_quantize(args) -> int:
         calibration=CalibrationConfig(
             num_prompts=args.calib_num, num_inference_steps=args.calib_steps,
             num_kept_steps=args.calib_kept_steps, guidance=args.guidance, seed=args.seed,
+            truncate=args.truncate,
         ),
         rtn=RTNConfig(weight_range=args.weight_range, act_range=args.act_range),
         qdiffusion=qdiffusion,
@@ -171,9 +186,18 @@ def cmd_quantize(args) -> int:
         base_model=args.model,
         weights_from=args.weights_from,
     )
+    from .pipeline.saving import check_quantized_folder
+
     prompts = _calibration_prompts(args)
-    pipe = load_pipeline(args.model, device_name(args.device))
-    units = quantize_pipeline(pipe, prompts, job, args.out, calibration_cache=args.calib_cache)
+    if args.weights_from:
+        check_quantized_folder(args.weights_from)
+    if args.calib_cache:
+        output_folder(str(Path(args.calib_cache).parent), "--calib-cache (its folder)")
+        if Path(args.calib_cache).is_dir():
+            raise ValueError(f"--calib-cache {args.calib_cache} is a folder; give a file path")
+    with FolderLock(output_folder(args.out), "qlip quantize"):
+        pipe = load_pipeline(args.model, device_name(args.device))
+        units = quantize_pipeline(pipe, prompts, job, args.out, calibration_cache=args.calib_cache)
     groups = f" g={args.groups}" if args.method == "dgq" else ""
     print(f"quantized {len(units)} units of {args.model} with {args.method} "
           f"W{args.wbits}A{args.abits}{groups}; saved to {args.out}")
@@ -182,22 +206,31 @@ def cmd_quantize(args) -> int:
 
 def cmd_generate(args) -> int:
     from .pipeline import GenerationConfig, generate, load_for_sampling, load_pipeline
-    from .pipeline.generate import save_generation
+    from .pipeline.generate import check_generation_folder, save_generation
+    from .pipeline.prompts import check_prompt_text, check_prompts, truncation_note
+    from .pipeline.saving import check_quantized_folder
 
+    for i, prompt in enumerate(args.prompts):
+        check_prompt_text(prompt, f"prompt argument {i + 1}", args.allow_empty_prompt)
     prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not prompts:
         raise ValueError("no prompts given; pass PROMPT arguments or --prompt-file")
-    if args.steps < 1 or args.batch_size < 1:
-        raise ValueError("--steps and --batch-size must be at least 1")
-    pipe = load_pipeline(args.model, device_name(args.device))
-    policy = load_for_sampling(pipe, args.quantized, args.abits)
-    config = GenerationConfig(steps=args.steps, guidance=args.guidance,
-                              batch_size=args.batch_size, truncate=args.truncate,
-                              batch_mode=args.batch_mode)
-    seeds = [args.seed + i for i in range(len(prompts))]
-    result = generate(pipe, prompts, seeds, policy, config)
-    path = save_generation(result, args.out, {"model": args.model, "quantized": args.quantized,
-                                              "policy": policy.describe() if policy else "FP"})
+    if args.quantized:
+        check_quantized_folder(args.quantized)
+    out = check_generation_folder(output_folder(args.out), args.overwrite)
+    with FolderLock(out, "qlip generate"):
+        pipe = load_pipeline(args.model, device_name(args.device))
+        over = check_prompts(pipe, prompts, args.truncate, args.allow_empty_prompt)
+        if over:
+            note(truncation_note(over, len(prompts), pipe.tokenizer.model_max_length))
+        policy = load_for_sampling(pipe, args.quantized, args.abits)
+        config = GenerationConfig(steps=args.steps, guidance=args.guidance,
+                                  batch_size=args.batch_size, truncate=args.truncate,
+                                  batch_mode=args.batch_mode, allow_empty=args.allow_empty_prompt)
+        seeds = [args.seed + i for i in range(len(prompts))]
+        result = generate(pipe, prompts, seeds, policy, config)
+        path = save_generation(result, out, {"model": args.model, "quantized": args.quantized,
+                                             "policy": policy.describe() if policy else "FP"})
     extra = " and bits.safetensors" if result.bits is not None else ""
     print(f"wrote {len(result.images)} images, report.json{extra} to {path.parent}")
     return 0
@@ -212,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = COMMANDS.get(args.command) or args.handler
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:  # OSError: FileNotFoundError, disk full...
         print(f"qlip {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +43,64 @@ def bits_list_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def finite_float(what: str, minimum: float | None = None) -> Callable[[str], float]:
+    """An argparse type for a float flag: refuses nan and inf (and values under ``minimum``).
+    ``type=finite_float("--guidance", 0)``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number; got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{what} must be a finite number; got {text!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {minimum:g}; got {text}")
+        return value
+
+    return parse
+
+
+def int_at_least(what: str, minimum: int) -> Callable[[str], int]:
+    """An argparse type for an integer flag of at least ``minimum``: ``int_at_least("--steps", 1)``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {minimum}; got {value}")
+        return value
+
+    return parse
+
+
+def add_prompt_args(p: argparse.ArgumentParser, what: str = "prompts") -> None:
+    """``--truncate`` and ``--allow-empty-prompt``, as every command that reads prompts takes them."""
+    p.add_argument("--truncate", action="store_true",
+                   help=f"cut {what} longer than the tokenizer's limit (as CLIP pipelines do; a "
+                        "line says how many) instead of refusing them")
+    p.add_argument("--allow-empty-prompt", action="store_true",
+                   help="accept empty or whitespace-only prompts: they mean unconditional "
+                        "generation (refused by default)")
+
+
+def output_folder(path: str, flag: str = "--out") -> Path:
+    """``path`` as a folder qlip can write to, made if missing; refused before any work when it is
+    a file or cannot be made or written."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is a file, not a folder; give a folder (new or empty)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {folder}: cannot make this folder ({err.strerror}); choose a "
+                         "location you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: this folder is not writable; choose a location you "
+                         "can write to")
+    return folder
+
+
 def device_name(name: str) -> str:
     """``auto`` → ``cuda`` when available, else ``cpu``; anything else as given."""
     import torch
@@ -51,11 +111,27 @@ def device_name(name: str) -> str:
 
 
 def read_prompt_file(path: str) -> list[str]:
-    """The non-empty lines of a prompt file, stripped."""
+    """The non-blank lines of a prompt file (UTF-8, one prompt a line: only ``\n`` ends a
+    line), stripped; a file that is not UTF-8 text, or a line with a control character, is
+    refused with the file and line named."""
+    from .pipeline.prompts import check_prompt_text
+
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"prompt file not found: {file}")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"prompt file {file} is not UTF-8 text (byte 0x{data[err.start]:02x} on "
+                         f"line {line}); save it as UTF-8") from None
+    prompts = []
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.strip()
+        if line:
+            check_prompt_text(line, f"prompt file {file}, line {number},")
+            prompts.append(line)
     if not prompts:
         raise ValueError(f"prompt file {file} holds no prompts (one per line)")
     return prompts

@@ -15,6 +15,7 @@ HELDOUT = "heldout"
 def add_eval_parser(sub) -> None:
     from ..cli_args import add_model_args as _add_model_args
     from ..cli_args import bits_arg as _bits
+    from ..cli_args import finite_float, int_at_least
 
     p = sub.add_parser("eval", help="generate N images and measure FID, sFID, CLIP score, GIQA...")
     _add_model_args(p)
@@ -22,11 +23,15 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--abits", type=_bits("--abits"), help="activation bits (default: the model's)")
     p.add_argument("--prompts", default=HELDOUT,
                    help="'heldout' (the reference world's evaluation set) or a file, one per line")
-    p.add_argument("--num-images", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--num-images", type=int_at_least("--num-images", 1), default=1000)
+    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=16)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=0,
+                   help="image i uses seed + i")
+    p.add_argument("--steps", type=int_at_least("--steps", 1), default=25)
+    p.add_argument("--guidance", type=finite_float("--guidance", 0), default=4.0)
+    p.add_argument("--truncate", action="store_true",
+                   help="cut prompts longer than the tokenizer's limit (a line says how many) "
+                        "instead of refusing them")
     p.add_argument("--real", help="folder of real images (needed unless --model reference)")
     p.add_argument("--inception-weights", help="torch-fidelity Inception weights file (user models)")
     p.add_argument("--clip", help="local CLIP model folder for the CLIP score (user models)")
@@ -37,7 +42,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--batch-mode", choices=("max", "per_image"), default="max",
                    help="max: each layer runs the batch at its maximum bits; per_image: each prompt "
                         "at its own bits")
-    p.add_argument("--bootstrap-resamples", type=int, default=BootstrapConfig.resamples,
+    p.add_argument("--bootstrap-resamples", type=int_at_least("--bootstrap-resamples", 1),
+                   default=BootstrapConfig.resamples,
                    help="bootstrap resamples of every interval")
     p.add_argument("--bootstrap-seed", type=int, default=0)
     p.add_argument("--label", default="", help="name of this run in the reports")
@@ -89,31 +95,36 @@ def check_reference_run(folder: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..cli_args import DEFAULT_MODEL
+    from ..cli_args import DEFAULT_MODEL, output_folder
     from ..cli_args import device_name as _device
+    from ..files import FolderLock
     from ..pipeline import load_for_sampling, load_pipeline
+    from ..pipeline.saving import check_quantized_folder
 
-    if args.batch_size < 1 or args.steps < 1 or args.bootstrap_resamples < 1:
-        raise ValueError("--batch-size, --steps and --bootstrap-resamples must be at least 1")
     if args.reference_run:
         check_reference_run(args.reference_run)
     if args.abits is not None:
         check_bits(args.abits, "--abits")
+    if args.quantized:
+        check_quantized_folder(args.quantized)
     device = _device(args.device)
     world = args.model == DEFAULT_MODEL
     prompts = select_prompts(args.prompts, args.num_images, world)
-    measures = (reference_measures(prompts, floor_prompts(len(prompts)), device)
-                if world and args.prompts == HELDOUT and not args.real
-                else folder_measures(args.real, args.inception_weights, args.clip, device,
-                                     args.lpips_weights))
-    pipe = load_pipeline(args.model, device)
-    policy = load_for_sampling(pipe, args.quantized, args.abits)
-    config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed,
-                        steps=args.steps, guidance=args.guidance, batch_mode=args.batch_mode)
-    bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
-                                device=device)
-    metrics = run_evaluation(pipe, prompts, policy, config, args.out, measures,
-                             args.reference_run, args.label or args.quantized or "FP", bootstrap)
+    with FolderLock(output_folder(args.out), "qlip eval"):
+        measures = (reference_measures(prompts, floor_prompts(len(prompts)), device)
+                    if world and args.prompts == HELDOUT and not args.real
+                    else folder_measures(args.real, args.inception_weights, args.clip, device,
+                                         args.lpips_weights))
+        pipe = load_pipeline(args.model, device)
+        policy = load_for_sampling(pipe, args.quantized, args.abits)
+        config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size,
+                            seed=args.seed, steps=args.steps, guidance=args.guidance,
+                            batch_mode=args.batch_mode, truncate=args.truncate)
+        bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
+                                    device=device)
+        metrics = run_evaluation(pipe, prompts, policy, config, args.out, measures,
+                                 args.reference_run, args.label or args.quantized or "FP",
+                                 bootstrap)
     shown = {k: metrics.get(k) for k in ("fid", "sfid", "clip_score", "alignment", "giqa", "fab",
                                          "bitops_t", "num_images")}
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))

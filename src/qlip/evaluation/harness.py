@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..files import crash_point, note, read_json_dict, write_atomic
 from ..metrics import (
     GMMGIQA,
     KNNGIQA,
@@ -23,6 +24,7 @@ from ..metrics import (
 from ..metrics.bootstrap import BootstrapConfig
 from ..metrics.fidelity import psnr
 from ..pipeline import GenerationConfig, generate
+from ..pipeline.prompts import check_prompts, truncation_note
 from ..policies import BitPolicy
 from .intervals import floor_interval, metrics_with_intervals, set_estimates
 from .report import save_grid, write_markdown
@@ -46,6 +48,7 @@ class EvalConfig:
     guidance: float = 4.0
     min_images_for_fid: int = 50  # per-richness FID only for levels with at least this many
     batch_mode: str = "max"  # GenerationConfig.batch_mode: "max" or "per_image"
+    truncate: bool = False  # cut prompts over the tokenizer's limit instead of refusing them
 
 
 @dataclass
@@ -68,14 +71,20 @@ def generate_missing(
 ) -> None:
     """Generate the images the store lacks, batch by batch, writing each batch as it comes."""
     seeds = [config.seed + i for i in range(len(prompts))]
+    over = check_prompts(pipe, [p.text for p in prompts], config.truncate)
+    if over:
+        note(truncation_note(over, len(prompts), pipe.tokenizer.model_max_length))
     for i, prompt in enumerate(prompts):
         store.check_matches(i, prompt.text, seeds[i])
     store.check_settings({"steps": config.steps, "guidance": config.guidance,
                           "batch_mode": config.batch_mode,
                           "policy": policy.describe() if policy is not None else "full precision"})
     todo = store.missing(len(prompts))
+    if store.records and todo:
+        note(f"resuming {store.root}: {len(prompts) - len(todo)} of {len(prompts)} images are "
+             f"there, generating the other {len(todo)}")
     gen = GenerationConfig(steps=config.steps, guidance=config.guidance, batch_mode=config.batch_mode,
-                           batch_size=config.batch_size, truncate=True)
+                           batch_size=config.batch_size, truncate=config.truncate)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generating", unit="img")
     for start in range(0, len(todo), config.batch_size):
         batch = todo[start : start + config.batch_size]
@@ -83,8 +92,9 @@ def generate_missing(
                           policy, gen, progress=False)
         if result.bits is not None:
             store.add_bits(batch, result.bits, result.requested, result.unit_names)
-        for i, image, report in zip(batch, result.images, result.reports):
-            store.add(i, image, {**report.to_dict(), "richness": prompts[i].richness})
+        store.add_batch(batch, result.images, [{**report.to_dict(), "richness": prompts[i].richness}
+                                               for i, report in zip(batch, result.reports)])
+        crash_point("eval-batch")
         bar.update(len(batch))
     bar.close()
 
@@ -202,7 +212,7 @@ def recompute_metrics(folder: str | Path, bootstrap: BootstrapConfig | None = No
     path = folder / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: evaluate the run first (`qlip eval`)")
-    old = json.loads(path.read_text())
+    old = read_json_dict(path, "evaluate the run again (`qlip eval`; its images are reused)")
     run = load_run_features(folder)
     bootstrap = bootstrap or DEFAULT_BOOTSTRAP
     metrics = {"num_images": run.num_images, **metrics_with_intervals(run, bootstrap)}
@@ -221,7 +231,7 @@ def recompute_metrics(folder: str | Path, bootstrap: BootstrapConfig | None = No
                         "metrics recomputed from features.safetensors (recompute_metrics)"]
     for key, value in old.items():  # anything else the evaluation wrote (cost, settings)
         metrics.setdefault(key, value)
-    path.write_text(json.dumps(metrics, indent=2))
+    write_atomic(path, json.dumps(metrics, indent=2))
     write_markdown(metrics, folder / "metrics.md")
     return metrics
 
@@ -268,7 +278,7 @@ def run_evaluation(
     metrics = compute_metrics(run.rounded(), measures, config, bootstrap)
     metrics["label"] = label
     metrics["config"] = asdict(config)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     write_markdown(metrics, out / "metrics.md")
     save_grid(images[:64], out / "grid.png")
     return metrics

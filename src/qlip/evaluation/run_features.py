@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+
+from ..files import load_tensors, save_tensors
 
 FEATURES_FILE = "features.safetensors"
 SETS = ("generated", "real", "reference")
@@ -80,7 +80,7 @@ class RunFeatures:
         tensors |= {f"score.{k}": np.asarray(v, dtype=np.float32) for k, v in self.scores.items()}
         tensors |= {f"group.{k}": np.asarray(v, dtype=np.int32) for k, v in self.groups.items()}
         path = Path(folder) / FEATURES_FILE
-        save_file(tensors, str(path), metadata={k: str(v) for k, v in self.meta.items()})
+        save_tensors(tensors, path, metadata={k: str(v) for k, v in self.meta.items()})
         return path
 
     def rounded(self) -> RunFeatures:
@@ -104,11 +104,11 @@ def load_run_features(folder: str | Path) -> RunFeatures:
         raise FileNotFoundError(
             f"{path} not found: evaluate the run again with this version of `qlip eval` (it "
             "writes per-image features; images already generated are not generated again)")
-    with safe_open(str(path), "numpy") as handle:
-        meta = dict(handle.metadata() or {})
+    arrays, meta = load_tensors(path, "delete it and run `qlip eval` again on the folder (the "
+                                "images are kept; only the features are measured again)", "numpy")
     features: dict[str, dict[str, np.ndarray]] = {}
     scores, groups = {}, {}
-    for key, value in load_file(str(path)).items():
+    for key, value in arrays.items():
         kind, name = key.split(".", 1)
         if kind == "score":
             scores[name] = value.astype(np.float64)

@@ -1,5 +1,7 @@
 """Generated images on disk with one JSON line per image, so an interrupted run resumes where it
-stopped and nothing is generated twice."""
+stopped and nothing is generated twice. Images and the record file are written atomically (a
+temporary file, then a rename): a kill at any point leaves whole images and whole records; an
+image without a record, or a record whose image is missing or torn, is generated again."""
 
 from __future__ import annotations
 
@@ -10,6 +12,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import (
+    crash_point,
+    image_is_whole,
+    note,
+    read_json_dict,
+    save_image_atomic,
+    write_atomic,
+)
 from ..pipeline.generate import BITS_FILE, read_bits, save_bits
 
 
@@ -21,17 +31,36 @@ class ImageStore:
         self.image_dir = self.root / "images"
         self.index_file = self.root / "generated.jsonl"
         self.image_dir.mkdir(parents=True, exist_ok=True)
-        self.records: dict[int, dict] = {}
-        if self.index_file.is_file():
-            for line in self.index_file.read_text().splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by an interruption: that image is generated again
-                if self.path(record["index"]).is_file():
-                    self.records[record["index"]] = record
+        self.records: dict[int, dict] = self._read_records()
+
+    def _read_records(self) -> dict[int, dict]:
+        """The records whose image is whole, by index (the last record of an index wins). A line
+        that is not a record (a file of an older qlip cut by a kill) or an image that is missing
+        or torn is said, and that image is generated again."""
+        records, dropped = {}, []
+        if not self.index_file.is_file():
+            return records
+        text = self.index_file.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                index = record["index"]
+                if not isinstance(index, int) or index < 0:
+                    raise TypeError(index)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                dropped.append(f"line {number} of {self.index_file.name} is not a record")
+                continue
+            records[index] = record
+        for index in sorted(records):
+            if not image_is_whole(self.path(index)):
+                dropped.append(f"image {self.path(index).name} is missing or torn")
+                del records[index]
+        if dropped:
+            note(f"{self.root}: {'; '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''}; "
+                 f"{'those images are' if len(dropped) > 1 else 'that image is'} generated again")
+        return records
 
     def path(self, index: int) -> Path:
         return self.image_dir / f"{index:05d}.png"
@@ -40,12 +69,21 @@ class ImageStore:
         return [i for i in range(count) if i not in self.records]
 
     def add(self, index: int, image: Image.Image, record: dict) -> None:
-        """Write the image first, then its record: a record always has its image."""
-        image.save(self.path(index))
-        record = {"index": index, **record}
-        with self.index_file.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        self.records[index] = record
+        """One image and its record (:meth:`add_batch` of one)."""
+        self.add_batch([index], [image], [record])
+
+    def add_batch(self, indices: list[int], images: list[Image.Image], records: list[dict]
+                  ) -> None:
+        """Write the images first (each atomically), then every record in one atomic rewrite of
+        ``generated.jsonl``: a record always has its whole image, and no record is torn or
+        written twice."""
+        for index, image in zip(indices, images):
+            save_image_atomic(image, self.path(index))
+        crash_point("eval-images-written")
+        for index, record in zip(indices, records):
+            self.records[index] = {"index": index, **record}
+        lines = [json.dumps(self.records[i]) for i in sorted(self.records)]
+        write_atomic(self.index_file, "\n".join(lines) + "\n")
 
     def check_matches(self, index: int, prompt: str, seed: int) -> None:
         record = self.records.get(index)
@@ -91,7 +129,8 @@ class ImageStore:
         steps and batch mode its records hold. An empty folder takes the new settings."""
         path = self.root / "settings.json"
         if self.records:
-            saved = json.loads(path.read_text()) if path.is_file() else {
+            remedy = "delete it (the records' settings are checked instead)"
+            saved = read_json_dict(path, remedy) if path.is_file() else {
                 k: v for k, v in next(iter(self.records.values())).items()
                 if k in ("steps", "batch_mode")}
             for key, value in saved.items():
@@ -100,7 +139,7 @@ class ImageStore:
                         f"{self.root} holds images made with {key}={value!r}; this run asks for "
                         f"{key}={settings[key]!r}. Use a new --out folder (or the same settings "
                         "to resume)")
-        path.write_text(json.dumps(settings, indent=2))
+        write_atomic(path, json.dumps(settings, indent=2))
 
     def load_images(self, count: int) -> torch.Tensor:
         """The first ``count`` images as float [N, 3, H, W] in [0, 1]."""

@@ -16,19 +16,18 @@ continues with the next one, and ends bit-identical to an uninterrupted run. The
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..files import crash_point, load_tensors, note, read_tensor_metadata, save_tensors
 from ..nn import QuantLayer, QuantUnit
 from ..quant import BYPASS_BITS
 from ..quant.adaround import AdaRoundQuantizer, annealed_beta
@@ -99,8 +98,16 @@ def train_rounding(
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def _checkpoint_meta(config: ReconstructionConfig, layers: dict[str, QuantLayer]) -> str:
-    return json.dumps({"config": asdict(config),
+CHECKPOINT_REMEDY = "delete it (that unit is reconstructed again)"
+
+
+def _checkpoint_meta(config: ReconstructionConfig, layers: dict[str, QuantLayer],
+                     data: CalibrationSet, rows: torch.Tensor) -> str:
+    """What a checkpoint is made from: the config, the layers' bits and the calibration rows."""
+    h = hashlib.sha256()
+    for column in (data.latents, data.timesteps, data.text):
+        h.update(column[rows].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return json.dumps({"config": asdict(config), "data": h.hexdigest()[:16],
                        "layers": {n: layer.wbits for n, layer in sorted(layers.items())}})
 
 
@@ -111,26 +118,25 @@ def _save_checkpoint(path: Path, layers: dict[str, QuantLayer], meta: str) -> No
             tensors[f"{name}.codes{i}"] = codes.contiguous().cpu()
             tensors[f"{name}.scale{i}"] = quantizer.scale.detach().contiguous().cpu()
             tensors[f"{name}.zero{i}"] = quantizer.zero_point.contiguous().cpu()
-    temporary = path.with_suffix(".tmp")
-    save_file(tensors, str(temporary), metadata={"qlip-reconstruction": meta})
-    os.replace(temporary, path)  # a crash mid-write never leaves a half checkpoint
+    # atomically: a crash mid-write never leaves a half checkpoint
+    save_tensors(tensors, path, metadata={"qlip-reconstruction": meta})
 
 
-def _load_checkpoint(path: Path, layers: dict[str, QuantLayer], meta: str) -> None:
-    with safe_open(str(path), framework="pt") as file:
-        if file.metadata().get("qlip-reconstruction") != meta:
-            raise ValueError(
-                f"{path} was written by a reconstruction with another config or model; delete "
-                f"{path.parent} to start over, or resume with the same settings"
-            )
-        for name, layer in layers.items():
-            codes = []
-            for i, quantizer in enumerate(layer.weight_quantizers):
-                with torch.no_grad():
-                    quantizer.scale.copy_(file.get_tensor(f"{name}.scale{i}"))
-                    quantizer.zero_point.copy_(file.get_tensor(f"{name}.zero{i}"))
-                codes.append(file.get_tensor(f"{name}.codes{i}").to(quantizer.scale.device))
-            layer.set_weight_codes(codes)
+def _checkpoint_matches(path: Path, meta: str) -> bool:
+    """Was the checkpoint made from this config, these layers and this calibration data?"""
+    return read_tensor_metadata(path, CHECKPOINT_REMEDY).get("qlip-reconstruction") == meta
+
+
+def _load_checkpoint(path: Path, layers: dict[str, QuantLayer]) -> None:
+    tensors, _ = load_tensors(path, CHECKPOINT_REMEDY)
+    for name, layer in layers.items():
+        codes = []
+        for i, quantizer in enumerate(layer.weight_quantizers):
+            with torch.no_grad():
+                quantizer.scale.copy_(tensors[f"{name}.scale{i}"])
+                quantizer.zero_point.copy_(tensors[f"{name}.zero{i}"])
+            codes.append(tensors[f"{name}.codes{i}"].to(quantizer.scale.device))
+        layer.set_weight_codes(codes)
 
 
 def _reconstruct_unit(
@@ -163,11 +169,12 @@ def reconstruct_weights(
         return []
     layers = {n: u for n, u in units.items()
               if isinstance(u, QuantLayer) and u.wbits < BYPASS_BITS}
-    meta = _checkpoint_meta(config, layers)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     rows = sample_rows(len(data), config.num_samples, config.seed)
+    meta = _checkpoint_meta(config, layers, data, rows)
+    resumed = stale = 0
     done = []
     with activations_bypassed(units):
         order = execution_order(unet, units, data, config.block_types)
@@ -178,9 +185,11 @@ def reconstruct_weights(
             if not inner:
                 continue
             path = folder / f"{index:03d}-{name}.safetensors" if folder is not None else None
-            if path is not None and path.is_file():
-                _load_checkpoint(path, inner, meta)
+            if path is not None and path.is_file() and _checkpoint_matches(path, meta):
+                _load_checkpoint(path, inner)
+                resumed += 1
             else:
+                stale += path is not None and path.is_file()
                 _reconstruct_unit(unet, units, module, name, inner, data, rows, config,
                                   config.seed + index, progress)
                 if path is not None:
@@ -188,4 +197,10 @@ def reconstruct_weights(
             done.append(name)
             if on_unit_done is not None:
                 on_unit_done(name)
+            crash_point("reconstruction-unit")
+    if resumed:
+        note(f"reconstruction resumed: {resumed} units read from the checkpoints in {folder}")
+    if stale:
+        note(f"reconstruction: {stale} checkpoints in {folder} were made from other settings or "
+             "calibration data; those units were reconstructed anew")
     return done

@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..files import check_format, load_tensors, read_tensor_metadata, save_tensors
 from .unet_inputs import UNetInputs, call_unet
 
 FORMAT = "qlip-calibration"
 VERSION = "2"  # 2: optional conditioning keys and cross_attention_kwargs; 1 had the four columns
 COLUMNS = ("latents", "timesteps", "text", "steps")
+REMEDY = "delete it and it is captured anew (`qlip quantize` captures it when missing)"
 
 
 @dataclass
@@ -52,17 +52,19 @@ class CalibrationSet:
         return UNetInputs.from_conditioning(self.latents, self.timesteps, self.text,
                                             self.conditioning, self.cross_attention_kwargs)
 
-    def save(self, path: str | Path) -> None:
-        """One safetensors file: the four columns, then the conditioning under its flat names;
-        ``cross_attention_kwargs`` (JSON values only) in the metadata."""
+    def save(self, path: str | Path, fingerprint: dict | None = None) -> None:
+        """One safetensors file, written atomically: the four columns, then the conditioning
+        under its flat names; ``cross_attention_kwargs`` (JSON values only) and the
+        ``fingerprint`` of what made the set (model, prompts, settings) in the metadata."""
         try:
             options = json.dumps(self.cross_attention_kwargs)
         except TypeError as err:
             raise ValueError(f"cross_attention_kwargs must hold JSON values to be saved with a "
                              f"calibration set; got {self.cross_attention_kwargs!r}") from err
-        save_file(self.tensors(), str(path),
-                  metadata={"format": FORMAT, "version": VERSION,
-                            "cross_attention_kwargs": options})
+        meta = {"format": FORMAT, "version": VERSION, "cross_attention_kwargs": options}
+        if fingerprint is not None:
+            meta["fingerprint"] = json.dumps(fingerprint, sort_keys=True, default=str)
+        save_tensors(self.tensors(), path, metadata=meta)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The four columns and the conditioning by flat name, contiguous on the CPU."""
@@ -88,12 +90,24 @@ class CalibrationSet:
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationSet:
-        with safe_open(str(path), framework="pt") as file:
-            meta = file.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a qlip calibration set; delete it to capture anew")
-            tensors = {k: file.get_tensor(k) for k in file.keys()}  # noqa: SIM118 (not a dict)
+        tensors, meta = load_tensors(path, REMEDY)
+        check_format(meta, path, FORMAT, int(VERSION), REMEDY)
+        missing = [c for c in COLUMNS if c not in tensors]
+        if missing:
+            raise ValueError(f"{path} lacks the columns {missing}; {REMEDY}")
         return cls.from_tensors(tensors, json.loads(meta.get("cross_attention_kwargs", "null")))
+
+    @staticmethod
+    def saved_fingerprint(path: str | Path) -> dict | None:
+        """The fingerprint a saved set was made with (None: written before sets had one, or
+        not a calibration set), from its header alone."""
+        meta = read_tensor_metadata(path, REMEDY)
+        if meta.get("format") != FORMAT or "fingerprint" not in meta:
+            return None
+        try:
+            return json.loads(meta["fingerprint"])
+        except json.JSONDecodeError:
+            return None
 
     def subset(self, index: torch.Tensor) -> CalibrationSet:
         columns = [getattr(self, name)[index] for name in COLUMNS]

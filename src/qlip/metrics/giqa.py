@@ -16,11 +16,12 @@ import os
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import NearestNeighbors
 from torch import Tensor
+
+from ..files import CorruptFileError, check_format, load_tensors, save_tensors
 
 FORMAT_VERSION = 1
 # Keeps 1/d finite when a generated feature equals a real one exactly.
@@ -34,17 +35,23 @@ def _as_array(features: Tensor | np.ndarray) -> np.ndarray:
     return values.astype(np.float64)
 
 
-def _read(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict]:
-    from safetensors import safe_open
+REMEDY = "fit the GIQA model again on the real features and save it"
 
-    with safe_open(str(path), framework="numpy") as handle:
-        metadata = json.loads(handle.metadata()["giqa"])
-    if metadata.get("kind") != kind or metadata.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} holds a {metadata.get('kind')} model (version {metadata.get('version')}); "
-            f"expected {kind} version {FORMAT_VERSION}"
-        )
-    return load_file(str(path)), metadata
+
+def _read(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict]:
+    arrays, header = load_tensors(path, REMEDY, framework="numpy")
+    try:
+        metadata = json.loads(header["giqa"])
+        if not isinstance(metadata, dict):
+            raise TypeError(type(metadata).__name__)
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(f"{path} is not a qlip GIQA model (no readable 'giqa' header: "
+                               f"{err}); {REMEDY}") from err
+    if metadata.get("kind") != kind:
+        raise CorruptFileError(f"{path} holds a {metadata.get('kind')} model; expected {kind}; "
+                               f"{REMEDY}")
+    check_format(metadata | {"format": "giqa"}, path, "giqa", FORMAT_VERSION, REMEDY)
+    return arrays, metadata
 
 
 class GMMGIQA:
@@ -107,11 +114,8 @@ class GMMGIQA:
             "pca_variance": self.pca_variance,
             "seed": self.seed,
         }
-        save_file(
-            {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-            str(path),
-            metadata={"giqa": json.dumps(metadata)},
-        )
+        save_tensors({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path,
+                     metadata={"giqa": json.dumps(metadata)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GMMGIQA:
@@ -175,11 +179,8 @@ class KNNGIQA:
         if self.neighbors is None:
             raise RuntimeError("nothing to save: KNNGIQA is not fitted")
         metadata = {"kind": "knn", "version": FORMAT_VERSION, "k": self.k}
-        save_file(
-            {"real_features": np.ascontiguousarray(self.real_features)},
-            str(path),
-            metadata={"giqa": json.dumps(metadata)},
-        )
+        save_tensors({"real_features": np.ascontiguousarray(self.real_features)}, path,
+                     metadata={"giqa": json.dumps(metadata)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> KNNGIQA:

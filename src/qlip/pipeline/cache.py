@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from ..files import load_tensors, read_json_dict, read_tensor_metadata, save_tensors, write_atomic
 
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -64,7 +63,8 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def differences(old: dict, new: dict) -> list[str]:
+    """What differs between two fingerprints, one ``"key: old (cached) vs new (now)"`` each."""
     old, new = _flat(old), _flat(new)
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} (cached) vs {new.get(k)!r} (now)" for k in keys
@@ -82,11 +82,11 @@ def claim(folder: str | Path, fingerprint: dict, redo: bool = False, what: str =
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back
     path = folder / FINGERPRINT_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json_dict(path, f"delete {folder} (it is computed again)")
         if old == fingerprint:
             return True
         if not redo:
-            changes = "; ".join(_differences(old, fingerprint)[:4])
+            changes = "; ".join(differences(old, fingerprint)[:4])
             raise StaleCacheError(
                 f"{folder} holds a {what} made from other inputs ({changes}); compute it again "
                 f"with --redo-stale (redo=True), or delete {folder}")
@@ -97,18 +97,14 @@ def claim(folder: str | Path, fingerprint: dict, redo: bool = False, what: str =
                                   "this version wrote; delete it or pass --redo-stale")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(fingerprint, indent=1))
+    write_atomic(path, json.dumps(fingerprint, indent=1))
     return False
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
                 metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file so that an interruption never leaves a partial file behind."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata=metadata)
-    os.replace(tmp, path)
+    save_tensors(tensors, path, metadata)
 
 
 class ChunkStore:
@@ -133,8 +129,7 @@ class ChunkStore:
         path = self.path(start)
         if not path.is_file():
             return False
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        meta = read_tensor_metadata(path, "delete it (the chunk is computed again)")
         count = int(meta.get("count", -1))
         if count == len(keys) and meta.get("items") == digest(list(keys)):
             return True
@@ -163,5 +158,6 @@ class ChunkStore:
                         {"items": digest(list(items)), "count": str(len(items))})
             bar.update(len(items))
         bar.close()
-        parts = [load_file(str(self.path(s))) for s in starts]
+        parts = [load_tensors(self.path(s), "delete it (the chunk is computed again)")[0]
+                 for s in starts]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

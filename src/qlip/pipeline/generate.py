@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..files import LOCK_FILE, load_tensors, save_image_atomic, save_tensors, write_atomic
 from ..nn import QuantUnit, quant_units, verify_calibrated
 from ..policies import BitPolicy, FixedBits
 from .accounting import BitLedger, ImageReport, MacCounter
@@ -34,6 +34,7 @@ class GenerationConfig:
     height: int | None = None
     width: int | None = None
     truncate: bool = False  # allow prompts over the tokenizer's limit (cut, as CLIP pipelines do)
+    allow_empty: bool = False  # allow empty prompts (unconditional generation)
     # "max": each layer runs the batch at its maximum over the batch's prompts (the paper's
     # practice); "per_image": each prompt at its own bits (a simulation of per-prompt precision)
     batch_mode: str = "max"
@@ -193,7 +194,7 @@ def generate(
     prompts = list(prompts)
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-    check_prompts(pipe, prompts, config.truncate)
+    check_prompts(pipe, prompts, config.truncate, config.allow_empty)
     units = quant_units(pipe.unet)
     check_step_tables(units, config.steps, unet_calls(pipe, config.steps))
     verify_calibrated(units)
@@ -247,7 +248,7 @@ def save_generation(result: GenerationResult, out_dir: str | Path, header: dict 
     entries = []
     for i, (image, report) in enumerate(zip(result.images, result.reports)):
         name = f"{i:04d}.png"
-        image.save(out / name)
+        save_image_atomic(image, out / name)
         entries.append({"image": name, **report.to_dict(),
                         **({"bits_row": i} if result.bits is not None else {})})
     document = {**(header or {}), "images": entries}
@@ -255,9 +256,42 @@ def save_generation(result: GenerationResult, out_dir: str | Path, header: dict 
         save_bits(out / BITS_FILE, result.bits, result.requested, result.unit_names)
         document |= {"bits_file": BITS_FILE, "bits_shape": list(result.bits.shape),
                      "units": result.unit_names}
-    path = out / "report.json"
-    path.write_text(json.dumps(document, indent=2))
+    path = out / REPORT_FILE
+    write_atomic(path, json.dumps(document, indent=2))
+    _remove_stale(out, {e["image"] for e in entries} | ({BITS_FILE} if result.bits is not None
+                                                          else set()))
     return path
+
+
+REPORT_FILE = "report.json"
+_IMAGE_NAME = re.compile(r"^\d{4,}\.png$")
+
+
+def _generation_files(out: Path) -> list[Path]:
+    """The files in ``out`` that `qlip generate` writes (images, report, bits)."""
+    return [p for p in out.iterdir()
+            if p.name in (REPORT_FILE, BITS_FILE) or _IMAGE_NAME.match(p.name)]
+
+
+def _remove_stale(out: Path, kept: set[str]) -> None:
+    """An earlier run's images and bits that this run did not write over: they would sit beside
+    a report that does not list them."""
+    for path in _generation_files(out):
+        if path.name not in kept and path.name != REPORT_FILE:
+            path.unlink(missing_ok=True)
+
+
+def check_generation_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Before any work: refuse an output folder that holds files (another run's images, or
+    anything else) unless ``overwrite``; with ``overwrite`` the earlier run's images and bits
+    are replaced by :func:`save_generation` (other files are left alone)."""
+    out = Path(out_dir)
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if others and not overwrite:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ValueError(f"--out {out} is not empty ({shown}); choose an empty or new folder, or "
+                         "pass --overwrite to replace the earlier run's images and report")
+    return out
 
 
 def save_bits(path: str | Path, bits: np.ndarray, requested: np.ndarray,
@@ -268,17 +302,17 @@ def save_bits(path: str | Path, bits: np.ndarray, requested: np.ndarray,
                "requested": torch.from_numpy(np.ascontiguousarray(requested, np.uint8))}
     if index is not None:
         tensors["index"] = torch.as_tensor(np.asarray(index, np.int64))
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"units": json.dumps(list(unit_names))})
-    tmp.replace(path)
+    save_tensors(tensors, path, metadata={"units": json.dumps(list(unit_names))})
 
 
 def read_bits(path: str | Path) -> dict:
     """What :func:`save_bits` wrote: ``bits``, ``requested`` (and ``index``) arrays, ``units``."""
-    with safe_open(str(path), framework="numpy") as handle:
-        out = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
-        return out | {"units": json.loads(handle.metadata()["units"])}
+    tensors, meta = load_tensors(path, "delete it and generate the images again", "numpy")
+    try:
+        return tensors | {"units": json.loads(meta["units"])}
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a qlip bits file (no unit names); delete it and "
+                         "generate the images again") from err
 
 
 def load_generation_bits(out_dir: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -1,6 +1,9 @@
-"""Turning prompts into what bit policies read, with the tokenizer-limit check."""
+"""Turning prompts into what bit policies read, with the checks every command makes of them:
+text (no control characters, not empty unless asked), and the tokenizer's limit."""
 
 from __future__ import annotations
+
+import unicodedata
 
 import torch
 
@@ -15,23 +18,56 @@ def text_towers(pipe) -> list[tuple[object, torch.nn.Module]]:
     return pairs
 
 
-def check_prompts(pipe, prompts: list[str], truncate: bool = False) -> None:
-    """Raise a ValueError for an empty prompt list, a non-string, or (unless ``truncate``) a prompt
-    longer than the tokenizer's limit (CLIP pipelines would silently drop the rest)."""
+ALLOWED_CONTROLS = "\t\n\r"  # whitespace to the tokenizer
+
+
+def check_prompt_text(prompt, where: str = "prompt", allow_empty: bool = False) -> None:
+    """Refuse a prompt that is not text a text encoder should see: not a string, empty or only
+    whitespace (unless ``allow_empty``: an empty prompt means unconditional generation), or
+    holding a control character or an unpaired surrogate (bytes that were not UTF-8)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: prompts must be strings; got {type(prompt).__name__}")
+    if not prompt.strip() and not allow_empty:
+        raise ValueError(f"{where} is empty or only whitespace; give it words, or pass "
+                         "--allow-empty-prompt to generate unconditionally (an empty prompt "
+                         "means no text conditioning)")
+    for position, char in enumerate(prompt):
+        kind = unicodedata.category(char)
+        if (kind == "Cc" and char not in ALLOWED_CONTROLS) or kind == "Cs":
+            what = "an unpaired surrogate (not UTF-8 text)" if kind == "Cs" else \
+                "a control character"
+            raise ValueError(f"{where} holds {what} U+{ord(char):04X} at character {position}: "
+                             f"{prompt[:40]!r}; remove it")
+
+
+def check_prompts(pipe, prompts: list[str], truncate: bool = False, allow_empty: bool = False
+                  ) -> int:
+    """Raise a ValueError for an empty prompt list, a prompt :func:`check_prompt_text` refuses,
+    or (unless ``truncate``) a prompt longer than the tokenizer's limit (CLIP pipelines would
+    silently drop the rest). Returns how many prompts are over the limit (cut, under
+    ``truncate``)."""
     if not prompts:
         raise ValueError("no prompts given; pass at least one prompt")
     tokenizer = pipe.tokenizer
     limit = tokenizer.model_max_length
-    for prompt in prompts:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompts must be strings; got {type(prompt).__name__}")
+    over = 0
+    for i, prompt in enumerate(prompts):
+        check_prompt_text(prompt, f"prompt {i + 1}", allow_empty)
         n = len(tokenizer(prompt, truncation=False).input_ids)
         if n > limit and not truncate:
             raise ValueError(
-                f"prompt has {n} tokens, more than the tokenizer's limit of {limit} (start and end "
-                f"tokens included): {prompt[:60]!r}...; shorten it, or pass --truncate to keep only "
-                f"the first {limit - 2} tokens as the pipeline's text encoder would"
+                f"prompt {i + 1} has {n} tokens, more than the tokenizer's limit of {limit} (start "
+                f"and end tokens included): {prompt[:60]!r}...; shorten it, or pass --truncate to "
+                f"keep only the first {limit - 2} tokens as the pipeline's text encoder would"
             )
+        over += n > limit
+    return over
+
+
+def truncation_note(over: int, total: int, limit: int) -> str:
+    """The line a command prints when ``--truncate`` cut ``over`` of ``total`` prompts."""
+    return (f"--truncate: {over} of {total} prompts are longer than the tokenizer's limit of "
+            f"{limit} tokens and were cut to their first {limit - 2}")
 
 
 @torch.no_grad()

@@ -3,20 +3,22 @@ the method, save."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..files import CorruptFileError, note
 from ..methods.calib_data import CalibrationSet
 from ..methods.dgq import DGQConfig, quantize_dgq, table_steps
 from ..methods.ptqd import PTQDConfig
 from ..methods.qdiffusion import QDiffusionConfig, quantize_qdiffusion
 from ..methods.rtn import RTNConfig, quantize_rtn
 from ..nn import QuantConfig, QuantUnit
+from .cache import differences, digest
 from .capture import capture_unet_inputs, uniform_steps
 from .prepare import prepare_unet
+from .prompts import check_prompts, truncation_note
 from .ptqd_sampling import gather_correction_statistics
-from .saving import QuantizedInfo, load_quantized_weights, save_quantized
+from .saving import QuantizedInfo, fingerprint, load_quantized_weights, save_quantized
 
 METHODS = ("rtn", "qdiffusion", "ptqd", "dgq")
 # The QuantConfig each method's paper implies, where the caller says nothing else (the CLI
@@ -39,6 +41,7 @@ class CalibrationConfig:
     guidance: float = 7.5
     seed: int = 0
     batch_size: int = 8
+    truncate: bool = False  # cut prompts over the tokenizer's limit instead of refusing them
 
 
 @dataclass
@@ -95,12 +98,38 @@ class QuantizeJob:
         return replace(self.quant, act_steps=steps)
 
 
+def calibration_fingerprint(pipe, prompts: list[str], config: CalibrationConfig) -> dict:
+    """What a calibration capture is made from: the base UNet, the prompts and every setting."""
+    return {"model": fingerprint(pipe.unet), "scheduler": type(pipe.scheduler).__name__,
+            "prompts": digest(prompts[: config.num_prompts]), **asdict(config)}
+
+
+def _reusable(cache: Path, wanted: dict) -> bool:
+    """Does the capture in ``cache`` come from ``wanted``? Says which, and why not."""
+    try:
+        saved = CalibrationSet.saved_fingerprint(cache)
+    except CorruptFileError as err:
+        note(f"{err}: capturing anew")
+        return False
+    if saved == wanted:
+        note(f"reusing the calibration capture {cache} (same model, prompts and settings)")
+        return True
+    if saved is None:
+        note(f"{cache} does not record what it was captured from (an older qlip, or not a "
+             "calibration set); capturing anew")
+    else:
+        changes = "; ".join(differences(saved, wanted)[:4])
+        note(f"{cache} was captured from other inputs ({changes}); capturing anew")
+    return False
+
+
 def calibration_data(
     pipe, prompts: list[str], config: CalibrationConfig, cache: Path | None, progress: bool = True
 ) -> CalibrationSet:
-    """Capture the UNet inputs, or reuse ``cache`` when it exists (a second calibration does not
-    resample)."""
-    if cache is not None and cache.is_file():
+    """Capture the UNet inputs, or reuse ``cache`` when it was captured from the same model,
+    prompts and settings (its fingerprint); a cache of other inputs is captured anew."""
+    wanted = calibration_fingerprint(pipe, prompts, config)
+    if cache is not None and cache.is_file() and _reusable(cache, wanted):
         return CalibrationSet.load(cache)
     # keeping every step keeps every UNet call (PNDM makes one more call than steps)
     keep = (None if config.num_kept_steps >= config.num_inference_steps
@@ -111,9 +140,7 @@ def calibration_data(
     )
     if cache is not None:  # atomically: jobs sharing one cache may capture at the same time
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        data.save(partial)
-        os.replace(partial, cache)
+        data.save(cache, wanted)
     return data
 
 
@@ -124,6 +151,9 @@ def quantize_pipeline(
     """Quantize ``pipe.unet`` in place with ``job``; save to ``out_dir`` if given. The captured
     calibration data is cached at ``calibration_cache`` (default: in ``out_dir``), so several
     settings of one model can share one capture."""
+    over = check_prompts(pipe, prompts, job.calibration.truncate)
+    if over:
+        note(truncation_note(over, len(prompts), pipe.tokenizer.model_max_length))
     cache = calibration_cache or (Path(out_dir) / "calibration.safetensors" if out_dir else None)
     data = calibration_data(pipe, prompts, job.calibration, Path(cache) if cache else None, progress)
     quant = job.quant_for(data)

@@ -11,10 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
+from ..files import (
+    CorruptFileError,
+    check_format,
+    load_tensors,
+    read_json_dict,
+    read_tensor_metadata,
+    save_tensors,
+    write_atomic,
+)
 from ..nn import QuantConfig, QuantUnit, quant_units
 from .prepare import prepare_unet
 
@@ -63,7 +71,7 @@ def save_quantized(unet: nn.Module, info: QuantizedInfo, out_dir: str | Path) ->
     units = quant_units(unet)
     state = _unit_state(units)
     state.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in info.extra.items()})
-    save_file(state, str(out / STATE_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
+    save_tensors(state, out / STATE_FILE, metadata={"format": FORMAT, "version": str(VERSION)})
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -75,7 +83,7 @@ def save_quantized(unet: nn.Module, info: QuantizedInfo, out_dir: str | Path) ->
         "quant_config": info.config.to_dict(),
         "units": sorted(units),
     }
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    write_atomic(out / CONFIG_FILE, json.dumps(meta, indent=2))  # last: the folder is complete
     return out
 
 
@@ -117,7 +125,7 @@ def load_quantized_weights(
         raise ValueError(f"the weights of {path} were quantized with other settings "
                          f"({', '.join(differing) or 'layers'}); quantize the weights again "
                          "instead of reusing them")
-    state = load_file(str(path / STATE_FILE))
+    state = read_state(path)
     _put_state(unet, units, {k: v for k, v in state.items()
                              if ".weight_codes_" in k or ".weight_quantizers." in k})
 
@@ -155,7 +163,14 @@ def _upgrade_v1(unet: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+REMEDY = "quantize the model again (`qlip quantize ... --out DIR`)"
+# what every quant_config.json holds (read before the model is touched)
+REQUIRED = {"base_fingerprint": str, "method": str, "quant_config": dict, "units": list}
+
+
 def read_config(path: str | Path) -> dict:
+    """``quant_config.json`` of a quantized model folder, checked: JSON, format, an integer
+    version this qlip reads, and the fields loading needs."""
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
@@ -163,20 +178,35 @@ def read_config(path: str | Path) -> dict:
             f"{path} is not a qlip quantized model folder (no {CONFIG_FILE}); make one with "
             "`qlip quantize ... --out DIR`"
         )
-    meta = json.loads(config_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_file} is not a qlip quantized model config")
-    if meta.get("version", 0) > VERSION:
-        raise ValueError(
-            f"{path} was saved by a newer qlip (format version {meta['version']}); upgrade qlip"
-        )
+    meta = read_json_dict(config_file, REMEDY)
+    check_format(meta, config_file, FORMAT, VERSION, REMEDY)
+    for key, kind in REQUIRED.items():
+        if not isinstance(meta.get(key), kind):
+            raise CorruptFileError(f"{config_file} is corrupt ({key!r} missing or not a "
+                                   f"{kind.__name__}); {REMEDY}")
+    meta["version"] = int(meta.get("version", 1))
     return meta
+
+
+def check_quantized_folder(path: str | Path) -> dict:
+    """Everything about a quantized model folder that can be checked without a model: its
+    config (:func:`read_config`) and its state file's header. Returns the config."""
+    meta = read_config(path)
+    state_meta = read_tensor_metadata(Path(path) / STATE_FILE, REMEDY)
+    if meta["version"] >= 2:
+        check_format(state_meta, Path(path) / STATE_FILE, FORMAT, VERSION, REMEDY)
+    return meta
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``quant_state.safetensors`` (a truncated or corrupt file says so)."""
+    return load_tensors(Path(path) / STATE_FILE, REMEDY)[0]
 
 
 def load_quantized(unet: nn.Module, path: str | Path, strict_base: bool = True) -> QuantizedInfo:
     """Quantize ``unet`` (the FP base model, in place) exactly as saved in ``path``."""
     path = Path(path)
-    meta = read_config(path)
+    meta = check_quantized_folder(path)
     if strict_base and meta["base_fingerprint"] != fingerprint(unet):
         raise ValueError(
             f"{path} was quantized from a different base model ({meta['base_model']!r}); "
@@ -186,8 +216,8 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_base: bool = True) 
     units = prepare_unet(unet, config)
     if sorted(units) != meta["units"]:
         raise ValueError(f"the quantized layers of {path} do not match this model's layers")
-    state = load_file(str(path / STATE_FILE))
-    if meta.get("version", 1) < 2:
+    state = read_state(path)
+    if meta["version"] < 2:
         state = _upgrade_v1(unet, state)
     extra = {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")}
     _put_state(unet, units, {k: v for k, v in state.items() if not k.startswith("extra.")})

@@ -21,7 +21,7 @@ def _bits(text: str) -> tuple[int, ...]:
 
 
 def add_train_qlip_parser(sub) -> None:
-    from ..cli_args import add_model_args
+    from ..cli_args import add_model_args, finite_float, int_at_least
 
     p = sub.add_parser("train-qlip", help="train QLIP's T2Q and Q2B on a quantized model")
     add_model_args(p)
@@ -34,46 +34,49 @@ def add_train_qlip_parser(sub) -> None:
     p.add_argument("--work-dir", help="the stages' caches (default: QUANTIZED/qlip_work)")
     p.add_argument("--prompts", help="training prompts, one a line (default on the reference "
                    "model: its training captions, every held-out text excluded)")
-    p.add_argument("--num-prompts", type=int, default=10_000, help="N, T2Q's FP generations")
-    p.add_argument("--prompt-seed", type=int, default=0)
+    p.add_argument("--num-prompts", type=int_at_least("--num-prompts", 2), default=10_000, help="N, T2Q's FP generations")
+    p.add_argument("--prompt-seed", type=int_at_least("--prompt-seed", 0), default=0)
     p.add_argument("--keep-heldout-texts", action="store_true",
                    help="reference model, demos only: draw every training caption, held-out texts "
                    "included (an evaluation on held-out prompts would score texts QLIP was "
                    "trained on)")
-    p.add_argument("--q2b-prompts", type=int, default=128,
+    p.add_argument("--q2b-prompts", type=int_at_least("--q2b-prompts", 1), default=128,
                    help="the first prompts, whose FP trajectories train Q2B")
-    p.add_argument("--steps", type=int, default=FPRunConfig.steps,
+    p.add_argument("--steps", type=int_at_least("--steps", 1), default=FPRunConfig.steps,
                    help="sampling steps (Q2B is trained for exactly these)")
-    p.add_argument("--guidance", type=float, default=FPRunConfig.guidance)
-    p.add_argument("--seed", type=int, default=FPRunConfig.seed, help="prompt i uses seed + i")
-    p.add_argument("--chunk", type=int, default=FPRunConfig.chunk,
+    p.add_argument("--guidance", type=finite_float("--guidance", 0), default=FPRunConfig.guidance)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=FPRunConfig.seed, help="prompt i uses seed + i")
+    p.add_argument("--chunk", type=int_at_least("--chunk", 1), default=FPRunConfig.chunk,
                    help="prompts per saved chunk of the FP runs (the unit of resumption)")
-    p.add_argument("--batch-size", type=int, default=FPRunConfig.batch_size)
+    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=FPRunConfig.batch_size)
     p.add_argument("--label", choices=LABELS, default=LabelConfig.label,
                    help="T2Q's label: giqa (GMM), giqa_knn, realism, image_text, sensitivity")
-    p.add_argument("--giqa-components", type=int, default=LabelConfig.giqa_components)
-    p.add_argument("--knn-k", type=int, default=LabelConfig.knn_k)
-    p.add_argument("--realism-k", type=int, default=LabelConfig.realism_k)
+    p.add_argument("--giqa-components", type=int_at_least("--giqa-components", 1), default=LabelConfig.giqa_components)
+    p.add_argument("--knn-k", type=int_at_least("--knn-k", 1), default=LabelConfig.knn_k)
+    p.add_argument("--realism-k", type=int_at_least("--realism-k", 1), default=LabelConfig.realism_k)
     p.add_argument("--real", help="user models: a folder of real images (giqa, realism)")
     p.add_argument("--inception-weights", help="user models: torch-fidelity Inception weights")
     p.add_argument("--clip", help="user models: a local CLIP model folder (image_text)")
-    p.add_argument("--t2q-iters", type=int, default=T2QConfig.iters)
-    p.add_argument("--t2q-batch-size", type=int, default=T2QConfig.batch_size)
-    p.add_argument("--t2q-lr", type=float, default=T2QConfig.lr)
-    p.add_argument("--t2q-holdout", type=float, default=0.1,
+    p.add_argument("--t2q-iters", type=int_at_least("--t2q-iters", 1), default=T2QConfig.iters)
+    p.add_argument("--t2q-batch-size", type=int_at_least("--t2q-batch-size", 1), default=T2QConfig.batch_size)
+    p.add_argument("--t2q-lr", type=finite_float("--t2q-lr"), default=T2QConfig.lr)
+    p.add_argument("--t2q-holdout", type=finite_float("--t2q-holdout"), default=0.1,
                    help="share of the prompts held out to measure T2Q's SROCC/PLCC")
     p.add_argument("--variant", choices=sorted(OPTION_COUNTS), default=Q2BConfig.variant)
-    p.add_argument("--group-steps", type=int, default=Q2BConfig.group_steps,
+    p.add_argument("--group-steps", type=int_at_least("--group-steps", 1), default=Q2BConfig.group_steps,
                    help="M: steps sharing one (p_m, p_h)")
-    p.add_argument("--high-steps", type=int, default=Q2BConfig.high_steps,
+    p.add_argument("--high-steps", type=int_at_least("--high-steps", 0), default=Q2BConfig.high_steps,
                    help="m: first steps forced high")
     p.add_argument("--force", choices=FORCE_MODES, default=Q2BConfig.force)
-    p.add_argument("--q2b-iters", type=int, default=Q2BTrainConfig.iters)
-    p.add_argument("--q2b-batch-size", type=int, default=Q2BTrainConfig.batch_size)
-    p.add_argument("--q2b-lr", type=float, default=Q2BTrainConfig.lr)
-    p.add_argument("--lam", type=float, default=Q2BTrainConfig.lam, help="λ, the bit-penalty weight")
+    p.add_argument("--q2b-iters", type=int_at_least("--q2b-iters", 1), default=Q2BTrainConfig.iters)
+    p.add_argument("--q2b-batch-size", type=int_at_least("--q2b-batch-size", 1), default=Q2BTrainConfig.batch_size)
+    p.add_argument("--q2b-lr", type=finite_float("--q2b-lr"), default=Q2BTrainConfig.lr)
+    p.add_argument("--lam", type=finite_float("--lam", 0), default=Q2BTrainConfig.lam, help="λ, the bit-penalty weight")
     p.add_argument("--penalty-norm", choices=PENALTY_NORMS, default=Q2BTrainConfig.penalty_norm)
-    p.add_argument("--checkpoint-every", type=int, default=Q2BTrainConfig.checkpoint_every)
+    p.add_argument("--checkpoint-every", type=int_at_least("--checkpoint-every", 1), default=Q2BTrainConfig.checkpoint_every)
+    p.add_argument("--truncate", action="store_true",
+                   help="cut training prompts longer than the tokenizer's limit (a line says how "
+                        "many) instead of refusing them")
     p.add_argument("--redo-stale", action="store_true",
                    help="recompute a stage whose cache was made from other inputs")
     p.add_argument("--stop-after", choices=STOP_POINTS,
@@ -105,19 +108,26 @@ def train_config_from_args(args):
         q2b_train=Q2BTrainConfig(iters=args.q2b_iters, batch_size=args.q2b_batch_size,
                                  lr=args.q2b_lr, lam=args.lam, penalty_norm=args.penalty_norm,
                                  checkpoint_every=args.checkpoint_every),
-        redo_stale=args.redo_stale, progress=not args.no_progress,
+        redo_stale=args.redo_stale, truncate=args.truncate, progress=not args.no_progress,
     )
 
 
 def cmd_train_qlip(args) -> int:
+    from ..cli_args import output_folder
+    from ..files import FolderLock
+    from ..pipeline.saving import check_quantized_folder
     from .job import train_qlip
 
-    train_qlip(train_config_from_args(args))
+    config = train_config_from_args(args)
+    if config.quantized:  # before its work folder is made inside it
+        check_quantized_folder(config.quantized)
+    with FolderLock(output_folder(str(config.work), "--work-dir"), "qlip train-qlip"):
+        train_qlip(config)
     return 0
 
 
 def add_plot_qlip_parser(sub) -> None:
-    from ..cli_args import add_model_args
+    from ..cli_args import add_model_args, finite_float, int_at_least
     from .figures import QLIPFiguresConfig as F
 
     p = sub.add_parser("plot-qlip", help="QLIP's figures (bit share per layer, FAB by richness, "
@@ -127,14 +137,14 @@ def add_plot_qlip_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the PNGs and figures.json")
     p.add_argument("--prompts", default=F.prompts,
                    help="bit-share prompts: 'heldout' (reference world) or a file, one per line")
-    p.add_argument("--num-prompts", type=int, default=F.num_prompts)
+    p.add_argument("--num-prompts", type=int_at_least("--num-prompts", 2), default=F.num_prompts)
     p.add_argument("--richness-captions", help="user models: groups of captions of rising "
                    "richness, one a line, groups separated by a blank line")
     p.add_argument("--example-scenes", type=int, default=F.example_scenes)
     p.add_argument("--curve-scenes", type=int, default=F.curve_scenes)
-    p.add_argument("--seed", type=int, default=F.seed)
-    p.add_argument("--guidance", type=float, default=F.guidance)
-    p.add_argument("--batch-size", type=int, default=F.batch_size)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=F.seed)
+    p.add_argument("--guidance", type=finite_float("--guidance", 0), default=F.guidance)
+    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=F.batch_size)
     p.set_defaults(handler=cmd_plot_qlip)
 
 

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_atomic
 from ..methods.qlip import Q2B, T2Q, Q2BConfig, Q2BTrainConfig, QLIPModules, T2QConfig, save_qlip
 from ..methods.qlip.train import train_q2b
 from ..nn import QuantConfig, quant_units
 from ..pipeline import load_pipeline, load_quantized
 from ..pipeline.cache import ChunkStore, claim, digest, file_digest, tensor_digest
+from ..pipeline.prompts import check_prompts, truncation_note
 from ..pipeline.qlip_data import FPRunConfig, generate_t2q_data, prompt_sensitivity, trajectory_data
 from ..pipeline.saving import CONFIG_FILE, STATE_FILE, fingerprint, read_config
 from .labels import LabelConfig, normalized_labels, raw_scores
@@ -65,6 +67,7 @@ class TrainQLIPConfig:
     q2b: Q2BConfig = field(default_factory=Q2BConfig)
     q2b_train: Q2BTrainConfig = field(default_factory=Q2BTrainConfig)
     redo_stale: bool = False  # recompute a stage whose cache was made from other inputs
+    truncate: bool = False  # cut prompts over the tokenizer's limit instead of refusing them
     stop_after: str | None = None  # one of STOP_POINTS: run the FP stages up to it, then stop
     progress: bool = True
 
@@ -215,7 +218,7 @@ class _Stages:
         result = fn(*args)
         self.times[name] = round(time.perf_counter() - start, 1)
         self.config.work.mkdir(parents=True, exist_ok=True)
-        (self.config.work / "status.json").write_text(json.dumps(self.times, indent=1))
+        write_atomic(self.config.work / "status.json", json.dumps(self.times, indent=1))
         return result
 
     def t2q_data(self, pipe, texts, source: LabelSource | None) -> dict[str, torch.Tensor]:
@@ -315,6 +318,9 @@ def train_qlip(config: TrainQLIPConfig, log: Callable[[str], None] = print,
     facts = check_inputs(config, own_source=source is not None)
     texts, world = training_prompts(config)
     pipe = load_pipeline(config.model, config.device)
+    over = check_prompts(pipe, texts, config.truncate)
+    if over:
+        log(truncation_note(over, len(texts), pipe.tokenizer.model_max_length))
     if facts.meta is None:
         base_fingerprint = fingerprint(pipe.unet)
     else:

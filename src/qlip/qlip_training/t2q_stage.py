@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from ..files import load_tensors, read_json_dict, write_atomic
 from ..methods.qlip import T2Q, train_t2q
 from ..metrics import plcc, srocc
 from ..pipeline.cache import claim, save_atomic, tensor_digest
@@ -41,8 +41,9 @@ def fit_t2q(folder: Path, pooled: torch.Tensor, raw: torch.Tensor, labels: torch
     if claim(folder, fingerprint, config.redo_stale, "T2Q") and (folder / METRICS_FILE).is_file():
         log(f"T2Q: reusing {folder}")
         model = T2Q(pooled.shape[1], config.t2q.hidden)
-        model.load_state_dict(load_file(str(folder / MODEL_FILE)))
-        metrics = json.loads((folder / METRICS_FILE).read_text())
+        remedy = f"delete {folder} (T2Q is trained again)"
+        model.load_state_dict(load_tensors(folder / MODEL_FILE, remedy)[0])
+        metrics = read_json_dict(folder / METRICS_FILE, remedy)
         return T2QResult(model.eval().requires_grad_(False), metrics)
     train, held = split(len(labels), config.t2q_holdout, config.t2q.seed)
     log(f"T2Q: {len(train)} training prompts, {len(held)} held out, label {config.labels.label}")
@@ -55,5 +56,5 @@ def fit_t2q(folder: Path, pooled: torch.Tensor, raw: torch.Tensor, labels: torch
     save_atomic({"raw": raw, "labels": labels, "train": train, "heldout": held},
                 folder / LABELS_FILE)
     save_atomic(model.state_dict(), folder / MODEL_FILE)
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))  # written last: complete
+    write_atomic(folder / METRICS_FILE, json.dumps(metrics, indent=1))  # written last: complete
     return T2QResult(model, metrics)

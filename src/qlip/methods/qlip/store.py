@@ -8,8 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ...files import (
+    CorruptFileError,
+    check_format,
+    load_tensors,
+    read_json_dict,
+    save_tensors,
+    write_atomic,
+)
 from .q2b import Q2B, Q2BConfig
 from .t2q import T2Q
 
@@ -17,6 +24,7 @@ FORMAT = "qlip-qlip"
 VERSION = 1
 CONFIG_FILE = "qlip.json"
 STATE_FILE = "qlip.safetensors"
+REMEDY = "train QLIP again (`qlip train-qlip`; its stages' caches are reused)"
 
 
 @dataclass
@@ -42,8 +50,7 @@ def save_qlip(modules: QLIPModules, folder: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {f"t2q.{k}": v for k, v in modules.t2q.state_dict().items()}
     state |= {f"q2b.{k}": v for k, v in modules.q2b.state_dict().items()}
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / STATE_FILE),
-              metadata={"format": FORMAT, "version": str(VERSION)})
+    save_tensors(state, out / STATE_FILE, metadata={"format": FORMAT, "version": str(VERSION)})
     meta = {
         "format": FORMAT, "version": VERSION,
         "t2q": {"dim": modules.t2q.dim, "hidden": modules.t2q.hidden.out_features},
@@ -51,7 +58,7 @@ def save_qlip(modules: QLIPModules, folder: str | Path) -> Path:
                 "steps": modules.q2b.num_steps},
         "unit_names": list(modules.unit_names), "metrics": modules.metrics or {},
     }
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    write_atomic(out / CONFIG_FILE, json.dumps(meta, indent=2))
     return out
 
 
@@ -60,15 +67,18 @@ def load_qlip(folder: str | Path, device: str | torch.device = "cpu") -> QLIPMod
     path = Path(folder) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: train QLIP with `qlip train-qlip` first")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-        raise ValueError(f"{path}: not a qlip QLIP file of version <= {VERSION} "
-                         f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
-    state = load_file(str(Path(folder) / STATE_FILE))
-    t2q = T2Q(meta["t2q"]["dim"], meta["t2q"]["hidden"])
-    t2q.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("t2q.")})
-    q = meta["q2b"]
-    q2b = Q2B(q["units"], q["steps"], Q2BConfig(**q["config"]))
-    q2b.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("q2b.")})
+    meta = read_json_dict(path, REMEDY)
+    check_format(meta, path, FORMAT, VERSION, REMEDY)
+    state, _ = load_tensors(Path(folder) / STATE_FILE, REMEDY)
+    try:
+        t2q = T2Q(meta["t2q"]["dim"], meta["t2q"]["hidden"])
+        t2q.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("t2q.")})
+        q = meta["q2b"]
+        q2b = Q2B(q["units"], q["steps"], Q2BConfig(**q["config"]))
+        q2b.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("q2b.")})
+        names = list(meta["unit_names"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as err:  # fields or tensors amiss
+        raise CorruptFileError(f"{path} and {STATE_FILE} do not describe a T2Q and Q2B "
+                               f"({type(err).__name__}: {str(err)[:200]}); {REMEDY}") from err
     t2q, q2b = (m.to(device).eval().requires_grad_(False) for m in (t2q, q2b))
-    return QLIPModules(t2q, q2b, list(meta["unit_names"]), meta.get("metrics"))
+    return QLIPModules(t2q, q2b, names, meta.get("metrics"))

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...files import load_tensors, save_tensors, write_atomic
 from ...nn import QuantUnit
 from ..calib_data import CalibrationSet
 from ..runner import full_precision
@@ -103,6 +103,9 @@ def fp_targets(unet: nn.Module, data: CalibrationSet, units: dict, batch_size: i
     return out
 
 
+CHECKPOINT_FILE = "q2b_ckpt.safetensors"
+
+
 class _Checkpoint:
     """Q2B parameters, the optimiser state and the history, as safetensors + JSON (no pickle)."""
 
@@ -110,10 +113,10 @@ class _Checkpoint:
         self.folder = folder
 
     def load(self, q2b: Q2B, optimizer: torch.optim.Optimizer) -> list[dict]:
-        if self.folder is None or not (self.folder / "q2b_ckpt.json").exists():
+        path = self.folder / CHECKPOINT_FILE if self.folder is not None else None
+        if path is None or not path.exists():
             return []
-        meta = json.loads((self.folder / "q2b_ckpt.json").read_text())
-        state = load_file(str(self.folder / "q2b_ckpt.safetensors"))
+        state, meta = load_tensors(path, f"delete {path} to train Q2B from its start")
         q2b.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         names = [n for n, _ in q2b.named_parameters()]
         for param, name in zip([p for g in optimizer.param_groups for p in g["params"]], names):
@@ -122,7 +125,7 @@ class _Checkpoint:
             optimizer.state[param] = {"step": state[f"adam.{name}.step"],
                                       "exp_avg": state[f"adam.{name}.m"].to(param.device),
                                       "exp_avg_sq": state[f"adam.{name}.v"].to(param.device)}
-        return meta["history"]
+        return json.loads(meta["history"])
 
     def save(self, q2b: Q2B, optimizer: torch.optim.Optimizer, history: list[dict]) -> None:
         if self.folder is None:
@@ -134,8 +137,9 @@ class _Checkpoint:
             if s:
                 state |= {f"adam.{name}.step": s["step"].cpu().reshape(()),
                           f"adam.{name}.m": s["exp_avg"].cpu(), f"adam.{name}.v": s["exp_avg_sq"].cpu()}
-        save_file(state, str(self.folder / "q2b_ckpt.safetensors"))
-        (self.folder / "q2b_ckpt.json").write_text(json.dumps({"history": history}))
+        # the history travels inside the one file: parameters and history are never of two steps
+        save_tensors(state, self.folder / CHECKPOINT_FILE, {"history": json.dumps(history)})
+        write_atomic(self.folder / "q2b_ckpt.json", json.dumps({"history": history}))  # to read
 
 
 def train_q2b(
