@@ -60,15 +60,17 @@ _CRASH_PASSES: dict[str, int] = {}
 
 
 def _umask() -> int:
-    # os.umask can only be read by setting it; done once per process, before any thread writes
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0)
-        os.umask(_UMASK)
-    return _UMASK
-
-
-_UMASK: int | None = None
+    """The process's umask: Linux shows it in /proc (no race); elsewhere it can only be read by
+    setting it and setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _temporary(path: Path) -> Path:
@@ -112,9 +114,24 @@ def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | Non
     temporary = _temporary(path)
     try:
         save_file(tensors, str(temporary), metadata=metadata)
+        _sort_header(temporary)
         _publish(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted: safetensors writes the metadata in a
+    per-process hash order, so the same tensors would give other bytes in another process (a
+    resumed run could not be compared byte for byte with a straight one). Same length, same
+    offsets: only the order of the JSON keys changes."""
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) <= size:
+            handle.seek(8)
+            handle.write(text + b" " * (size - len(text)))
 
 
 def save_image_atomic(image, path: str | Path) -> None:

@@ -50,13 +50,13 @@ def test_quantize_then_generate_writes_images_and_report(tiny_pipe_dir, prompt_f
 
 
 def test_missing_model_folder(capsys, tmp_path):
-    _fails(capsys, ["generate", "x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)],
+    _fails(capsys, ["generate", "x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")],
            "no such model folder")
 
 
 def test_folder_that_is_not_a_pipeline(capsys, tmp_path):
     (tmp_path / "m").mkdir()
-    _fails(capsys, ["generate", "x", "--model", str(tmp_path / "m"), "--out", str(tmp_path)],
+    _fails(capsys, ["generate", "x", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")],
            "not a diffusers pipeline folder")
 
 
@@ -66,42 +66,42 @@ def test_pipeline_that_is_not_text_to_image(capsys, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(
         {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
          "scheduler": ["diffusers", "DDPMScheduler"]}))
-    _fails(capsys, ["generate", "x", "--model", str(folder), "--out", str(tmp_path)],
+    _fails(capsys, ["generate", "x", "--model", str(folder), "--out", str(tmp_path / "out")],
            "not a text-to-image", "DDPMPipeline")
 
 
 @pytest.mark.parametrize("flag,value", [("--wbits", "1"), ("--abits", "17"), ("--abits", "x")])
 def test_bits_out_of_range(capsys, tmp_path, flag, value):
     with pytest.raises(SystemExit) as exit_info:
-        main(["quantize", flag, value, "--out", str(tmp_path)])
+        main(["quantize", flag, value, "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "bits" in capsys.readouterr().err
 
 
 def test_bad_bit_options(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        main(["quantize", "--abits-options", "8,40", "--out", str(tmp_path)])
+        main(["quantize", "--abits-options", "8,40", "--out", str(tmp_path / "out")])
     assert "abits-options" in capsys.readouterr().err
     _fails(capsys, ["quantize", "--model", "x", "--abits", "4", "--abits-options", "8,16",
-                    "--calib-prompts", "none.txt", "--out", str(tmp_path)],
+                    "--calib-prompts", "none.txt", "--out", str(tmp_path / "out")],
            "abits 4 must be one of abits_options")
     _fails(capsys, ["quantize", "--model", "x", "--calib-prompts", "none.txt", "--out",
                     str(tmp_path)], "prompt file not found")
 
 
 def test_empty_prompt_list(capsys, tiny_pipe_dir, tmp_path):
-    _fails(capsys, ["generate", "--model", str(tiny_pipe_dir), "--out", str(tmp_path)],
+    _fails(capsys, ["generate", "--model", str(tiny_pipe_dir), "--out", str(tmp_path / "out")],
            "no prompts given")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     _fails(capsys, ["quantize", "--model", str(tiny_pipe_dir), "--calib-prompts", str(empty),
-                    "--out", str(tmp_path)], "holds no prompts")
+                    "--out", str(tmp_path / "out")], "holds no prompts")
 
 
 def test_prompt_longer_than_the_tokenizer_limit(capsys, tiny_pipe_dir, tmp_path):
     long_prompt = "a red circle " * 10  # the tiny tokenizer: one token per character, limit 32
     _fails(capsys, ["generate", long_prompt, "--model", str(tiny_pipe_dir), "--steps", "1",
-                    "--device", "cpu", "--out", str(tmp_path)], "limit of 32", "--truncate")
+                    "--device", "cpu", "--out", str(tmp_path / "out")], "limit of 32", "--truncate")
     code = main(["generate", long_prompt, "--model", str(tiny_pipe_dir), "--steps", "1",
                  "--device", "cpu", "--truncate", "--out", str(tmp_path / "ok")])
     assert code == 0
@@ -109,7 +109,7 @@ def test_prompt_longer_than_the_tokenizer_limit(capsys, tiny_pipe_dir, tmp_path)
 
 def test_quantized_folder_missing_or_abits_without_it(capsys, tiny_pipe_dir, tmp_path):
     _fails(capsys, ["generate", "x", "--model", str(tiny_pipe_dir), "--quantized",
-                    str(tmp_path / "none"), "--device", "cpu", "--out", str(tmp_path)],
+                    str(tmp_path / "none"), "--device", "cpu", "--out", str(tmp_path / "out")],
            "not a qlip quantized model folder")
     _fails(capsys, ["generate", "x", "--model", str(tiny_pipe_dir), "--abits", "8",
-                    "--device", "cpu", "--out", str(tmp_path)], "--abits needs --quantized")
+                    "--device", "cpu", "--out", str(tmp_path / "out")], "--abits needs --quantized")

@@ -31,6 +31,9 @@ class ImageStore:
         self.image_dir = self.root / "images"
         self.index_file = self.root / "generated.jsonl"
         self.image_dir.mkdir(parents=True, exist_ok=True)
+        for stray in [*self.root.glob(".*.tmp"), *self.image_dir.glob(".*.tmp"),
+                      *self.root.glob("bits/.*.tmp")]:
+            stray.unlink()  # a write cut by a kill (the folder is locked: nobody else writes)
         self.records: dict[int, dict] = self._read_records()
 
     def _read_records(self) -> dict[int, dict]:

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..files import load_tensors, read_json_dict, read_tensor_metadata, save_tensors, write_atomic
+from ..files import (
+    crash_point,
+    load_tensors,
+    read_json_dict,
+    read_tensor_metadata,
+    save_tensors,
+    write_atomic,
+)
 
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -156,6 +163,7 @@ class ChunkStore:
             result = compute(start, start + len(items))
             save_atomic(result, self.path(start),
                         {"items": digest(list(items)), "count": str(len(items))})
+            crash_point("chunk")
             bar.update(len(items))
         bar.close()
         parts = [load_tensors(self.path(s), "delete it (the chunk is computed again)")[0]

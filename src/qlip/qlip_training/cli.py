@@ -113,16 +113,9 @@ def train_config_from_args(args):
 
 
 def cmd_train_qlip(args) -> int:
-    from ..cli_args import output_folder
-    from ..files import FolderLock
-    from ..pipeline.saving import check_quantized_folder
     from .job import train_qlip
 
-    config = train_config_from_args(args)
-    if config.quantized:  # before its work folder is made inside it
-        check_quantized_folder(config.quantized)
-    with FolderLock(output_folder(str(config.work), "--work-dir"), "qlip train-qlip"):
-        train_qlip(config)
+    train_qlip(train_config_from_args(args))
     return 0
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import write_atomic
+from ..cli_args import output_folder
+from ..files import FolderLock, write_atomic
 from ..methods.qlip import Q2B, T2Q, Q2BConfig, Q2BTrainConfig, QLIPModules, T2QConfig, save_qlip
 from ..methods.qlip.train import train_q2b
 from ..nn import QuantConfig, quant_units
@@ -317,6 +318,13 @@ def train_qlip(config: TrainQLIPConfig, log: Callable[[str], None] = print,
     the work folder are then reused by a full job on any quantized model of the same base."""
     facts = check_inputs(config, own_source=source is not None)
     texts, world = training_prompts(config)
+    with FolderLock(output_folder(str(config.work), "--work-dir"), "qlip train-qlip"):
+        return _train(config, facts, texts, world, log, source)
+
+
+def _train(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: list | None,
+           log: Callable[[str], None], source: LabelSource | None) -> QLIPModules | None:
+    """The stages of :func:`train_qlip`, in its work folder (held)."""
     pipe = load_pipeline(config.model, config.device)
     over = check_prompts(pipe, texts, config.truncate)
     if over:

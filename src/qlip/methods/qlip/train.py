@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...files import load_tensors, save_tensors, write_atomic
+from ...files import crash_point, load_tensors, save_tensors, write_atomic
 from ...nn import QuantUnit
 from ..calib_data import CalibrationSet
 from ..runner import full_precision
@@ -140,6 +140,7 @@ class _Checkpoint:
         # the history travels inside the one file: parameters and history are never of two steps
         save_tensors(state, self.folder / CHECKPOINT_FILE, {"history": json.dumps(history)})
         write_atomic(self.folder / "q2b_ckpt.json", json.dumps({"history": history}))  # to read
+        crash_point("q2b-checkpoint")
 
 
 def train_q2b(
