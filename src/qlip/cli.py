@@ -53,7 +53,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--keep-start-token", action=argparse.BooleanOptionalAction, default=None,
                    help="cross-attention's first key and start-token column stay FP and out of "
                         "the log2 max (default: on for dgq)")
-    p.add_argument("--groups", type=int_at_least("--groups", 1), default=1,
+    p.add_argument("--groups", type=int, default=1,
                    help="dgq: activation groups g per layer input (1 = per tensor; DGQ: 8 or 16)")
     p.add_argument("--kmeans-init", type=int_at_least("--kmeans-init", 1), default=DGQConfig.kmeans_n_init,
                    help="dgq: K-means restarts per input and step (scikit-learn n_init)")

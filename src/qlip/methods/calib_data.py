@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..files import check_format, load_tensors, read_tensor_metadata, save_tensors
+from ..files import CorruptFileError, check_format, load_tensors, read_tensor_metadata, save_tensors
 from .unet_inputs import UNetInputs, call_unet
 
 FORMAT = "qlip-calibration"
@@ -91,6 +91,8 @@ class CalibrationSet:
     @classmethod
     def load(cls, path: str | Path) -> CalibrationSet:
         tensors, meta = load_tensors(path, REMEDY)
+        if meta.get("format") != FORMAT:
+            raise CorruptFileError(f"{path} is not a qlip calibration set; {REMEDY}")
         check_format(meta, path, FORMAT, int(VERSION), REMEDY)
         missing = [c for c in COLUMNS if c not in tensors]
         if missing:
