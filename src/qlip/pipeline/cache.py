@@ -29,6 +29,7 @@ from ..files import (
 )
 
 FINGERPRINT_FILE = "fingerprint.json"
+CHUNK_REMEDY = "delete it (the chunk is computed again)"
 
 
 class StaleCacheError(ValueError):
@@ -108,12 +109,6 @@ def claim(folder: str | Path, fingerprint: dict, redo: bool = False, what: str =
     return False
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
-                metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file so that an interruption never leaves a partial file behind."""
-    save_tensors(tensors, path, metadata)
-
-
 class ChunkStore:
     """Results of ``compute(start, stop)`` over items ``[start, stop)``, ``chunk`` items a file.
 
@@ -136,7 +131,7 @@ class ChunkStore:
         path = self.path(start)
         if not path.is_file():
             return False
-        meta = read_tensor_metadata(path, "delete it (the chunk is computed again)")
+        meta = read_tensor_metadata(path, CHUNK_REMEDY)
         count = int(meta.get("count", -1))
         if count == len(keys) and meta.get("items") == digest(list(keys)):
             return True
@@ -161,11 +156,11 @@ class ChunkStore:
                 continue
             items = keys[start : start + self.chunk]
             result = compute(start, start + len(items))
-            save_atomic(result, self.path(start),
+            save_tensors(result, self.path(start),
                         {"items": digest(list(items)), "count": str(len(items))})
             crash_point("chunk")
             bar.update(len(items))
         bar.close()
-        parts = [load_tensors(self.path(s), "delete it (the chunk is computed again)")[0]
+        parts = [load_tensors(self.path(s), CHUNK_REMEDY)[0]
                  for s in starts]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

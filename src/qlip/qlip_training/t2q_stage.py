@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..files import load_tensors, read_json_dict, write_atomic
+from ..files import load_tensors, read_json_dict, save_tensors, write_atomic
 from ..methods.qlip import T2Q, train_t2q
 from ..metrics import plcc, srocc
-from ..pipeline.cache import claim, save_atomic, tensor_digest
+from ..pipeline.cache import claim, tensor_digest
 
 MODEL_FILE, LABELS_FILE, METRICS_FILE = "t2q.safetensors", "labels.safetensors", "metrics.json"
 
@@ -53,8 +53,8 @@ def fit_t2q(folder: Path, pooled: torch.Tensor, raw: torch.Tensor, labels: torch
     metrics = {"label": config.labels.label, "srocc": srocc(predicted, labels[held]),
                "plcc": plcc(predicted, labels[held]), "train_prompts": len(train),
                "heldout_prompts": len(held)}
-    save_atomic({"raw": raw, "labels": labels, "train": train, "heldout": held},
+    save_tensors({"raw": raw, "labels": labels, "train": train, "heldout": held},
                 folder / LABELS_FILE)
-    save_atomic(model.state_dict(), folder / MODEL_FILE)
+    save_tensors(model.state_dict(), folder / MODEL_FILE)
     write_atomic(folder / METRICS_FILE, json.dumps(metrics, indent=1))  # written last: complete
     return T2QResult(model, metrics)
