@@ -15,7 +15,8 @@
 #           FP stages (`qlip train-qlip --stop-after trajectories`: T2Q data, labels, T2Q, Q2B's
 #           FP trajectories, none of which needs the quantized model), all at once.
 # train_a/b: `qlip train-qlip` for {8,16,32} / {4,5,6} (GIQA labels, N_T2Q FP generations of
-#           held-out-free training prompts; whichever runs second reuses the first's FP stages);
+#           held-out-free training prompts), both at once; {4,5,6} works in a copy of the FP
+#           stages of {8,16,32}'s work folder;
 #           each writes a copy of the model plus qlip.json to OUT/q_qlip_<set>.
 # eval:     fixed A32, A16, A8, A6, A5, A4 and the two QLIPs (each prompt at its own bits:
 #           --batch-mode per_image), every eval with --reference-run FP, JOBS at a time; then,
@@ -38,7 +39,7 @@ common=(--model reference --device "$device" --prompts heldout --num-images "$n"
 # shellcheck disable=SC2206
 quant=(--model reference --device "$device" --guidance 4 ${QUANT_EXTRA:-})
 # shellcheck disable=SC2206
-train=(--model reference --device "$device" --work-dir "$out/qlip_work" --num-prompts "$n_t2q"
+train=(--model reference --device "$device" --num-prompts "$n_t2q"
        --steps "$steps" --guidance 4 --batch-size 250 --chunk 1000 --no-progress ${TRAIN_EXTRA:-})
 sets=("8,16,32" "4,5,6")
 mkdir -p "$out/logs"
@@ -64,7 +65,7 @@ if [ "$phase" = quantize ] || [ "$phase" = all ]; then
         timed "quantize qd_w4" $qlip quantize "${quant[@]}" --method qdiffusion --wbits 4 \
             --abits 8 --abits-options 4,5,6,8,16,32 --seed 0 --out "$out/q_qd_w4" \
             > "$out/logs/q_qd_w4.txt" 2>&1 &
-    timed "fp stages" $qlip train-qlip "${train[@]}" --stop-after trajectories \
+    timed "fp stages" $qlip train-qlip "${train[@]}" --work-dir "$out/qlip_work" --stop-after trajectories \
         > "$out/logs/fp_stages.txt" 2>&1
     wait
 fi
@@ -79,12 +80,24 @@ if [ "${#train_sets[@]}" -gt 0 ]; then
     if [ ! -e "$out/q_qd_w4/quant_state.safetensors" ]; then
         echo "the W4 model is not quantized: run PHASE=quantize first" >&2; exit 1
     fi
+    # The sets train at once, each in its own work folder (a work folder is locked by one job):
+    # the second starts from a copy of the first's FP stages, whose caches are fingerprinted by
+    # content, so the copy is reused, not recomputed.
     for bits in "${train_sets[@]}"; do
         t=$(tag "$bits")
         [ -e "$out/q_qlip_$t/qlip.json" ] && continue
-        timed "train-qlip $t" $qlip train-qlip "${train[@]}" --quantized "$out/q_qd_w4" \
-            --bits "$bits" --out "$out/q_qlip_$t" > "$out/logs/train_$t.txt" 2>&1
+        work="$out/qlip_work"
+        if [ "$bits" != "${sets[0]}" ]; then
+            work="$out/qlip_work_$t"
+            [ -d "$work" ] || { mkdir -p "$work" && for stage in "$out"/qlip_work/*/; do
+                case "$(basename "$stage")" in q2b_*) ;; *) cp -a "$stage" "$work/" ;; esac
+            done; }
+        fi
+        timed "train-qlip $t" $qlip train-qlip "${train[@]}" --work-dir "$work" \
+            --quantized "$out/q_qd_w4" --bits "$bits" --out "$out/q_qlip_$t" \
+            > "$out/logs/train_$t.txt" 2>&1 &
     done
+    wait
 fi
 
 if [ "$phase" = eval ] || [ "$phase" = all ]; then

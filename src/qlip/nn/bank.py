@@ -84,7 +84,8 @@ class ActivationBank(nn.Module):
             return x
         if not self.enabled:
             return x
-        return self.stack.forward(x, choice, heads, step)  # a plain call: eager pays per module
+        # a plain call, the submodule read from _modules: eager pays for every Python step
+        return self._modules["stack"].forward(x, choice, heads, step)
 
     def extra_repr(self) -> str:
         return self.kind

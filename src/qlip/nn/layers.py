@@ -124,9 +124,10 @@ class QuantLayer(QuantUnit):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def quantized_weight(self) -> torch.Tensor:
-        cached = self._qweight
-        if cached is not None and not torch.is_grad_enabled() and cached.dtype == self.weight.dtype:
-            return cached  # the inference path, kept short: eager pays for every Python step
+        cached = self._buffers["_qweight"]  # (read past __getattr__: eager pays per Python step)
+        if (cached is not None and not torch.is_grad_enabled()
+                and cached.dtype == self._parameters["weight"].dtype):
+            return cached  # the inference path, kept short
         # Training through the rounding (AdaRound, STE) needs a fresh graph every call.
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return self.compute_quantized_weight()
@@ -139,8 +140,9 @@ class QuantLayer(QuantUnit):
 
     # -- activations ---------------------------------------------------------------------------
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.splits) == 1:
-            return self.quantize(self.act_banks[0], x)
+        banks = self._modules["act_banks"]._modules  # {"0": bank, ...}, read without __getattr__
+        if len(banks) == 1:
+            return self.quantize(banks["0"], x)
         parts = torch.split(x, self.splits, dim=self.channel_dim)
         return torch.cat(
             [self.quantize(bank, p) for bank, p in zip(self.act_banks, parts)], dim=self.channel_dim
@@ -166,7 +168,8 @@ class QuantLinear(QuantLayer):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., C_in]
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self.quantize_input(x), self.quantized_weight(),
+                        self._parameters.get("bias"))  # (None: a layer without bias)
 
 
 class QuantConv2d(QuantLayer):

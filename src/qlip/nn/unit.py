@@ -185,10 +185,17 @@ class QuantUnit(nn.Module):
 
     # -- the forward helper ---------------------------------------------------------------------
     def quantize(self, bank: ActivationBank, x: torch.Tensor, heads: int = 1) -> torch.Tensor:
-        """``x`` through ``bank`` at this unit's active choice (rows laid out with ``heads``)."""
-        choice = self._choice if self._table is None else self._table[self._row]
-        step = self._step if self._shared_step is None else self._shared_step
-        return bank.forward(x, choice, heads, step)  # not bank(...): eager pays per module call
+        """``x`` through ``bank`` at this unit's active choice (rows laid out with ``heads``).
+
+        The hot path of every quantized call. Eager mode pays for each Python step, so buffers
+        are read from ``_buffers`` (``self._choice`` would go through ``nn.Module.__getattr__``)
+        and the bank is called as a function, not as a module."""
+        table = self._table
+        choice = self._buffers["_choice"] if table is None else table[self._row]
+        step = self._shared_step
+        if step is None:
+            step = self._buffers["_step"]
+        return bank.forward(x, choice, heads, step)
 
     def bits_label(self) -> str:
         return f"a{self.default_bits}, options={self.options}"

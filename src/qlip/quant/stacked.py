@@ -117,7 +117,10 @@ class StackedQuantizer(nn.Module):
         soft = choice.is_floating_point()
         if choice.shape[0] == 1 and not soft:  # the whole batch at one option: no split
             out = self._quantize(x, choice, step, split=False)
-            return torch.where(self.bypass[choice], x, out) if self.has_bypass else out
+            if not self.has_bypass:
+                return out
+            # index_select, not [choice]: advanced indexing costs the host far more
+            return torch.where(self._buffers["bypass"].index_select(0, choice), x, out)
         split = RowLayout(choice.shape[0], heads).split(x)  # [copies, n, heads, ...]
         out = self._soft(split, choice, step) if soft else self._hard(split, choice, step)
         return out.flatten(0, 2)
@@ -126,7 +129,8 @@ class StackedQuantizer(nn.Module):
         out = self._quantize(split, choice, step, split=True)
         if not self.has_bypass:
             return out
-        return torch.where(RowLayout.per_image(self.bypass[choice], split.ndim - 3), split, out)
+        bypass = self._buffers["bypass"].index_select(0, choice)
+        return torch.where(RowLayout.per_image(bypass, split.ndim - 3), split, out)
 
     def _soft(self, split: torch.Tensor, probs: torch.Tensor, step) -> torch.Tensor:
         # probs: [n, K]; forward = the hard (argmax) choice, backward = Σ_k p_k Q_k(x)
@@ -244,16 +248,21 @@ class StackedUniform(StackedQuantizer):
 
     # -- forward --------------------------------------------------------------------------------
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
-        # training the step sizes (LSQ) needs the table as a function of the live scale
-        table = self._table() if self.scale.requires_grad else self.table
-        # gradients (to x, or to Δ while it is tuned) go straight through the rounding
-        ste = ste or (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad))
+        # Eager pays for every Python step here: buffers are read from _buffers, past
+        # nn.Module.__getattr__. Training the step sizes (LSQ) needs the table as a function of
+        # the live scale; gradients (to x, or to Δ while it is tuned) go straight through the
+        # rounding.
+        tuned = self._buffers["scale"].requires_grad
+        ste = ste or (torch.is_grad_enabled() and (x.requires_grad or tuned))
         if self.channel_dim is None and not split and not ste:
-            # per tensor, whole batch, inference: the shortest path (eager pays per operation)
-            params = self._flat_table(x.dtype).index_select(0, self._rows(choice, step))  # [1, 3]
-            scale, low, high = params.unbind(1)
+            # per tensor, whole batch, inference: the shortest path
+            rows = choice if not self.num_steps else self._rows(choice, step)
+            scale, low, high = self._flat_table(x.dtype).index_select(0, rows).unbind(1)
             return torch.div(x, scale).round_().clamp_(low, high).mul_(scale)
-        params = table[self._rows(choice, step)].to(x.dtype)  # [n, 3, P]
+        table = self._table() if tuned else self.table
+        rows = self._rows(choice, step)
+        params = (table[rows] if isinstance(rows, slice) else table.index_select(0, rows))
+        params = params.to(x.dtype)  # [n, 3, P]
         scale, low, high = (self._broadcast(p, x, split) for p in params.unbind(1))
         q = x / scale
         q = round_ste(q) if ste else torch.round(q)
@@ -263,7 +272,7 @@ class StackedUniform(StackedQuantizer):
         """``[K·T, 3]``: the per-tensor table in ``dtype``. Eager keeps the cast copy while the
         table is unchanged (its version counter), saving two operations per call; a compiled
         graph fuses the cast anyway."""
-        table = self.table
+        table = self._buffers["table"]
         if torch.compiler.is_compiling() or table.is_inference():  # (no version counter)
             return table[:, :, 0].to(dtype)
         cached = self._cast
@@ -335,7 +344,9 @@ class StackedLog2(StackedQuantizer):
 
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
         ste = ste or (torch.is_grad_enabled() and x.requires_grad)
-        levels = self.levels.to(x.dtype)[choice]  # [n], or 0-d for a Python int
+        levels = self.levels.to(x.dtype)
+        # [n] (index_select: cheaper for the host than [choice]), or 0-d for a Python int
+        levels = levels[choice] if isinstance(choice, int) else levels.index_select(0, choice)
         if not split:
             return log2_quant(x, x.detach().amax().clamp_min(1e-12), levels, ste=ste)
         # x: [copies, n, heads, ...]: one Δ per image, over its copies and heads
