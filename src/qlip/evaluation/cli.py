@@ -46,6 +46,9 @@ def add_eval_parser(sub) -> None:
                    default=BootstrapConfig.resamples,
                    help="bootstrap resamples of every interval")
     p.add_argument("--bootstrap-seed", type=int, default=0)
+    from ..cli_args import add_resolution_args
+
+    add_resolution_args(p)
     p.add_argument("--label", default="", help="name of this run in the reports")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=cmd_eval)
@@ -119,7 +122,8 @@ def cmd_eval(args) -> int:
         policy = load_for_sampling(pipe, args.quantized, args.abits)
         config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size,
                             seed=args.seed, steps=args.steps, guidance=args.guidance,
-                            batch_mode=args.batch_mode, truncate=args.truncate)
+                            batch_mode=args.batch_mode, truncate=args.truncate,
+                            height=args.height, width=args.width)
         bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
                                     device=device)
         metrics = run_evaluation(pipe, prompts, policy, config, args.out, measures,

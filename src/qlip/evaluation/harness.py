@@ -49,6 +49,8 @@ class EvalConfig:
     min_images_for_fid: int = 50  # per-richness FID only for levels with at least this many
     batch_mode: str = "max"  # GenerationConfig.batch_mode: "max" or "per_image"
     truncate: bool = False  # cut prompts over the tokenizer's limit instead of refusing them
+    height: int | None = None  # pixels; None: the pipeline's own resolution
+    width: int | None = None
 
 
 @dataclass
@@ -77,14 +79,16 @@ def generate_missing(
     for i, prompt in enumerate(prompts):
         store.check_matches(i, prompt.text, seeds[i])
     store.check_settings({"steps": config.steps, "guidance": config.guidance,
-                          "batch_mode": config.batch_mode,
+                          "batch_mode": config.batch_mode, "height": config.height,
+                          "width": config.width,
                           "policy": policy.describe() if policy is not None else "full precision"})
     todo = store.missing(len(prompts))
     if store.records and todo:
         note(f"resuming {store.root}: {len(prompts) - len(todo)} of {len(prompts)} images are "
              f"there, generating the other {len(todo)}")
     gen = GenerationConfig(steps=config.steps, guidance=config.guidance, batch_mode=config.batch_mode,
-                           batch_size=config.batch_size, truncate=config.truncate)
+                           batch_size=config.batch_size, truncate=config.truncate,
+                           height=config.height, width=config.width)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generating", unit="img")
     for start in range(0, len(todo), config.batch_size):
         batch = todo[start : start + config.batch_size]

@@ -42,6 +42,8 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 8
     truncate: bool = False  # cut prompts over the tokenizer's limit instead of refusing them
+    height: int | None = None  # pixels; None: the pipeline's own resolution
+    width: int | None = None
 
 
 @dataclass
@@ -136,7 +138,7 @@ def calibration_data(
             else uniform_steps(config.num_inference_steps, config.num_kept_steps))
     data = capture_unet_inputs(
         pipe, prompts[: config.num_prompts], config.num_inference_steps, config.guidance, keep,
-        config.seed, config.batch_size, progress,
+        config.seed, config.batch_size, progress, config.height, config.width,
     )
     if cache is not None:  # atomically: jobs sharing one cache may capture at the same time
         cache.parent.mkdir(parents=True, exist_ok=True)
