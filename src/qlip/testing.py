@@ -134,3 +134,31 @@ def build_tiny_sdxl_pipeline(tmp_dir: Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class TinyInception(torch.nn.Module):
+    """A tiny random network of Inception-v3's shape for ``InceptionExtractor(network=...)``:
+    uint8 images ``[N, 3, H, W]`` in, pooled features ``[N, dim]`` out, and a submodule at
+    ``Mixed_6d.branch1x1`` whose output is the sFID map (torch-fidelity's port: ``[N, 192, 17,
+    17]``; here ``[N, 8, 3, 3]``, so that sFID's first 7 channels give 63 features and its matrix
+    square root takes milliseconds). Seeded; nothing is downloaded."""
+
+    def __init__(self, dim: int = 16, seed: int = 0):
+        from torch import nn
+
+        super().__init__()
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.stem = nn.Conv2d(3, 8, 3, stride=2)  # 7² -> 3²
+        self.Mixed_6d = nn.Module()
+        self.Mixed_6d.branch1x1 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, dim, 3, padding=1)
+        torch.random.set_rng_state(generator_state)  # building it leaves the caller's seed alone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = images.float() / 127.5 - 1  # uint8 -> [-1, 1], as torch-fidelity scales
+        x = F.interpolate(x, size=(7, 7), mode="bilinear", align_corners=False)
+        spatial = self.Mixed_6d.branch1x1(F.relu(self.stem(x)))  # [N, 8, 3, 3]
+        return self.head(F.relu(spatial)).mean((2, 3))  # [N, dim]
