@@ -53,3 +53,30 @@ def test_sdxl_quantize_generate_eval(method, sdxl_dir, tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["num_images"] == 4 and np.isfinite(metrics["fid"]) and metrics["fid"] > 0
     assert np.isfinite(metrics["sfid"]) and metrics["fab"] == 8.0
+
+
+def test_sdxl_qlip_trains_and_samples(sdxl_dir, tmp_path):
+    """train-qlip on SDXL (T2Q reads text_encoder_2's projected pooled embedding; Q2B's
+    trajectories and the sensitivity labels replay added_cond_kwargs), then QLIP generates."""
+    model = str(sdxl_dir / "pipe")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{c} {s}\n" for c in ("a red", "two blue", "one green", "a pink")
+                               for s in ("circle", "square")))
+    common = ["--model", model, "--device", "cpu"]
+    assert main(["quantize", *common, "--abits-options", "8,16,32", "--calib-prompts",
+                 str(prompts), "--calib-num", "2", "--calib-steps", "2", "--calib-kept-steps", "2",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert main(["train-qlip", *common, "--quantized", str(tmp_path / "q"), "--bits", "8,16,32",
+                 "--prompts", str(prompts), "--num-prompts", "8", "--q2b-prompts", "2",
+                 "--steps", "2", "--label", "sensitivity", "--t2q-iters", "2", "--q2b-iters", "2",
+                 "--t2q-holdout", "0.5", "--chunk", "8", "--no-progress"]) == 0
+    assert main(["generate", "a red circle", "two blue squares", *common, "--quantized",
+                 str(tmp_path / "q"), "--steps", "2", "--batch-mode", "per_image",
+                 "--out", str(tmp_path / "g")]) == 0
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    assert report["policy"].startswith("QLIP")
+    from qlip.pipeline.generate import load_generation_bits
+
+    bits, requested, units = load_generation_bits(tmp_path / "g")
+    assert bits.shape == (2, 2, len(units)) and set(np.unique(requested)) <= {8, 16, 32}
+    assert np.array_equal(bits, requested)  # per_image: each image at what QLIP asked for it
