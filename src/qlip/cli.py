@@ -11,6 +11,7 @@ from .cli_args import (
     SOFTMAX_FOLLOWS,
     add_model_args,
     add_prompt_args,
+    add_resolution_args,
     bits_arg,
     bits_list_arg,
     device_name,
@@ -89,6 +90,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--truncate", action="store_true",
                    help="cut calibration prompts longer than the tokenizer's limit (a line says "
                         "how many) instead of refusing them")
+    add_resolution_args(p)
     p.add_argument("--out", required=True, help="folder for the quantized model")
 
 
@@ -111,6 +113,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, replacing an earlier run's images, "
                         "report and bits (other files are left alone)")
+    add_resolution_args(p)
     p.add_argument("--out", required=True)
 
 
@@ -175,12 +178,13 @@ def cmd_quantize(args) -> int:
         calibration=CalibrationConfig(
             num_prompts=args.calib_num, num_inference_steps=args.calib_steps,
             num_kept_steps=args.calib_kept_steps, guidance=args.guidance, seed=args.seed,
-            truncate=args.truncate,
+            truncate=args.truncate, height=args.height, width=args.width,
         ),
         rtn=RTNConfig(weight_range=args.weight_range, act_range=args.act_range),
         qdiffusion=qdiffusion,
         ptqd=PTQDConfig(qdiffusion=qdiffusion, num_prompts=args.ptqd_prompts,
-                        num_steps=args.ptqd_steps, guidance=args.guidance, seed=args.seed),
+                        num_steps=args.ptqd_steps, guidance=args.guidance, seed=args.seed,
+                        height=args.height, width=args.width),
         dgq=DGQConfig(reconstruction=reconstruction, kmeans_n_init=args.kmeans_init,
                       seed=args.seed),
         base_model=args.model,
@@ -226,7 +230,8 @@ def cmd_generate(args) -> int:
         policy = load_for_sampling(pipe, args.quantized, args.abits)
         config = GenerationConfig(steps=args.steps, guidance=args.guidance,
                                   batch_size=args.batch_size, truncate=args.truncate,
-                                  batch_mode=args.batch_mode, allow_empty=args.allow_empty_prompt)
+                                  batch_mode=args.batch_mode, allow_empty=args.allow_empty_prompt,
+                                  height=args.height, width=args.width)
         seeds = [args.seed + i for i in range(len(prompts))]
         result = generate(pipe, prompts, seeds, policy, config)
         path = save_generation(result, out, {"model": args.model, "quantized": args.quantized,

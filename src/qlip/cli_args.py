@@ -74,6 +74,29 @@ def int_at_least(what: str, minimum: int) -> Callable[[str], int]:
     return parse
 
 
+RESOLUTION_STEP = 8  # diffusers pipelines refuse a height or width that 8 does not divide
+
+
+def resolution_arg(what: str) -> Callable[[str], int]:
+    """An argparse type for ``--height`` / ``--width``: pixels, a positive multiple of 8."""
+    def parse(text: str) -> int:
+        value = int_at_least(what, RESOLUTION_STEP)(text)
+        if value % RESOLUTION_STEP:
+            raise argparse.ArgumentTypeError(f"{what} must be a multiple of {RESOLUTION_STEP} "
+                                             f"pixels; got {value}")
+        return value
+
+    return parse
+
+
+def add_resolution_args(p: argparse.ArgumentParser) -> None:
+    """``--height`` and ``--width`` (default: the pipeline's own, e.g. 512 for SD 1.x)."""
+    for flag in ("--height", "--width"):
+        p.add_argument(flag, type=resolution_arg(flag), default=None,
+                       help=f"image {flag[2:]} in pixels, a multiple of 8 (default: the "
+                            "pipeline's own, e.g. 512 for SD 1.x, 1024 for SDXL)")
+
+
 def add_prompt_args(p: argparse.ArgumentParser, what: str = "prompts") -> None:
     """``--truncate`` and ``--allow-empty-prompt``, as every command that reads prompts takes them."""
     p.add_argument("--truncate", action="store_true",

@@ -102,6 +102,41 @@ def build_sd14_unet(device: str = "cpu", dtype: torch.dtype = torch.float32, see
     return unet.to(device, dtype).eval().requires_grad_(False)
 
 
+# Stable Diffusion 1.4's VAE (vae/config.json) and text encoder (CLIP ViT-L/14's text tower)
+SD14_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu",
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD14_TEXT_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                        num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu")
+
+
+def build_sd14_pipeline(tmp_dir: Path, seed: int = 0):
+    """A StableDiffusionPipeline of Stable Diffusion 1.4's sizes (UNet 859.5 M, VAE 83.7 M, CLIP
+    ViT-L text tower 123 M parameters; PNDM as SD 1.4 ships) with seeded random weights and the
+    local byte tokenizer at 77 tokens: what a new user's real checkpoint costs in time and
+    memory, without a download. Save it with ``save_pretrained`` to try the commands on it."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer(tmp_dir, max_length=77)
+    unet = build_sd14_unet(seed=seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**SD14_VAE_CONFIG).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=1, **SD14_TEXT_CONFIG)).eval()
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_sdxl_pipeline(tmp_dir: Path):
     """A StableDiffusionXLPipeline with an SDXL-like tiny UNet (``addition_embed_type="text_time"``:
     it needs ``added_cond_kwargs`` with ``text_embeds`` and ``time_ids``), two text towers, 8×8
@@ -134,3 +169,31 @@ def build_tiny_sdxl_pipeline(tmp_dir: Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class TinyInception(torch.nn.Module):
+    """A tiny random network of Inception-v3's shape for ``InceptionExtractor(network=...)``:
+    uint8 images ``[N, 3, H, W]`` in, pooled features ``[N, dim]`` out, and a submodule at
+    ``Mixed_6d.branch1x1`` whose output is the sFID map (torch-fidelity's port: ``[N, 192, 17,
+    17]``; here ``[N, 8, 3, 3]``, so that sFID's first 7 channels give 63 features and its matrix
+    square root takes milliseconds). Seeded; nothing is downloaded."""
+
+    def __init__(self, dim: int = 16, seed: int = 0):
+        from torch import nn
+
+        super().__init__()
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.stem = nn.Conv2d(3, 8, 3, stride=2)  # 7² -> 3²
+        self.Mixed_6d = nn.Module()
+        self.Mixed_6d.branch1x1 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, dim, 3, padding=1)
+        torch.random.set_rng_state(generator_state)  # building it leaves the caller's seed alone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = images.float() / 127.5 - 1  # uint8 -> [-1, 1], as torch-fidelity scales
+        x = F.interpolate(x, size=(7, 7), mode="bilinear", align_corners=False)
+        spatial = self.Mixed_6d.branch1x1(F.relu(self.stem(x)))  # [N, 8, 3, 3]
+        return self.head(F.relu(spatial)).mean((2, 3))  # [N, dim]

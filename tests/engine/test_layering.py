@@ -7,9 +7,9 @@ from pathlib import Path
 import qlip
 
 SOURCE = Path(qlip.__file__).parent
-# layer of each top-level part of qlip; a module may import its own layer's other parts only
+# layer of each top-level part of qlip (the package itself is the public facade, above all); a module may import its own layer's other parts only
 # along the DAG checked below, and lower layers freely
-LAYERS = {"qlip": 0, "files": 0, "quant": 1, "nn": 2, "methods": 3, "policies": 3, "pipeline": 4,
+LAYERS = {"qlip": 6, "version": 0, "files": 0, "quant": 1, "nn": 2, "methods": 3, "policies": 3, "pipeline": 4,
           "metrics": 5, "world": 5, "evaluation": 5, "qlip_training": 5, "cli_args": 5, "demo": 5, "cli": 5,
           "testing": 5}
 

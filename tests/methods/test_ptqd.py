@@ -226,3 +226,32 @@ def test_cli_generate_wraps_the_scheduler_of_a_ptqd_model(ptqd_model, tiny_pipe_
     assert code == 0
     assert isinstance(schedulers[0], PTQDScheduler)
     assert schedulers[0].stats.num_steps == GEN.steps
+
+
+def test_attach_applies_the_saved_correction_to_a_plain_pipe_call(ptqd_model,
+                                                                  _tiny_pipeline_template):
+    import qlip
+    from qlip.pipeline.session import SessionScheduler
+
+    _, folder = ptqd_model
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    original = pipe.scheduler
+    qlip.attach_quantization(pipe, folder)
+    assert isinstance(pipe.scheduler, SessionScheduler)
+    assert isinstance(pipe.scheduler.scheduler, PTQDScheduler)
+
+    def call(p):
+        generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+        return p(PROMPTS, num_inference_steps=GEN.steps, guidance_scale=GEN.guidance,
+                 generator=generators, output_type="np").images
+
+    corrected = call(pipe)
+    assert pipe.qlip.last.reports[0].fab == 8.0
+    plain = copy.deepcopy(_tiny_pipeline_template)
+    load_quantized(plain.unet, folder)  # the same quantized UNet, no correction
+    assert not np.array_equal(corrected, call(plain))
+    loaded = copy.deepcopy(_tiny_pipeline_template)
+    apply_saved_correction(loaded, load_quantized(loaded.unet, folder).extra)
+    assert np.array_equal(corrected, call(loaded))  # the correction, as `qlip generate` applies it
+    qlip.detach_quantization(pipe)
+    assert pipe.scheduler is original

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from ..metrics.bootstrap import BootstrapConfig
 from ..quant import check_bits
 from .harness import EvalConfig, EvalPrompt, run_evaluation
 from .measures import folder_measures, reference_measures
+from .shard import Shard
 
 HELDOUT = "heldout"
 
@@ -46,6 +49,9 @@ def add_eval_parser(sub) -> None:
                    default=BootstrapConfig.resamples,
                    help="bootstrap resamples of every interval")
     p.add_argument("--bootstrap-seed", type=int, default=0)
+    from ..cli_args import add_resolution_args
+
+    add_resolution_args(p)
     p.add_argument("--label", default="", help="name of this run in the reports")
     p.add_argument("--out", required=True)
     p.set_defaults(handler=cmd_eval)
@@ -94,11 +100,30 @@ def check_reference_run(folder: str) -> None:
                                 "generated.jsonl): evaluate the reference (e.g. FP) run first")
 
 
+def _evaluate(args, prompts, world: bool, device: str, shard: Shard) -> dict | None:
+    from ..pipeline import load_for_sampling, load_pipeline
+
+    measures = (reference_measures(prompts, floor_prompts(len(prompts)), device)
+                if world and args.prompts == HELDOUT and not args.real
+                else folder_measures(args.real, args.inception_weights, args.clip, device,
+                                     args.lpips_weights))
+    pipe = load_pipeline(args.model, device)
+    policy = load_for_sampling(pipe, args.quantized, args.abits)
+    config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size,
+                        seed=args.seed, steps=args.steps, guidance=args.guidance,
+                        batch_mode=args.batch_mode, truncate=args.truncate,
+                        height=args.height, width=args.width)
+    bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
+                                device=device)
+    return run_evaluation(pipe, prompts, policy, config, args.out, measures,
+                          args.reference_run, args.label or args.quantized or "FP",
+                          bootstrap, shard)
+
+
 def cmd_eval(args) -> int:
     from ..cli_args import DEFAULT_MODEL, output_folder
     from ..cli_args import device_name as _device
     from ..files import FolderLock
-    from ..pipeline import load_for_sampling, load_pipeline
     from ..pipeline.saving import check_quantized_folder
 
     if args.reference_run:
@@ -107,24 +132,19 @@ def cmd_eval(args) -> int:
         check_bits(args.abits, "--abits")
     if args.quantized:
         check_quantized_folder(args.quantized)
-    device = _device(args.device)
+    shard = Shard.from_env()  # torchrun / accelerate launch: this process's share
+    device = shard.device(_device(args.device))
     world = args.model == DEFAULT_MODEL
     prompts = select_prompts(args.prompts, args.num_images, world)
-    with FolderLock(output_folder(args.out), "qlip eval"):
-        measures = (reference_measures(prompts, floor_prompts(len(prompts)), device)
-                    if world and args.prompts == HELDOUT and not args.real
-                    else folder_measures(args.real, args.inception_weights, args.clip, device,
-                                         args.lpips_weights))
-        pipe = load_pipeline(args.model, device)
-        policy = load_for_sampling(pipe, args.quantized, args.abits)
-        config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size,
-                            seed=args.seed, steps=args.steps, guidance=args.guidance,
-                            batch_mode=args.batch_mode, truncate=args.truncate)
-        bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
-                                    device=device)
-        metrics = run_evaluation(pipe, prompts, policy, config, args.out, measures,
-                                 args.reference_run, args.label or args.quantized or "FP",
-                                 bootstrap)
+    folder = output_folder(args.out)
+    shard.start(device)
+    try:  # rank 0 alone holds the folder's lock: the ranks write their own files in it
+        with FolderLock(folder, "qlip eval") if shard.is_main else nullcontext():
+            metrics = _evaluate(args, prompts, world, device, shard)
+    finally:
+        shard.stop()
+    if metrics is None:  # another rank than 0: its share is written, rank 0 reports
+        return 0
     shown = {k: metrics.get(k) for k in ("fid", "sfid", "clip_score", "alignment", "giqa", "fab",
                                          "bitops_t", "num_images")}
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))

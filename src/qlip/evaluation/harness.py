@@ -29,6 +29,7 @@ from ..policies import BitPolicy
 from .intervals import floor_interval, metrics_with_intervals, set_estimates
 from .report import save_grid, write_markdown
 from .run_features import RunFeatures, extract_spaces, load_run_features, pairs_digest
+from .shard import Shard
 from .store import ImageStore
 
 
@@ -49,6 +50,8 @@ class EvalConfig:
     min_images_for_fid: int = 50  # per-richness FID only for levels with at least this many
     batch_mode: str = "max"  # GenerationConfig.batch_mode: "max" or "per_image"
     truncate: bool = False  # cut prompts over the tokenizer's limit instead of refusing them
+    height: int | None = None  # pixels; None: the pipeline's own resolution
+    width: int | None = None
 
 
 @dataclass
@@ -67,9 +70,12 @@ class Measures:
 
 def generate_missing(
     pipe, prompts: Sequence[EvalPrompt], policy: BitPolicy | None, config: EvalConfig,
-    store: ImageStore,
+    store: ImageStore, shard: Shard | None = None,
 ) -> None:
-    """Generate the images the store lacks, batch by batch, writing each batch as it comes."""
+    """Generate the images the store lacks, batch by batch, writing each batch as it comes;
+    under ``shard``, only this rank's batches (the single-process run's batch k is rank
+    ``k % world``'s)."""
+    shard = shard or Shard()
     seeds = [config.seed + i for i in range(len(prompts))]
     over = check_prompts(pipe, [p.text for p in prompts], config.truncate)
     if over:
@@ -77,17 +83,23 @@ def generate_missing(
     for i, prompt in enumerate(prompts):
         store.check_matches(i, prompt.text, seeds[i])
     store.check_settings({"steps": config.steps, "guidance": config.guidance,
-                          "batch_mode": config.batch_mode,
-                          "policy": policy.describe() if policy is not None else "full precision"})
+                          "batch_mode": config.batch_mode, "height": config.height,
+                          "width": config.width,
+                          "policy": policy.describe() if policy is not None else "full precision"},
+                         write=shard.is_main)
     todo = store.missing(len(prompts))
-    if store.records and todo:
+    if store.records and todo and shard.is_main:
         note(f"resuming {store.root}: {len(prompts) - len(todo)} of {len(prompts)} images are "
              f"there, generating the other {len(todo)}")
     gen = GenerationConfig(steps=config.steps, guidance=config.guidance, batch_mode=config.batch_mode,
-                           batch_size=config.batch_size, truncate=config.truncate)
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generating", unit="img")
-    for start in range(0, len(todo), config.batch_size):
+                           batch_size=config.batch_size, truncate=config.truncate,
+                           height=config.height, width=config.width)
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generating", unit="img",
+               disable=not shard.is_main)
+    for number, start in enumerate(range(0, len(todo), config.batch_size)):
         batch = todo[start : start + config.batch_size]
+        if not shard.owns(number):
+            continue
         result = generate(pipe, [prompts[i].text for i in batch], [seeds[i] for i in batch],
                           policy, gen, progress=False)
         if result.bits is not None:
@@ -259,14 +271,25 @@ def check_reference(folder: str | Path, prompts: Sequence[EvalPrompt], config: E
 def run_evaluation(
     pipe, prompts: Sequence[EvalPrompt], policy: BitPolicy | None, config: EvalConfig,
     out_dir: str | Path, measures_fn, reference_run: str | Path | None = None,
-    label: str = "", bootstrap: BootstrapConfig | None = None,
-) -> dict:
+    label: str = "", bootstrap: BootstrapConfig | None = None, shard: Shard | None = None,
+) -> dict | None:
     """Generate ``len(prompts)`` images into ``out_dir`` (resuming), measure them with the
-    :class:`Measures` that ``measures_fn(image_size)`` builds, and write the reports."""
+    :class:`Measures` that ``measures_fn(image_size)`` builds, and write the reports. Under
+    ``shard`` every rank generates its share; rank 0 then measures and returns the metrics,
+    the other ranks return None."""
+    shard = shard or Shard()
     out = Path(out_dir)
     other = check_reference(reference_run, prompts, config) if reference_run else None
-    store = ImageStore(out)
-    generate_missing(pipe, prompts, policy, config, store)
+    if not shard.is_main:
+        shard.barrier()  # rank 0 has cleaned the folder of a killed run's temporary files
+    store = ImageStore(out, shard.rank)
+    if shard.is_main:
+        shard.barrier()
+    generate_missing(pipe, prompts, policy, config, store, shard)
+    shard.barrier()  # every rank's images and records are written
+    if not shard.is_main:
+        return None
+    store.merge_shards()
     store.write_bits(len(prompts))  # bits.safetensors: every image's bits per step and unit
     images = store.load_images(len(prompts))
     records = [store.records[i] for i in range(len(prompts))]

@@ -116,6 +116,13 @@ def load_image_folder(folder: str | Path, size: int, names: Sequence[str] | None
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
+def inception_extractor(weights: str | None, device: str):
+    """The Inception features of a user's model (one place, so a test can give a tiny one)."""
+    from ..metrics import InceptionExtractor
+
+    return InceptionExtractor(weights, device=device)
+
+
 def folder_measures(
     real_dir: str | Path | None, inception_weights: str | None, clip_path: str | None, device: str,
     lpips_weights: str | None = None,
@@ -130,10 +137,10 @@ def folder_measures(
 
     if not Path(real_dir).is_dir():
         raise FileNotFoundError(f"--real folder not found: {real_dir}")
-    from ..metrics import HFCLIPScorer, InceptionExtractor
+    from ..metrics import HFCLIPScorer
 
     # built before generating, so that missing weights fail before any work is done
-    extractor = InceptionExtractor(inception_weights, device=device)
+    extractor = inception_extractor(inception_weights, device)
     scorer = HFCLIPScorer(clip_path, device=device) if clip_path else None
     perceptual = LPIPSDistance(lpips_weights, device) if lpips_weights else None
 

@@ -24,38 +24,61 @@ from ..pipeline.generate import BITS_FILE, read_bits, save_bits
 
 
 class ImageStore:
-    """``<root>/images/00000.png`` … plus ``<root>/generated.jsonl`` (one record per image)."""
+    """``<root>/images/00000.png`` … plus ``<root>/generated.jsonl`` (one record per image).
 
-    def __init__(self, root: str | Path):
+    In a sharded run (``rank`` > 0) a rank writes its records to ``generated.rank<R>.jsonl``;
+    every store reads those too, and rank 0 joins them into ``generated.jsonl``
+    (:meth:`merge_shards`) once every rank is done."""
+
+    def __init__(self, root: str | Path, rank: int = 0):
         self.root = Path(root)
         self.image_dir = self.root / "images"
-        self.index_file = self.root / "generated.jsonl"
+        self.main_file = self.root / "generated.jsonl"
+        self.index_file = self.main_file if rank == 0 else self.root / f"generated.rank{rank}.jsonl"
+        self._own: set[int] = set()  # the records this store wrote (a rank's share)
         self.image_dir.mkdir(parents=True, exist_ok=True)
-        for stray in [*self.root.glob(".*.tmp"), *self.image_dir.glob(".*.tmp"),
-                      *self.root.glob("bits/.*.tmp")]:
-            stray.unlink()  # a write cut by a kill (the folder is locked: nobody else writes)
+        if rank == 0:  # other ranks start after rank 0 made its store: nobody else writes yet
+            for stray in [*self.root.glob(".*.tmp"), *self.image_dir.glob(".*.tmp"),
+                          *self.root.glob("bits/.*.tmp")]:
+                stray.unlink()  # a write cut by a kill (the folder is locked)
         self.records: dict[int, dict] = self._read_records()
+
+    def shard_files(self) -> list[Path]:
+        return sorted(self.root.glob("generated.rank*.jsonl"))
+
+    def merge_shards(self) -> None:
+        """Rank 0, after every rank finished: all records into ``generated.jsonl`` (atomically),
+        then the ranks' files removed."""
+        files = self.shard_files()
+        if not files:
+            return
+        self.records = self._read_records()
+        lines = [json.dumps(self.records[i]) for i in sorted(self.records)]
+        write_atomic(self.main_file, "\n".join(lines) + "\n")
+        for path in files:
+            path.unlink()
 
     def _read_records(self) -> dict[int, dict]:
         """The records whose image is whole, by index (the last record of an index wins). A line
         that is not a record (a file of an older qlip cut by a kill) or an image that is missing
         or torn is said, and that image is generated again."""
         records, dropped = {}, []
-        if not self.index_file.is_file():
-            return records
-        text = self.index_file.read_bytes().decode("utf-8", errors="replace")
-        for number, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
+        for file in [self.main_file, *self.shard_files()]:
+            if not file.is_file():
                 continue
-            try:
-                record = json.loads(line)
-                index = record["index"]
-                if not isinstance(index, int) or index < 0:
-                    raise TypeError(index)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                dropped.append(f"line {number} of {self.index_file.name} is not a record")
-                continue
-            records[index] = record
+            text = file.read_bytes().decode("utf-8", errors="replace")
+            for number, line in enumerate(text.split("\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    index = record["index"]
+                    if not isinstance(index, int) or index < 0:
+                        raise TypeError(index)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    dropped.append(f"line {number} of {file.name} is not a record")
+                    continue
+                records[index] = record
         for index in sorted(records):
             if not image_is_whole(self.path(index)):
                 dropped.append(f"image {self.path(index).name} is missing or torn")
@@ -85,7 +108,9 @@ class ImageStore:
         crash_point("eval-images-written")
         for index, record in zip(indices, records):
             self.records[index] = {"index": index, **record}
-        lines = [json.dumps(self.records[i]) for i in sorted(self.records)]
+            self._own.add(index)
+        mine = sorted(self.records) if self.index_file == self.main_file else sorted(self._own)
+        lines = [json.dumps(self.records[i]) for i in mine]
         write_atomic(self.index_file, "\n".join(lines) + "\n")
 
     def check_matches(self, index: int, prompt: str, seed: int) -> None:
@@ -125,7 +150,7 @@ class ImageStore:
         save_bits(path, bits, requested, tables[0]["units"])
         return path
 
-    def check_settings(self, settings: dict) -> None:
+    def check_settings(self, settings: dict, write: bool = True) -> None:
         """Refuse to resume a folder whose images were made with other generation settings
         (steps, guidance, batch mode, bit policy…): mixing them would measure neither. The
         settings are kept in ``settings.json``; a folder from before it existed is checked by the
@@ -142,7 +167,8 @@ class ImageStore:
                         f"{self.root} holds images made with {key}={value!r}; this run asks for "
                         f"{key}={settings[key]!r}. Use a new --out folder (or the same settings "
                         "to resume)")
-        write_atomic(path, json.dumps(settings, indent=2))
+        if write:
+            write_atomic(path, json.dumps(settings, indent=2))
 
     def load_images(self, count: int) -> torch.Tensor:
         """The first ``count`` images as float [N, 3, H, W] in [0, 1]."""

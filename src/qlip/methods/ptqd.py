@@ -34,6 +34,8 @@ class PTQDConfig:
     guidance: float = 7.5  # statistics are taken on the guidance-combined prediction
     batch_size: int = 8
     seed: int = 0
+    height: int | None = None  # pixels of the trajectories; None: the pipeline's own
+    width: int | None = None
 
     def __post_init__(self):
         if isinstance(self.qdiffusion, dict):  # from a saved method config

@@ -72,13 +72,25 @@ class InceptionExtractor:
     `mixed_6/conv[:7]` flattened (7 x 17 x 17 = 2023-d) spatial features, as FID and sFID use.
 
     Nothing is downloaded: pass the torch-fidelity weights file, or have it in torch's hub cache.
+    ``pip install 'qlip[metrics]'`` brings torch-fidelity. ``network`` replaces the Inception
+    network by any module of its shape (uint8 images in, pooled features out, a submodule at
+    ``SFID_LAYER``): ``qlip.testing.TinyInception`` tests this path without a download.
 
     Example:
         >>> extractor = InceptionExtractor("/models/" + INCEPTION_WEIGHTS_FILE, device="cuda")
         >>> feats = extractor.global_features(images)  # [N, 2048]
     """
 
-    def __init__(self, weights_path: str | os.PathLike | None = None, device: str = "cpu"):
+    def __init__(self, weights_path: str | os.PathLike | None = None, device: str = "cpu",
+                 network: torch.nn.Module | None = None):
+        self.device = torch.device(device)
+        self.network = network if network is not None else self._inception(weights_path)
+        self.network = self.network.to(self.device).eval()
+        self._captured: Tensor | None = None
+        self.network.get_submodule(SFID_LAYER).register_forward_hook(self._capture_spatial)
+
+    @staticmethod
+    def _inception(weights_path: str | os.PathLike | None) -> torch.nn.Module:
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
             from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
@@ -88,23 +100,21 @@ class InceptionExtractor:
             ) from error
         if not _TORCH_FIDELITY_AVAILABLE:
             raise ImportError(
-                "InceptionExtractor needs torch-fidelity: pip install torch-fidelity "
-                "(or pip install 'torchmetrics[image]')"
+                "InceptionExtractor needs torch-fidelity: pip install 'qlip[metrics]' (or pip "
+                "install torch-fidelity)"
             )
         path = Path(weights_path) if weights_path is not None else _default_inception_weights()
         if not path.is_file():
             raise FileNotFoundError(
                 f"Inception weights not found at {path}. Download {INCEPTION_WEIGHTS_URL} on a "
-                "machine with internet and pass its local path: InceptionExtractor(weights_path=...)"
+                "machine with internet and pass its local path (qlip eval --inception-weights "
+                "FILE; in Python InceptionExtractor(weights_path=...))"
             )
-        self.device = torch.device(device)
-        self.network = NoTrainInceptionV3(
+        return NoTrainInceptionV3(
             name="inception-v3-compat",
             features_list=["2048"],
             feature_extractor_weights_path=str(path),
-        ).to(self.device)
-        self._captured: Tensor | None = None
-        self.network.get_submodule(SFID_LAYER).register_forward_hook(self._capture_spatial)
+        )
 
     def _capture_spatial(self, module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
         self._captured = output  # output: [N, 192, 17, 17]

@@ -43,8 +43,9 @@ class ImageReport:
     weighted_bits: float
     bitops_t: float  # tera bit-operations, as run
     macs_g: float  # giga MACs
-    steps: int
+    steps: int  # sampling steps (the scheduler's num_inference_steps)
     batch_mode: str = "max"
+    unet_calls: int | None = None  # UNet calls of the run (PNDM: steps + 1); the costs count them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,8 +170,11 @@ class BitLedger:
         return bitops, macs
 
     def reports(
-        self, prompts: list[str], seeds: list[int | None], elements_per_image: int
+        self, prompts: list[str], seeds: list[int | None], elements_per_image: int,
+        sampling_steps: int | None = None,
     ) -> list[ImageReport]:
+        """One report per image; ``sampling_steps`` (default: the recorded UNet calls) is what
+        ``steps`` says, the costs are summed over every recorded call."""
         run, requested = self.unit_bits(len(prompts))
         fab, weighted = self._fab(run)
         fab_req, _ = self._fab(requested)
@@ -181,8 +185,9 @@ class BitLedger:
                 prompt=prompt, seed=seed, fab=float(_pick(fab, i)),
                 fab_requested=float(_pick(fab_req, i)), weighted_bits=float(_pick(weighted, i)),
                 bitops_t=float(_pick(bitops, i)) * elements_per_image / 1e12,
-                macs_g=macs * elements_per_image / 1e9, steps=self.steps,
-                batch_mode=self.batch_mode,
+                macs_g=macs * elements_per_image / 1e9,
+                steps=self.steps if sampling_steps is None else sampling_steps,
+                batch_mode=self.batch_mode, unet_calls=self.steps,
             ))
         return out
 

@@ -48,6 +48,8 @@ def capture_unet_inputs(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    height: int | None = None,
+    width: int | None = None,
 ) -> CalibrationSet:
     """Run the FP pipeline on ``prompts`` and record the UNet's inputs at ``keep_steps`` (all steps
     when None). With guidance, each call holds the unconditional and the conditional half: both kept.
@@ -68,7 +70,7 @@ def capture_unet_inputs(
         try:
             generator = torch.Generator(unet.device).manual_seed(seed + start)
             pipe(batch, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 generator=generator, output_type="latent")
+                 generator=generator, output_type="latent", height=height, width=width)
         finally:
             handle.remove()
         rows.extend(recorder.rows)

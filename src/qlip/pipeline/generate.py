@@ -1,29 +1,34 @@
-"""Generation with a quantized UNet: every step, the bit policy sets each unit's bits (the batch's
-maximum, or each image its own), per-step tables are told the step index, and the ledger accounts
-the cost per image from the bits each image ran at."""
+"""Generation with a quantized UNet, as a user of :mod:`.session`: each batch is one plain
+pipeline call inside a sampling session (the bit policy every step, per-step tables, the cost
+ledger); this module adds prompts, seeds, batches and the files `qlip generate` writes."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..files import LOCK_FILE, load_tensors, save_image_atomic, save_tensors, write_atomic
-from ..nn import QuantUnit, quant_units, verify_calibrated
-from ..policies import BitPolicy, FixedBits
-from .accounting import BitLedger, ImageReport, MacCounter
-from .prompts import check_prompts, encode_prompt_batch
-
-BATCH_MODES = ("max", "per_image")
+from ..nn import quant_units
+from ..policies import BitPolicy
+from .accounting import ImageReport
+from .prompts import check_prompts
+from .session import (  # noqa: F401  (StepController & co. are imported from here too)
+    BATCH_MODES,
+    SamplingRecord,
+    StepController,
+    check_step_tables,
+    dynamic_units,
+    sampling_session,
+    unet_calls,
+)
 
 
 @dataclass
@@ -46,7 +51,7 @@ class GenerationConfig:
 
 @dataclass
 class GenerationResult:
-    """Images, their cost reports and the bits every unit ran at at every step:
+    """Images, their cost reports and the bits every unit ran at at every UNet call:
     ``bits[i, s, u]`` (and ``requested``: what the policy asked for image i alone) for unit
     ``unit_names[u]`` (every quantized unit, fixed ones at their own bits; 32 = FP)."""
 
@@ -56,119 +61,18 @@ class GenerationResult:
     bits: np.ndarray | None = None  # [images, steps, units] uint8
     requested: np.ndarray | None = None  # [images, steps, units] uint8
 
-    def add_bits(self, ledger: BitLedger, count: int) -> None:
-        """Append one batch's bits from its ledger."""
-        run, requested = ledger.unit_bits(count)
-        self.unit_names = list(run)
-        parts = [np.ascontiguousarray(np.stack([t[n] for n in run], -1).transpose(1, 0, 2),
-                                      np.uint8) for t in (run, requested)]  # [S, n] -> [n, S, U]
+    def add(self, images: list[Image.Image], record: SamplingRecord) -> None:
+        """Append one pipeline call's images and what it ran (its reports and bits)."""
+        self.images.extend(images)
+        self.reports.extend(record.reports)
+        if record.bits is None:
+            return
+        self.unit_names = record.unit_names
         if self.bits is None:
-            self.bits, self.requested = parts
+            self.bits, self.requested = record.bits, record.requested
         else:
-            self.bits = np.concatenate([self.bits, parts[0]])
-            self.requested = np.concatenate([self.requested, parts[1]])
-
-
-def dynamic_units(units: dict[str, QuantUnit]) -> dict[str, QuantUnit]:
-    return {n: u for n, u in units.items() if u.dynamic}
-
-
-def unet_calls(pipe, steps: int) -> int:
-    """How many UNet calls the pipeline's scheduler makes for ``steps`` sampling steps (PNDM,
-    SD 1.x's default, makes one more: it repeats a timestep)."""
-    scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(steps)
-    return len(scheduler.timesteps)
-
-
-def check_step_tables(units: dict[str, QuantUnit], steps: int, calls: int | None = None) -> None:
-    """Per-step tables have one row per sampling step (UNet call): refuse a run that makes more
-    calls than a table has rows, up front. ``calls``: the run's UNet calls (default ``steps``)."""
-    calls = steps if calls is None else calls
-    for name, unit in units.items():
-        rows = unit.step_rows()
-        if rows is not None and calls > rows:
-            raise ValueError(
-                f"{name}: its activation quantizers hold a per-step table of {rows} steps (a "
-                f"row per UNet call) but {steps} steps make {calls} UNet calls with this "
-                "scheduler; sample with the scheduler and number of steps it was calibrated with"
-            )
-
-
-class StepController:
-    """The one place that counts denoising steps and applies the policy's decision: a UNet forward
-    pre-hook. Every dynamic unit reads its choice from one shared table and every unit its step
-    index from one shared tensor, so a step costs one policy call and a few small device ops —
-    no host sync, nothing that would recompile a compiled UNet."""
-
-    def __init__(
-        self, unet: nn.Module, policy: BitPolicy | None, units: dict[str, QuantUnit],
-        batch_mode: str = "max", num_images: int = 1, count_macs: bool = True,
-    ):
-        self.units = units
-        rows = [r for r in (u.step_rows() for u in units.values()) if r is not None]
-        self.max_steps = min(rows) if rows else None  # per-step tables: no call past their rows
-        self.dynamic = list(dynamic_units(units).values())
-        self.policy = policy if self.dynamic else None
-        self.ledger = BitLedger(units, list(dynamic_units(units)), batch_mode)
-        self.per_image = batch_mode == "per_image"
-        self.step = 0
-        device = next(unet.parameters()).device
-        self._step = torch.zeros(1, dtype=torch.long, device=device)
-        for unit in units.values():
-            unit.bind_step(self._step)
-        if self.policy is not None:
-            count = len(self.dynamic)
-            self._lookup = torch.stack([u.slot_lookup() for u in self.dynamic])
-            rows = torch.arange(count, device=device)
-            self._rows = rows[:, None] if self.per_image else rows
-            shape = (count, num_images) if self.per_image else (count, 1)
-            self._choices = torch.zeros(shape, dtype=torch.long, device=device)
-            for j, unit in enumerate(self.dynamic):
-                unit.bind_bits(self._choices, j)
-        self._counter: MacCounter | None = MacCounter(unet) if count_macs else None
-        self._handle = unet.register_forward_pre_hook(self, with_kwargs=True)
-
-    def detach(self) -> None:
-        """Stop running as the UNet's hook (a caller that drives a compiled forward calls the
-        controller itself before each step)."""
-        self._handle.remove()
-
-    def __call__(self, module, args, kwargs):
-        if self.max_steps is not None and self.step >= self.max_steps:
-            raise RuntimeError(f"UNet call {self.step + 1} of this run has no row in the per-step "
-                               f"activation tables ({self.max_steps} rows); sample with the "
-                               "scheduler and steps the model was calibrated with")
-        self._step.fill_(self.step)
-        if self.policy is not None:
-            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            requested = self.policy.bits(self.step, torch.as_tensor(timestep))  # [B, U]
-            requested = requested.to(self._step.device, non_blocking=True)
-            run = requested.T if self.per_image else requested.amax(dim=0)  # [U, n] or [U]
-            slots = self._lookup[self._rows, run]  # [U, n] or [U]
-            self._choices.copy_(slots if self.per_image else slots[:, None])
-            self.ledger.record_step(run, requested)
-        else:
-            self.ledger.record_step()
-        if self.step == 0 and self._counter is not None:
-            self._counter.__enter__()
-        elif self._counter is not None:
-            self._close_counter()
-        self.step += 1
-
-    def _close_counter(self) -> None:
-        self._counter.__exit__()
-        self.ledger.sites = self._counter.sites
-        self._counter = None
-
-    def close(self) -> None:
-        if self._counter is not None:  # a single-step run: the first call's sites are complete
-            self._close_counter()
-        self._handle.remove()
-        for unit in self.units.values():  # back to the units' own bits and steps
-            unit.bind_step(None)
-        for unit in self.dynamic:
-            unit.bind_bits(None, 0)
+            self.bits = np.concatenate([self.bits, record.bits])
+            self.requested = np.concatenate([self.requested, record.requested])
 
 
 def _batches(items: Sequence, size: int):
@@ -195,22 +99,14 @@ def generate(
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     check_prompts(pipe, prompts, config.truncate, config.allow_empty)
-    units = quant_units(pipe.unet)
-    check_step_tables(units, config.steps, unet_calls(pipe, config.steps))
-    verify_calibrated(units)
-    if units and policy is None:
-        policy = FixedBits(next(iter(units.values())).default_bits)
-    if policy is not None:
-        policy.bind({n: u.options for n, u in dynamic_units(units).items()})
+    check_step_tables(quant_units(pipe.unet), config.steps, unet_calls(pipe, config.steps))
     device = pipe.unet.device
     result = GenerationResult()
     bar = tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress)
-    for start, batch in _batches(prompts, config.batch_size):
-        batch_seeds = list(seeds[start : start + len(batch)])
-        if policy is not None:
-            policy.begin(encode_prompt_batch(pipe, batch), config.steps)
-        controller = StepController(pipe.unet, policy, units, config.batch_mode, len(batch))
-        try:
+    with sampling_session(pipe, policy, config.batch_mode) as session:
+        for start, batch in _batches(prompts, config.batch_size):
+            batch_seeds = list(seeds[start : start + len(batch)])
+            session.last = None
             out = pipe(
                 batch,
                 num_inference_steps=config.steps,
@@ -219,14 +115,13 @@ def generate(
                 width=config.width,
                 generator=[torch.Generator(device).manual_seed(s) for s in batch_seeds],
             )
-        finally:
-            controller.close()
-        cfg = 2 if config.guidance > 1.0 else 1
-        result.images.extend(out.images)
-        result.reports.extend(controller.ledger.reports(batch, batch_seeds, cfg))
-        if units:
-            result.add_bits(controller.ledger, len(batch))
-        bar.update(len(batch))
+            record = session.last
+            if record is None:
+                raise RuntimeError("the pipeline call ended without finishing its sampling run")
+            record.reports = [replace(r, prompt=p, seed=s)
+                              for r, p, s in zip(record.reports, batch, batch_seeds)]
+            result.add(out.images, record)
+            bar.update(len(batch))
     bar.close()
     return result
 

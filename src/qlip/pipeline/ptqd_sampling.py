@@ -89,7 +89,7 @@ def gather_correction_statistics(
             generator = torch.Generator(unet.device).manual_seed(config.seed + start)
             pipe(prompts[start : start + config.batch_size], num_inference_steps=config.num_steps,
                  guidance_scale=config.guidance, generator=generator, eta=0.0,
-                 output_type="latent")
+                 output_type="latent", height=config.height, width=config.width)
     finally:
         for handle in handles:
             handle.remove()

@@ -42,6 +42,8 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 8
     truncate: bool = False  # cut prompts over the tokenizer's limit instead of refusing them
+    height: int | None = None  # pixels; None: the pipeline's own resolution
+    width: int | None = None
 
 
 @dataclass
@@ -136,7 +138,7 @@ def calibration_data(
             else uniform_steps(config.num_inference_steps, config.num_kept_steps))
     data = capture_unet_inputs(
         pipe, prompts[: config.num_prompts], config.num_inference_steps, config.guidance, keep,
-        config.seed, config.batch_size, progress,
+        config.seed, config.batch_size, progress, config.height, config.width,
     )
     if cache is not None:  # atomically: jobs sharing one cache may capture at the same time
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +152,16 @@ def quantize_pipeline(
 ) -> dict[str, QuantUnit]:
     """Quantize ``pipe.unet`` in place with ``job``; save to ``out_dir`` if given. The captured
     calibration data is cached at ``calibration_cache`` (default: in ``out_dir``), so several
-    settings of one model can share one capture."""
+    settings of one model can share one capture. Returns the units."""
+    return run_quantize_job(pipe, prompts, job, out_dir, progress, calibration_cache)[0]
+
+
+def run_quantize_job(
+    pipe, prompts: list[str], job: QuantizeJob, out_dir: str | Path | None = None,
+    progress: bool = True, calibration_cache: str | Path | None = None,
+) -> tuple[dict[str, QuantUnit], QuantizedInfo]:
+    """:func:`quantize_pipeline`, also returning what a save records (the method's extra state:
+    PTQD's statistics), for callers that sample the model without loading it again."""
     over = check_prompts(pipe, prompts, job.calibration.truncate)
     if over:
         note(truncation_note(over, len(prompts), pipe.tokenizer.model_max_length))
@@ -172,7 +183,7 @@ def quantize_pipeline(
                             weights_ready=bool(job.weights_from))
     if job.method == "ptqd":
         extra = gather_correction_statistics(pipe, units, prompts, job.ptqd, progress).to_extra()
+    info = QuantizedInfo(quant, job.method, job.method_config(), job.base_model, extra)
     if out_dir is not None:
-        info = QuantizedInfo(quant, job.method, job.method_config(), job.base_model, extra)
         save_quantized(pipe.unet, info, out_dir)
-    return units
+    return units, info

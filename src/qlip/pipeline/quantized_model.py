@@ -9,7 +9,7 @@ from pathlib import Path
 from ..methods.qlip import has_qlip, load_qlip
 from ..policies import BitPolicy, FixedBits, QLIPPolicy
 from .ptqd_sampling import apply_saved_correction
-from .saving import load_quantized
+from .saving import QuantizedInfo, load_quantized
 
 
 def load_for_sampling(
@@ -31,6 +31,13 @@ def load_for_sampling(
         return None
     info = load_quantized(pipe.unet, quantized)
     apply_saved_correction(pipe, info.extra)
-    if not abits and has_qlip(quantized):
+    return saved_policy(pipe, quantized, info, abits)
+
+
+def saved_policy(pipe, quantized: str | Path | None, info: QuantizedInfo, abits: int | None = None
+                 ) -> BitPolicy:
+    """``abits`` for every unit; else QLIP when the folder ``quantized`` holds a trained T2Q/Q2B;
+    else the model's own ``abits``."""
+    if not abits and quantized and has_qlip(quantized):
         return QLIPPolicy(load_qlip(quantized, pipe.unet.device))
     return FixedBits(abits or info.config.abits)

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
 from ..files import (
     CorruptFileError,
     check_format,
@@ -24,6 +23,7 @@ from ..files import (
     write_atomic,
 )
 from ..nn import QuantConfig, QuantUnit, quant_units
+from ..version import __version__
 from .prepare import prepare_unet
 
 FORMAT = "qlip-quantized"

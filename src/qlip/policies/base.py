@@ -40,6 +40,7 @@ class BitPolicy(ABC):
     """
 
     unit_names: list[str]
+    reads_prompt = True  # begin() reads the batch's text (a run without encoded prompts refused)
 
     def bind(self, options: Mapping[str, tuple[int, ...]]) -> None:
         self.unit_names = list(options)
@@ -75,6 +76,8 @@ class BitPolicy(ABC):
 
 class FixedBits(BitPolicy):
     """Every dynamic unit at ``abits`` for every prompt and step (the static WxAy setting)."""
+
+    reads_prompt = False
 
     def __init__(self, abits: int):
         self.abits = check_bits(abits, "abits")
