@@ -1,11 +1,30 @@
 #!/usr/bin/env bash
-# Bring a run's small records back from the device machine, whose disk goes when it is handed
-# back: every JSON/text/Markdown/CSV/PNG file under RUN of at most 2 MB (not generated images; metrics with their
-# intervals, reports, timings, logs, Q2B histories, figures), as one tarball.
-#   bash benchmarks/collect_records.sh RUN DEST   ->  DEST/records.tgz
+# Bring a run's records back from the device machine, whose disk goes when it is handed back.
+#   bash benchmarks/collect_records.sh RUN DEST            ->  DEST/records.tgz
+#   MODELS=1 bash benchmarks/collect_records.sh RUN DEST   ->  also DEST/state_<folder>.tgz
+# records.tgz: every JSON/text/Markdown/CSV/PNG file under RUN of at most 2 MB, generated images
+# left out (metrics with their intervals, reports, timings, logs, Q2B histories, figures).
+# MODELS=1: each quantized model (a folder with quant_config.json: its state, qlip.json and
+# qlip.safetensors, not its reconstruction checkpoints) and each eval's features.safetensors,
+# one tarball per folder (the device returns files of at most 16 MB). Unpacked here under the
+# repository's runs/ and named in `carry`, they let the next call resume a run whose machine
+# went back, from the models instead of from the start.
 set -uo pipefail
 run=${1:?run folder}; dest=${2:?destination folder}
 mkdir -p "$dest"
-find "$run" -type f -size -2M -not -path '*/images/*' \( -name '*.json' -o -name '*.txt' -o -name '*.md' -o -name '*.csv' \
-    -o -name '*.png' \) -print0 | tar czf "$dest/records.tgz" --null -T -
-du -h "$dest/records.tgz"
+find "$run" -type f -size -2M -not -path '*/images/*' \( -name '*.json' -o -name '*.txt' \
+    -o -name '*.md' -o -name '*.csv' -o -name '*.png' \) -print0 \
+    | tar czf "$dest/records.tgz" --null -T -
+if [ "${MODELS:-0}" = 1 ]; then
+    for folder in "$run"/*/; do
+        folder=${folder%/}
+        files=()
+        for f in quant_config.json quant_state.safetensors calibration.safetensors qlip.json \
+                 qlip.safetensors features.safetensors settings.json metrics.json generated.jsonl; do
+            [ -f "$folder/$f" ] && files+=("$folder/$f")
+        done
+        [ -f "$folder/quant_config.json" ] || [ -f "$folder/features.safetensors" ] || continue
+        tar czf "$dest/state_$(basename "$folder").tgz" "${files[@]}"
+    done
+fi
+du -h "$dest"/*.tgz

@@ -3,6 +3,7 @@ policy and the per-step tables and leaves a cost report; ``generate`` is the sam
 gives the FP pipeline back bit for bit."""
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -117,6 +118,17 @@ def test_bad_attach_and_detach_are_refused(attached, _tiny_pipeline_template, tm
     with pytest.raises(ValueError, match="no quantization is attached"):
         qlip.detach_quantization(fresh)
     assert not quant_units(fresh.unet)
+
+
+def test_the_pipelines_scheduler_arguments_reach_the_scheduler(attached):
+    # diffusers passes eta/generator to step and timesteps/sigmas to set_timesteps only where
+    # the scheduler's signature names them: the session's wrapper must show the wrapped ones
+    pipe, _, _, scheduler = attached
+    for name in ("step", "set_timesteps"):
+        assert (inspect.signature(getattr(pipe.scheduler, name)).parameters.keys()
+                == inspect.signature(getattr(scheduler, name)).parameters.keys()), name
+    assert "eta" in inspect.signature(pipe.scheduler.step).parameters  # DDIM's
+    assert not np.array_equal(_call(pipe, eta=1.0), _call(pipe, eta=0.0))  # eta reached it
 
 
 def test_detach_restores_the_fp_pipeline_bit_for_bit(attached):

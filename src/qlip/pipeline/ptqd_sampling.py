@@ -126,8 +126,8 @@ class PTQDScheduler:
             raise AttributeError(name)
         return getattr(self.scheduler, name)
 
-    def set_timesteps(self, *args, **kwargs):
-        return self.scheduler.set_timesteps(*args, **kwargs)
+    # set_timesteps is not defined here: __getattr__ gives the wrapped scheduler's own, whose
+    # signature diffusers reads (custom ``timesteps`` / ``sigmas``)
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.scheduler.scale_model_input(sample, *args, **kwargs)

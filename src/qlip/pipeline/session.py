@@ -9,6 +9,7 @@ sample through a :class:`SamplingSession`."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -163,28 +164,40 @@ def unet_calls(pipe, steps: int) -> int:
     return len(scheduler.timesteps)
 
 
+def _then(method, after):
+    """``method`` followed by ``after()``, with ``method``'s signature: diffusers' pipelines
+    read the scheduler's signatures to decide what they pass (``eta`` and ``generator`` to
+    ``step``, ``timesteps`` and ``sigmas`` to ``set_timesteps``), so a ``*args`` wrapper would
+    silently drop them."""
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        out = method(*args, **kwargs)
+        after()
+        return out
+
+    return call
+
+
 class SessionScheduler:
     """Wraps the pipeline's scheduler (PTQD's wrapper included): ``set_timesteps`` opens a
-    session's run, each ``step`` may close it; everything else is the wrapped scheduler's."""
+    session's run, each ``step`` may close it; everything else is the wrapped scheduler's.
+    Both keep the wrapped methods' signatures (``inspect.signature`` follows ``__wrapped__``)."""
 
     def __init__(self, scheduler, session: SamplingSession):
         self.scheduler = scheduler
         self.session = session
+        self.set_timesteps = _then(scheduler.set_timesteps, lambda: session._open(scheduler))
+        self.step = _then(scheduler.step, session._stepped)
 
     def __getattr__(self, name: str):
         if name in ("scheduler", "session"):  # not set yet (copy/unpickle): avoid recursing
             raise AttributeError(name)
         return getattr(self.scheduler, name)
 
-    def set_timesteps(self, *args, **kwargs):
-        out = self.scheduler.set_timesteps(*args, **kwargs)
-        self.session._open(self.scheduler)
-        return out
-
-    def step(self, *args, **kwargs):
-        out = self.scheduler.step(*args, **kwargs)
-        self.session._stepped()
-        return out
+    def __deepcopy__(self, memo):  # the copy's wrappers call the copied scheduler and session
+        return SessionScheduler(copy.deepcopy(self.scheduler, memo),
+                                copy.deepcopy(self.session, memo))
 
 
 MAX_TEXT_CALLS = 4  # text-encoder calls kept per run: the prompt's comes first
