@@ -25,6 +25,13 @@
 # summary:  OUT/summary.md (table with intervals, FAB, BitOPs, T2Q SROCC/PLCC, paired comparisons
 #           of each QLIP against its neighbouring fixed settings), OUT/figures_<set>/*.png
 #           (`qlip plot-qlip`), OUT/export/*.tar.
+# On the lent GPU (30 device-minutes a session, 10 a call, the machine and its runs/ gone 30 s
+# after a call): call 1 = PHASE=quantize then PHASE=train (288 + ~370 s on the H200, 1,000 Q2B
+# iterations; resumes in call 2 if cut); call 2 = PHASE=eval JOBS=8 (8 evals at once: ~230-260 s)
+# and the cost benchmark; call 3 = PHASE=summary. End EVERY call with
+#   MODELS=1 bash benchmarks/collect_records.sh runs/qfr $OUT
+# and unpack what comes back under runs/qfr here; then a call whose machine is new starts with
+# the models (carry ["runs/qfr", ".whl"]) instead of from the calibration.
 # Smoke test (CPU): STEPS=2 N_T2Q=40 TRAIN_EXTRA="--q2b-prompts 4 --q2b-iters 4 --t2q-iters 50
 #   --chunk 16" QUANT_EXTRA="--recon-iters 2 --recon-samples 8 --calib-num 2 --calib-steps 2
 #   --calib-kept-steps 2" EVAL_EXTRA="--bootstrap-resamples 20" PLOT_EXTRA="--num-prompts 20

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -95,6 +96,20 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         with open(temporary, "wb") as handle:
             handle.write(data.encode() if isinstance(data, str) else data)
             handle.flush()
+            os.fsync(handle.fileno())
+        _publish(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def copy_atomic(source: str | Path, path: str | Path) -> None:
+    """Copy ``source`` to ``path`` whole or not at all: a reader (or a resumed job) never finds
+    a half-copied file under ``path``."""
+    path = Path(path)
+    temporary = _temporary(path)
+    try:
+        shutil.copyfile(source, temporary)
+        with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         _publish(temporary, path)
     finally:

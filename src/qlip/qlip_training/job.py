@@ -14,7 +14,6 @@ bit sets on one quantized model share them.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..cli_args import output_folder
-from ..files import FolderLock, write_atomic
+from ..files import FolderLock, copy_atomic, write_atomic
 from ..methods.qlip import Q2B, T2Q, Q2BConfig, Q2BTrainConfig, QLIPModules, T2QConfig, save_qlip
 from ..methods.qlip.train import train_q2b
 from ..nn import QuantConfig, quant_units
@@ -304,8 +303,8 @@ def _write(modules: QLIPModules, config: TrainQLIPConfig) -> Path:
     out = Path(config.out) if config.out else folder
     if out.resolve() != folder.resolve():  # a copy of the model, so that --quantized OUT works
         out.mkdir(parents=True, exist_ok=True)
-        for name in (CONFIG_FILE, STATE_FILE):
-            shutil.copy2(folder / name, out / name)
+        for name in (CONFIG_FILE, STATE_FILE):  # each whole or absent: a kill leaves no torn copy
+            copy_atomic(folder / name, out / name)
     return save_qlip(modules, out)
 
 
