@@ -23,11 +23,15 @@ from ..files import (
     write_atomic,
 )
 from ..nn import QuantConfig, QuantUnit, quant_units
+from ..quant.packing import NIBBLE_BITS, pack_nibbles, unpack_nibbles
 from ..version import __version__
 from .prepare import prepare_unet
 
 FORMAT = "qlip-quantized"
-VERSION = 2  # 2: activation banks stored as stacked tensors (one per bank, all bit-widths)
+# 2: activation banks stored as stacked tensors (one per bank, all bit-widths);
+# 3: weight codes of at most 4 bits stored two per byte (``<unit>.weight_codes_<i>.nibbles``)
+VERSION = 3
+PACKED = ".nibbles"  # suffix of a packed weight-code tensor
 CONFIG_FILE = "quant_config.json"
 STATE_FILE = "quant_state.safetensors"
 
@@ -60,8 +64,32 @@ def _unit_state(units: dict[str, QuantUnit]) -> dict[str, torch.Tensor]:
         for key, value in unit.state_dict().items():
             if key in ("weight", "bias"):
                 continue  # the base model's own weights
-            state[f"{name}.{key}"] = value.detach().contiguous().cpu()
+            value = value.detach().contiguous().cpu()
+            # codes that fit 4 bits (W4 and below) go two a byte; lossless whatever the layer
+            if (key.startswith("weight_codes_") and value.dtype == torch.uint8
+                    and (value.numel() == 0 or int(value.max()) < 1 << NIBBLE_BITS)):
+                state[f"{name}.{key}{PACKED}"] = pack_nibbles(value)
+            else:
+                state[f"{name}.{key}"] = value
     return state
+
+
+def _unpack_codes(unet: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Packed weight codes back to one code per byte, in the shape of the layer's weight slice
+    (format 3). A packing that does not fit the layer says which."""
+    out = {}
+    for key, value in state.items():
+        if not key.endswith(PACKED):
+            out[key] = value
+            continue
+        name = key[: -len(PACKED)]
+        owner, _, attr = name.rpartition(".")
+        shape = unet.get_submodule(owner).weight_slices()[int(attr.rsplit("_", 1)[1])].shape
+        try:
+            out[name] = unpack_nibbles(value, shape)
+        except ValueError as err:
+            raise CorruptFileError(f"saved tensor {key!r}: {err}; {REMEDY}") from err
+    return out
 
 
 def save_quantized(unet: nn.Module, info: QuantizedInfo, out_dir: str | Path) -> Path:
@@ -125,7 +153,7 @@ def load_quantized_weights(
         raise ValueError(f"the weights of {path} were quantized with other settings "
                          f"({', '.join(differing) or 'layers'}); quantize the weights again "
                          "instead of reusing them")
-    state = read_state(path)
+    state = _unpack_codes(unet, read_state(path))
     _put_state(unet, units, {k: v for k, v in state.items()
                              if ".weight_codes_" in k or ".weight_quantizers." in k})
 
@@ -216,7 +244,7 @@ def load_quantized(unet: nn.Module, path: str | Path, strict_base: bool = True) 
     units = prepare_unet(unet, config)
     if sorted(units) != meta["units"]:
         raise ValueError(f"the quantized layers of {path} do not match this model's layers")
-    state = read_state(path)
+    state = _unpack_codes(unet, read_state(path))
     if meta["version"] < 2:
         state = _upgrade_v1(unet, state)
     extra = {k[len("extra."):]: v for k, v in state.items() if k.startswith("extra.")}

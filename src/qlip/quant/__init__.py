@@ -5,6 +5,7 @@ from .grouped import StackedGrouped
 from .grouping import GroupRangeObserver, GroupStats, choose_dimension, kmeans_groups, spread
 from .log2 import Log2Quantizer, log2_quant
 from .observer import RangeObserver
+from .packing import pack_nibbles, unpack_nibbles
 from .ranges import (
     affine_params,
     fake_quant,
@@ -39,10 +40,12 @@ __all__ = [
     "kmeans_groups",
     "log2_quant",
     "minmax_range",
+    "pack_nibbles",
     "mse_range",
     "parse_bits_list",
     "percentile_range",
     "round_ste",
     "search_range",
     "spread",
+    "unpack_nibbles",
 ]

@@ -1,0 +1,77 @@
+"""4-bit weight codes are saved two per byte (format 3); format-2 folders still load."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qlip.nn import QuantConfig, QuantLayer
+from qlip.pipeline import CalibrationConfig, QuantizeJob, load_quantized, quantize_pipeline
+from qlip.pipeline.saving import CONFIG_FILE, PACKED, STATE_FILE
+from qlip.quant import pack_nibbles, unpack_nibbles
+
+SMALL = CalibrationConfig(num_prompts=2, num_inference_steps=3, num_kept_steps=2, guidance=3.0)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (4, 3, 3, 3), (0,)])
+def test_nibble_packing_round_trips_every_code(shape):
+    codes = torch.randint(16, shape, generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == (codes.numel() + 1) // 2
+    assert torch.equal(unpack_nibbles(packed, shape), codes)
+
+
+def test_packing_refuses_what_does_not_fit():
+    with pytest.raises(ValueError, match="do not fit in 4 bits"):
+        pack_nibbles(torch.tensor([3, 16], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="not the 4-bit packing of 6 codes"):
+        unpack_nibbles(torch.zeros(2, dtype=torch.uint8), (2, 3))
+
+
+def _saved(pipe, folder, wbits):
+    job = QuantizeJob(quant=QuantConfig(wbits=wbits, abits=8), calibration=SMALL)
+    quantize_pipeline(pipe, ["a red circle", "two squares"], job, folder, progress=False)
+    return load_file(folder / STATE_FILE)
+
+
+def _outputs(unet):
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, 10, encoder_hidden_states=c).sample
+
+
+def test_w4_codes_are_saved_two_per_byte_and_load_bit_identical(
+        tiny_pipe, tmp_path, _tiny_pipeline_template):
+    state = _saved(tiny_pipe, tmp_path / "w4", 4)
+    packed = {k: v for k, v in state.items() if k.endswith(PACKED)}
+    layers = [m for m in tiny_pipe.unet.modules() if isinstance(m, QuantLayer)]
+    assert packed and not any(".weight_codes_" in k and not k.endswith(PACKED) for k in state)
+    codes = sum(c.numel() for m in layers for c in m.weight_codes())
+    assert sum(v.numel() for v in packed.values()) <= codes // 2 + len(packed)
+    fresh = copy.deepcopy(_tiny_pipeline_template)
+    load_quantized(fresh.unet, tmp_path / "w4")
+    assert torch.equal(_outputs(fresh.unet), _outputs(tiny_pipe.unet))
+
+    # the same folder as format 2 wrote it (one code per byte) loads to the same model
+    old = {k.removesuffix(PACKED) if k.endswith(PACKED) else k: v for k, v in state.items()}
+    for key in old:
+        if key + PACKED in state:
+            owner, _, attr = key.rpartition(".")
+            shape = tiny_pipe.unet.get_submodule(owner).weight_slices()[int(attr.rsplit("_", 1)[1])].shape
+            old[key] = unpack_nibbles(state[key + PACKED], shape).contiguous()
+    save_file(old, tmp_path / "w4" / STATE_FILE, metadata={"format": "qlip-quantized",
+                                                          "version": "2"})
+    meta = json.loads((tmp_path / "w4" / CONFIG_FILE).read_text())
+    (tmp_path / "w4" / CONFIG_FILE).write_text(json.dumps(meta | {"version": 2}))
+    legacy = copy.deepcopy(_tiny_pipeline_template)
+    load_quantized(legacy.unet, tmp_path / "w4")
+    assert torch.equal(_outputs(legacy.unet), _outputs(tiny_pipe.unet))
+
+
+def test_w8_codes_stay_one_per_byte(tiny_pipe, tmp_path):
+    state = _saved(tiny_pipe, tmp_path / "w8", 8)
+    assert not any(k.endswith(PACKED) for k in state)
+    assert any(".weight_codes_" in k for k in state)
