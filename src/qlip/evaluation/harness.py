@@ -88,6 +88,9 @@ def generate_missing(
                           "policy": policy.describe() if policy is not None else "full precision"},
                          write=shard.is_main)
     todo = store.missing(len(prompts))
+    # every rank has read the records before any rank writes one, so all number the same
+    # batches of the same todo list
+    shard.barrier()
     if store.records and todo and shard.is_main:
         note(f"resuming {store.root}: {len(prompts) - len(todo)} of {len(prompts)} images are "
              f"there, generating the other {len(todo)}")

@@ -53,8 +53,7 @@ class ImageStore:
         if not files:
             return
         self.records = self._read_records()
-        lines = [json.dumps(self.records[i]) for i in sorted(self.records)]
-        write_atomic(self.main_file, "\n".join(lines) + "\n")
+        self._write_index(self.main_file, sorted(self.records))
         for path in files:
             path.unlink()
 
@@ -110,8 +109,10 @@ class ImageStore:
             self.records[index] = {"index": index, **record}
             self._own.add(index)
         mine = sorted(self.records) if self.index_file == self.main_file else sorted(self._own)
-        lines = [json.dumps(self.records[i]) for i in mine]
-        write_atomic(self.index_file, "\n".join(lines) + "\n")
+        self._write_index(self.index_file, mine)
+
+    def _write_index(self, path: Path, indices: list[int]) -> None:
+        write_atomic(path, "".join(json.dumps(self.records[i]) + "\n" for i in indices))
 
     def check_matches(self, index: int, prompt: str, seed: int) -> None:
         record = self.records.get(index)

@@ -70,6 +70,18 @@ def truncation_note(over: int, total: int, limit: int) -> str:
             f"{limit} tokens and were cut to their first {limit - 2}")
 
 
+def text_states(output) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden states [B, L, D], pooled [B, P]) of a text encoder's output, the pooled
+    end-of-text state through the projection if the encoder has one (``text_embeds``). Also reads
+    ``return_dict=False`` tuples: ``(hidden, pooled, ...)``, or ``(text_embeds, hidden, ...)``
+    for an encoder with a projection (its first entry is then 2-d)."""
+    if isinstance(output, tuple):
+        first, second = output[0], output[1]
+        return (second, first) if first.ndim == 2 else (first, second)
+    pooled = getattr(output, "text_embeds", None)
+    return output.last_hidden_state, output.pooler_output if pooled is None else pooled
+
+
 @torch.no_grad()
 def encode_prompt_batch(pipe, prompts: list[str]) -> PromptBatch:
     """Tokenize and encode ``prompts`` with the pipeline's last text tower (SDXL: the second, the
@@ -80,11 +92,6 @@ def encode_prompt_batch(pipe, prompts: list[str]) -> PromptBatch:
         prompts, padding="max_length", max_length=tokenizer.model_max_length,
         truncation=True, return_tensors="pt",
     ).input_ids.to(device)
-    out = encoder(ids, output_hidden_states=False)
-    pooled = getattr(out, "text_embeds", None)
-    if pooled is None:
-        pooled = out.pooler_output
-    return PromptBatch(
-        prompts=list(prompts), input_ids=ids, hidden_states=out.last_hidden_state.float(),
-        pooled=pooled.float(),
-    )
+    hidden, pooled = text_states(encoder(ids, output_hidden_states=False))
+    return PromptBatch(prompts=list(prompts), input_ids=ids, hidden_states=hidden.float(),
+                       pooled=pooled.float())

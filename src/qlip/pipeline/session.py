@@ -21,7 +21,7 @@ from torch import nn
 from ..nn import QuantUnit, quant_units, verify_calibrated
 from ..policies import BitPolicy, FixedBits, PromptBatch
 from .accounting import BitLedger, ImageReport, MacCounter
-from .prompts import text_towers
+from .prompts import text_states, text_towers
 from .ptqd_sampling import PTQDScheduler
 
 BATCH_MODES = ("max", "per_image")
@@ -283,10 +283,7 @@ class SamplingSession:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or len(self._texts) >= MAX_TEXT_CALLS:
             return
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        pooled = None if isinstance(output, tuple) else getattr(output, "text_embeds", None)
-        if pooled is None:
-            pooled = output[1] if isinstance(output, tuple) else output.pooler_output
+        hidden, pooled = text_states(output)
         self._texts.append((ids.detach(), hidden.detach().float(), pooled.detach().float()))
 
     def _unet_call(self, module, args, kwargs) -> None:
