@@ -5,7 +5,7 @@
 # records.tgz: every JSON/text/Markdown/CSV/PNG file under RUN of at most 2 MB, generated images
 # left out (metrics with their intervals, reports, timings, logs, Q2B histories, figures).
 # MODELS=1: each quantized model (a folder with quant_config.json: its state, qlip.json and
-# qlip.safetensors, not its reconstruction checkpoints) and each eval's features.safetensors,
+# qlip.safetensors, not its calibration capture or reconstruction checkpoints) and each eval's features.safetensors,
 # one tarball per folder (the device returns files of at most 16 MB). Unpacked here under the
 # repository's runs/ and named in `carry`, they let the next call resume a run whose machine
 # went back, from the models instead of from the start.
@@ -19,12 +19,18 @@ if [ "${MODELS:-0}" = 1 ]; then
     for folder in "$run"/*/; do
         folder=${folder%/}
         files=()
-        for f in quant_config.json quant_state.safetensors calibration.safetensors qlip.json \
+        for f in quant_config.json quant_state.safetensors qlip.json \
                  qlip.safetensors features.safetensors settings.json metrics.json generated.jsonl; do
             [ -f "$folder/$f" ] && files+=("$folder/$f")
         done
         [ -f "$folder/quant_config.json" ] || [ -f "$folder/features.safetensors" ] || continue
         tar czf "$dest/state_$(basename "$folder").tgz" "${files[@]}"
+        # the device returns files of at most 16 MB: a larger tarball travels in 15 MB parts
+        # (unpack with `cat state_X.tgz.part-* | tar xzf -`)
+        if [ "$(stat -c %s "$dest/state_$(basename "$folder").tgz")" -gt 15728640 ]; then
+            split -b 15M "$dest/state_$(basename "$folder").tgz" "$dest/state_$(basename "$folder").tgz.part-" \
+                && rm "$dest/state_$(basename "$folder").tgz"
+        fi
     done
 fi
-du -h "$dest"/*.tgz
+du -h "$dest"/*.tgz* 2>/dev/null

@@ -26,9 +26,11 @@
 #           of each QLIP against its neighbouring fixed settings), OUT/figures_<set>/*.png
 #           (`qlip plot-qlip`), OUT/export/*.tar.
 # On the lent GPU (30 device-minutes a session, 10 a call, the machine and its runs/ gone 30 s
-# after a call): call 1 = PHASE=quantize then PHASE=train (288 + ~370 s on the H200, 1,000 Q2B
-# iterations; resumes in call 2 if cut); call 2 = PHASE=eval JOBS=8 (8 evals at once: ~230-260 s)
-# and the cost benchmark; call 3 = PHASE=summary. End EVERY call with
+# after a call), as run on the H200 (docs/results/qlip/h200_third_run): call 1 = PHASE=quantize
+# (314 s) then PHASE=train under `timeout` (cut, resumes from its Q2B checkpoints); call 2 =
+# PHASE=train again (~150 s at 500 Q2B iterations) and PHASE=eval JOBS=8 (8 evals at once,
+# 252-264 s) with the cost benchmark (137 s at --batches 2); call 3 = PHASE=summary (~60 s).
+# Issue each call within the 30 s idle window. End EVERY call with
 #   MODELS=1 bash benchmarks/collect_records.sh runs/qfr $OUT
 # and unpack what comes back under runs/qfr here; then a call whose machine is new starts with
 # the models (carry ["runs/qfr", ".whl"]) instead of from the calibration.
