@@ -101,6 +101,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt-file", help="file with one prompt per line (added to PROMPTS)")
     p.add_argument("--quantized", help="folder written by `qlip quantize`")
     p.add_argument("--abits", type=bits_arg("--abits"), help="activation bits (default: the model's)")
+    p.add_argument("--packed-weights", action="store_true",
+                   help="keep the weights of at most 4 bits as codes two per byte and free the FP "
+                        "weights: the same images in less memory (each layer dequantizes at "
+                        "every call)")
     p.add_argument("--steps", type=int_at_least("--steps", 1), default=25)
     p.add_argument("--guidance", type=finite_float("--guidance", 0), default=7.5)
     p.add_argument("--seed", type=int_at_least("--seed", 0), default=0,
@@ -212,6 +216,7 @@ def cmd_generate(args) -> int:
     from .pipeline import GenerationConfig, generate, load_for_sampling, load_pipeline
     from .pipeline.generate import check_generation_folder, save_generation
     from .pipeline.prompts import check_prompt_text, check_prompts, truncation_note
+    from .pipeline.quantized_model import check_sampling_flags
     from .pipeline.saving import check_quantized_folder
 
     for i, prompt in enumerate(args.prompts):
@@ -219,6 +224,7 @@ def cmd_generate(args) -> int:
     prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not prompts:
         raise ValueError("no prompts given; pass PROMPT arguments or --prompt-file")
+    check_sampling_flags(args.quantized, args.abits, args.packed_weights)
     if args.quantized:
         check_quantized_folder(args.quantized)
     out = check_generation_folder(output_folder(args.out), args.overwrite)
@@ -227,7 +233,7 @@ def cmd_generate(args) -> int:
         over = check_prompts(pipe, prompts, args.truncate, args.allow_empty_prompt)
         if over:
             note(truncation_note(over, len(prompts), pipe.tokenizer.model_max_length))
-        policy = load_for_sampling(pipe, args.quantized, args.abits)
+        policy = load_for_sampling(pipe, args.quantized, args.abits, args.packed_weights)
         config = GenerationConfig(steps=args.steps, guidance=args.guidance,
                                   batch_size=args.batch_size, truncate=args.truncate,
                                   batch_mode=args.batch_mode, allow_empty=args.allow_empty_prompt,

@@ -113,3 +113,8 @@ def test_quantized_folder_missing_or_abits_without_it(capsys, tiny_pipe_dir, tmp
            "not a qlip quantized model folder")
     _fails(capsys, ["generate", "x", "--model", str(tiny_pipe_dir), "--abits", "8",
                     "--device", "cpu", "--out", str(tmp_path / "out")], "--abits needs --quantized")
+    for command in (["generate", "x"], ["eval", "--num-images", "2"]):
+        _fails(capsys, command + ["--model", str(tiny_pipe_dir), "--packed-weights", "--device",
+                                  "cpu", "--out", str(tmp_path / "packed")],
+               "--packed-weights needs --quantized")
+        assert not (tmp_path / "packed").exists()  # refused before any work

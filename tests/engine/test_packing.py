@@ -75,3 +75,76 @@ def test_w8_codes_stay_one_per_byte(tiny_pipe, tmp_path):
     state = _saved(tiny_pipe, tmp_path / "w8", 8)
     assert not any(k.endswith(PACKED) for k in state)
     assert any(".weight_codes_" in k for k in state)
+
+
+def _w4_model(tiny_pipe, tmp_path, template):
+    """(the quantized tiny UNet as calibrated, a fresh copy loaded from its folder and packed)."""
+    from qlip.pipeline import load_for_sampling
+
+    _saved(tiny_pipe, tmp_path / "w4", 4)
+    packed = copy.deepcopy(template)
+    load_for_sampling(packed, tmp_path / "w4", packed_weights=True)
+    return tiny_pipe.unet, packed.unet
+
+
+def test_packed_weights_give_the_same_outputs_in_a_quarter_of_the_bytes(
+        tiny_pipe, tmp_path, _tiny_pipeline_template):
+    from qlip.nn import tensor_bytes
+
+    plain, packed = _w4_model(tiny_pipe, tmp_path, _tiny_pipeline_template)
+    layers = [m for m in packed.modules() if isinstance(m, QuantLayer)]
+    assert layers and all(m.packed for m in layers)
+    assert torch.equal(_outputs(packed), _outputs(plain))  # the same dequantized weights
+    for m in layers:
+        weight = m.weight
+        assert weight.untyped_storage().nbytes() == weight.element_size()  # one element
+        nibbles = sum(b.numel() for n, b in m.named_buffers() if n.startswith("weight_nibbles_"))
+        assert nibbles == sum((c.numel() + 1) // 2 for c in m.weight_codes())
+        assert m.quantized_weight().shape == weight.shape and m._qweight is None
+    # what the layers held as FP weights (and their dequantized cache) is gone
+    fp_weights = sum(m.weight.numel() * 4 for m in plain.modules() if isinstance(m, QuantLayer))
+    assert tensor_bytes(packed) < tensor_bytes(plain) - fp_weights
+
+    # a dtype or device move keeps the placeholder at one element and the outputs equal
+    wide_plain, wide_packed = copy.deepcopy(plain).double(), copy.deepcopy(packed).double()
+    for m in wide_plain.modules():  # dequantized again in float64, as the packed layers do
+        if isinstance(m, QuantLayer):
+            m.refresh_weight()
+    assert all(m.weight.dtype == torch.float64 and m.weight.untyped_storage().nbytes() == 8
+               for m in wide_packed.modules() if isinstance(m, QuantLayer))
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g).double(), torch.randn(2, 16, 32, generator=g).double()
+    with torch.no_grad():
+        assert torch.equal(wide_packed(x, 10, encoder_hidden_states=c).sample,
+                           wide_plain(x, 10, encoder_hidden_states=c).sample)
+    assert packed.device == plain.device and packed.dtype == plain.dtype
+
+
+def test_a_packed_model_saves_the_same_folder_and_refuses_calibration(
+        tiny_pipe, tmp_path, _tiny_pipeline_template):
+    from qlip.pipeline.saving import QuantizedInfo, read_state, save_quantized
+
+    plain, packed = _w4_model(tiny_pipe, tmp_path, _tiny_pipeline_template)
+    config = QuantConfig.from_dict(json.loads((tmp_path / "w4" / CONFIG_FILE).read_text())
+                                   ["quant_config"])
+    save_quantized(packed, QuantizedInfo(config, "rtn", {}, "tiny"), tmp_path / "again")
+    before, after = read_state(tmp_path / "w4"), read_state(tmp_path / "again")
+    assert sorted(before) == sorted(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    layer = next(m for m in packed.modules() if isinstance(m, QuantLayer))
+    with pytest.raises(RuntimeError, match="packed"):
+        layer.calibrate_weight()
+
+
+def test_w8_layers_are_not_packed_and_packing_needs_codes(tiny_pipe, tmp_path):
+    from qlip.nn import pack_weights
+
+    _saved(tiny_pipe, tmp_path / "w8", 8)
+    assert pack_weights(tiny_pipe.unet) == 0
+    assert not any(m.packed for m in tiny_pipe.unet.modules() if isinstance(m, QuantLayer))
+    layer = next(m for m in tiny_pipe.unet.modules() if isinstance(m, QuantLayer))
+    layer.wbits = 4
+    for i in range(len(layer.splits)):
+        del layer._buffers[f"weight_codes_{i}"]
+    with pytest.raises(ValueError, match="fixed to integer codes"):
+        layer.pack_weights()

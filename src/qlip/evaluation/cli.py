@@ -24,6 +24,10 @@ def add_eval_parser(sub) -> None:
     _add_model_args(p)
     p.add_argument("--quantized", help="folder written by `qlip quantize`")
     p.add_argument("--abits", type=_bits("--abits"), help="activation bits (default: the model's)")
+    p.add_argument("--packed-weights", action="store_true",
+                   help="keep the weights of at most 4 bits as codes two per byte and free the FP "
+                        "weights: the same images in less memory (each layer dequantizes at "
+                        "every call)")
     p.add_argument("--prompts", default=HELDOUT,
                    help="'heldout' (the reference world's evaluation set) or a file, one per line")
     p.add_argument("--num-images", type=int_at_least("--num-images", 1), default=1000)
@@ -108,7 +112,7 @@ def _evaluate(args, prompts, world: bool, device: str, shard: Shard) -> dict | N
                 else folder_measures(args.real, args.inception_weights, args.clip, device,
                                      args.lpips_weights))
     pipe = load_pipeline(args.model, device)
-    policy = load_for_sampling(pipe, args.quantized, args.abits)
+    policy = load_for_sampling(pipe, args.quantized, args.abits, args.packed_weights)
     config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size,
                         seed=args.seed, steps=args.steps, guidance=args.guidance,
                         batch_mode=args.batch_mode, truncate=args.truncate,
@@ -124,12 +128,14 @@ def cmd_eval(args) -> int:
     from ..cli_args import DEFAULT_MODEL, output_folder
     from ..cli_args import device_name as _device
     from ..files import FolderLock
+    from ..pipeline.quantized_model import check_sampling_flags
     from ..pipeline.saving import check_quantized_folder
 
     if args.reference_run:
         check_reference_run(args.reference_run)
     if args.abits is not None:
         check_bits(args.abits, "--abits")
+    check_sampling_flags(args.quantized, args.abits, args.packed_weights)
     if args.quantized:
         check_quantized_folder(args.quantized)
     shard = Shard.from_env()  # torchrun / accelerate launch: this process's share

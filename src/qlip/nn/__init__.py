@@ -5,7 +5,7 @@ from .attention import QuantAttnProcessor
 from .bank import BANK_KINDS, ActivationBank
 from .config import PRESETS, LayerRule, QuantConfig
 from .layers import QuantConv2d, QuantLayer, QuantLinear
-from .swap import is_attention_module, quant_units, quantize_model
+from .swap import is_attention_module, pack_weights, quant_units, quantize_model, tensor_bytes
 from .unit import QuantUnit, activations_bypassed, fp_bits, verify_calibrated
 
 __all__ = [
@@ -22,7 +22,9 @@ __all__ = [
     "activations_bypassed",
     "fp_bits",
     "is_attention_module",
+    "pack_weights",
     "quant_units",
     "quantize_model",
+    "tensor_bytes",
     "verify_calibrated",
 ]

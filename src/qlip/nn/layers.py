@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import UniformQuantizer, check_bits, is_bypass
+from ..quant.packing import NIBBLE_BITS, pack_nibbles, unpack_nibbles
 from .bank import ActivationBank
 from .unit import QuantUnit, fp_bits
 
@@ -26,6 +27,7 @@ class QuantLayer(QuantUnit):
     channel_dim: int  # dim of the input's channels
     group_dims: tuple[int, ...]  # DGQ's candidate dims (channel, token) of a bank's input
     fab_member = True
+    packed = False  # pack_weights(): 4-bit codes two per byte, no FP weight kept
 
     def __init__(
         self,
@@ -78,6 +80,9 @@ class QuantLayer(QuantUnit):
 
     # -- weights -------------------------------------------------------------------------------
     def weight_slices(self) -> list[torch.Tensor]:
+        if self.packed:
+            raise RuntimeError("this layer's weights are packed (pack_weights: codes only, for "
+                               "sampling); load the model without packing to calibrate it")
         return list(torch.split(self.weight, self.splits, dim=1))
 
     def calibrate_weight(self, method: str = "minmax") -> None:
@@ -100,8 +105,51 @@ class QuantLayer(QuantUnit):
         self.refresh_weight()
 
     def weight_codes(self) -> list[torch.Tensor] | None:
+        if self.packed:
+            return [unpack_nibbles(self._buffers[f"weight_nibbles_{i}"], shape)
+                    for i, shape in enumerate(self._code_shapes)]
         codes = [getattr(self, f"weight_codes_{i}", None) for i in range(len(self.splits))]
         return None if any(c is None for c in codes) else codes
+
+    # -- packed weights (sampling) -----------------------------------------------------------
+    def pack_weights(self) -> bool:
+        """Keep this layer's weight as its integer codes only, two 4-bit codes per byte, with the
+        quantizers' scales and zero points: the FP weight and the dequantized cache are dropped,
+        and every forward dequantizes the codes (unpack, subtract the zero point, scale). For
+        sampling a loaded model in less memory; a packed layer cannot be calibrated again.
+        Returns False, changing nothing, for a layer whose weights are not quantized to at most
+        4 bits (W8, or FP weights)."""
+        if self.packed:
+            return True
+        if is_bypass(self.wbits) or self.wbits > NIBBLE_BITS:
+            return False
+        codes = self.weight_codes()
+        if codes is None or any(q.ste for q in self.weight_quantizers):
+            raise ValueError("pack_weights() needs the layer's weights fixed to integer codes "
+                             "(a calibrated, loaded model); calibrate or load it first")
+        weight = self._parameters["weight"]
+        self._code_shapes = [tuple(c.shape) for c in codes]
+        for i, c in enumerate(codes):
+            del self._buffers[f"weight_codes_{i}"]
+            self.register_buffer(f"weight_nibbles_{i}", pack_nibbles(c.to(torch.uint8)))
+        self._parameters["weight"] = _placeholder(weight.shape, weight.dtype, weight.device)
+        self._qweight = None
+        self.packed = True
+        return True
+
+    def _apply(self, fn, recurse: bool = True):
+        if not self.packed:
+            return super()._apply(fn, recurse)
+        # .to()/.half() would materialise the placeholder's full shape: move the rest, then
+        # make a new placeholder of the converted dtype and device
+        old = self._parameters.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+            probe = fn(torch.empty(0, dtype=old.dtype, device=old.device))
+        finally:
+            self._parameters["weight"] = old
+        self._parameters["weight"] = _placeholder(old.shape, probe.dtype, probe.device)
+        return self
 
     def refresh_weight(self) -> None:
         """Drop the cached quantized weight (call after changing weight quantizers)."""
@@ -124,6 +172,8 @@ class QuantLayer(QuantUnit):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.packed:  # nothing cached: the memory is the point
+            return self.compute_quantized_weight()
         cached = self._buffers["_qweight"]  # (read past __getattr__: eager pays per Python step)
         if (cached is not None and not torch.is_grad_enabled()
                 and cached.dtype == self._parameters["weight"].dtype):
@@ -151,6 +201,14 @@ class QuantLayer(QuantUnit):
     def extra_repr(self) -> str:
         split = f", splits={self.splits}" if len(self.splits) > 1 else ""
         return f"w{self.wbits}{self.bits_label()}{split}"
+
+
+def _placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """A packed layer's ``weight``: the FP weight's shape, dtype and device on one element of
+    storage (a zero-stride view), so that what reads ``layer.weight.shape``/``.dtype`` and a
+    model's ``.device`` keeps working while the weight's memory is freed."""
+    return nn.Parameter(torch.zeros(1, dtype=dtype, device=device).expand(shape),
+                        requires_grad=False)
 
 
 class QuantLinear(QuantLayer):
@@ -226,6 +284,6 @@ class QuantConv2d(QuantLayer):
         return out.unflatten(2, size)
 
     def weight_slices(self) -> list[torch.Tensor]:
-        if self.groups != 1:
+        if self.groups != 1 and not self.packed:
             return [self.weight]
         return super().weight_slices()

@@ -102,3 +102,22 @@ def quant_units(model: nn.Module) -> dict[str, QuantUnit]:
     return {
         name: m for name, m in model.named_modules() if isinstance(m, QuantUnit)
     }
+
+
+def pack_weights(model: nn.Module) -> int:
+    """Pack the weights of every quantized layer of ``model`` that has at most 4-bit weight codes
+    (``QuantUnit.pack_weights``: codes two per byte, the FP weight freed); returns how many."""
+    return sum(unit.pack_weights() for unit in quant_units(model).values())
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the storage that ``model``'s parameters and buffers hold, each storage once (a
+    packed layer's one-element weight placeholder counts its one element)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total

@@ -69,6 +69,11 @@ class QuantUnit(nn.Module):
     def calibrate_weight(self, method: str = "minmax") -> None:
         """Set the weight grid (units without weights have none)."""
 
+    def pack_weights(self) -> bool:
+        """Keep the weights as packed integer codes only (see ``QuantLayer.pack_weights``);
+        False for a unit with nothing to pack."""
+        return False
+
     def refresh(self) -> None:
         """Rebuild derived state (quantizer tables, cached weights) after calibration or load."""
         for bank in self.activation_banks().values():

@@ -65,6 +65,9 @@ def _unit_state(units: dict[str, QuantUnit]) -> dict[str, torch.Tensor]:
             if key in ("weight", "bias"):
                 continue  # the base model's own weights
             value = value.detach().contiguous().cpu()
+            if key.startswith("weight_nibbles_"):  # a layer packed in memory: the same layout
+                state[f"{name}.weight_codes_{key[len('weight_nibbles_'):]}{PACKED}"] = value
+                continue
             # codes that fit 4 bits (W4 and below) go two a byte; lossless whatever the layer
             if (key.startswith("weight_codes_") and value.dtype == torch.uint8
                     and (value.numel() == 0 or int(value.max()) < 1 << NIBBLE_BITS)):
