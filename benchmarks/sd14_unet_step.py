@@ -1,7 +1,8 @@
 """One denoising step of the Stable Diffusion 1.4 UNet architecture (published config, random
 weights, 64×64 latents, guidance batch of 2, context 2×77×768, bf16): bf16 against simulated W4A8
-(layers only; layers + attention) and a W4A{8,16,32} bank whose every unit's bits change at every
-call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
+(layers only; layers + attention, materialised or fused: ``w4a8_attention_fused`` runs softmax·V
+through qlip.quant.fused_attention's Triton kernel) and a W4A{8,16,32} bank whose every unit's
+bits change at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
 
     python benchmarks/sd14_unet_step.py --out benchmarks/results/sd14_unet_step.json
 
@@ -26,13 +27,13 @@ import torch
 
 from qlip.methods.calib_data import CalibrationSet
 from qlip.methods.rtn import quantize_rtn
-from qlip.nn import QuantConfig, quant_units
+from qlip.nn import QuantConfig, quant_units, use_fused_attention
 from qlip.pipeline import prepare_unet
 from qlip.pipeline.generate import StepController
 from qlip.policies import BitPolicy, FixedBits
 from qlip.testing import build_sd14_unet
 
-VARIANTS = ("bf16", "w4a8_layers", "w4a8_attention", "bank")
+VARIANTS = ("bf16", "w4a8_layers", "w4a8_attention", "w4a8_attention_fused", "bank")
 COMPILED = ("bf16", "w4a8_layers", "bank")
 BANK = (8, 16, 32)
 
@@ -113,6 +114,8 @@ def build(variant: str, device: str, dtype: torch.dtype):
     x, t, c = inputs(device, dtype, seed=1)
     quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(2, dtype=torch.long)),
                  progress=False)
+    if variant == "w4a8_attention_fused":  # softmax·V without the probability tensor (Triton)
+        use_fused_attention(unet, True)
     return unet, quant_units(unet)
 
 
@@ -158,6 +161,15 @@ def measure(variant: str, args) -> dict:
         return unet(x, t, encoder_hidden_states=c).sample
 
     out: dict = {}
+    if variant == "w4a8_attention_fused":  # the same model materialised, for the difference
+        with torch.no_grad():
+            fused = step().float()
+            use_fused_attention(unet, False)
+            plain = step().float()
+            use_fused_attention(unet, True)
+        out["fused_vs_materialised"] = {"max_abs": float((fused - plain).abs().max()),
+                                        "mean_abs": float((fused - plain).abs().mean()),
+                                        "mean_abs_out": float(plain.abs().mean())}
     compiled = None
     if variant in COMPILED and args.compile:
         compiled = torch.compile(unet.forward)

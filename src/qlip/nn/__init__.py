@@ -5,7 +5,14 @@ from .attention import QuantAttnProcessor
 from .bank import BANK_KINDS, ActivationBank
 from .config import PRESETS, LayerRule, QuantConfig
 from .layers import QuantConv2d, QuantLayer, QuantLinear
-from .swap import is_attention_module, pack_weights, quant_units, quantize_model, tensor_bytes
+from .swap import (
+    is_attention_module,
+    pack_weights,
+    quant_units,
+    quantize_model,
+    tensor_bytes,
+    use_fused_attention,
+)
 from .unit import QuantUnit, activations_bypassed, fp_bits, verify_calibrated
 
 __all__ = [
@@ -26,5 +33,6 @@ __all__ = [
     "quant_units",
     "quantize_model",
     "tensor_bytes",
+    "use_fused_attention",
     "verify_calibrated",
 ]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..quant import check_bits
+from ..quant import fused_attention as fused
 from .bank import ActivationBank
 from .unit import QuantUnit, fp_bits
 
@@ -25,7 +26,15 @@ class QuantAttnProcessor(QuantUnit):
     self- and cross-attention, as DGQ's code). With ``keep_start_token`` (DGQ), in
     cross-attention the first key and the first key's column of the probabilities stay in full
     precision and out of the quantizers' ranges (the log2 scale is the max of the other columns).
+
+    ``fused = True`` (:func:`qlip.nn.use_fused_attention`) computes softmax·V without the
+    ``[B·heads, N, M]`` probability tensor (:mod:`qlip.quant.fused_attention`: a Triton kernel on
+    CUDA, the same two passes in PyTorch elsewhere) when it can: inference (no gradients), no
+    attention mask, a per-tensor probability quantizer, a hard bit choice. Otherwise, and during
+    calibration, the probabilities are materialised as before.
     """
+
+    fused = False
 
     kind = "attention"
 
@@ -61,6 +70,10 @@ class QuantAttnProcessor(QuantUnit):
         self.register_buffer("_prob_choice", torch.zeros(1, dtype=torch.long), persistent=False)
         self.prob_quantizer = prob_quantizer
         self.keep_start_token = keep_start_token
+
+    def use_fused(self, on: bool = True) -> bool:
+        self.fused = on
+        return True
 
     def activation_banks(self) -> dict[str, ActivationBank]:
         return {"q": self.q_bank, "k": self.k_bank, "v": self.v_bank, "probs": self.prob_bank}
@@ -99,6 +112,7 @@ class QuantAttnProcessor(QuantUnit):
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
+        batch_shape = hidden_states.shape
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
@@ -124,19 +138,49 @@ class QuantAttnProcessor(QuantUnit):
             key = self.quantize(self.k_bank, key, heads)
         value = self.quantize(self.v_bank, value, heads)
 
+        out = self._fused(attn, query, key, value, attention_mask, keep_first, heads)
+        if out is not None:
+            return self._finish(attn, out, residual, input_ndim, batch_shape)
         probs = attn.get_attention_scores(query, key, attention_mask)  # [B*heads, N, M]
         if keep_first:
             probs = self._keep_first(probs, 2, lambda p: self._probs(p, heads))
         else:
             probs = self._probs(probs, heads)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return self._finish(attn, torch.bmm(probs, value), residual, input_ndim, batch_shape)
 
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    def _finish(self, attn, out, residual, input_ndim, batch_shape) -> torch.Tensor:
+        hidden_states = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(out)))
         if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_shape)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _fused(self, attn, query, key, value, attention_mask, keep_first, heads):
+        """softmax·V through :func:`qlip.quant.fused_attention.fused_attention`, or None where
+        it does not apply (see the class doc). The conditions read Python state only."""
+        bank = self.prob_bank
+        choice = self.choice() if self.prob_follows_abits else self._prob_choice
+        if (not self.fused or attention_mask is not None or torch.is_grad_enabled()
+                or bank.observer is not None or choice.is_floating_point()):
+            return None
+        stack = bank.stack
+        if not bank.enabled:  # a full-precision pass: every row bypassed
+            def params_for(row_max):
+                return row_max.new_tensor([1.0, 0.0, 0.0, 1.0]).expand(row_max.shape[0], 4)
+        else:
+            if not self.prob_follows_abits:
+                choice = choice.expand(self.images())
+            step = self.step_index()
+
+            def params_for(row_max):
+                return stack.row_params(choice, heads, step, row_max)
+        mode = fused.LOG2 if self.prob_quantizer == "log2" else fused.UNIFORM
+        try:
+            return fused.fused_attention(query, key, value, attn.scale, params_for, mode,
+                                         keep_first)
+        except NotImplementedError:  # e.g. a grouped probability grid: materialise
+            return None
 
     def extra_repr(self) -> str:
         start = ", keep_start_token" if self.keep_start_token else ""

@@ -121,3 +121,9 @@ def tensor_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += storage.nbytes()
     return total
+
+
+def use_fused_attention(model: nn.Module, on: bool = True) -> int:
+    """Turn the fused quantized attention (``QuantAttnProcessor.fused``) on or off for every
+    unit of ``model`` that has one; returns how many."""
+    return sum(unit.use_fused(on) for unit in quant_units(model).values())

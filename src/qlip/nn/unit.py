@@ -69,6 +69,11 @@ class QuantUnit(nn.Module):
     def calibrate_weight(self, method: str = "minmax") -> None:
         """Set the weight grid (units without weights have none)."""
 
+    def use_fused(self, on: bool = True) -> bool:
+        """Use (or stop using) a fused kernel for this unit's computation; False for a unit
+        without one."""
+        return False
+
     def pack_weights(self) -> bool:
         """Keep the weights as packed integer codes only (see ``QuantLayer.pack_weights``);
         False for a unit with nothing to pack."""

@@ -142,6 +142,24 @@ class StackedQuantizer(nn.Module):
         hard = self._hard(split, probs.detach().argmax(dim=1), step)
         return hard.detach() + (soft - soft.detach())
 
+    def row_params(self, choice: torch.Tensor, heads: int, step: torch.Tensor | None,
+                   row_max: torch.Tensor) -> torch.Tensor:
+        """``[R, 4]`` per-row parameters of this quantizer for the fused attention kernel
+        (:mod:`qlip.quant.fused_attention`), R = ``row_max``'s length, rows laid out as
+        :class:`RowLayout` says; ``row_max [R]``: each row's largest value (a dynamic scale's
+        input). ``choice``: ``[1]`` or ``[n]`` slots (soft choices train through the
+        materialised path)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused-attention parameters")
+
+    @staticmethod
+    def _per_row(values: torch.Tensor, choice: torch.Tensor, heads: int, rows: int) -> torch.Tensor:
+        """``values [n, C]`` (n = len(choice)) -> ``[rows, C]`` in the batch×heads row layout."""
+        if choice.shape[0] == 1:
+            return values.expand(rows, values.shape[1])
+        layout = RowLayout(choice.shape[0], heads)
+        split = layout.split(torch.empty(rows, 0, device=values.device))  # checks the layout
+        return values[None, :, None].expand(split.shape[0], -1, heads, -1).reshape(rows, -1)
+
     def _rows(self, choice, step) -> torch.Tensor | slice:
         """Rows (option k at step t: k·T + t) of the tables, for ``choice`` (int or ``[n]`` slots) at ``step``."""
         steps = self.num_steps
@@ -268,6 +286,14 @@ class StackedUniform(StackedQuantizer):
         q = round_ste(q) if ste else torch.round(q)
         return torch.clamp(q, low, high) * scale
 
+    def row_params(self, choice, heads, step, row_max):
+        if self.channel_dim is not None or self.scale.shape[-1] != 1:
+            raise NotImplementedError("the fused attention kernel takes per-tensor grids only")
+        rows = choice if not self.num_steps else self._rows(choice, step)
+        table = self._buffers["table"].index_select(0, rows)[:, :, 0].float()  # [n, 3]
+        bypass = self._buffers["bypass"].index_select(0, choice).float()[:, None]
+        return self._per_row(torch.cat([table, bypass], dim=1), choice, heads, row_max.shape[0])
+
     def _flat_table(self, dtype: torch.dtype) -> torch.Tensor:
         """``[K·T, 3]``: the per-tensor table in ``dtype``. Eager keeps the cast copy while the
         table is unchanged (its version counter), saving two operations per call; a compiled
@@ -341,6 +367,21 @@ class StackedLog2(StackedQuantizer):
 
     def refresh(self) -> None:
         return None
+
+    def row_params(self, choice, heads, step, row_max):
+        rows = row_max.shape[0]
+        if choice.shape[0] == 1:  # Δ: the whole tensor's max
+            delta = row_max.amax().reshape(1)
+        else:  # each image's max, over its copies and heads
+            split = RowLayout(choice.shape[0], heads).split(row_max)  # [copies, n, heads]
+            delta = split.transpose(0, 1).flatten(1).amax(dim=1)
+        delta = delta.float().clamp_min(1e-12)
+        levels = self._buffers["levels"].index_select(0, choice).float()
+        bypass = self._buffers["bypass"].index_select(0, choice).float()
+        if delta.shape[0] != levels.shape[0]:
+            delta = delta.expand(levels.shape[0])
+        values = torch.stack([delta, levels, torch.zeros_like(levels), bypass], dim=1)  # [n, 4]
+        return self._per_row(values, choice, heads, rows)
 
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
         ste = ste or (torch.is_grad_enabled() and x.requires_grad)

@@ -1,0 +1,214 @@
+"""Attention with fake-quantized probabilities that never materialises the ``[R, N, M]``
+probability tensor: a Triton kernel in two passes, and the materialised reference it must equal.
+
+Pass 1 reads q and k once per query block and keeps, per query row, the softmax statistics: the
+row max ``m``, the normaliser ``l = Σ_j exp(s_j − m)``, and the max over the keys after the first
+(``m1``, for DGQ's start-token handling). Between the passes, a few operations on ``[R]`` vectors
+give each row its quantizer parameters (a log2 scale Δ is a max over whole images, so it needs
+every row's statistics first). Pass 2 recomputes the scores block by block, normalises them,
+fake-quantizes the probabilities in registers and multiplies them with v.
+
+The probability quantizer of row ``r`` (rows are attention's batch×heads) is given per row by
+``params [R, 4]``:
+
+- ``UNIFORM``: ``(Δ, low, high, bypass)``: ``p̂ = clamp(round(p/Δ), low, high)·Δ`` (low = −z,
+  high = 2^b − 1 − z), as :class:`qlip.quant.stacked.StackedUniform` computes it;
+- ``LOG2``: ``(Δ, levels, 0, bypass)``: ``p̂ = Δ·2^−clamp(round(−log2(p/Δ)), 0, levels)``, as
+  :func:`qlip.quant.log2.log2_quant`;
+
+``bypass`` ≠ 0 leaves the row's probabilities as they are. With ``keep_first`` the first key's
+column stays in full precision. ``round`` is round-half-to-even, as ``torch.round``.
+
+Written by hand: no library fuses a fake quantizer into the softmax·V product. PyTorch's
+``scaled_dot_product_attention`` and FlashAttention expose no hook between the normalisation and
+the product with V.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+UNIFORM, LOG2 = 0, 1
+TINY = torch.finfo(torch.float32).tiny
+
+try:  # Triton ships with PyTorch's CUDA wheels; a CPU install runs the reference
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel can run on ``x``'s device (a CUDA tensor and Triton installed)."""
+    return triton is not None and x.is_cuda
+
+
+# -- the reference: materialised, in fp32 ------------------------------------------------------
+def quantize_probs(p: torch.Tensor, params: torch.Tensor, mode: int) -> torch.Tensor:
+    """``p [R, N, M]`` fake-quantized with the per-row ``params [R, 4]`` (see the module doc)."""
+    a, b, c, bypass = (params[:, i, None, None].to(p.dtype) for i in range(4))
+    if mode == UNIFORM:
+        q = torch.clamp(torch.round(p / a), b, c) * a
+    else:
+        code = torch.round(-torch.log2((p / a).clamp_min(TINY)))
+        q = a * torch.exp2(-torch.minimum(code.clamp_min(0), b))
+    return torch.where(bypass != 0, p, q)
+
+
+def reference_attention(q, k, v, scale: float, params: torch.Tensor, mode: int,
+                        keep_first: bool = False) -> torch.Tensor:
+    """The materialised computation the kernel must equal: softmax(q·kᵀ·scale), its probabilities
+    fake-quantized per row, times v; in fp32, returned in q's dtype."""
+    probs = torch.softmax(torch.bmm(q.float(), k.float().transpose(1, 2)) * scale, dim=-1)
+    quantized = quantize_probs(probs, params, mode)
+    if keep_first:
+        quantized = torch.cat([probs[:, :, :1], quantized[:, :, 1:]], dim=2)
+    return torch.bmm(quantized, v.float()).to(q.dtype)
+
+
+def row_stats(q, k, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, l, m1)``, each ``[R, N]`` fp32: pass 1's statistics, computed in PyTorch."""
+    s = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale
+    m = s.amax(dim=2)
+    norm = torch.exp(s - m[..., None]).sum(dim=2)
+    m1 = s[:, :, 1:].amax(dim=2) if s.shape[2] > 1 else torch.full_like(m, -math.inf)
+    return m, norm, m1
+
+
+def row_max_prob(m: torch.Tensor, norm: torch.Tensor, m1: torch.Tensor, skip_first: bool):
+    """``[R]``: each row's largest probability (over its keys after the first with
+    ``skip_first``), from the softmax statistics, what a log2 scale Δ is the max of."""
+    top = m1 if skip_first else m
+    return (torch.exp(top - m) / norm).amax(dim=1)
+
+
+# -- the kernel ---------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(x):
+        f = tl.floor(x + 0.5)
+        tie = (f - x) == 0.5
+        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+        return tl.where(tie & odd, f - 1.0, f)
+
+    @triton.jit
+    def _stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, m1_ptr, N, M, D, scale,
+                      stride_qr, stride_qn, stride_kr, stride_km,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(1)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + row * stride_qr + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        m1_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, M, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            k = tl.load(k_ptr + row * stride_kr + offs_n[:, None] * stride_km + offs_d[None, :],
+                        mask=(offs_n[:, None] < M) & (offs_d[None, :] < D),
+                        other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            s = tl.where(offs_n[None, :] < M, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m_i = m_new
+            m1_i = tl.maximum(m1_i, tl.max(tl.where(offs_n[None, :] > 0, s, float("-inf")), axis=1))
+        keep = offs_m < N
+        tl.store(m_ptr + row * N + offs_m, m_i, mask=keep)
+        tl.store(l_ptr + row * N + offs_m, l_i, mask=keep)
+        tl.store(m1_ptr + row * N + offs_m, m1_i, mask=keep)
+
+    @triton.jit
+    def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, p_ptr, N, M, D, scale,
+                       stride_qr, stride_qn, stride_kr, stride_km, stride_vr, stride_vm,
+                       stride_or, stride_on,
+                       MODE: tl.constexpr, KEEP_FIRST: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(1)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + row * stride_qr + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        m_i = tl.load(m_ptr + row * N + offs_m, mask=offs_m < N, other=0.0)
+        l_i = tl.load(l_ptr + row * N + offs_m, mask=offs_m < N, other=1.0)
+        a = tl.load(p_ptr + row * 4)
+        b = tl.load(p_ptr + row * 4 + 1)
+        c = tl.load(p_ptr + row * 4 + 2)
+        bypass = tl.load(p_ptr + row * 4 + 3)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, M, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n[:, None] < M) & (offs_d[None, :] < D)
+            k = tl.load(k_ptr + row * stride_kr + offs_n[:, None] * stride_km + offs_d[None, :],
+                        mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            p = tl.exp(s - m_i[:, None]) / l_i[:, None]
+            if MODE == 0:
+                pq = tl.minimum(tl.maximum(_round_half_even(p / a), b), c) * a
+            else:
+                ratio = tl.maximum(p / a, 1.1754943508222875e-38)
+                code = tl.minimum(tl.maximum(_round_half_even(-tl.log2(ratio)), 0.0), b)
+                pq = a * tl.exp2(-code)
+            pq = tl.where(bypass != 0.0, p, pq)
+            if KEEP_FIRST:
+                pq = tl.where(offs_n[None, :] == 0, p, pq)
+            pq = tl.where(offs_n[None, :] < M, pq, 0.0)  # padding keys carry nothing
+            v = tl.load(v_ptr + row * stride_vr + offs_n[:, None] * stride_vm + offs_d[None, :],
+                        mask=kv_mask, other=0.0).to(tl.float32)
+            acc += tl.dot(pq, v, input_precision="ieee")
+        tl.store(o_ptr + row * stride_or + offs_m[:, None] * stride_on + offs_d[None, :],
+                 acc.to(o_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+
+
+def _blocks(d: int) -> tuple[int, int, int]:
+    block_d = max(16, 1 << (d - 1).bit_length())
+    block_n = 32 if block_d > 64 else 64
+    return 64, block_n, block_d
+
+
+def kernel_row_stats(q, k, scale: float):
+    """Pass 1 on the device: ``(m, l, m1)``, each ``[R, N]`` fp32."""
+    q, k = q.contiguous(), k.contiguous()
+    rows, n, d = q.shape
+    m = torch.empty(rows, n, device=q.device, dtype=torch.float32)
+    norm, m1 = torch.empty_like(m), torch.empty_like(m)
+    bm, bn, bd = _blocks(d)
+    _stats_kernel[(triton.cdiv(n, bm), rows)](
+        q, k, m, norm, m1, n, k.shape[1], d, scale, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    return m, norm, m1
+
+
+def kernel_output(q, k, v, m, norm, params: torch.Tensor, scale: float, mode: int,
+                  keep_first: bool) -> torch.Tensor:
+    """Pass 2 on the device: the attention output ``[R, N, d]`` in q's dtype."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rows, n, d = q.shape
+    out = torch.empty_like(q)
+    bm, bn, bd = _blocks(d)
+    _output_kernel[(triton.cdiv(n, bm), rows)](
+        q, k, v, out, m, norm, params.float().contiguous(), n, k.shape[1], d, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), MODE=mode, KEEP_FIRST=keep_first,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    return out
+
+
+def fused_attention(q, k, v, scale: float, params_for, mode: int, keep_first: bool = False,
+                    use_kernel: bool | None = None) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale)`` with fake-quantized probabilities, times ``v``; q ``[R, N, d]``,
+    k and v ``[R, M, d]``. ``params_for(row_max [R]) -> params [R, 4]`` gives each row's
+    quantizer parameters from each row's largest probability (a log2 Δ needs it; a uniform grid
+    ignores it). ``use_kernel``: the Triton kernel (default where :func:`available`), else the
+    same two passes in PyTorch, materialising the scores."""
+    kernel = available(q) if use_kernel is None else use_kernel
+    m, norm, m1 = kernel_row_stats(q, k, scale) if kernel else row_stats(q, k, scale)
+    params = params_for(row_max_prob(m, norm, m1, keep_first))
+    if kernel:
+        return kernel_output(q, k, v, m, norm, params, scale, mode, keep_first)
+    return reference_attention(q, k, v, scale, params, mode, keep_first)

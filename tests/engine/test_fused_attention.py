@@ -1,0 +1,139 @@
+"""The fused quantized attention (qlip.quant.fused_attention): the UNet gives the materialised
+path's outputs with it on; the kernel equals the materialised reference (run where Triton can:
+on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
+
+import os
+
+import pytest
+import torch
+
+from qlip.methods.calib_data import CalibrationSet
+from qlip.methods.rtn import quantize_rtn
+from qlip.methods.runner import full_precision
+from qlip.nn import QuantConfig, use_fused_attention
+from qlip.pipeline import prepare_unet
+from qlip.quant import fused_attention as fa
+
+from ..conftest import unet_inputs
+
+
+def _quantized(pipe, **config):
+    unet = pipe.unet
+    units = prepare_unet(unet, QuantConfig(wbits=8, **config))
+    x, t, c = unet_inputs(unet, 8, seed=1)
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(8, dtype=torch.long)),
+                 progress=False)
+    return unet, units
+
+
+def _both(unet, inputs):
+    """(materialised, fused) outputs of the same call."""
+    x, t, c = inputs
+    outs = []
+    for on in (False, True):
+        assert use_fused_attention(unet, on) > 0
+        with torch.no_grad():
+            outs.append(unet(x, t, encoder_hidden_states=c).sample)
+    use_fused_attention(unet, False)
+    return outs
+
+
+def _spy_fused(monkeypatch):
+    calls = []
+    original = fa.fused_attention
+    monkeypatch.setattr(fa, "fused_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("bits", [8, torch.tensor([4, 8, 32])], ids=["batch", "per_image"])
+def test_uniform_probabilities_fused_equal_materialised(tiny_pipe, bits, monkeypatch):
+    unet, units = _quantized(tiny_pipe, abits=8, abits_options=(4, 8, 32), softmax_bits=8)
+    for unit in units.values():
+        unit.set_bits(bits)
+    x, t, c = unet_inputs(unet, 3, seed=2)
+    calls = _spy_fused(monkeypatch)
+    plain, fused = _both(unet, (torch.cat([x, x]), torch.cat([t, t]), torch.cat([c * 0, c])))
+    assert calls  # the fused path ran
+    assert torch.allclose(plain, fused, atol=1e-5, rtol=1e-4)
+
+
+def test_log2_with_start_token_per_image_fused_equal_materialised(tiny_pipe, monkeypatch):
+    # DGQ's attention: log2 probabilities at the unit's bits, the first key kept, Δ per image
+    unet, units = _quantized(tiny_pipe, abits=8, abits_options=(4, 8), softmax_quantizer="log2",
+                             keep_start_token=True, softmax_follows_abits=True)
+    for unit in units.values():
+        unit.set_bits(torch.tensor([4, 8]))
+    x, t, c = unet_inputs(unet, 2, seed=3)
+    calls = _spy_fused(monkeypatch)
+    plain, fused = _both(unet, (torch.cat([x, x]), torch.cat([t, t]), torch.cat([c * 0, c])))
+    assert calls
+    assert torch.allclose(plain, fused, atol=1e-5, rtol=1e-4)
+
+
+def test_full_precision_pass_and_training_take_their_own_paths(tiny_pipe, monkeypatch):
+    unet, units = _quantized(tiny_pipe, abits=8, softmax_bits=8)
+    inputs = unet_inputs(unet, 2, seed=4)
+    with full_precision(units):
+        plain, fused = _both(unet, inputs)  # every row bypassed in the kernel's parameters
+    assert torch.allclose(plain, fused, atol=1e-5, rtol=1e-4)
+    calls = _spy_fused(monkeypatch)
+    use_fused_attention(unet, True)
+    x, t, c = inputs
+    unet(x, t, encoder_hidden_states=c.requires_grad_(True)).sample.sum().backward()
+    assert not calls and c.grad is not None  # gradients need the materialised probabilities
+
+
+def test_probability_quantizers_match_a_hand_computation():
+    p = torch.tensor([[[0.5, 0.26, 0.125, 0.115, 0.0]]])
+    # uniform: Δ = 1/4, codes 0..3 (low 0, high 3)
+    out = fa.quantize_probs(p, torch.tensor([[0.25, 0.0, 3.0, 0.0]]), fa.UNIFORM)
+    assert torch.equal(out, torch.tensor([[[0.5, 0.25, 0.0, 0.0, 0.0]]]))  # 0.125/0.25 = 0.5 -> 0
+    # log2: Δ = 0.5, 2 bits (codes 0..3): 0.5 -> 0, 0.26 -> 1 (0.25), 0.125 -> 2, 0.115 -> 2,
+    # 0 -> the last code (Δ·2^-3)
+    out = fa.quantize_probs(p, torch.tensor([[0.5, 3.0, 0.0, 0.0]]), fa.LOG2)
+    assert torch.equal(out, torch.tensor([[[0.5, 0.25, 0.125, 0.125, 0.0625]]]))
+    # bypass leaves the row alone
+    assert torch.equal(fa.quantize_probs(p, torch.tensor([[0.5, 3.0, 0.0, 1.0]]), fa.LOG2), p)
+
+
+def _kernel_device() -> str | None:
+    if fa.triton is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+@pytest.mark.skipif(_kernel_device() is None,
+                    reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+@pytest.mark.parametrize("mode", [fa.UNIFORM, fa.LOG2], ids=["uniform", "log2"])
+@pytest.mark.parametrize("keep_first", [False, True])
+def test_kernel_equals_the_materialised_reference(mode, keep_first):
+    device = _kernel_device()
+    g = torch.Generator().manual_seed(0)
+    rows, n, m, d = 6, 37, 21, 40  # not multiples of the blocks; SD 1.x's head dim 40
+    q, k, v = (torch.randn(rows, s, d, generator=g).to(device) for s in (n, m, m))
+    scale = d ** -0.5
+    stats = fa.kernel_row_stats(q, k, scale)
+    for got, want in zip(stats, fa.row_stats(q, k, scale)):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    row_max = fa.row_max_prob(*stats, keep_first).cpu()
+    if mode == fa.UNIFORM:  # 8 bits over [0, max], row 5 bypassed
+        params = torch.stack([row_max / 255, torch.zeros(rows), torch.full((rows,), 255.0),
+                              torch.zeros(rows)], dim=1)
+    else:  # 4-bit log2, Δ the row's max
+        params = torch.stack([row_max, torch.full((rows,), 15.0), torch.zeros(rows),
+                              torch.zeros(rows)], dim=1)
+    params[5, 3] = 1.0
+    params = params.to(device)
+    got = fa.kernel_output(q, k, v, stats[0], stats[1], params, scale, mode, keep_first)
+    want = fa.reference_attention(q, k, v, scale, params, mode, keep_first)
+    diff = (got - want).abs()
+    # equal within fp32 rounding, except where a probability sits on a rounding boundary and
+    # the two computations round it to neighbouring codes: one step of the grid times |v|
+    assert (diff <= 1e-5).float().mean() >= 0.999
+    step = float(params[:, 0].max()) if mode == fa.UNIFORM else float(row_max.max()) / 2
+    assert float(diff.max()) <= step * float(v.abs().max()) + 1e-5
+    # the bypassed row is plain attention
+    plain = torch.softmax(q[5:] @ k[5:].transpose(1, 2) * scale, dim=-1) @ v[5:]
+    assert torch.allclose(got[5:], plain, atol=1e-5)
