@@ -10,6 +10,11 @@ each round), and the device is synchronised around each timed batch:
   so that ``QLIP / replay`` is the selection's own cost and ``replay / fixed`` what running the
   chosen (mixed) assignment costs.
 
+``--pairs N`` then times QLIP against each policy of ``--pair-with`` in N adjacent pairs (the
+order alternating), so that the host's drift between minutes cancels in each pair's ratio; the
+row reports the median ratio and a 95% bootstrap interval of the mean log ratio. (Run 3 on the
+H200 showed one policy's rounds 30% apart: rounds alone do not resolve a few percent.)
+
     python benchmarks/qlip_cost.py RUN/q_qlip_8-16-32 --out RUN/qlip_cost.json --device cuda
 """
 
@@ -21,6 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qlip.pipeline import GenerationConfig, generate, load_pipeline
@@ -51,9 +57,31 @@ class ReplayBits(BitPolicy):
         return "replayed QLIP bits"
 
 
+def paired_ratio(ratios: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """Median of paired time ratios A/B and a 95% bootstrap interval of their geometric mean."""
+    logs = np.log(np.asarray(ratios))
+    rng = np.random.default_rng(seed)
+    means = logs[rng.integers(0, len(logs), (resamples, len(logs)))].mean(axis=1)
+    low, high = np.exp(np.percentile(means, [2.5, 97.5]))
+    return {"pairs": len(ratios), "median": float(np.median(ratios)),
+            "geometric_mean": float(np.exp(logs.mean())), "interval95": [float(low), float(high)],
+            "ratios": [float(r) for r in ratios]}
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _timed(pipe, prompts, seeds, policy, config, device: str) -> float:
+    """Seconds of one generation of ``prompts`` under ``policy``, the device synchronised."""
+    if isinstance(policy, ReplayBits):
+        policy.index = 0
+    _sync(device)
+    start = time.perf_counter()
+    generate(pipe, prompts, seeds, policy, config, progress=False)
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -66,6 +94,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated")
     parser.add_argument("--batch-modes", default="per_image,max", help="comma-separated")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per policy (median)")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="adjacent QLIP / other pairs per policy of --pair-with (0: none)")
+    parser.add_argument("--pair-with", default="replay",
+                        help="comma-separated policy names (replay, 'fixed A8', ...)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     args = parser.parse_args()
@@ -77,6 +109,11 @@ def main() -> None:
                          "train-qlip` first")
     world = [p.text for p in heldout_prompts()]
     options = sorted(qlip_policy.possible_bits())
+    known = {f"fixed A{b}" for b in options} | {"replay"}
+    pair_with = [n.strip() for n in args.pair_with.split(",")] if args.pairs else []
+    unknown = [n for n in pair_with if n not in known]
+    if unknown:  # before any generation
+        raise SystemExit(f"--pair-with {unknown[0]!r}: not one of {sorted(known)}")
     rows = []
     for batch_size in map(int, args.batch_sizes.split(",")):
         prompts = world[: args.batches * batch_size]
@@ -100,25 +137,31 @@ def main() -> None:
             names = list(policies)
             for turn in range(args.rounds):
                 for name in names[turn % len(names):] + names[: turn % len(names)]:
-                    policy = policies[name]
-                    if isinstance(policy, ReplayBits):
-                        policy.index = 0
-                    _sync(args.device)
-                    start = time.perf_counter()
-                    generate(pipe, prompts, seeds, policy, config, progress=False)
-                    _sync(args.device)
-                    times[name].append((time.perf_counter() - start) / len(prompts))
+                    took = _timed(pipe, prompts, seeds, policies[name], config, args.device)
+                    times[name].append(took / len(prompts))
+            paired = {}
+            for other in pair_with:
+                ratios = []
+                for i in range(args.pairs):
+                    first, second = (other, "QLIP") if i % 2 else ("QLIP", other)
+                    took = {name: _timed(pipe, prompts, seeds, policies[name], config, args.device)
+                            for name in (first, second)}
+                    ratios.append(took["QLIP"] / took[other])
+                paired[f"QLIP / {other}"] = paired_ratio(ratios)
             median = {name: statistics.median(t) for name, t in times.items()}
             row = {"batch_size": batch_size, "batch_mode": mode, "images": len(prompts),
                    "qlip_fab": fab,
                    "seconds_per_image": median, "all_rounds": times,
                    "qlip_over_replay": median["QLIP"] / median["replay"] - 1,
                    "qlip_over_fixed": {f"A{b}": median["QLIP"] / median[f"fixed A{b}"] - 1
-                                       for b in options}}
+                                       for b in options},
+                   "paired": paired}
             rows.append(row)
             print(f"batch {batch_size} {mode}: " + ", ".join(
                 f"{n} {1e3 * s:.1f} ms/img" for n, s in median.items()) +
-                f"; QLIP/replay {100 * row['qlip_over_replay']:+.1f}%; QLIP FAB {fab:.2f}")
+                f"; QLIP/replay {100 * row['qlip_over_replay']:+.1f}%; QLIP FAB {fab:.2f}" + "".join(
+                f"; paired {k} {v['median']:.4f} [{v['interval95'][0]:.4f}, "
+                f"{v['interval95'][1]:.4f}]" for k, v in paired.items()))
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     out = {"device": gpu, "torch": torch.__version__, "quantized": args.quantized,
            "steps": args.steps, "guidance": args.guidance,

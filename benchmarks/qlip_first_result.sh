@@ -29,7 +29,9 @@
 # after a call), as run on the H200 (docs/results/qlip/h200_third_run): call 1 = PHASE=quantize
 # (314 s) then PHASE=train under `timeout` (cut, resumes from its Q2B checkpoints); call 2 =
 # PHASE=train again (~150 s at 500 Q2B iterations) and PHASE=eval JOBS=8 (8 evals at once,
-# 252-264 s) with the cost benchmark (137 s at --batches 2); call 3 = PHASE=summary (~60 s).
+# 252-264 s) with the cost benchmark (137 s at --batches 2, which did not resolve the cost:
+# next time COST_EXTRA='--batch-sizes 16 --batches 2 --pairs 10', QLIP/replay in adjacent
+# pairs); call 3 = PHASE=summary (~60 s).
 # Issue each call within the 30 s idle window. End EVERY call with
 #   MODELS=1 bash benchmarks/collect_records.sh runs/qfr $OUT
 # and unpack what comes back under runs/qfr here; then a call whose machine is new starts with
@@ -38,9 +40,19 @@
 #   --chunk 16" QUANT_EXTRA="--recon-iters 2 --recon-samples 8 --calib-num 2 --calib-steps 2
 #   --calib-kept-steps 2" EVAL_EXTRA="--bootstrap-resamples 20" PLOT_EXTRA="--num-prompts 20
 #   --curve-scenes 4 --example-scenes 1" COMPARE_RESAMPLES=20 bash benchmarks/qlip_first_result.sh OUT 16 cpu
+# Issue 12's main tables run the same phases with other settings, one run folder per method:
+#   METHOD=ptqd BANK=4,5,6,8,10,16,32 SETS="8,16,32 6,8,10 4,5,6" FIXED="32 16 10 8 6 5 4" \
+#       PHASE=... bash benchmarks/qlip_first_result.sh runs/tables_ptqd 2000 cuda
+# (METHOD: qdiffusion or ptqd; BANK: the activation bank calibrated once; SETS: QLIP's option
+# sets, each within BANK; FIXED: the fixed activation bits evaluated. Defaults: this script's
+# first result.) The folders: q_<tag>_w4 (tag qd or ptqd), eval_<tag>_w4a<bits>, q_qlip_<set>.
 set -uo pipefail
 out=${1:?output folder}; n=${2:-1000}; device=${3:-cuda}; phase=${PHASE:-all}; jobs=${JOBS:-4}
 steps=${STEPS:-25}; n_t2q=${N_T2Q:-10000}
+method=${METHOD:-qdiffusion}; bank=${BANK:-4,5,6,8,16,32}; fixed=${FIXED:-32 16 8 6 5 4}
+case "$method" in qdiffusion) mtag=qd; mname=Q-Diffusion ;; ptqd) mtag=ptqd; mname=PTQD ;;
+    *) echo "METHOD must be qdiffusion or ptqd; got $method" >&2; exit 2 ;; esac
+model="$out/q_${mtag}_w4"
 qlip="python3 -m qlip.cli"
 # shellcheck disable=SC2206
 common=(--model reference --device "$device" --prompts heldout --num-images "$n" --batch-size 250
@@ -50,7 +62,8 @@ quant=(--model reference --device "$device" --guidance 4 ${QUANT_EXTRA:-})
 # shellcheck disable=SC2206
 train=(--model reference --device "$device" --num-prompts "$n_t2q"
        --steps "$steps" --guidance 4 --batch-size 250 --chunk 1000 --no-progress ${TRAIN_EXTRA:-})
-sets=("8,16,32" "4,5,6")
+# shellcheck disable=SC2206
+sets=(${SETS:-8,16,32 4,5,6})
 mkdir -p "$out/logs"
 cores=$(nproc)
 export OMP_NUM_THREADS=$(( cores / jobs > 0 ? cores / jobs : 1 ))
@@ -70,10 +83,10 @@ if [ "$phase" = quantize ] || [ "$phase" = all ]; then
     [ -e "$out/eval_fp/metrics.json" ] || \
         (timed "eval fp" $qlip eval "${common[@]}" --label FP --out "$out/eval_fp" \
              > "$out/logs/eval_fp.txt" 2>&1) &
-    [ -e "$out/q_qd_w4/quant_state.safetensors" ] || \
-        timed "quantize qd_w4" $qlip quantize "${quant[@]}" --method qdiffusion --wbits 4 \
-            --abits 8 --abits-options 4,5,6,8,16,32 --seed 0 --out "$out/q_qd_w4" \
-            > "$out/logs/q_qd_w4.txt" 2>&1 &
+    [ -e "$model/quant_state.safetensors" ] || \
+        timed "quantize ${mtag}_w4" $qlip quantize "${quant[@]}" --method "$method" --wbits 4 \
+            --abits 8 --abits-options "$bank" --seed 0 --out "$model" \
+            > "$out/logs/q_${mtag}_w4.txt" 2>&1 &
     timed "fp stages" $qlip train-qlip "${train[@]}" --work-dir "$out/qlip_work" --stop-after trajectories \
         > "$out/logs/fp_stages.txt" 2>&1
     wait
@@ -86,7 +99,7 @@ case "$phase" in
     *) train_sets=() ;;
 esac
 if [ "${#train_sets[@]}" -gt 0 ]; then
-    if [ ! -e "$out/q_qd_w4/quant_state.safetensors" ]; then
+    if [ ! -e "$model/quant_state.safetensors" ]; then
         echo "the W4 model is not quantized: run PHASE=quantize first" >&2; exit 1
     fi
     # The sets train at once, each in its own work folder (a work folder is locked by one job):
@@ -103,7 +116,7 @@ if [ "${#train_sets[@]}" -gt 0 ]; then
             done; }
         fi
         timed "train-qlip $t" $qlip train-qlip "${train[@]}" --work-dir "$work" \
-            --quantized "$out/q_qd_w4" --bits "$bits" --out "$out/q_qlip_$t" \
+            --quantized "$model" --bits "$bits" --out "$out/q_qlip_$t" \
             > "$out/logs/train_$t.txt" 2>&1 &
     done
     wait
@@ -113,15 +126,15 @@ if [ "$phase" = eval ] || [ "$phase" = all ]; then
     if [ ! -e "$out/eval_fp/metrics.json" ]; then
         echo "the FP eval is not finished: run PHASE=quantize again first" >&2; exit 1
     fi
-    for a in 32 16 8 6 5 4; do
-        throttle; evaluate "qd_w4a$a" "Q-Diffusion W4A$a" --quantized "$out/q_qd_w4" --abits "$a" &
+    for a in $fixed; do
+        throttle; evaluate "${mtag}_w4a$a" "$mname W4A$a" --quantized "$model" --abits "$a" &
     done
     for bits in "${sets[@]}"; do
         t=$(tag "$bits")
         if [ ! -e "$out/q_qlip_$t/qlip.json" ]; then
             echo "QLIP {$bits} is not trained: run PHASE=train_a / train_b first" >&2; continue
         fi
-        throttle; evaluate "qlip_$t" "Q-Diffusion W4 + QLIP A{$bits}" --quantized "$out/q_qlip_$t" \
+        throttle; evaluate "qlip_$t" "$mname W4 + QLIP A{$bits}" --quantized "$out/q_qlip_$t" \
             --batch-mode per_image &
     done
     wait
@@ -143,7 +156,8 @@ if [ "$phase" = summary ] || [ "$phase" = all ]; then
                 --quantized "$out/q_qlip_$t" --out "$out/figures_$t" --num-prompts "$n" \
                 --guidance 4 ${PLOT_EXTRA:-} > "$out/logs/plot_$t.txt" 2>&1
     done
-    python3 "$(dirname "$0")/qlip_first_result_summary.py" "$out" "$device"
+    FIXED="$fixed" SETS="${sets[*]}" MTAG="$mtag" \
+        python3 "$(dirname "$0")/qlip_first_result_summary.py" "$out" "$device"
 fi
 grep -h "exit [1-9]" "$out/timings.txt" 2>/dev/null && echo "some steps failed: see $out/logs" >&2
 exit 0

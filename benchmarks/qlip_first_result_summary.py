@@ -4,6 +4,8 @@ training record, the paired comparisons of each QLIP against its neighbouring fi
 a grid, and OUT/export/*.tar (the figures included).
 
     python benchmarks/qlip_first_result_summary.py OUT [DEVICE]   # writes OUT/summary.md
+
+The shell script passes SETS, FIXED and MTAG (its option sets, fixed bits and method tag).
 """
 
 from __future__ import annotations
@@ -23,15 +25,20 @@ from qlip.evaluation.compare import (
 )
 from qlip.evaluation.report import table
 
-SETS = {"8-16-32": (32, 16, 8), "4-5-6": (6, 5, 4)}
-ROWS = ["fp", *[f"qd_w4a{a}" for a in (32, 16, 8, 6, 5, 4)], *[f"qlip_{s}" for s in SETS]]
+# what the shell script ran (its SETS, FIXED and method tag; the defaults are its first result)
+SETS = {s.replace(",", "-"): tuple(int(b) for b in s.split(","))
+        for s in os.environ.get("SETS", "8,16,32 4,5,6").split()}
+FIXED = [int(a) for a in os.environ.get("FIXED", "32 16 8 6 5 4").split()]
+MTAG = os.environ.get("MTAG", "qd")
+ROWS = ["fp", *[f"{MTAG}_w4a{a}" for a in FIXED], *[f"qlip_{s}" for s in SETS]]
 RESAMPLES = int(os.environ.get("COMPARE_RESAMPLES", "500"))
 
 
 def _pairs(rows: list[str]) -> list[tuple[str, str]]:
     """Each QLIP against every fixed setting of its option set."""
-    return [(f"qlip_{s}", f"qd_w4a{a}") for s, options in SETS.items() for a in options
-            if f"qlip_{s}" in rows and f"qd_w4a{a}" in rows]
+    return [(f"qlip_{s}", f"{MTAG}_w4a{a}") for s, options in SETS.items()
+            for a in sorted(options, reverse=True)
+            if f"qlip_{s}" in rows and f"{MTAG}_w4a{a}" in rows]
 
 
 def t2q_table(out: Path) -> str:
