@@ -10,6 +10,7 @@ from .cli_args import (
     DEFAULT_MODEL,
     SOFTMAX_FOLLOWS,
     add_model_args,
+    add_policy_args,
     add_prompt_args,
     add_resolution_args,
     bits_arg,
@@ -18,6 +19,7 @@ from .cli_args import (
     finite_float,
     int_at_least,
     output_folder,
+    policy_config_from_args,
     read_prompt_file,
     softmax_bits_arg,
 )
@@ -114,6 +116,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--batch-mode", choices=("max", "per_image"), default="max",
                    help="max: each layer runs the batch at its maximum bits (the paper's practice); "
                         "per_image: each prompt at its own bits")
+    add_policy_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, replacing an earlier run's images, "
                         "report and bits (other files are left alone)")
@@ -129,12 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_parser
     from .evaluation.cli import add_eval_parser
     from .evaluation.compare import add_compare_parser
-    from .qlip_training.cli import add_plot_qlip_parser, add_train_qlip_parser
+    from .qlip_training.cli import (
+        add_per_layer_parser,
+        add_plot_qlip_parser,
+        add_train_qlip_parser,
+    )
 
     add_eval_parser(sub)
     add_compare_parser(sub)
     add_train_qlip_parser(sub)
     add_plot_qlip_parser(sub)
+    add_per_layer_parser(sub)
     add_demo_parser(sub)
     return parser
 
@@ -227,13 +235,18 @@ def cmd_generate(args) -> int:
     check_sampling_flags(args.quantized, args.abits, args.packed_weights)
     if args.quantized:
         check_quantized_folder(args.quantized)
+    from .pipeline.quantized_model import check_policy_inputs
+
+    policy_config = policy_config_from_args(args)
+    check_policy_inputs(policy_config, args.quantized, args.abits)
     out = check_generation_folder(output_folder(args.out), args.overwrite)
     with FolderLock(out, "qlip generate"):
         pipe = load_pipeline(args.model, device_name(args.device))
         over = check_prompts(pipe, prompts, args.truncate, args.allow_empty_prompt)
         if over:
             note(truncation_note(over, len(prompts), pipe.tokenizer.model_max_length))
-        policy = load_for_sampling(pipe, args.quantized, args.abits, args.packed_weights)
+        policy = load_for_sampling(pipe, args.quantized, args.abits, policy_config,
+                                   packed_weights=args.packed_weights)
         config = GenerationConfig(steps=args.steps, guidance=args.guidance,
                                   batch_size=args.batch_size, truncate=args.truncate,
                                   batch_mode=args.batch_mode, allow_empty=args.allow_empty_prompt,

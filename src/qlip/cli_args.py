@@ -165,3 +165,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="local diffusers pipeline folder, hub id, or 'reference' (default)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    """``--policy`` and its inputs (`qlip generate`, `qlip eval`): ``PolicyConfig``'s fields."""
+    from .pipeline.quantized_model import POLICIES
+
+    p.add_argument("--policy", choices=POLICIES, default="auto",
+                   help="auto: --abits, else QLIP when the folder holds qlip.json, else the "
+                        "model's abits; random-matched: bits drawn per (step, layer) from the "
+                        "proportions of --bits-from's run; per-layer: the fixed bits per layer of "
+                        "--assignment")
+    p.add_argument("--bits-from", help="random-matched: an eval or generate folder with "
+                   "bits.safetensors (e.g. QLIP's eval); its requested bits are the reference")
+    p.add_argument("--policy-seed", type=int_at_least("--policy-seed", 0), default=0,
+                   help="random-matched: the seed of the draw (with the prompt's text)")
+    p.add_argument("--assignment", help="per-layer: the JSON file of `qlip per-layer`")
+
+
+def policy_config_from_args(args):
+    """The PolicyConfig the flags say (one field per flag)."""
+    from .pipeline.quantized_model import PolicyConfig
+
+    return PolicyConfig(policy=args.policy, bits_from=args.bits_from, seed=args.policy_seed,
+                        assignment=args.assignment)

@@ -20,6 +20,7 @@ from qlip.pipeline import (
     GenerationConfig,
     QuantizeJob,
     generate,
+    qlip_data,
     quantize_pipeline,
 )
 from qlip.pipeline.cache import StaleCacheError
@@ -121,6 +122,47 @@ def test_the_job_end_to_end(quantized, tiny_pipe_dir, prompt_file, tmp_path,
     dynamic = [result.unit_names.index(n) for n in modules.unit_names]
     asked = result.requested[:, :, dynamic]
     assert set(np.unique(asked)) <= set(BITS) and (asked[:, 0] == 16).all()
+
+
+def test_a_timestep_only_job_needs_no_t2q_and_ignores_the_prompt(
+        quantized, tiny_pipe_dir, prompt_file, tmp_path, _tiny_pipeline_template, monkeypatch):
+    out, work = tmp_path / "qlip", tmp_path / "work"
+    # the default label (giqa) would need --real on this model: the timestep-only job needs none
+    assert main(["train-qlip", "--model", str(tiny_pipe_dir), "--device", "cpu", "--quantized",
+                 str(quantized), "--work-dir", str(work), "--out", str(out), "--prompts",
+                 str(prompt_file), "--num-prompts", "96", "--q2b-prompts", "4", "--steps", "3",
+                 "--guidance", "3", "--chunk", "32", "--batch-size", "32", "--bits", "4,8,16",
+                 "--group-steps", "2", "--high-steps", "1", "--q2b-iters", "6",
+                 "--q2b-batch-size", "4", "--q2b-lr", "0.1", "--lam", "0.05",
+                 "--checkpoint-every", "3", "--ignore-prompt", "--no-progress"]) == 0
+    assert not (work / "t2q_data").exists() and (work / "q2b_A4-8-16_noprompt").is_dir()
+    meta = json.loads((out / "qlip.json").read_text())
+    assert meta["version"] == 2 and meta["ignores_prompt"] and meta["t2q"] is None
+    assert meta["metrics"]["t2q"] is None and meta["metrics"]["q2b"]["iters"] == 6
+    assert load_qlip(out).t2q is None
+    fresh = copy.deepcopy(_tiny_pipeline_template)
+    policy = load_for_sampling(fresh, out)
+    assert isinstance(policy, QLIPPolicy) and not policy.reads_prompt
+    assert policy.describe() == "QLIP timestep-only A{4,8,16}"
+    texts = prompt_file.read_text().split("\n")[:3]
+    result = generate(fresh, texts, [0, 1, 2], policy,
+                      GenerationConfig(steps=3, guidance=3.0, batch_mode="per_image"),
+                      progress=False)
+    dynamic = [result.unit_names.index(n) for n in policy.modules.unit_names]
+    asked = result.requested[:, :, dynamic]
+    assert (asked == asked[:1]).all() and (asked[:, 0] == 16).all()
+    # `qlip per-layer` on the same work folder measures on these Q2B rows: none is sampled again
+    monkeypatch.setattr(qlip_data, "capture_trajectories", _no_sampling)
+    assert main(["per-layer", "--model", str(tiny_pipe_dir), "--device", "cpu", "--quantized",
+                 str(quantized), "--work-dir", str(work), "--prompts", str(prompt_file),
+                 "--num-prompts", "4", "--steps", "3", "--guidance", "3", "--chunk", "32",
+                 "--target-fab", "10", "--max-rows", "8", "--no-progress",
+                 "--out", str(tmp_path / "per_layer.json")]) == 0
+    assert json.loads((tmp_path / "per_layer.json").read_text())["rows"] == 8
+
+
+def _no_sampling(*args, **kwargs):
+    raise AssertionError("the trajectories were sampled again instead of reused")
 
 
 def test_an_interrupted_job_resumes_to_the_straight_result(
@@ -233,7 +275,7 @@ def test_every_flag_maps_onto_its_config_field():
         "--variant", "pq_pm", "--group-steps", "4", "--high-steps", "3", "--force", "p_q",
         "--q2b-iters", "70", "--q2b-batch-size", "6", "--q2b-lr", "0.05", "--lam", "0.3",
         "--penalty-norm", "max", "--checkpoint-every", "10", "--redo-stale", "--stop-after",
-        "t2q", "--no-progress"])
+        "t2q", "--ignore-prompt", "--no-progress"])
     want = TrainQLIPConfig(
         quantized="q", model="m", out="o", work_dir="w", device="cpu", prompts="p.txt",
         num_prompts=500, prompt_seed=3, exclude_heldout=False, q2b_prompts=50,
@@ -241,7 +283,8 @@ def test_every_flag_maps_onto_its_config_field():
         labels=LabelConfig(label="giqa_knn", giqa_components=7, knn_k=2, realism_k=4),
         real="r", inception_weights="i.pth", clip="c",
         t2q=T2QConfig(iters=100, batch_size=32, lr=0.01), t2q_holdout=0.2,
-        q2b=Q2BConfig(bits=(4, 5, 6), variant="pq_pm", group_steps=4, high_steps=3, force="p_q"),
+        q2b=Q2BConfig(bits=(4, 5, 6), variant="pq_pm", group_steps=4, high_steps=3, force="p_q",
+                      ignore_prompt=True),
         q2b_train=Q2BTrainConfig(iters=70, batch_size=6, lr=0.05, lam=0.3, penalty_norm="max",
                                  checkpoint_every=10),
         redo_stale=True, stop_after="t2q", progress=False)

@@ -49,6 +49,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--batch-mode", choices=("max", "per_image"), default="max",
                    help="max: each layer runs the batch at its maximum bits; per_image: each prompt "
                         "at its own bits")
+    from ..cli_args import add_policy_args
+
+    add_policy_args(p)
     p.add_argument("--bootstrap-resamples", type=int_at_least("--bootstrap-resamples", 1),
                    default=BootstrapConfig.resamples,
                    help="bootstrap resamples of every interval")
@@ -104,7 +107,8 @@ def check_reference_run(folder: str) -> None:
                                 "generated.jsonl): evaluate the reference (e.g. FP) run first")
 
 
-def _evaluate(args, prompts, world: bool, device: str, shard: Shard) -> dict | None:
+def _evaluate(args, prompts, world: bool, device: str, shard: Shard, policy_config
+              ) -> dict | None:
     from ..pipeline import load_for_sampling, load_pipeline
 
     measures = (reference_measures(prompts, floor_prompts(len(prompts)), device)
@@ -112,7 +116,8 @@ def _evaluate(args, prompts, world: bool, device: str, shard: Shard) -> dict | N
                 else folder_measures(args.real, args.inception_weights, args.clip, device,
                                      args.lpips_weights))
     pipe = load_pipeline(args.model, device)
-    policy = load_for_sampling(pipe, args.quantized, args.abits, args.packed_weights)
+    policy = load_for_sampling(pipe, args.quantized, args.abits, policy_config,
+                               packed_weights=args.packed_weights)
     config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size,
                         seed=args.seed, steps=args.steps, guidance=args.guidance,
                         batch_mode=args.batch_mode, truncate=args.truncate,
@@ -138,6 +143,11 @@ def cmd_eval(args) -> int:
     check_sampling_flags(args.quantized, args.abits, args.packed_weights)
     if args.quantized:
         check_quantized_folder(args.quantized)
+    from ..cli_args import policy_config_from_args
+    from ..pipeline.quantized_model import check_policy_inputs
+
+    policy_config = policy_config_from_args(args)
+    check_policy_inputs(policy_config, args.quantized, args.abits)
     shard = Shard.from_env()  # torchrun / accelerate launch: this process's share
     device = shard.device(_device(args.device))
     world = args.model == DEFAULT_MODEL
@@ -146,7 +156,7 @@ def cmd_eval(args) -> int:
     shard.start(device)
     try:  # rank 0 alone holds the folder's lock: the ranks write their own files in it
         with FolderLock(folder, "qlip eval") if shard.is_main else nullcontext():
-            metrics = _evaluate(args, prompts, world, device, shard)
+            metrics = _evaluate(args, prompts, world, device, shard, policy_config)
     finally:
         shard.stop()
     if metrics is None:  # another rank than 0: its share is written, rank 0 reports

@@ -4,38 +4,114 @@ command lines (`qlip generate`, `qlip eval`) only map their flags onto this."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..methods.bit_assignment import load_assignment
 from ..methods.qlip import has_qlip, load_qlip
 from ..nn import pack_weights
-from ..policies import BitPolicy, FixedBits, QLIPPolicy
+from ..policies import BitPolicy, FixedBits, PerLayerBits, QLIPPolicy, RandomMatchedBits
+from .cache import file_digest
+from .generate import load_generation_bits
 from .ptqd_sampling import apply_saved_correction
-from .saving import QuantizedInfo, load_quantized
+from .saving import STATE_FILE, QuantizedInfo, check_quantized_folder, load_quantized
+
+POLICIES = ("auto", "random-matched", "per-layer")
+
+
+@dataclass
+class PolicyConfig:
+    """Which bit policy samples a quantized model (`--policy` and the flags it needs).
+
+    - ``auto``: ``--abits`` for every unit; else QLIP when the folder holds ``qlip.json``; else
+      the model's own abits.
+    - ``random-matched``: :class:`~qlip.policies.RandomMatchedBits` drawn from the ``requested``
+      bits of the run in ``bits_from`` (an eval or generate folder with ``bits.safetensors``),
+      keyed by prompt text and ``seed``.
+    - ``per-layer``: :class:`~qlip.policies.PerLayerBits` from the ``assignment`` file of
+      `qlip per-layer`.
+    """
+
+    policy: str = "auto"
+    bits_from: str | None = None
+    seed: int = 0
+    assignment: str | None = None
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"--policy must be one of {POLICIES}; got {self.policy!r}")
+        if self.policy == "random-matched" and not self.bits_from:
+            raise ValueError("--policy random-matched needs --bits-from FOLDER (an eval or "
+                             "generate run with bits.safetensors, e.g. QLIP's eval)")
+        if self.policy == "per-layer" and not self.assignment:
+            raise ValueError("--policy per-layer needs --assignment FILE (from `qlip per-layer`)")
+        if self.bits_from and self.policy != "random-matched":
+            raise ValueError("--bits-from is for --policy random-matched")
+        if self.assignment and self.policy != "per-layer":
+            raise ValueError("--assignment is for --policy per-layer")
+
+
+def check_policy_inputs(config: PolicyConfig, quantized: str | Path | None,
+                        abits: int | None = None) -> None:
+    """Every check of the policy's inputs that needs no model loaded (before any work): the
+    files exist and are what they say, and their units are the quantized model's."""
+    if config.policy == "auto":
+        return
+    if not quantized:
+        raise ValueError(f"--policy {config.policy} needs --quantized DIR")
+    if abits:
+        raise ValueError(f"--abits and --policy {config.policy} both choose the bits: give one")
+    units = set(check_quantized_folder(quantized)["units"])
+    if config.policy == "random-matched":
+        _, _, names = load_generation_bits(config.bits_from)
+        if set(names) != units:
+            odd = sorted(set(names) ^ units)[0]
+            raise ValueError(f"--bits-from {config.bits_from} holds the bits of other units than "
+                             f"{quantized}'s (e.g. {odd}): take a run of this quantized model")
+        return
+    document = load_assignment(config.assignment)
+    unknown = sorted(set(document["bits"]) - units)
+    if unknown:
+        raise ValueError(f"--assignment {config.assignment} names units {quantized} does not have "
+                         f"(e.g. {unknown[0]}): compute it for this model (`qlip per-layer`)")
+    made_on = document.get("quantized", {}).get("state_digest")
+    if made_on and made_on != file_digest(Path(quantized) / STATE_FILE):
+        raise ValueError(f"--assignment {config.assignment} was measured on another quantized "
+                         f"model than {quantized} (its {STATE_FILE} differs): compute it for "
+                         "this model")
 
 
 def load_for_sampling(
     pipe, quantized: str | Path | None = None, abits: int | None = None,
-    packed_weights: bool = False,
+    policy: PolicyConfig | None = None, packed_weights: bool = False,
 ) -> BitPolicy | None:
     """Load the quantized model folder ``quantized`` onto ``pipe.unet`` (in place), wrap the
     scheduler with PTQD's correction when the folder holds PTQD statistics, and return the bit
-    policy to sample with: ``abits`` for every unit; else QLIP when the folder holds a trained
-    T2Q/Q2B (``qlip train-qlip``); else the model's own ``abits``. Without
-    ``quantized`` the pipeline stays full precision and the policy is None. ``packed_weights``
-    keeps every layer's weights of at most 4 bits as codes two per byte and frees its FP weight
-    (``qlip.nn.pack_weights``): the same images in less memory, each layer dequantizing its
-    weight at every call.
+    policy to sample with (``policy``, :class:`PolicyConfig`; by default ``abits`` for every unit,
+    else QLIP when the folder holds a trained T2Q/Q2B (``qlip train-qlip``), else the model's own
+    ``abits``). Without ``quantized`` the pipeline stays full precision and the policy is None.
+    ``packed_weights`` keeps every layer's weights of at most 4 bits as codes two per byte and
+    frees its FP weight (``qlip.nn.pack_weights``): the same images in less memory, each layer
+    dequantizing its weight at every call.
 
     >>> policy = load_for_sampling(pipe, "runs/w4a8", abits=16)  # doctest: +SKIP
     >>> result = generate(pipe, ["a red circle"], seeds=[0], policy=policy)  # doctest: +SKIP
     """
     check_sampling_flags(quantized, abits, packed_weights)
+    policy = policy or PolicyConfig()
+    check_policy_inputs(policy, quantized, abits)
     if not quantized:
         return None
     info = load_quantized(pipe.unet, quantized)
     if packed_weights:
         pack_weights(pipe.unet)
     apply_saved_correction(pipe, info.extra)
+    if policy.policy == "random-matched":
+        _, requested, names = load_generation_bits(policy.bits_from)
+        return RandomMatchedBits(requested, names, policy.seed)
+    if policy.policy == "per-layer":
+        document = load_assignment(policy.assignment)
+        return PerLayerBits(document["bits"], f"per-layer {file_digest(policy.assignment)}")
     return saved_policy(pipe, quantized, info, abits)
 
 

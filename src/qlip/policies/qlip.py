@@ -1,5 +1,7 @@
 """QLIPPolicy: T2Q scores each prompt once at ``begin``; Q2B's argmax bits of every step are
-computed then too (one small batched op), so ``bits`` is a slice: no host sync per step."""
+computed then too (one small batched op), so ``bits`` is a slice: no host sync per step. A
+timestep-only Q2B (``Q2BConfig.ignore_prompt``, issue 12's control) runs without T2Q and
+without reading the prompt."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class QLIPPolicy(BitPolicy):
 
     def __init__(self, modules: QLIPModules):
         self.modules = modules
+        self.reads_prompt = not modules.ignores_prompt
         self._bits = torch.empty(0, 0, 0, dtype=torch.long)
         self.quality = torch.empty(0)
 
@@ -39,9 +42,12 @@ class QLIPPolicy(BitPolicy):
             raise ValueError(f"Q2B was trained for {q2b.num_steps} steps; got {num_steps}: sample "
                              f"with --steps {q2b.num_steps} or train again")
         device = batch.device
-        t2q, q2b = self.modules.t2q.to(device), q2b.to(device)
+        q2b = q2b.to(device)
         with torch.no_grad():
-            self.quality = t2q(batch.pooled)  # [B]
+            if self.modules.t2q is None:  # timestep-only: Q2B reads no quality
+                self.quality = torch.full((len(batch),), 0.5, device=device)
+            else:
+                self.quality = self.modules.t2q.to(device)(batch.pooled)  # [B]
             self._bits = q2b.bits(self.quality, torch.arange(num_steps, device=device))  # [S, B, U]
 
     @property
@@ -53,4 +59,5 @@ class QLIPPolicy(BitPolicy):
         return self._bits[step]
 
     def describe(self) -> str:
-        return f"QLIP A{{{','.join(map(str, self.modules.q2b.config.bits))}}}"
+        kind = "QLIP timestep-only" if self.modules.ignores_prompt else "QLIP"
+        return f"{kind} A{{{','.join(map(str, self.modules.q2b.config.bits))}}}"

@@ -1,4 +1,5 @@
-"""`qlip train-qlip` and `qlip plot-qlip`: thin; each flag maps onto one config field."""
+"""`qlip train-qlip`, `qlip plot-qlip` and `qlip per-layer`: thin; each flag maps onto one config
+field."""
 
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def add_train_qlip_parser(sub) -> None:
     p.add_argument("--high-steps", type=int_at_least("--high-steps", 0), default=Q2BConfig.high_steps,
                    help="m: first steps forced high")
     p.add_argument("--force", choices=FORCE_MODES, default=Q2BConfig.force)
+    p.add_argument("--ignore-prompt", action="store_true",
+                   help="the timestep-only control: Q2B's q is a constant for every prompt, so "
+                   "the bits depend on the layer and the step only (no T2Q is trained or needed)")
     p.add_argument("--q2b-iters", type=int_at_least("--q2b-iters", 1), default=Q2BTrainConfig.iters)
     p.add_argument("--q2b-batch-size", type=int_at_least("--q2b-batch-size", 1), default=Q2BTrainConfig.batch_size)
     p.add_argument("--q2b-lr", type=finite_float("--q2b-lr"), default=Q2BTrainConfig.lr)
@@ -104,7 +108,8 @@ def train_config_from_args(args):
         t2q=T2QConfig(iters=args.t2q_iters, batch_size=args.t2q_batch_size, lr=args.t2q_lr),
         t2q_holdout=args.t2q_holdout,
         q2b=Q2BConfig(bits=args.bits, variant=args.variant, group_steps=args.group_steps,
-                      high_steps=args.high_steps, force=args.force),
+                      high_steps=args.high_steps, force=args.force,
+                      ignore_prompt=args.ignore_prompt),
         q2b_train=Q2BTrainConfig(iters=args.q2b_iters, batch_size=args.q2b_batch_size,
                                  lr=args.q2b_lr, lam=args.lam, penalty_norm=args.penalty_norm,
                                  checkpoint_every=args.checkpoint_every),
@@ -162,4 +167,67 @@ def cmd_plot_qlip(args) -> int:
     print("FAB by richness level: " + ", ".join(f"{k}: {v:.2f}" for k, v in levels.items()))
     print(f"wrote bit_share_per_layer.png, fab_by_richness.png, bits_per_step.png and "
           f"figures.json to {args.out}")
+    return 0
+
+
+def add_per_layer_parser(sub) -> None:
+    from ..cli_args import add_model_args, bits_arg, finite_float, int_at_least
+    from .per_layer import WEIGHTINGS
+    from .per_layer import PerLayerConfig as C
+
+    p = sub.add_parser("per-layer", help="the best fixed bits per layer at a target FAB (a "
+                       "control for QLIP): a greedy on each layer's measured damage")
+    add_model_args(p)
+    p.add_argument("--quantized", required=True, help="folder written by `qlip quantize`")
+    p.add_argument("--target-fab", type=finite_float("--target-fab", 0), required=True,
+                   help="the FAB (or, with --weighting weighted, MAC-weighted bits) to reach")
+    p.add_argument("--out", required=True, help="the assignment file (JSON), for "
+                   "`qlip eval/generate --policy per-layer --assignment FILE`")
+    p.add_argument("--bits", type=_bits, default=(),
+                   help="the options, low to high (default: the model's activation bank)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=C.weighting,
+                   help="fab: the ledger's FAB (each Linear/Conv layer 1); weighted: its "
+                   "MAC-weighted bits")
+    p.add_argument("--attention-bits", type=bits_arg("--attention-bits"), default=None,
+                   help="bits of the dynamic attention units, which FAB does not count "
+                   "(default: the highest option)")
+    p.add_argument("--prompts", help="training prompts, one a line (default on the reference "
+                   "model: train-qlip's, every held-out text excluded)")
+    p.add_argument("--num-prompts", type=int_at_least("--num-prompts", 1), default=C.num_prompts,
+                   help="prompts whose FP trajectories are the rows (train-qlip's --q2b-prompts)")
+    p.add_argument("--prompt-seed", type=int_at_least("--prompt-seed", 0), default=C.prompt_seed)
+    p.add_argument("--max-rows", type=int_at_least("--max-rows", 1), default=C.max_rows,
+                   help="rows measured, spread evenly over the trajectories")
+    p.add_argument("--work-dir", help="the trajectories' cache (default: QUANTIZED/qlip_work; "
+                   "train-qlip's work folder reuses its Q2B rows)")
+    p.add_argument("--steps", type=int_at_least("--steps", 1), default=FPRunConfig.steps)
+    p.add_argument("--guidance", type=finite_float("--guidance", 0), default=FPRunConfig.guidance)
+    p.add_argument("--seed", type=int_at_least("--seed", 0), default=FPRunConfig.seed,
+                   help="prompt i uses seed + i")
+    p.add_argument("--chunk", type=int_at_least("--chunk", 1), default=FPRunConfig.chunk)
+    p.add_argument("--batch-size", type=int_at_least("--batch-size", 1),
+                   default=FPRunConfig.batch_size)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_per_layer)
+
+
+def per_layer_config_from_args(args):
+    """The PerLayerConfig the flags say (one field per flag)."""
+    from ..cli_args import device_name
+    from .per_layer import PerLayerConfig
+
+    return PerLayerConfig(
+        quantized=args.quantized, out=args.out, target_fab=args.target_fab, bits=args.bits,
+        weighting=args.weighting, attention_bits=args.attention_bits, model=args.model,
+        device=device_name(args.device), prompts=args.prompts, num_prompts=args.num_prompts,
+        prompt_seed=args.prompt_seed, max_rows=args.max_rows, work_dir=args.work_dir,
+        sampling=FPRunConfig(steps=args.steps, guidance=args.guidance, seed=args.seed,
+                             chunk=args.chunk, batch_size=args.batch_size),
+        progress=not args.no_progress)
+
+
+def cmd_per_layer(args) -> int:
+    from .per_layer import run_per_layer
+
+    run_per_layer(per_layer_config_from_args(args))
     return 0

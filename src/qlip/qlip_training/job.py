@@ -147,8 +147,14 @@ def _check_prompts(config: TrainQLIPConfig, own_source: bool) -> None:
         raise ValueError("--prompts FILE is needed for a model other than the reference model")
     if config.prompts is not None and not Path(config.prompts).is_file():
         raise FileNotFoundError(f"--prompts {config.prompts}: no such file")
-    if not (world or own_source):
+    if not (world or own_source or _timestep_only(config)):
         _check_label_inputs(config)
+
+
+def _timestep_only(config: TrainQLIPConfig) -> bool:
+    """A timestep-only Q2B (``--ignore-prompt``) with no FP stage asked for: neither T2Q data,
+    labels nor T2Q are needed, only the trajectories."""
+    return config.q2b.ignore_prompt and config.stop_after in (None, "trajectories")
 
 
 def _check_label_inputs(config: TrainQLIPConfig) -> None:
@@ -258,20 +264,31 @@ def _raw_scores(stages: _Stages, pipe, texts, data, source) -> torch.Tensor:
     return torch.from_numpy(raw_scores(labels, data, real, sens))
 
 
-def _fit_q2b(stages: _Stages, pipe, t2q: T2Q, pooled: torch.Tensor, texts) -> tuple[Q2B, list]:
+def _fit_q2b(stages: _Stages, pipe, t2q: T2Q | None, pooled: torch.Tensor | None, texts
+             ) -> tuple[Q2B, list]:
+    """Q2B on the trajectories; ``t2q`` None: the timestep-only Q2B (every row's q is 0.5, which
+    its ``p_q`` ignores anyway)."""
     config = stages.config
     rows, prompt_of_row = stages.timed("trajectories", stages.trajectories, pipe, texts)
     with torch.no_grad():
-        quality = t2q(pooled[: config.q2b_prompts])[prompt_of_row]
+        if t2q is None:
+            quality = torch.full((len(rows),), 0.5)
+        else:
+            quality = t2q(pooled[: config.q2b_prompts])[prompt_of_row]
     units = quant_units(pipe.unet)
     dynamic = [n for n, u in units.items() if u.dynamic]
     q2b = Q2B(len(dynamic), config.sampling.steps, config.q2b).to(pipe.unet.device)
     train = replace(config.q2b_train, progress=config.progress)
-    fingerprint = {"q2b": config.q2b.to_dict(), "train": _without(asdict(train), "iters"),
-                   "quantized": stages.facts.digest, "t2q": tensor_digest(t2q.state_dict()),
+    q2b_fields = config.q2b.to_dict()
+    if not q2b_fields["ignore_prompt"]:  # a QLIP Q2B keeps the fingerprint it had before the field
+        del q2b_fields["ignore_prompt"]
+    fingerprint = {"q2b": q2b_fields, "train": _without(asdict(train), "iters"),
+                   "quantized": stages.facts.digest,
+                   "t2q": "none" if t2q is None else tensor_digest(t2q.state_dict()),
                    "rows": digest([stages.sampling.fingerprint(), stages.base,
                                    texts[: config.q2b_prompts]])}
-    folder = config.work / f"q2b_A{'-'.join(map(str, config.q2b.bits))}_{config.labels.label}"
+    label = "noprompt" if t2q is None else config.labels.label
+    folder = config.work / f"q2b_A{'-'.join(map(str, config.q2b.bits))}_{label}"
     claim(folder, fingerprint, config.redo_stale, "Q2B checkpoint")
     stages.log(f"Q2B: {train.iters} iterations on {len(rows)} rows of {config.q2b_prompts} "
                f"prompts, {len(dynamic)} dynamic units -> {folder}")
@@ -283,7 +300,7 @@ def _without(values: dict, *keys: str) -> dict:
     return {k: v for k, v in values.items() if k not in keys and k != "progress"}
 
 
-def _metrics(config: TrainQLIPConfig, fitted: T2QResult, history: list, texts, world,
+def _metrics(config: TrainQLIPConfig, fitted: T2QResult | None, history: list, texts, world,
              times: dict) -> dict:
     tail = history[-max(1, len(history) // 10):]
     q2b = {"iters": len(history), **{k: sum(h[k] for h in tail) / len(tail)
@@ -294,8 +311,8 @@ def _metrics(config: TrainQLIPConfig, fitted: T2QResult, history: list, texts, w
     if world is not None:
         levels = [p.richness for p in world]
         prompts["richness"] = {str(r): levels.count(r) for r in sorted(set(levels))}
-    return {"t2q": fitted.metrics, "q2b": q2b, "prompts": prompts, "seconds": times,
-            "job": config.to_dict()}
+    return {"t2q": None if fitted is None else fitted.metrics, "q2b": q2b, "prompts": prompts,
+            "seconds": times, "job": config.to_dict()}
 
 
 def _write(modules: QLIPModules, config: TrainQLIPConfig) -> Path:
@@ -334,7 +351,6 @@ def _train(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: 
         base_fingerprint = facts.meta["base_fingerprint"]
         load_quantized(pipe.unet, config.quantized)
     stages = _Stages(config, facts, base_fingerprint, log)
-    source = source or label_source(config, pipe, world)
 
     def done(stage: str) -> bool:
         if config.stop_after != stage:
@@ -342,6 +358,9 @@ def _train(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: 
         log(f"stopped after {stage} (--stop-after); the caches are in {config.work}")
         return True
 
+    if _timestep_only(config):
+        return _fit_timestep_only(stages, pipe, texts, world, done)
+    source = source or label_source(config, pipe, world)
     data = stages.timed("t2q data", stages.t2q_data, pipe, texts, source)
     if done("t2q_data"):
         return None
@@ -355,11 +374,32 @@ def _train(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: 
         done("trajectories")
         return None
     q2b, history = _fit_q2b(stages, pipe, fitted.model, data["pooled"], texts)
-    names = [n for n, u in quant_units(pipe.unet).items() if u.dynamic]
-    modules = QLIPModules(fitted.model, q2b.eval().requires_grad_(False), names,
-                          _metrics(config, fitted, history, texts, world, stages.times))
-    path = _write(modules, config)
+    modules = _save(stages, pipe, fitted, q2b, history, texts, world)
     log(f"T2Q held-out SROCC {fitted.metrics['srocc']:.3f}, PLCC {fitted.metrics['plcc']:.3f}; "
         f"Q2B mean bits {modules.metrics['q2b']['fab']:.2f} (last tenth of training); saved to "
-        f"{path}")
+        f"{config.out or config.quantized}")
+    return modules
+
+
+def _fit_timestep_only(stages: _Stages, pipe, texts, world, done) -> QLIPModules | None:
+    """``--ignore-prompt``: the trajectories and a Q2B whose q is a constant; no T2Q."""
+    if stages.config.stop_after == "trajectories":
+        stages.timed("trajectories", stages.trajectories, pipe, texts)
+        done("trajectories")
+        return None
+    q2b, history = _fit_q2b(stages, pipe, None, None, texts)
+    modules = _save(stages, pipe, None, q2b, history, texts, world)
+    stages.log(f"timestep-only Q2B (no T2Q, the prompt ignored): mean bits "
+               f"{modules.metrics['q2b']['fab']:.2f} (last tenth of training); saved to "
+               f"{stages.config.out or stages.config.quantized}")
+    return modules
+
+
+def _save(stages: _Stages, pipe, fitted: T2QResult | None, q2b: Q2B, history: list, texts,
+          world) -> QLIPModules:
+    names = [n for n, u in quant_units(pipe.unet).items() if u.dynamic]
+    modules = QLIPModules(None if fitted is None else fitted.model,
+                          q2b.eval().requires_grad_(False), names,
+                          _metrics(stages.config, fitted, history, texts, world, stages.times))
+    _write(modules, stages.config)
     return modules

@@ -15,6 +15,10 @@ option split in two, (1 − p_q)(1 − p_m), (1 − p_q) p_m, p_q(1 − p_h), p_
 of Fig. S2e). The first ``m`` steps are forced high: ``force="high"`` (default) makes them the
 high option outright; ``force="p_q"`` sets only p_q = 1 (the paper's literal wording, which
 leaves p_med = 1 − p_h in the full variant). Every array is [steps, images, units, options].
+
+``ignore_prompt=True`` is the timestep-only control (issue 12): q is the constant 0.5 for every
+prompt, so ``p_q = σ(o)`` per unit is a learned constant and the bits depend on the unit and the
+step only (``s`` then has no effect and no gradient); a policy of it needs no T2Q.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Q2BConfig:
     init_s: float = 1.0
     init_o: float = 0.0  # p_q = 0.5 at q = 0.5
     init_logit: float = 0.0  # p_m = p_h = 0.5 at the start
+    ignore_prompt: bool = False  # the timestep-only control: q = 0.5 whatever the prompt
 
     def __post_init__(self):
         self.bits = tuple(int(b) for b in self.bits)
@@ -85,8 +90,12 @@ class Q2B(nn.Module):
         return self.s.shape[0]
 
     def p_q(self, q: torch.Tensor) -> torch.Tensor:
-        """[n, U] = σ((q − 0.5)·s + o) for qualities ``q [n]``."""
-        return torch.sigmoid((q.float()[:, None] - 0.5) * self.s + self.o)
+        """[n, U] = σ((q − 0.5)·s + o) for qualities ``q [n]`` (``ignore_prompt``: q = 0.5, so
+        σ(o) for every prompt; the branch is on the config, never on a tensor value)."""
+        q = q.float()
+        if self.config.ignore_prompt:
+            q = torch.full_like(q, 0.5)
+        return torch.sigmoid((q[:, None] - 0.5) * self.s + self.o)
 
     def step_probabilities(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(p_m, p_h), each [S, 1, U], of the groups of sampling-step indices ``steps [S]``."""

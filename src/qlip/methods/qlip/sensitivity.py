@@ -30,20 +30,29 @@ def row_sensitivity(
         raise ValueError(f"{len(lacking)} dynamic units (e.g. {lacking[0]}) have no quantizer for "
                          f"{bits} bits: quantize with --abits-options including {bits}")
     targets = fp_targets(unet, rows, units, batch_size)
-    out = torch.empty(len(rows))
     try:
         for unit in dynamic:
             unit.set_bits(bits)
-        for step, index in _rows_by_step(rows):
-            for unit in units.values():
-                unit.set_step(step)
-            for start in range(0, len(index), batch_size):
-                sel = index[start : start + batch_size]
-                eps = call_unet(unet, rows.subset(sel).inputs()).float().cpu()
-                out[sel] = (eps - targets[sel]).pow(2).flatten(1).mean(1)
+        return row_errors(unet, units, rows, targets, batch_size)
     finally:
         for unit in dynamic:
             unit.set_bits(unit.default_bits)
+
+
+@torch.no_grad()
+def row_errors(unet: nn.Module, units: dict[str, QuantUnit], rows: CalibrationSet,
+               targets: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """``[N]`` mean squared difference between ``targets`` (e.g. the FP predictions,
+    :func:`~qlip.methods.qlip.train.fp_targets`) and the UNet's prediction with every unit at
+    the bits it is set to, per row."""
+    out = torch.empty(len(rows))
+    for step, index in _rows_by_step(rows):
+        for unit in units.values():
+            unit.set_step(step)
+        for start in range(0, len(index), batch_size):
+            sel = index[start : start + batch_size]
+            eps = call_unet(unet, rows.subset(sel).inputs()).float().cpu()
+            out[sel] = (eps - targets[sel]).pow(2).flatten(1).mean(1)
     return out
 
 

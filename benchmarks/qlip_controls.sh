@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Issue 12's controls on the reference world, next to QLIP A{4,5,6} of a finished
+# benchmarks/qlip_first_result.sh run folder OUT (it needs OUT/q_qd_w4, the bank model;
+# OUT/q_qlip_4-5-6, QLIP; OUT/eval_qlip_4-5-6 with bits.safetensors, QLIP's eval; OUT/eval_fp,
+# the FP eval; OUT/qlip_work_4-5-6, QLIP's work folder, whose Q2B trajectories are reused):
+#   bash benchmarks/qlip_controls.sh OUT [N=1000] [DEVICE=cuda]
+# Same prompts, seeds, steps and batch as the first result's evals (N must be its N), each
+# --reference-run OUT/eval_fp, each prompt at its own bits (--batch-mode per_image):
+#   timestep_4-5-6: `qlip train-qlip --ignore-prompt` (Q2B's q a constant: bits per layer and step
+#                   only; the same training settings as QLIP's; LAM_A, if set, replaces λ)
+#                   -> OUT/q_timestep_4-5-6, evaluated like QLIP;
+#   random_4-5-6:   `--policy random-matched --bits-from OUT/eval_qlip_4-5-6` (QLIP's requested
+#                   bits' proportions per step and layer, drawn per prompt, seed POLICY_SEED);
+#   per_layer_4-5-6: `qlip per-layer --target-fab <QLIP's FAB> --bits 4,5,6` on QLIP's Q2B rows
+#                   (OUT/per_layer_4-5-6.json), evaluated with `--policy per-layer`.
+# Then `qlip compare` of each against QLIP (OUT/compare_<name>_vs_qlip.{md,json}) and
+# OUT/controls.md: every run's FAB against QLIP's, a line for each off by more than 0.1 bit
+# (the timestep-only FAB is whatever its λ gives: rerun with another LAM_A, after deleting
+# OUT/q_timestep_4-5-6 and OUT/eval_timestep_4-5-6). Every step is skipped when its result exists,
+# so a call cut by a timeout resumes. Steps run in turn; the three evals JOBS at a time.
+# Smoke test (CPU; first the first result's own smoke test into OUT, then, with its settings):
+#   STEPS=2 N_T2Q=40 TRAIN_EXTRA="--q2b-prompts 4 --q2b-iters 4 --t2q-iters 50 --chunk 16"
+#   EVAL_EXTRA="--bootstrap-resamples 20" COMPARE_RESAMPLES=20 PER_LAYER_EXTRA="--max-rows 16"
+#   bash benchmarks/qlip_controls.sh OUT 16 cpu
+set -uo pipefail
+out=${1:?output folder of qlip_first_result.sh}; n=${2:-1000}; device=${3:-cuda}
+jobs=${JOBS:-3}; steps=${STEPS:-25}; n_t2q=${N_T2Q:-10000}; set_bits=4,5,6; t=4-5-6
+qlip="python3 -m qlip.cli"
+# shellcheck disable=SC2206
+common=(--model reference --device "$device" --prompts heldout --num-images "$n" --batch-size 250
+        --steps "$steps" --guidance 4 --batch-mode per_image ${EVAL_EXTRA:-})
+# shellcheck disable=SC2206
+train=(--model reference --device "$device" --num-prompts "$n_t2q"
+       --steps "$steps" --guidance 4 --batch-size 250 --chunk 1000 --no-progress ${TRAIN_EXTRA:-})
+mkdir -p "$out/logs"
+for need in q_qd_w4/quant_state.safetensors "q_qlip_$t/qlip.json" "eval_qlip_$t/bits.safetensors" \
+            eval_fp/metrics.json "eval_qlip_$t/metrics.json"; do
+    [ -e "$out/$need" ] || { echo "$out/$need is missing: run benchmarks/qlip_first_result.sh" \
+                                  "(PHASE=quantize, train_b, eval) into $out first" >&2; exit 1; }
+done
+cores=$(nproc)
+export OMP_NUM_THREADS=$(( cores / jobs > 0 ? cores / jobs : 1 ))
+# shellcheck source=benchmarks/timed.sh
+source "$(dirname "$0")/timed.sh"
+fab_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['$2'])" "$1"; }
+# the rows Q2B trained on: train-qlip's --q2b-prompts (128 unless TRAIN_EXTRA changes it)
+q2b_prompts=$(echo "${TRAIN_EXTRA:-}" | sed -n 's/.*--q2b-prompts \([0-9]*\).*/\1/p')
+q2b_prompts=${q2b_prompts:-128}
+chunk=$(echo "${TRAIN_EXTRA:-}" | sed -n 's/.*--chunk \([0-9]*\).*/\1/p')
+target=$(fab_of "$out/eval_qlip_$t/metrics.json" fab_requested)
+echo "QLIP A{$set_bits}: FAB requested $target"
+
+# (a) the timestep-only Q2B, trained on QLIP's trajectories (its work folder: cached, not resampled)
+[ -e "$out/q_timestep_$t/qlip.json" ] || \
+    timed "train-qlip timestep $t" $qlip train-qlip "${train[@]}" --work-dir "$out/qlip_work_$t" \
+        --quantized "$out/q_qd_w4" --bits "$set_bits" --ignore-prompt ${LAM_A:+--lam "$LAM_A"} \
+        --out "$out/q_timestep_$t" > "$out/logs/train_timestep_$t.txt" 2>&1
+# (c) the per-layer assignment at QLIP's FAB, on the same rows
+[ -e "$out/per_layer_$t.json" ] || \
+    timed "per-layer $t" $qlip per-layer --model reference --device "$device" \
+        --quantized "$out/q_qd_w4" --target-fab "$target" --bits "$set_bits" \
+        --work-dir "$out/qlip_work_$t" --num-prompts "$q2b_prompts" --steps "$steps" \
+        --guidance 4 --chunk "${chunk:-1000}" --batch-size 250 --no-progress \
+        --out "$out/per_layer_$t.json" ${PER_LAYER_EXTRA:-} > "$out/logs/per_layer_$t.txt" 2>&1
+
+evaluate() {  # evaluate NAME LABEL [qlip eval options...]: skipped when metrics.json exists
+    local name=$1 label=$2; shift 2
+    [ -e "$out/eval_$name/metrics.json" ] && return 0
+    timed "eval $name" $qlip eval "${common[@]}" --label "$label" --reference-run "$out/eval_fp" \
+        --out "$out/eval_$name" "$@" > "$out/logs/eval_$name.txt" 2>&1
+}
+throttle() { while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done; }
+[ -e "$out/q_timestep_$t/qlip.json" ] && { throttle; evaluate "timestep_$t" \
+    "Q-Diffusion W4 + timestep-only Q2B A{$set_bits}" --quantized "$out/q_timestep_$t" & }
+throttle; evaluate "random_$t" "Q-Diffusion W4 + random matched to QLIP A{$set_bits}" \
+    --quantized "$out/q_qd_w4" --policy random-matched --bits-from "$out/eval_qlip_$t" \
+    --policy-seed "${POLICY_SEED:-0}" &
+[ -e "$out/per_layer_$t.json" ] && { throttle; evaluate "per_layer_$t" \
+    "Q-Diffusion W4 + per-layer A{$set_bits} at FAB $target" --quantized "$out/q_qd_w4" \
+    --policy per-layer --assignment "$out/per_layer_$t.json" & }
+wait
+
+summary="$out/controls.md"
+{ echo "# Issue 12's controls against QLIP A{$set_bits} ($n held-out prompts)"; echo
+  echo "| run | FAB requested | FAB | BitOPs (T) |"; echo "|---|---:|---:|---:|"
+  for name in "qlip_$t" "timestep_$t" "random_$t" "per_layer_$t"; do
+      m="$out/eval_$name/metrics.json"
+      [ -e "$m" ] || { echo "| $name | (not evaluated: see $out/logs) | | |"; continue; }
+      echo "| $name | $(fab_of "$m" fab_requested) | $(fab_of "$m" fab) | $(fab_of "$m" bitops_t) |"
+  done; echo; } > "$summary"
+for name in "timestep_$t" "random_$t" "per_layer_$t"; do
+    [ -e "$out/eval_$name/metrics.json" ] || continue
+    fab=$(fab_of "$out/eval_$name/metrics.json" fab_requested)
+    python3 -c "import sys; sys.exit(abs($fab - $target) > 0.1)" || \
+        echo "- $name: FAB $fab is more than 0.1 bit from QLIP's $target" >> "$summary"
+    [ -e "$out/compare_${name}_vs_qlip.md" ] && continue
+    $qlip compare "$out/eval_$name" "$out/eval_qlip_$t" --device "$device" \
+        --resamples "${COMPARE_RESAMPLES:-2000}" --json "$out/compare_${name}_vs_qlip.json" \
+        > "$out/compare_${name}_vs_qlip.md" 2> "$out/logs/compare_$name.txt" || \
+        rm -f "$out/compare_${name}_vs_qlip.md"
+done
+for name in "timestep_$t" "random_$t" "per_layer_$t"; do
+    [ -e "$out/compare_${name}_vs_qlip.md" ] || continue
+    { echo; echo "## $name vs QLIP"; echo; cat "$out/compare_${name}_vs_qlip.md"; } >> "$summary"
+done
+cat "$summary"
+grep -h "exit [1-9]" "$out/timings.txt" 2>/dev/null && echo "some steps failed: see $out/logs" >&2
+exit 0
