@@ -22,9 +22,16 @@
 #   STEPS=2 N_T2Q=40 TRAIN_EXTRA="--q2b-prompts 4 --q2b-iters 4 --t2q-iters 50 --chunk 16"
 #   EVAL_EXTRA="--bootstrap-resamples 20" COMPARE_RESAMPLES=20 PER_LAYER_EXTRA="--max-rows 16"
 #   bash benchmarks/qlip_controls.sh OUT 16 cpu
+# (ran on the 2-core CPU, 2026-12-02, on a PTQD smoke folder of qlip_first_result.sh with
+# SET=8,16,32 WORK=qlip_work BASE=q_ptqd_w4 MNAME=PTQD: every step and compare finished;
+# per-layer 203 s, three evals 67 s each at once)
 set -uo pipefail
 out=${1:?output folder of qlip_first_result.sh}; n=${2:-1000}; device=${3:-cuda}
-jobs=${JOBS:-3}; steps=${STEPS:-25}; n_t2q=${N_T2Q:-10000}; set_bits=4,5,6; t=4-5-6
+jobs=${JOBS:-3}; steps=${STEPS:-25}; n_t2q=${N_T2Q:-10000}
+# another option set, method or work folder of the first result's layout (defaults: {4,5,6} on
+# Q-Diffusion): SET=8,16,32 WORK=qlip_work, or BASE=q_ptqd_w4 MNAME=PTQD for a PTQD run folder
+set_bits=${SET:-4,5,6}; t=${set_bits//,/-}; base=${BASE:-q_qd_w4}; work=${WORK:-qlip_work_$t}
+mname=${MNAME:-Q-Diffusion}
 qlip="python3 -m qlip.cli"
 # shellcheck disable=SC2206
 common=(--model reference --device "$device" --prompts heldout --num-images "$n" --batch-size 250
@@ -33,7 +40,7 @@ common=(--model reference --device "$device" --prompts heldout --num-images "$n"
 train=(--model reference --device "$device" --num-prompts "$n_t2q"
        --steps "$steps" --guidance 4 --batch-size 250 --chunk 1000 --no-progress ${TRAIN_EXTRA:-})
 mkdir -p "$out/logs"
-for need in q_qd_w4/quant_state.safetensors "q_qlip_$t/qlip.json" "eval_qlip_$t/bits.safetensors" \
+for need in "$base/quant_state.safetensors" "q_qlip_$t/qlip.json" "eval_qlip_$t/bits.safetensors" \
             eval_fp/metrics.json "eval_qlip_$t/metrics.json"; do
     [ -e "$out/$need" ] || { echo "$out/$need is missing: run benchmarks/qlip_first_result.sh" \
                                   "(PHASE=quantize, train_b, eval) into $out first" >&2; exit 1; }
@@ -52,14 +59,14 @@ echo "QLIP A{$set_bits}: FAB requested $target"
 
 # (a) the timestep-only Q2B, trained on QLIP's trajectories (its work folder: cached, not resampled)
 [ -e "$out/q_timestep_$t/qlip.json" ] || \
-    timed "train-qlip timestep $t" $qlip train-qlip "${train[@]}" --work-dir "$out/qlip_work_$t" \
-        --quantized "$out/q_qd_w4" --bits "$set_bits" --ignore-prompt ${LAM_A:+--lam "$LAM_A"} \
+    timed "train-qlip timestep $t" $qlip train-qlip "${train[@]}" --work-dir "$out/$work" \
+        --quantized "$out/$base" --bits "$set_bits" --ignore-prompt ${LAM_A:+--lam "$LAM_A"} \
         --out "$out/q_timestep_$t" > "$out/logs/train_timestep_$t.txt" 2>&1
 # (c) the per-layer assignment at QLIP's FAB, on the same rows
 [ -e "$out/per_layer_$t.json" ] || \
     timed "per-layer $t" $qlip per-layer --model reference --device "$device" \
-        --quantized "$out/q_qd_w4" --target-fab "$target" --bits "$set_bits" \
-        --work-dir "$out/qlip_work_$t" --num-prompts "$q2b_prompts" --steps "$steps" \
+        --quantized "$out/$base" --target-fab "$target" --bits "$set_bits" \
+        --work-dir "$out/$work" --num-prompts "$q2b_prompts" --steps "$steps" \
         --guidance 4 --chunk "${chunk:-1000}" --batch-size 250 --no-progress \
         --out "$out/per_layer_$t.json" ${PER_LAYER_EXTRA:-} > "$out/logs/per_layer_$t.txt" 2>&1
 
@@ -71,12 +78,12 @@ evaluate() {  # evaluate NAME LABEL [qlip eval options...]: skipped when metrics
 }
 throttle() { while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done; }
 [ -e "$out/q_timestep_$t/qlip.json" ] && { throttle; evaluate "timestep_$t" \
-    "Q-Diffusion W4 + timestep-only Q2B A{$set_bits}" --quantized "$out/q_timestep_$t" & }
-throttle; evaluate "random_$t" "Q-Diffusion W4 + random matched to QLIP A{$set_bits}" \
-    --quantized "$out/q_qd_w4" --policy random-matched --bits-from "$out/eval_qlip_$t" \
+    "$mname W4 + timestep-only Q2B A{$set_bits}" --quantized "$out/q_timestep_$t" & }
+throttle; evaluate "random_$t" "$mname W4 + random matched to QLIP A{$set_bits}" \
+    --quantized "$out/$base" --policy random-matched --bits-from "$out/eval_qlip_$t" \
     --policy-seed "${POLICY_SEED:-0}" &
 [ -e "$out/per_layer_$t.json" ] && { throttle; evaluate "per_layer_$t" \
-    "Q-Diffusion W4 + per-layer A{$set_bits} at FAB $target" --quantized "$out/q_qd_w4" \
+    "$mname W4 + per-layer A{$set_bits} at FAB $target" --quantized "$out/$base" \
     --policy per-layer --assignment "$out/per_layer_$t.json" & }
 wait
 
