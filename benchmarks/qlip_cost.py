@@ -32,11 +32,11 @@ import torch
 from qlip.pipeline import GenerationConfig, generate, load_pipeline
 from qlip.pipeline.prompts import encode_prompt_batch
 from qlip.pipeline.quantized_model import load_for_sampling
-from qlip.policies import BitPolicy, FixedBits, PromptBatch, QLIPPolicy
+from qlip.policies import FixedBits, PlannedBits, PromptBatch, QLIPPolicy
 from qlip.world.domain import heldout_prompts
 
 
-class ReplayBits(BitPolicy):
+class ReplayBits(PlannedBits):
     """Replays bits computed beforehand ([S, B, U] per batch, in batch order)."""
 
     def __init__(self, batches: list[torch.Tensor], possible: set[int]):
@@ -49,9 +49,6 @@ class ReplayBits(BitPolicy):
     def begin(self, batch: PromptBatch, num_steps: int) -> None:
         self._bits = self.batches[self.index % len(self.batches)].to(batch.device)
         self.index += 1
-
-    def bits(self, step: int, timestep: torch.Tensor) -> torch.Tensor:
-        return self._bits[step]
 
     def describe(self) -> str:
         return "replayed QLIP bits"

@@ -74,6 +74,21 @@ class BitPolicy(ABC):
         return type(self).__name__
 
 
+class PlannedBits(BitPolicy):
+    """A policy whose ``begin`` plans every step's bits of the batch at once (``[S, B, U]`` in
+    ``self._bits``); ``bits(step)`` is then a slice, never a decision."""
+
+    _bits: torch.Tensor
+
+    @property
+    def planned(self) -> torch.Tensor:
+        """``[S, B, U]`` the bits ``begin`` chose for the current batch (every step, prompt, unit)."""
+        return self._bits
+
+    def bits(self, step: int, timestep: torch.Tensor) -> torch.Tensor:
+        return self._bits[step]
+
+
 class FixedBits(BitPolicy):
     """Every dynamic unit at ``abits`` for every prompt and step (the static WxAy setting)."""
 

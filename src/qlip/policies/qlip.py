@@ -10,10 +10,10 @@ from collections.abc import Mapping
 import torch
 
 from ..methods.qlip import QLIPModules
-from .base import BitPolicy, PromptBatch
+from .base import PlannedBits, PromptBatch
 
 
-class QLIPPolicy(BitPolicy):
+class QLIPPolicy(PlannedBits):
     """The prompt decides every dynamic unit's bits at every step.
 
     >>> policy = QLIPPolicy(load_qlip("runs/w4-qlip"))  # doctest: +SKIP
@@ -49,14 +49,6 @@ class QLIPPolicy(BitPolicy):
             else:
                 self.quality = self.modules.t2q.to(device)(batch.pooled)  # [B]
             self._bits = q2b.bits(self.quality, torch.arange(num_steps, device=device))  # [S, B, U]
-
-    @property
-    def planned(self) -> torch.Tensor:
-        """[S, B, U] the bits ``begin`` chose for the current batch (every step, prompt, unit)."""
-        return self._bits
-
-    def bits(self, step: int, timestep: torch.Tensor) -> torch.Tensor:
-        return self._bits[step]
 
     def describe(self) -> str:
         kind = "QLIP timestep-only" if self.modules.ignores_prompt else "QLIP"

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .base import BitPolicy, PromptBatch
+from .base import PlannedBits, PromptBatch
 
 
 def prompt_generator(seed: int, prompt: str) -> torch.Generator:
@@ -26,7 +26,7 @@ def prompt_generator(seed: int, prompt: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-class RandomMatchedBits(BitPolicy):
+class RandomMatchedBits(PlannedBits):
     """Bits drawn per (step, unit) from a reference's proportions over images.
 
     ``reference``: ``[images, steps, units]`` bit-widths (``bits.safetensors``' ``requested``),
@@ -94,14 +94,6 @@ class RandomMatchedBits(BitPolicy):
         slots = torch.searchsorted(cdf, uniform.to(device).permute(1, 2, 0).contiguous(),
                                    right=True)  # [S, U, B]
         self._bits = self.values.to(device)[slots].permute(0, 2, 1)  # [S, B, U]
-
-    @property
-    def planned(self) -> torch.Tensor:
-        """[S, B, U] the bits ``begin`` drew for the current batch."""
-        return self._bits
-
-    def bits(self, step: int, timestep: torch.Tensor) -> torch.Tensor:
-        return self._bits[step]
 
     def describe(self) -> str:
         widths = ",".join(map(str, self.values.tolist()))
