@@ -23,7 +23,8 @@ import torch
 
 from ..cli_args import output_folder
 from ..files import FolderLock, copy_atomic, write_atomic
-from ..methods.qlip import Q2B, T2Q, Q2BConfig, Q2BTrainConfig, QLIPModules, T2QConfig, save_qlip
+from ..methods.calib_data import CalibrationSet
+from ..methods.qlip import Q2B, Q2BConfig, Q2BTrainConfig, QLIPModules, T2QConfig, save_qlip
 from ..methods.qlip.train import train_q2b
 from ..nn import QuantConfig, quant_units
 from ..pipeline import load_pipeline, load_quantized
@@ -258,24 +259,47 @@ def _raw_scores(stages: _Stages, pipe, texts, data, source) -> torch.Tensor:
     return torch.from_numpy(raw_scores(labels, data, real, sens))
 
 
-def _fit_q2b(stages: _Stages, pipe, t2q: T2Q, pooled: torch.Tensor, texts) -> tuple[Q2B, list]:
+@dataclass
+class Q2BInputs:
+    """What Q2B trains on, from the stages before it (:func:`prepare_q2b`)."""
+
+    pipe: object  # the pipeline, the quantized model loaded into its UNet
+    t2q: T2QResult
+    texts: list[str]  # the N training prompts
+    world: list | None  # their world prompts (reference world) or None
+    pooled: torch.Tensor  # [N, C] the prompts' pooled text embeddings
+    rows: CalibrationSet  # FP trajectories of the first q2b_prompts prompts
+    prompt_of_row: torch.Tensor  # [rows] each row's prompt index
+    quality: torch.Tensor  # [rows] T2Q's q of each row's prompt
+    stages: _Stages
+
+    @property
+    def rows_digest(self) -> str:
+        """Names the rows in fingerprints: the sampling, the base model, the prompts."""
+        count = self.stages.config.q2b_prompts
+        return digest([self.stages.sampling.fingerprint(), self.stages.base, self.texts[:count]])
+
+
+def _fit_q2b(inputs: Q2BInputs) -> tuple[Q2B, list]:
+    stages, pipe = inputs.stages, inputs.pipe
     config = stages.config
-    rows, prompt_of_row = stages.timed("trajectories", stages.trajectories, pipe, texts)
-    with torch.no_grad():
-        quality = t2q(pooled[: config.q2b_prompts])[prompt_of_row]
     units = quant_units(pipe.unet)
     dynamic = [n for n, u in units.items() if u.dynamic]
     q2b = Q2B(len(dynamic), config.sampling.steps, config.q2b).to(pipe.unet.device)
     train = replace(config.q2b_train, progress=config.progress)
-    fingerprint = {"q2b": config.q2b.to_dict(), "train": _without(asdict(train), "iters"),
-                   "quantized": stages.facts.digest, "t2q": tensor_digest(t2q.state_dict()),
-                   "rows": digest([stages.sampling.fingerprint(), stages.base,
-                                   texts[: config.q2b_prompts]])}
+    train_fields = _without(asdict(train), "iters")
+    if train.optimizer == "adam":  # Q2B caches made before the field existed are Adam's
+        del train_fields["optimizer"]
+    fingerprint = {"q2b": config.q2b.to_dict(), "train": train_fields,
+                   "quantized": stages.facts.digest,
+                   "t2q": tensor_digest(inputs.t2q.model.state_dict()),
+                   "rows": inputs.rows_digest}
     folder = config.work / f"q2b_A{'-'.join(map(str, config.q2b.bits))}_{config.labels.label}"
     claim(folder, fingerprint, config.redo_stale, "Q2B checkpoint")
-    stages.log(f"Q2B: {train.iters} iterations on {len(rows)} rows of {config.q2b_prompts} "
-               f"prompts, {len(dynamic)} dynamic units -> {folder}")
-    history = stages.timed("q2b", train_q2b, pipe.unet, q2b, units, rows, quality, train, folder)
+    stages.log(f"Q2B: {train.iters} iterations on {len(inputs.rows)} rows of "
+               f"{config.q2b_prompts} prompts, {len(dynamic)} dynamic units -> {folder}")
+    history = stages.timed("q2b", train_q2b, pipe.unet, q2b, units, inputs.rows, inputs.quality,
+                           train, folder)
     return q2b.cpu(), history
 
 
@@ -318,12 +342,30 @@ def train_qlip(config: TrainQLIPConfig, log: Callable[[str], None] = print,
     facts = check_inputs(config, own_source=source is not None)
     texts, world = training_prompts(config)
     with FolderLock(output_folder(str(config.work), "--work-dir"), "qlip train-qlip"):
-        return _train(config, facts, texts, world, log, source)
+        inputs = _prepare(config, facts, texts, world, log, source)
+        return None if inputs is None else _finish(inputs)
 
 
-def _train(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: list | None,
-           log: Callable[[str], None], source: LabelSource | None) -> QLIPModules | None:
-    """The stages of :func:`train_qlip`, in its work folder (held)."""
+def prepare_q2b(config: TrainQLIPConfig, log: Callable[[str], None] = print,
+                source: LabelSource | None = None) -> Q2BInputs:
+    """The stages before Q2B's training (T2Q data, labels, T2Q, trajectories), run or reused
+    from the work folder as :func:`train_qlip` runs them: what a study of Q2B's own settings
+    trains on (``benchmarks/q2b_sweep.py``). Needs ``config.quantized``.
+
+    >>> inputs = prepare_q2b(TrainQLIPConfig("runs/qd-w4", q2b_prompts=64))  # doctest: +SKIP
+    >>> inputs.rows, inputs.quality  # Q2B's training rows and each row's T2Q q  # doctest: +SKIP
+    """
+    if not config.quantized or config.stop_after is not None:
+        raise ValueError("prepare_q2b needs a quantized model (--quantized) and no stop_after")
+    facts = check_inputs(config, own_source=source is not None)
+    texts, world = training_prompts(config)
+    with FolderLock(output_folder(str(config.work), "--work-dir"), "qlip train-qlip"):
+        return _prepare(config, facts, texts, world, log, source)
+
+
+def _prepare(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: list | None,
+             log: Callable[[str], None], source: LabelSource | None) -> Q2BInputs | None:
+    """The stages before Q2B, in the work folder (held); None where ``stop_after`` ends them."""
     pipe = load_pipeline(config.model, config.device)
     over = check_prompts(pipe, texts, config.truncate)
     if over:
@@ -350,16 +392,26 @@ def _train(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: 
                           data["pooled"], raw, normalized_labels(raw.numpy()), config, log)
     if done("t2q"):
         return None
-    if config.stop_after == "trajectories":
-        stages.timed("trajectories", stages.trajectories, pipe, texts)
-        done("trajectories")
+    rows, prompt_of_row = stages.timed("trajectories", stages.trajectories, pipe, texts)
+    if done("trajectories"):
         return None
-    q2b, history = _fit_q2b(stages, pipe, fitted.model, data["pooled"], texts)
-    names = [n for n, u in quant_units(pipe.unet).items() if u.dynamic]
+    with torch.no_grad():
+        quality = fitted.model(data["pooled"][: config.q2b_prompts])[prompt_of_row]
+    return Q2BInputs(pipe, fitted, texts, world, data["pooled"], rows, prompt_of_row, quality,
+                     stages)
+
+
+def _finish(inputs: Q2BInputs) -> QLIPModules:
+    """Train Q2B and save QLIP's modules and metrics."""
+    config, fitted = inputs.stages.config, inputs.t2q
+    q2b, history = _fit_q2b(inputs)
+    names = [n for n, u in quant_units(inputs.pipe.unet).items() if u.dynamic]
     modules = QLIPModules(fitted.model, q2b.eval().requires_grad_(False), names,
-                          _metrics(config, fitted, history, texts, world, stages.times))
+                          _metrics(config, fitted, history, inputs.texts, inputs.world,
+                                   inputs.stages.times))
     path = _write(modules, config)
-    log(f"T2Q held-out SROCC {fitted.metrics['srocc']:.3f}, PLCC {fitted.metrics['plcc']:.3f}; "
-        f"Q2B mean bits {modules.metrics['q2b']['fab']:.2f} (last tenth of training); saved to "
-        f"{path}")
+    inputs.stages.log(f"T2Q held-out SROCC {fitted.metrics['srocc']:.3f}, PLCC "
+                      f"{fitted.metrics['plcc']:.3f}; Q2B mean bits "
+                      f"{modules.metrics['q2b']['fab']:.2f} (last tenth of training); saved to "
+                      f"{path}")
     return modules
