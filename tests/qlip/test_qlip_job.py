@@ -4,6 +4,7 @@ flags mapped onto the config."""
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from qlip.cli import build_parser, main
-from qlip.methods.qlip import Q2BConfig, Q2BTrainConfig, T2QConfig, load_qlip
+from qlip.methods.qlip import Q2B, Q2BConfig, Q2BTrainConfig, T2QConfig, load_qlip
 from qlip.methods.qlip import train as q2b_train
 from qlip.metrics import srocc
-from qlip.nn import QuantConfig
+from qlip.nn import QuantConfig, quant_units
 from qlip.pipeline import (
     CalibrationConfig,
     GenerationConfig,
@@ -28,7 +29,7 @@ from qlip.pipeline.prompts import encode_prompt_batch
 from qlip.pipeline.qlip_data import FPRunConfig
 from qlip.pipeline.quantized_model import load_for_sampling
 from qlip.policies import QLIPPolicy
-from qlip.qlip_training import TrainQLIPConfig, train_qlip
+from qlip.qlip_training import TrainQLIPConfig, prepare_q2b, train_qlip
 from qlip.qlip_training.cli import train_config_from_args
 from qlip.qlip_training.labels import LabelConfig
 from qlip.qlip_training.sources import LabelSource
@@ -195,6 +196,33 @@ def test_an_interrupted_job_resumes_to_the_straight_result(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prepare_q2b_gives_what_the_job_trains_q2b_on(
+        quantized, tiny_pipe_dir, prompt_file, tmp_path, _tiny_pipeline_template):
+    """A study of Q2B's settings (benchmarks/q2b_sweep.py) trains on prepare_q2b's inputs: the
+    job's own rows and qualities, from its caches (nothing generated again), so a Q2B trained
+    on them with precomputed FP targets equals the job's."""
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    small = dict(num_prompts=64, t2q=T2QConfig(iters=50, batch_size=32))
+    config = _config(quantized, tiny_pipe_dir, prompt_file, tmp_path, **small)
+    modules = train_qlip(config, _quiet, _TeacherSource(pipe))
+    again = _TeacherSource(pipe)
+    inputs = prepare_q2b(config, _quiet, again)
+    assert again.calls == 0 and len(inputs.quality) == len(inputs.rows) == 4 * 2 * 3
+    torch.testing.assert_close(inputs.quality,
+                               modules.t2q(inputs.pooled[:4])[inputs.prompt_of_row])
+    units = quant_units(inputs.pipe.unet)
+    q2b = Q2B(len(modules.unit_names), 3, config.q2b)
+    targets = q2b_train.fp_targets(inputs.pipe.unet, inputs.rows, units)
+    q2b_train.train_q2b(inputs.pipe.unet, q2b, units, inputs.rows, inputs.quality,
+                        replace(config.q2b_train, progress=False), targets=targets)
+    torch.testing.assert_close(q2b.state_dict(), modules.q2b.state_dict())
+    with pytest.raises(ValueError, match="targets must be"):
+        q2b_train.train_q2b(inputs.pipe.unet, Q2B(len(modules.unit_names), 3, config.q2b), units,
+                            inputs.rows, inputs.quality, config.q2b_train, targets=targets[:2])
+    with pytest.raises(ValueError, match="no stop_after"):
+        prepare_q2b(replace(config, stop_after="t2q"), _quiet, again)
+
+
 def test_the_fp_stages_run_without_a_quantized_model_and_are_reused(
         quantized, tiny_pipe_dir, prompt_file, tmp_path, _tiny_pipeline_template):
     """--stop-after: the FP stages (here up to the trajectories) need no quantized model, so they
@@ -274,7 +302,8 @@ def test_every_flag_maps_onto_its_config_field():
         "--t2q-batch-size", "32", "--t2q-lr", "0.01", "--t2q-holdout", "0.2",
         "--variant", "pq_pm", "--group-steps", "4", "--high-steps", "3", "--force", "p_q",
         "--q2b-iters", "70", "--q2b-batch-size", "6", "--q2b-lr", "0.05", "--lam", "0.3",
-        "--penalty-norm", "max", "--checkpoint-every", "10", "--redo-stale", "--stop-after",
+        "--penalty-norm", "max", "--q2b-optimizer", "sgd", "--checkpoint-every", "10",
+        "--redo-stale", "--stop-after",
         "t2q", "--ignore-prompt", "--no-progress"])
     want = TrainQLIPConfig(
         quantized="q", model="m", out="o", work_dir="w", device="cpu", prompts="p.txt",
@@ -286,7 +315,7 @@ def test_every_flag_maps_onto_its_config_field():
         q2b=Q2BConfig(bits=(4, 5, 6), variant="pq_pm", group_steps=4, high_steps=3, force="p_q",
                       ignore_prompt=True),
         q2b_train=Q2BTrainConfig(iters=70, batch_size=6, lr=0.05, lam=0.3, penalty_norm="max",
-                                 checkpoint_every=10),
+                                 optimizer="sgd", checkpoint_every=10),
         redo_stale=True, stop_after="t2q", progress=False)
     assert train_config_from_args(args) == want
     defaults = train_config_from_args(build_parser().parse_args(

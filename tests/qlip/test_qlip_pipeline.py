@@ -1,6 +1,8 @@
 """QLIP on the tiny pipeline: T2Q learns a text function, Q2B training, the policy in both batch
 modes, save → load gives identical bits."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -108,22 +110,24 @@ def test_training_lowers_the_loss_and_fab_falls_as_lambda_rises(tiny_pipe, tmp_p
     assert fabs[0] > fabs[1] > fabs[2], fabs
 
 
-def test_training_resumes_from_its_checkpoint(tiny_pipe, tmp_path):
+@pytest.mark.parametrize("optimizer, lr", [("adam", 1e-2), ("sgd", 1e3)])
+def test_training_resumes_from_its_checkpoint(tiny_pipe, tmp_path, optimizer, lr):
     _quantized(tiny_pipe, tmp_path, options=(4, 6, 8))
     rows, index = capture_trajectories(tiny_pipe, PROMPTS[:2], steps=4, guidance=3.0, progress=False)
     units, quality = quant_units(tiny_pipe.unet), torch.tensor([0.2, 0.8])[index]
     config = Q2BConfig((4, 6, 8), group_steps=2, high_steps=1)
+    train = Q2BTrainConfig(iters=6, lr=lr, optimizer=optimizer, checkpoint_every=3, progress=False)
     straight = Q2B(len(_dynamic(tiny_pipe)), 4, config)
-    train_q2b(tiny_pipe.unet, straight, units, rows, quality,
-              Q2BTrainConfig(iters=6, checkpoint_every=3, progress=False))
+    train_q2b(tiny_pipe.unet, straight, units, rows, quality, train)
     resumed = Q2B(len(_dynamic(tiny_pipe)), 4, config)
-    train_q2b(tiny_pipe.unet, resumed, units, rows, quality,
-              Q2BTrainConfig(iters=3, checkpoint_every=3, progress=False), tmp_path / "ck")
+    train_q2b(tiny_pipe.unet, resumed, units, rows, quality, replace(train, iters=3), tmp_path / "ck")
     again = Q2B(len(_dynamic(tiny_pipe)), 4, config)
-    history = train_q2b(tiny_pipe.unet, again, units, rows, quality,
-                        Q2BTrainConfig(iters=6, checkpoint_every=3, progress=False), tmp_path / "ck")
+    history = train_q2b(tiny_pipe.unet, again, units, rows, quality, train, tmp_path / "ck")
     assert [h["iter"] for h in history] == list(range(6))
     torch.testing.assert_close(again.state_dict(), straight.state_dict())
+    # the steps moved Q2B beyond the tolerance: a lost optimiser state would show
+    fresh = Q2B(len(_dynamic(tiny_pipe)), 4, config).state_dict()
+    assert max(float((v - fresh[k]).abs().max()) for k, v in straight.state_dict().items()) > 1e-3
 
 
 def _modules(pipe, steps=3):

@@ -7,7 +7,7 @@ import argparse
 
 from ..methods.qlip import Q2BConfig, Q2BTrainConfig, T2QConfig
 from ..methods.qlip.q2b import FORCE_MODES, OPTION_COUNTS
-from ..methods.qlip.train import PENALTY_NORMS
+from ..methods.qlip.train import OPTIMIZERS, PENALTY_NORMS
 from ..pipeline.qlip_data import FPRunConfig
 from ..quant import parse_bits_list
 from .job import STOP_POINTS
@@ -65,18 +65,25 @@ def add_train_qlip_parser(sub) -> None:
                    help="share of the prompts held out to measure T2Q's SROCC/PLCC")
     p.add_argument("--variant", choices=sorted(OPTION_COUNTS), default=Q2BConfig.variant)
     p.add_argument("--group-steps", type=int_at_least("--group-steps", 1), default=Q2BConfig.group_steps,
-                   help="M: steps sharing one (p_m, p_h)")
+                   help="M: steps sharing one (p_m, p_h) (default %(default)s; chosen by "
+                   "measurement, docs/methods.md)")
     p.add_argument("--high-steps", type=int_at_least("--high-steps", 0), default=Q2BConfig.high_steps,
-                   help="m: first steps forced high")
+                   help="m: first steps forced high (default %(default)s; chosen by measurement)")
     p.add_argument("--force", choices=FORCE_MODES, default=Q2BConfig.force)
     p.add_argument("--ignore-prompt", action="store_true",
                    help="the timestep-only control: Q2B's q is a constant for every prompt, so "
                    "the bits depend on the layer and the step only (no T2Q is trained or needed)")
-    p.add_argument("--q2b-iters", type=int_at_least("--q2b-iters", 1), default=Q2BTrainConfig.iters)
+    p.add_argument("--q2b-iters", type=int_at_least("--q2b-iters", 1), default=Q2BTrainConfig.iters,
+                   help="Q2B's optimiser steps (default %(default)s; chosen by measurement)")
     p.add_argument("--q2b-batch-size", type=int_at_least("--q2b-batch-size", 1), default=Q2BTrainConfig.batch_size)
-    p.add_argument("--q2b-lr", type=finite_float("--q2b-lr"), default=Q2BTrainConfig.lr)
-    p.add_argument("--lam", type=finite_float("--lam", 0), default=Q2BTrainConfig.lam, help="λ, the bit-penalty weight")
+    p.add_argument("--q2b-lr", type=finite_float("--q2b-lr"), default=Q2BTrainConfig.lr,
+                   help="Q2B's learning rate (default %(default)s; chosen by measurement)")
+    p.add_argument("--lam", type=finite_float("--lam", 0), default=Q2BTrainConfig.lam,
+                   help="λ, the bit-penalty weight (default %(default)s; chosen by measurement)")
     p.add_argument("--penalty-norm", choices=PENALTY_NORMS, default=Q2BTrainConfig.penalty_norm)
+    p.add_argument("--q2b-optimizer", choices=OPTIMIZERS, default=Q2BTrainConfig.optimizer,
+                   help="Q2B's optimiser: adam (default; chosen by measurement), or sgd "
+                   "(momentum 0.9)")
     p.add_argument("--checkpoint-every", type=int_at_least("--checkpoint-every", 1), default=Q2BTrainConfig.checkpoint_every)
     p.add_argument("--truncate", action="store_true",
                    help="cut training prompts longer than the tokenizer's limit (a line says how "
@@ -112,7 +119,7 @@ def train_config_from_args(args):
                       ignore_prompt=args.ignore_prompt),
         q2b_train=Q2BTrainConfig(iters=args.q2b_iters, batch_size=args.q2b_batch_size,
                                  lr=args.q2b_lr, lam=args.lam, penalty_norm=args.penalty_norm,
-                                 checkpoint_every=args.checkpoint_every),
+                                 optimizer=args.q2b_optimizer, checkpoint_every=args.checkpoint_every),
         redo_stale=args.redo_stale, truncate=args.truncate, progress=not args.no_progress,
     )
 

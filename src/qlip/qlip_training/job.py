@@ -23,7 +23,8 @@ import torch
 
 from ..cli_args import output_folder
 from ..files import FolderLock, copy_atomic, write_atomic
-from ..methods.qlip import Q2B, T2Q, Q2BConfig, Q2BTrainConfig, QLIPModules, T2QConfig, save_qlip
+from ..methods.calib_data import CalibrationSet
+from ..methods.qlip import Q2B, Q2BConfig, Q2BTrainConfig, QLIPModules, T2QConfig, save_qlip
 from ..methods.qlip.train import train_q2b
 from ..nn import QuantConfig, quant_units
 from ..pipeline import load_pipeline, load_quantized
@@ -264,35 +265,52 @@ def _raw_scores(stages: _Stages, pipe, texts, data, source) -> torch.Tensor:
     return torch.from_numpy(raw_scores(labels, data, real, sens))
 
 
-def _fit_q2b(stages: _Stages, pipe, t2q: T2Q | None, pooled: torch.Tensor | None, texts
-             ) -> tuple[Q2B, list]:
-    """Q2B on the trajectories; ``t2q`` None: the timestep-only Q2B (every row's q is 0.5, which
-    its ``p_q`` ignores anyway)."""
+@dataclass
+class Q2BInputs:
+    """What Q2B trains on, from the stages before it (:func:`prepare_q2b`)."""
+
+    pipe: object  # the pipeline, the quantized model loaded into its UNet
+    t2q: T2QResult | None  # None: the timestep-only Q2B (--ignore-prompt), no T2Q
+    texts: list[str]  # the N training prompts
+    world: list | None  # their world prompts (reference world) or None
+    pooled: torch.Tensor | None  # [N, C] the prompts' pooled text embeddings (None: no T2Q)
+    rows: CalibrationSet  # FP trajectories of the first q2b_prompts prompts
+    prompt_of_row: torch.Tensor  # [rows] each row's prompt index
+    quality: torch.Tensor  # [rows] T2Q's q of each row's prompt (0.5 for the timestep-only)
+    stages: _Stages
+
+    @property
+    def rows_digest(self) -> str:
+        """Names the rows in fingerprints: the sampling, the base model, the prompts."""
+        count = self.stages.config.q2b_prompts
+        return digest([self.stages.sampling.fingerprint(), self.stages.base, self.texts[:count]])
+
+
+def _fit_q2b(inputs: Q2BInputs) -> tuple[Q2B, list]:
+    stages, pipe = inputs.stages, inputs.pipe
     config = stages.config
-    rows, prompt_of_row = stages.timed("trajectories", stages.trajectories, pipe, texts)
-    with torch.no_grad():
-        if t2q is None:
-            quality = torch.full((len(rows),), 0.5)
-        else:
-            quality = t2q(pooled[: config.q2b_prompts])[prompt_of_row]
     units = quant_units(pipe.unet)
     dynamic = [n for n, u in units.items() if u.dynamic]
     q2b = Q2B(len(dynamic), config.sampling.steps, config.q2b).to(pipe.unet.device)
     train = replace(config.q2b_train, progress=config.progress)
+    # fields added later leave the fingerprint at their old value, so earlier caches stay valid
     q2b_fields = config.q2b.to_dict()
-    if not q2b_fields["ignore_prompt"]:  # a QLIP Q2B keeps the fingerprint it had before the field
+    if not q2b_fields["ignore_prompt"]:
         del q2b_fields["ignore_prompt"]
-    fingerprint = {"q2b": q2b_fields, "train": _without(asdict(train), "iters"),
-                   "quantized": stages.facts.digest,
-                   "t2q": "none" if t2q is None else tensor_digest(t2q.state_dict()),
-                   "rows": digest([stages.sampling.fingerprint(), stages.base,
-                                   texts[: config.q2b_prompts]])}
-    label = "noprompt" if t2q is None else config.labels.label
+    train_fields = _without(asdict(train), "iters")
+    if train.optimizer == "adam":
+        del train_fields["optimizer"]
+    fingerprint = {"q2b": q2b_fields, "train": train_fields, "quantized": stages.facts.digest,
+                   "t2q": "none" if inputs.t2q is None
+                   else tensor_digest(inputs.t2q.model.state_dict()),
+                   "rows": inputs.rows_digest}
+    label = "noprompt" if inputs.t2q is None else config.labels.label
     folder = config.work / f"q2b_A{'-'.join(map(str, config.q2b.bits))}_{label}"
     claim(folder, fingerprint, config.redo_stale, "Q2B checkpoint")
-    stages.log(f"Q2B: {train.iters} iterations on {len(rows)} rows of {config.q2b_prompts} "
-               f"prompts, {len(dynamic)} dynamic units -> {folder}")
-    history = stages.timed("q2b", train_q2b, pipe.unet, q2b, units, rows, quality, train, folder)
+    stages.log(f"Q2B: {train.iters} iterations on {len(inputs.rows)} rows of "
+               f"{config.q2b_prompts} prompts, {len(dynamic)} dynamic units -> {folder}")
+    history = stages.timed("q2b", train_q2b, pipe.unet, q2b, units, inputs.rows, inputs.quality,
+                           train, folder)
     return q2b.cpu(), history
 
 
@@ -335,12 +353,31 @@ def train_qlip(config: TrainQLIPConfig, log: Callable[[str], None] = print,
     facts = check_inputs(config, own_source=source is not None)
     texts, world = training_prompts(config)
     with FolderLock(output_folder(str(config.work), "--work-dir"), "qlip train-qlip"):
-        return _train(config, facts, texts, world, log, source)
+        inputs = _prepare(config, facts, texts, world, log, source)
+        return None if inputs is None else _finish(inputs)
 
 
-def _train(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: list | None,
-           log: Callable[[str], None], source: LabelSource | None) -> QLIPModules | None:
-    """The stages of :func:`train_qlip`, in its work folder (held)."""
+def prepare_q2b(config: TrainQLIPConfig, log: Callable[[str], None] = print,
+                source: LabelSource | None = None) -> Q2BInputs:
+    """The stages before Q2B's training (T2Q data, labels, T2Q, trajectories), run or reused
+    from the work folder as :func:`train_qlip` runs them: what a study of Q2B's own settings
+    trains on (``benchmarks/q2b_sweep.py``). Needs ``config.quantized``.
+
+    >>> inputs = prepare_q2b(TrainQLIPConfig("runs/qd-w4", q2b_prompts=64))  # doctest: +SKIP
+    >>> inputs.rows, inputs.quality  # Q2B's training rows and each row's T2Q q  # doctest: +SKIP
+    """
+    if not config.quantized or config.stop_after is not None:
+        raise ValueError("prepare_q2b needs a quantized model (--quantized) and no stop_after")
+    facts = check_inputs(config, own_source=source is not None)
+    texts, world = training_prompts(config)
+    with FolderLock(output_folder(str(config.work), "--work-dir"), "qlip train-qlip"):
+        return _prepare(config, facts, texts, world, log, source)
+
+
+def _prepare(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: list | None,
+             log: Callable[[str], None], source: LabelSource | None) -> Q2BInputs | None:
+    """The stages before Q2B, in the work folder (held); None where ``stop_after`` ends them.
+    A timestep-only Q2B (``--ignore-prompt``) skips T2Q's stages: its every row's q is 0.5."""
     pipe = load_pipeline(config.model, config.device)
     over = check_prompts(pipe, texts, config.truncate)
     if over:
@@ -358,48 +395,42 @@ def _train(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world: 
         log(f"stopped after {stage} (--stop-after); the caches are in {config.work}")
         return True
 
-    if _timestep_only(config):
-        return _fit_timestep_only(stages, pipe, texts, world, done)
-    source = source or label_source(config, pipe, world)
-    data = stages.timed("t2q data", stages.t2q_data, pipe, texts, source)
-    if done("t2q_data"):
+    fitted = pooled = None
+    if not _timestep_only(config):
+        source = source or label_source(config, pipe, world)
+        data = stages.timed("t2q data", stages.t2q_data, pipe, texts, source)
+        if done("t2q_data"):
+            return None
+        raw = _raw_scores(stages, pipe, texts, data, source)
+        fitted = stages.timed("t2q", fit_t2q, config.work / f"t2q_{config.labels.label}",
+                              data["pooled"], raw, normalized_labels(raw.numpy()), config, log)
+        if done("t2q"):
+            return None
+        pooled = data["pooled"]
+    rows, prompt_of_row = stages.timed("trajectories", stages.trajectories, pipe, texts)
+    if done("trajectories"):
         return None
-    raw = _raw_scores(stages, pipe, texts, data, source)
-    fitted = stages.timed("t2q", fit_t2q, config.work / f"t2q_{config.labels.label}",
-                          data["pooled"], raw, normalized_labels(raw.numpy()), config, log)
-    if done("t2q"):
-        return None
-    if config.stop_after == "trajectories":
-        stages.timed("trajectories", stages.trajectories, pipe, texts)
-        done("trajectories")
-        return None
-    q2b, history = _fit_q2b(stages, pipe, fitted.model, data["pooled"], texts)
-    modules = _save(stages, pipe, fitted, q2b, history, texts, world)
-    log(f"T2Q held-out SROCC {fitted.metrics['srocc']:.3f}, PLCC {fitted.metrics['plcc']:.3f}; "
-        f"Q2B mean bits {modules.metrics['q2b']['fab']:.2f} (last tenth of training); saved to "
-        f"{config.out or config.quantized}")
-    return modules
+    with torch.no_grad():
+        quality = (torch.full((len(rows),), 0.5) if fitted is None
+                   else fitted.model(pooled[: config.q2b_prompts])[prompt_of_row])
+    return Q2BInputs(pipe, fitted, texts, world, pooled, rows, prompt_of_row, quality, stages)
 
 
-def _fit_timestep_only(stages: _Stages, pipe, texts, world, done) -> QLIPModules | None:
-    """``--ignore-prompt``: the trajectories and a Q2B whose q is a constant; no T2Q."""
-    if stages.config.stop_after == "trajectories":
-        stages.timed("trajectories", stages.trajectories, pipe, texts)
-        done("trajectories")
-        return None
-    q2b, history = _fit_q2b(stages, pipe, None, None, texts)
-    modules = _save(stages, pipe, None, q2b, history, texts, world)
-    stages.log(f"timestep-only Q2B (no T2Q, the prompt ignored): mean bits "
-               f"{modules.metrics['q2b']['fab']:.2f} (last tenth of training); saved to "
-               f"{stages.config.out or stages.config.quantized}")
-    return modules
-
-
-def _save(stages: _Stages, pipe, fitted: T2QResult | None, q2b: Q2B, history: list, texts,
-          world) -> QLIPModules:
-    names = [n for n, u in quant_units(pipe.unet).items() if u.dynamic]
+def _finish(inputs: Q2BInputs) -> QLIPModules:
+    """Train Q2B and save QLIP's modules and metrics."""
+    config, fitted = inputs.stages.config, inputs.t2q
+    q2b, history = _fit_q2b(inputs)
+    names = [n for n, u in quant_units(inputs.pipe.unet).items() if u.dynamic]
     modules = QLIPModules(None if fitted is None else fitted.model,
                           q2b.eval().requires_grad_(False), names,
-                          _metrics(stages.config, fitted, history, texts, world, stages.times))
-    _write(modules, stages.config)
+                          _metrics(config, fitted, history, inputs.texts, inputs.world,
+                                   inputs.stages.times))
+    path = _write(modules, config)
+    bits = f"Q2B mean bits {modules.metrics['q2b']['fab']:.2f} (last tenth of training)"
+    if fitted is None:
+        inputs.stages.log(f"timestep-only Q2B (no T2Q, the prompt ignored): {bits}; saved to "
+                          f"{path}")
+    else:
+        inputs.stages.log(f"T2Q held-out SROCC {fitted.metrics['srocc']:.3f}, PLCC "
+                          f"{fitted.metrics['plcc']:.3f}; {bits}; saved to {path}")
     return modules

@@ -36,6 +36,7 @@ FORCE_MODES = ("high", "p_q")
 class Q2BConfig:
     bits: tuple[int, ...] = (8, 16, 32)  # the paper's default option set, low → high
     variant: str = "full"
+    # M and m kept after measurement (docs/methods.md, "How Q2B's defaults were chosen")
     group_steps: int = 5  # M: steps sharing one (p_m, p_h); 25 steps → 5 groups
     high_steps: int = 2  # m: first steps forced to the high option
     force: str = "high"

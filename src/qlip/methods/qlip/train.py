@@ -30,15 +30,20 @@ from ..unet_inputs import call_unet
 from .q2b import Q2B, expected_bits_ste
 
 PENALTY_NORMS = ("cadyq", "max")
+OPTIMIZERS = ("adam", "sgd")  # sgd: with momentum 0.9
+SGD_MOMENTUM = 0.9
 
 
 @dataclass
 class Q2BTrainConfig:
-    iters: int = 1000  # optimiser steps
+    # iters, lr, lam and optimizer were chosen by measurement (docs/methods.md, "How Q2B's
+    # defaults were chosen"; benchmarks/q2b_sweep.py)
+    iters: int = 500  # optimiser steps (the H200 curves at lr 1e-2 settle by 300-400)
     batch_size: int = 8  # rows (guidance halves count separately) of one sampling step
-    lr: float = 1e-2  # Adam; Q2B has 2U + 2GU parameters, all O(1)
-    lam: float = 0.1  # λ, the bit-penalty weight
+    lr: float = 1e-1  # Q2B has 2U + 2GU parameters, all O(1); 1e-1 got there in half the steps
+    lam: float = 0.1  # λ, the bit-penalty weight (where MSE against FAB bends, on {4,5,6})
     penalty_norm: str = "cadyq"
+    optimizer: str = "adam"  # or "sgd" (momentum 0.9), which barely moved Q2B
     seed: int = 0
     checkpoint_every: int = 100  # iterations between checkpoints (resumable training)
     progress: bool = True
@@ -50,6 +55,8 @@ class Q2BTrainConfig:
             raise ValueError(f"need lr > 0 and lam >= 0; got {self.lr}, {self.lam}")
         if self.penalty_norm not in PENALTY_NORMS:
             raise ValueError(f"penalty_norm must be one of {PENALTY_NORMS}; got {self.penalty_norm!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
 
 
 def option_map(units: list[QuantUnit], bits: tuple[int, ...]) -> torch.Tensor:
@@ -107,7 +114,8 @@ CHECKPOINT_FILE = "q2b_ckpt.safetensors"
 
 
 class _Checkpoint:
-    """Q2B parameters, the optimiser state and the history, as safetensors + JSON (no pickle)."""
+    """Q2B parameters, the optimiser state (Adam's moments or SGD's momentum) and the history,
+    as safetensors + JSON (no pickle)."""
 
     def __init__(self, folder: Path | None):
         self.folder = folder
@@ -122,9 +130,13 @@ class _Checkpoint:
         for param, name in zip([p for g in optimizer.param_groups for p in g["params"]], names):
             # the moments live with the parameter (a GPU run resumes on the GPU); Adam keeps
             # its step count on the CPU
-            optimizer.state[param] = {"step": state[f"adam.{name}.step"],
-                                      "exp_avg": state[f"adam.{name}.m"].to(param.device),
-                                      "exp_avg_sq": state[f"adam.{name}.v"].to(param.device)}
+            if isinstance(optimizer, torch.optim.Adam):
+                optimizer.state[param] = {"step": state[f"adam.{name}.step"],
+                                          "exp_avg": state[f"adam.{name}.m"].to(param.device),
+                                          "exp_avg_sq": state[f"adam.{name}.v"].to(param.device)}
+            elif f"sgd.{name}.momentum" in state:
+                optimizer.state[param] = {"momentum_buffer":
+                                          state[f"sgd.{name}.momentum"].to(param.device)}
         return json.loads(meta["history"])
 
     def save(self, q2b: Q2B, optimizer: torch.optim.Optimizer, history: list[dict]) -> None:
@@ -134,9 +146,11 @@ class _Checkpoint:
         state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in q2b.state_dict().items()}
         for name, param in q2b.named_parameters():
             s = optimizer.state.get(param)
-            if s:
+            if s and "exp_avg" in s:
                 state |= {f"adam.{name}.step": s["step"].cpu().reshape(()),
                           f"adam.{name}.m": s["exp_avg"].cpu(), f"adam.{name}.v": s["exp_avg_sq"].cpu()}
+            elif s and s.get("momentum_buffer") is not None:
+                state[f"sgd.{name}.momentum"] = s["momentum_buffer"].cpu()
         # the history travels inside the one file: parameters and history are never of two steps
         save_tensors(state, self.folder / CHECKPOINT_FILE, {"history": json.dumps(history)})
         write_atomic(self.folder / "q2b_ckpt.json", json.dumps({"history": history}))  # to read
@@ -146,10 +160,12 @@ class _Checkpoint:
 def train_q2b(
     unet: nn.Module, q2b: Q2B, units: dict[str, QuantUnit], data: CalibrationSet,
     quality: torch.Tensor, config: Q2BTrainConfig | None = None, checkpoint: str | Path | None = None,
+    targets: torch.Tensor | None = None,
 ) -> list[dict]:
     """Train ``q2b`` for the dynamic ``units`` (in Q2B's unit order) on rows ``data`` whose prompts
     have T2Q scores ``quality [N]``; returns the history (iteration, loss, mse, fab).
-    With ``checkpoint``, training resumes from the folder's last checkpoint.
+    With ``checkpoint``, training resumes from the folder's last checkpoint. ``targets``: the
+    rows' FP ε (:func:`fp_targets`), when several trainings share one set of rows.
 
     >>> history = train_q2b(pipe.unet, q2b, dynamic, rows, q, Q2BTrainConfig(iters=200))  # doctest: +SKIP
     """
@@ -162,12 +178,16 @@ def train_q2b(
         raise ValueError(f"rows reach step {int(data.steps.max())}; Q2B covers {q2b.num_steps} steps")
     mapping = option_map(dynamic, q2b.config.bits)
     unet.requires_grad_(False)  # only Q2B learns
-    optimizer = torch.optim.Adam(q2b.parameters(), lr=config.lr)
+    optimizer = make_optimizer(q2b, config)
     ckpt = _Checkpoint(Path(checkpoint) if checkpoint else None)
     history = ckpt.load(q2b, optimizer)
     if len(history) >= config.iters:  # a finished run: nothing to compute
         return history
-    targets = fp_targets(unet, data, units)
+    if targets is None:
+        targets = fp_targets(unet, data, units)
+    elif targets.shape != data.latents.shape:
+        raise ValueError(f"targets must be the rows' FP ε {tuple(data.latents.shape)}; got "
+                         f"{tuple(targets.shape)}")
     by_step = {s: torch.nonzero(data.steps == s).flatten() for s in torch.unique(data.steps).tolist()}
     steps = sorted(by_step)
     bar = tqdm(range(len(history), config.iters), desc="Q2B", disable=not config.progress)
@@ -187,6 +207,12 @@ def train_q2b(
         for unit in dynamic:
             unit.bind_bits(None, 0)
     return history
+
+
+def make_optimizer(q2b: Q2B, config: Q2BTrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(q2b.parameters(), lr=config.lr, momentum=SGD_MOMENTUM)
+    return torch.optim.Adam(q2b.parameters(), lr=config.lr)
 
 
 def _train_step(unet, q2b, units, dynamic, mapping, data, targets, quality, rows, step,
