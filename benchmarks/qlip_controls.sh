@@ -70,13 +70,6 @@ echo "QLIP A{$set_bits}: FAB requested $target"
         --guidance 4 --chunk "${chunk:-1000}" --batch-size 250 --no-progress \
         --out "$out/per_layer_$t.json" ${PER_LAYER_EXTRA:-} > "$out/logs/per_layer_$t.txt" 2>&1
 
-evaluate() {  # evaluate NAME LABEL [qlip eval options...]: skipped when metrics.json exists
-    local name=$1 label=$2; shift 2
-    [ -e "$out/eval_$name/metrics.json" ] && return 0
-    timed "eval $name" $qlip eval "${common[@]}" --label "$label" --reference-run "$out/eval_fp" \
-        --out "$out/eval_$name" "$@" > "$out/logs/eval_$name.txt" 2>&1
-}
-throttle() { while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done; }
 [ -e "$out/q_timestep_$t/qlip.json" ] && { throttle; evaluate "timestep_$t" \
     "$mname W4 + timestep-only Q2B A{$set_bits}" --quantized "$out/q_timestep_$t" & }
 throttle; evaluate "random_$t" "$mname W4 + random matched to QLIP A{$set_bits}" \

@@ -71,13 +71,6 @@ export OMP_NUM_THREADS=$(( cores / jobs > 0 ? cores / jobs : 1 ))
 # shellcheck source=benchmarks/timed.sh
 source "$(dirname "$0")/timed.sh"
 tag() { echo "${1//,/-}"; }  # 8,16,32 -> 8-16-32
-evaluate() {  # evaluate NAME LABEL [qlip eval options...]: skipped when metrics.json exists
-    local name=$1 label=$2; shift 2
-    [ -e "$out/eval_$name/metrics.json" ] && return 0
-    timed "eval $name" $qlip eval "${common[@]}" --label "$label" --reference-run "$out/eval_fp" \
-        --out "$out/eval_$name" "$@" > "$out/logs/eval_$name.txt" 2>&1
-}
-throttle() { while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 1; done; }
 
 if [ "$phase" = quantize ] || [ "$phase" = all ]; then
     [ -e "$out/eval_fp/metrics.json" ] || \

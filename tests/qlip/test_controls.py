@@ -18,18 +18,14 @@ from qlip.methods.bit_assignment import Budget, greedy_assignment
 from qlip.methods.qlip import Q2B, T2Q, Q2BConfig, Q2BTrainConfig, QLIPModules, save_qlip, train_q2b
 from qlip.methods.qlip.train import bind_soft, fp_targets, option_map
 from qlip.methods.unet_inputs import call_unet
-from qlip.nn import QuantConfig, quant_units
-from qlip.pipeline import (
-    CalibrationConfig,
-    QuantizeJob,
-    load_quantized,
-    quantize_pipeline,
-    save_quantized,
-)
+from qlip.nn import quant_units
+from qlip.pipeline import load_quantized, save_quantized
 from qlip.pipeline.generate import load_generation_bits, save_bits
 from qlip.pipeline.qlip_data import capture_trajectories
 from qlip.pipeline.quantized_model import PolicyConfig, load_for_sampling
 from qlip.policies import FixedBits, PerLayerBits, PromptBatch, QLIPPolicy, RandomMatchedBits
+
+from .conftest import save_w4_model
 
 BITS = (4, 6, 8)
 PROMPTS = ["a red circle", "two blue squares at the top left", "a star", "green",
@@ -40,14 +36,8 @@ WORDS = "red blue green small big circle square star left right top the a of".sp
 @pytest.fixture(scope="module")
 def quantized(_tiny_pipeline_template, tiny_pipe_dir, tmp_path_factory):
     """A W4 RTN model of the tiny pipeline with the bank {4, 6, 8}."""
-    folder = tmp_path_factory.mktemp("controls") / "w4"
-    job = QuantizeJob(quant=QuantConfig(wbits=4, abits=8, abits_options=BITS),
-                      calibration=CalibrationConfig(num_prompts=2, num_inference_steps=3,
-                                                    num_kept_steps=2, guidance=3.0),
-                      base_model=str(tiny_pipe_dir))
-    quantize_pipeline(copy.deepcopy(_tiny_pipeline_template), PROMPTS[:2], job, folder,
-                      progress=False)
-    return folder
+    return save_w4_model(_tiny_pipeline_template, tiny_pipe_dir,
+                         tmp_path_factory.mktemp("controls") / "w4", BITS, 8, PROMPTS[:2])
 
 
 @pytest.fixture(scope="module")

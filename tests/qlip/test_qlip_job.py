@@ -15,14 +15,11 @@ from qlip.cli import build_parser, main
 from qlip.methods.qlip import Q2B, Q2BConfig, Q2BTrainConfig, T2QConfig, load_qlip
 from qlip.methods.qlip import train as q2b_train
 from qlip.metrics import srocc
-from qlip.nn import QuantConfig, quant_units
+from qlip.nn import quant_units
 from qlip.pipeline import (
-    CalibrationConfig,
     GenerationConfig,
-    QuantizeJob,
     generate,
     qlip_data,
-    quantize_pipeline,
 )
 from qlip.pipeline.cache import StaleCacheError
 from qlip.pipeline.prompts import encode_prompt_batch
@@ -33,6 +30,8 @@ from qlip.qlip_training import TrainQLIPConfig, prepare_q2b, train_qlip
 from qlip.qlip_training.cli import train_config_from_args
 from qlip.qlip_training.labels import LabelConfig
 from qlip.qlip_training.sources import LabelSource
+
+from .conftest import save_w4_model
 
 WORDS = "red blue green small big circle square star left right top the a of".split()
 BITS = (4, 8, 16)
@@ -50,14 +49,8 @@ def prompt_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def quantized(_tiny_pipeline_template, tiny_pipe_dir, tmp_path_factory):
     """A W4 RTN model of the tiny pipeline with the bank {4, 8, 16}."""
-    folder = tmp_path_factory.mktemp("q") / "w4"
-    job = QuantizeJob(quant=QuantConfig(wbits=4, abits=16, abits_options=BITS),
-                      calibration=CalibrationConfig(num_prompts=2, num_inference_steps=3,
-                                                    num_kept_steps=2, guidance=3.0),
-                      base_model=str(tiny_pipe_dir))
-    quantize_pipeline(copy.deepcopy(_tiny_pipeline_template), ["a red circle", "a star"], job,
-                      folder, progress=False)
-    return folder
+    return save_w4_model(_tiny_pipeline_template, tiny_pipe_dir,
+                         tmp_path_factory.mktemp("q") / "w4", BITS, 16, ["a red circle", "a star"])
 
 
 class _TeacherSource(LabelSource):

@@ -57,20 +57,29 @@ def quantize_probs(p: torch.Tensor, params: torch.Tensor, mode: int) -> torch.Te
     return torch.where(bypass != 0, p, q)
 
 
+def _scores(q, k, scale: float) -> torch.Tensor:
+    return torch.bmm(q.float(), k.float().transpose(1, 2)) * scale  # [R, N, M] fp32
+
+
+def _times_v(probs, v, params, mode: int, keep_first: bool, dtype) -> torch.Tensor:
+    quantized = quantize_probs(probs, params, mode)
+    if keep_first:
+        quantized = torch.cat([probs[:, :, :1], quantized[:, :, 1:]], dim=2)
+    return torch.bmm(quantized, v.float()).to(dtype)
+
+
 def reference_attention(q, k, v, scale: float, params: torch.Tensor, mode: int,
                         keep_first: bool = False) -> torch.Tensor:
     """The materialised computation the kernel must equal: softmax(q·kᵀ·scale), its probabilities
     fake-quantized per row, times v; in fp32, returned in q's dtype."""
-    probs = torch.softmax(torch.bmm(q.float(), k.float().transpose(1, 2)) * scale, dim=-1)
-    quantized = quantize_probs(probs, params, mode)
-    if keep_first:
-        quantized = torch.cat([probs[:, :, :1], quantized[:, :, 1:]], dim=2)
-    return torch.bmm(quantized, v.float()).to(q.dtype)
+    probs = torch.softmax(_scores(q, k, scale), dim=-1)
+    return _times_v(probs, v, params, mode, keep_first, q.dtype)
 
 
 def row_stats(q, k, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(m, l, m1)``, each ``[R, N]`` fp32: pass 1's statistics, computed in PyTorch."""
-    s = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale
+    """``(m, l, m1)``, each ``[R, N]`` fp32: pass 1's statistics, computed in PyTorch (what the
+    kernel's first pass must equal)."""
+    s = _scores(q, k, scale)
     m = s.amax(dim=2)
     norm = torch.exp(s - m[..., None]).sum(dim=2)
     m1 = s[:, :, 1:].amax(dim=2) if s.shape[2] > 1 else torch.full_like(m, -math.inf)
@@ -95,22 +104,26 @@ if triton is not None:
         return tl.where(tie & odd, f - 1.0, f)
 
     @triton.jit
+    def _load_rows(base, offs, stride, count, offs_d, D):
+        """Rows ``offs`` (of ``count``) of a [count, D] matrix at ``base``, zero-padded, fp32."""
+        return tl.load(base + offs[:, None] * stride + offs_d[None, :],
+                       mask=(offs[:, None] < count) & (offs_d[None, :] < D),
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
     def _stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, m1_ptr, N, M, D, scale,
                       stride_qr, stride_qn, stride_kr, stride_km,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(1)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + row * stride_qr + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         m1_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, M, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            k = tl.load(k_ptr + row * stride_kr + offs_n[:, None] * stride_km + offs_d[None, :],
-                        mask=(offs_n[:, None] < M) & (offs_d[None, :] < D),
-                        other=0.0).to(tl.float32)
+            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             s = tl.where(offs_n[None, :] < M, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -131,8 +144,7 @@ if triton is not None:
         row = tl.program_id(1)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + row * stride_qr + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D)
         m_i = tl.load(m_ptr + row * N + offs_m, mask=offs_m < N, other=0.0)
         l_i = tl.load(l_ptr + row * N + offs_m, mask=offs_m < N, other=1.0)
         a = tl.load(p_ptr + row * 4)
@@ -142,9 +154,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in range(0, M, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n[:, None] < M) & (offs_d[None, :] < D)
-            k = tl.load(k_ptr + row * stride_kr + offs_n[:, None] * stride_km + offs_d[None, :],
-                        mask=kv_mask, other=0.0).to(tl.float32)
+            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             p = tl.exp(s - m_i[:, None]) / l_i[:, None]
             if MODE == 0:
@@ -157,8 +167,7 @@ if triton is not None:
             if KEEP_FIRST:
                 pq = tl.where(offs_n[None, :] == 0, p, pq)
             pq = tl.where(offs_n[None, :] < M, pq, 0.0)  # padding keys carry nothing
-            v = tl.load(v_ptr + row * stride_vr + offs_n[:, None] * stride_vm + offs_d[None, :],
-                        mask=kv_mask, other=0.0).to(tl.float32)
+            v = _load_rows(v_ptr + row * stride_vr, offs_n, stride_vm, M, offs_d, D)
             acc += tl.dot(pq, v, input_precision="ieee")
         tl.store(o_ptr + row * stride_or + offs_m[:, None] * stride_on + offs_d[None, :],
                  acc.to(o_ptr.dtype.element_ty),
@@ -205,10 +214,14 @@ def fused_attention(q, k, v, scale: float, params_for, mode: int, keep_first: bo
     k and v ``[R, M, d]``. ``params_for(row_max [R]) -> params [R, 4]`` gives each row's
     quantizer parameters from each row's largest probability (a log2 Δ needs it; a uniform grid
     ignores it). ``use_kernel``: the Triton kernel (default where :func:`available`), else the
-    same two passes in PyTorch, materialising the scores."""
+    same computation in PyTorch, materialising the probabilities."""
     kernel = available(q) if use_kernel is None else use_kernel
-    m, norm, m1 = kernel_row_stats(q, k, scale) if kernel else row_stats(q, k, scale)
-    params = params_for(row_max_prob(m, norm, m1, keep_first))
     if kernel:
+        m, norm, m1 = kernel_row_stats(q, k, scale)
+        params = params_for(row_max_prob(m, norm, m1, keep_first))
         return kernel_output(q, k, v, m, norm, params, scale, mode, keep_first)
-    return reference_attention(q, k, v, scale, params, mode, keep_first)
+    probs = torch.softmax(_scores(q, k, scale), dim=-1)  # the scores once
+    quantized = probs[:, :, 1:] if keep_first else probs
+    row_max = (quantized.amax(dim=(1, 2)) if quantized.shape[2]
+               else probs.new_zeros(probs.shape[0]))
+    return _times_v(probs, v, params_for(row_max), mode, keep_first, q.dtype)
