@@ -27,13 +27,14 @@ import torch
 
 from qlip.methods.calib_data import CalibrationSet
 from qlip.methods.rtn import quantize_rtn
-from qlip.nn import QuantConfig, quant_units, use_fused_attention
+from qlip.nn import QuantConfig, quant_units, use_fused_attention, use_fused_quantize
 from qlip.pipeline import prepare_unet
 from qlip.pipeline.generate import StepController
 from qlip.policies import BitPolicy, FixedBits
 from qlip.testing import build_sd14_unet
 
-VARIANTS = ("bf16", "w4a8_layers", "w4a8_attention", "w4a8_attention_fused", "bank")
+VARIANTS = ("bf16", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_attention",
+            "w4a8_attention_fused", "bank")
 COMPILED = ("bf16", "w4a8_layers", "bank")
 BANK = (8, 16, 32)
 
@@ -109,13 +110,15 @@ def build(variant: str, device: str, dtype: torch.dtype):
         return unet, {}
     options = BANK if variant == "bank" else (8,)
     config = QuantConfig(wbits=4, abits=8, abits_options=options,
-                         quantize_attention=variant != "w4a8_layers")
+                         quantize_attention=not variant.startswith("w4a8_layers"))
     units = prepare_unet(unet, config)
     x, t, c = inputs(device, dtype, seed=1)
     quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(2, dtype=torch.long)),
                  progress=False)
     if variant == "w4a8_attention_fused":  # softmax·V without the probability tensor (Triton)
         use_fused_attention(unet, True)
+    if variant == "w4a8_layers_pytorch":  # the quantizers in PyTorch ops, not one launch each
+        use_fused_quantize(unet, False)
     return unet, quant_units(unet)
 
 
@@ -170,6 +173,14 @@ def measure(variant: str, args) -> dict:
         out["fused_vs_materialised"] = {"max_abs": float((fused - plain).abs().max()),
                                         "mean_abs": float((fused - plain).abs().mean()),
                                         "mean_abs_out": float(plain.abs().mean())}
+    if variant == "w4a8_layers":  # one-launch quantizers against the PyTorch ops: equal?
+        with torch.no_grad():
+            one = step()
+            use_fused_quantize(unet, False)
+            ops = step()
+            use_fused_quantize(unet, True)
+        out["kernel_vs_pytorch"] = {"equal": bool(torch.equal(one, ops)),
+                                    "max_abs": float((one.float() - ops.float()).abs().max())}
     compiled = None
     if variant in COMPILED and args.compile:
         compiled = torch.compile(unet.forward)
@@ -334,6 +345,9 @@ def summarise(results: dict) -> None:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
     if "eager" in layers:
         targets["eager_w4a8_layers_vs_bf16"] = layers["eager"]["median_ms"] / base_eager
+    if "eager" in v.get("w4a8_layers_pytorch", {}):  # the same without the one-launch quantizer
+        targets["eager_w4a8_layers_pytorch_vs_bf16"] = (
+            v["w4a8_layers_pytorch"]["eager"]["median_ms"] / base_eager)
     bank = v.get("bank", {})
     if "compiled_bits_changing" in bank:
         targets["bits_changing_vs_fixed_compiled"] = (

@@ -58,3 +58,14 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def kernel_device() -> str | None:
+    """Where qlip's Triton kernels can run: "cuda", the CPU under TRITON_INTERPRET=1, or None."""
+    from qlip.quant.fused_quantize import triton
+
+    if triton is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None

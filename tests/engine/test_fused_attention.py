@@ -2,8 +2,6 @@
 path's outputs with it on; the kernel equals the materialised reference (run where Triton can:
 on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
 
-import os
-
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ from qlip.nn import QuantConfig, use_fused_attention
 from qlip.pipeline import prepare_unet
 from qlip.quant import fused_attention as fa
 
-from ..conftest import unet_inputs
+from ..conftest import kernel_device, unet_inputs
 
 
 def _quantized(pipe, **config):
@@ -96,20 +94,12 @@ def test_probability_quantizers_match_a_hand_computation():
     assert torch.equal(fa.quantize_probs(p, torch.tensor([[0.5, 3.0, 0.0, 1.0]]), fa.LOG2), p)
 
 
-def _kernel_device() -> str | None:
-    if fa.triton is None:
-        return None
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
-
-
-@pytest.mark.skipif(_kernel_device() is None,
+@pytest.mark.skipif(kernel_device() is None,
                     reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
 @pytest.mark.parametrize("mode", [fa.UNIFORM, fa.LOG2], ids=["uniform", "log2"])
 @pytest.mark.parametrize("keep_first", [False, True])
 def test_kernel_equals_the_materialised_reference(mode, keep_first):
-    device = _kernel_device()
+    device = kernel_device()
     g = torch.Generator().manual_seed(0)
     rows, n, m, d = 6, 37, 21, 40  # not multiples of the blocks; SD 1.x's head dim 40
     q, k, v = (torch.randn(rows, s, d, generator=g).to(device) for s in (n, m, m))
@@ -137,3 +127,30 @@ def test_kernel_equals_the_materialised_reference(mode, keep_first):
     # the bypassed row is plain attention
     plain = torch.softmax(q[5:] @ k[5:].transpose(1, 2) * scale, dim=-1) @ v[5:]
     assert torch.allclose(got[5:], plain, atol=1e-5)
+
+
+@pytest.mark.skipif(kernel_device() != "cuda", reason="16-bit products need a CUDA GPU (the "
+                    "interpreter truncates bf16 casts)")
+@pytest.mark.parametrize("keep_first", [False, True])
+def test_bf16_kernel_equals_the_reference_with_16_bit_probabilities(keep_first):
+    # bf16 inputs take tensor-core products (exact in fp32) and round the quantized
+    # probabilities to bf16 before the product with v, as the bf16 materialised path does
+    g = torch.Generator().manual_seed(1)
+    rows, n, m, d = 4, 300, 77, 40
+    q, k, v = (torch.randn(rows, s, d, generator=g).to("cuda", torch.bfloat16) for s in (n, m, m))
+    scale = d ** -0.5
+    stats = fa.kernel_row_stats(q, k, scale)
+    row_max = fa.row_max_prob(*stats, keep_first)
+    params = torch.stack([row_max / 255, torch.zeros_like(row_max),
+                          torch.full_like(row_max, 255.0), torch.zeros_like(row_max)], dim=1)
+    got = fa.kernel_output(q, k, v, stats[0], stats[1], params, scale, fa.UNIFORM,
+                           keep_first).float()
+    probs = torch.softmax(fa._scores(q, k, scale), dim=-1)
+    quantized = fa.quantize_probs(probs, params, fa.UNIFORM)
+    if keep_first:
+        quantized = torch.cat([probs[:, :, :1], quantized[:, :, 1:]], dim=2)
+    want = torch.bmm(quantized.to(torch.bfloat16).float(), v.float())
+    diff = (got - want).abs()
+    # bf16 output rounding (2^-8 relative), except at rounding boundaries of the 8-bit grid
+    assert (diff <= 2 ** -8 * want.abs() + 1e-4).float().mean() >= 0.995
+    assert float(diff.max()) <= float(params[:, 0].max()) * float(v.float().abs().max()) + 1e-2

@@ -65,6 +65,27 @@ def test_weighted_frechet_equals_fid_of_the_materialised_resample():
         assert value.item() == pytest.approx(fid_from_features(a[index], b[index]), rel=1e-8)
 
 
+def test_frechet_of_singular_covariances_falls_back_to_the_symmetric_root():
+    # fewer images than dims: Σ_a is singular, so no Cholesky factor exists; mixed batches take
+    # the factor where it exists and the root elsewhere, with the same values as the scipy FID
+    small_a, small_b = _normal(12, 20, 0, 2.0), _normal(12, 20, 1, 2.5, 0.3)
+    big_a, big_b = _normal(200, 20, 2, 2.0), _normal(200, 20, 3, 2.5, 0.3)
+    config = BootstrapConfig(dtype=torch.float64)
+    ones = torch.ones(1, 12, dtype=torch.float64)
+    got = bootstrap_frechet(small_a, small_b, ones, config=config).item()
+    want = fid_from_features(small_a.numpy(), small_b.numpy())
+    assert got == pytest.approx(want, rel=1e-6)
+    # one batch: a resample that drops most images (singular) beside a full one
+    counts = torch.zeros(2, 200, dtype=torch.float64)
+    counts[0, :10] = 20.0  # 10 distinct images, each 20 times: rank 9 < 20 dims
+    counts[1] = 1.0
+    values = bootstrap_frechet(big_a, big_b, counts, config=config)
+    assert values[0].item() == pytest.approx(
+        fid_from_features(big_a[:10].repeat(20, 1).numpy(), big_b[:10].repeat(20, 1).numpy()),
+        rel=1e-6)
+    assert values[1].item() == pytest.approx(fid_from_features(big_a, big_b), rel=1e-8)
+
+
 def test_fid_interval_covers_the_estimate_and_shrinks_with_more_images():
     widths = []
     for n in (200, 800):

@@ -98,3 +98,52 @@ def test_the_reference_source_renders_the_training_prompts_own_scenes():
     torch.testing.assert_close(measured["image_text"], evaluator.image_text_similarity(
         renders, [p.text for p in prompts[2:5]]).float())
     assert measured["features"].shape == (3, 256) and len(source.real_keys) == 6
+
+
+def test_image_complexity_of_an_edge_by_hand():
+    from qlip.metrics import image_complexity
+
+    edge = torch.zeros(2, 3, 4, 4)
+    edge[0, :, :, 2:] = 1.0  # a white right half: one unit step on each row
+    edge[1, 0, :, 2:] = 1.0  # the same edge in red only: the luminance steps by 0.299
+    # the [3, 3] grid of forward differences holds the step in one of its three columns
+    np.testing.assert_allclose(image_complexity(edge), [1 / 3, 0.299 / 3], rtol=1e-6)
+    flat = torch.full((1, 3, 5, 5), 0.7)
+    assert float(image_complexity(flat)) == 0.0
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        image_complexity(torch.zeros(3, 4, 4))
+
+
+def test_complexity_and_length_labels_pass_through():
+    data = {"features": torch.zeros(3, 2), "complexity": torch.tensor([0.2, 0.5, 0.1])}
+    np.testing.assert_allclose(raw_scores(LabelConfig(label="complexity"), data), [0.2, 0.5, 0.1])
+    lengths = torch.tensor([4, 9, 6])
+    np.testing.assert_allclose(raw_scores(LabelConfig(label="length"), data, lengths=lengths),
+                               [4.0, 9.0, 6.0])
+    with pytest.raises(ValueError, match="--redo-stale"):
+        raw_scores(LabelConfig(label="complexity"), {"features": torch.zeros(3, 2)})
+    with pytest.raises(ValueError, match="token counts"):
+        raw_scores(LabelConfig(label="length"), data)
+
+
+def test_prompt_lengths_count_tokens_with_start_and_end(tiny_pipe):
+    from qlip.pipeline.prompts import prompt_lengths
+
+    prompts = ["a red circle", "a big red circle in the top left on a white background"]
+    want = [len(tiny_pipe.tokenizer(p).input_ids) for p in prompts]
+    assert prompt_lengths(tiny_pipe, prompts).tolist() == want and want[1] > want[0]
+
+
+def test_the_criteria_labels_on_a_users_model_need_no_real_images(tmp_path):
+    from qlip.qlip_training.job import TrainQLIPConfig, label_source
+
+    pipe = type("Pipe", (), {"unet": type("U", (), {"config": type("C", (), {"sample_size": 8})()})(),
+                             "vae_scale_factor": 8})()
+    for label, want in (("length", None), ("complexity", "complexity")):
+        config = TrainQLIPConfig(model=str(tmp_path), labels=LabelConfig(label=label),
+                                 stop_after="t2q_data", work_dir=str(tmp_path / "work"))
+        source = label_source(config, pipe, None)
+        assert (source if want is None else source.name) == want
+    images = torch.rand(2, 3, 8, 8)
+    measured = label_source(config, pipe, None).measure(images, ["a", "b"])
+    assert set(measured) == {"complexity"}  # no feature network, no scorer

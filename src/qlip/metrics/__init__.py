@@ -9,6 +9,7 @@ from qlip.metrics.alignment import (
     alignment,
 )
 from qlip.metrics.clip_score import ClipScoreResult, clip_score, to_torchmetrics_scale
+from qlip.metrics.complexity import image_complexity
 from qlip.metrics.correlation import plcc, srocc
 from qlip.metrics.features import (
     FeatureExtractor,
@@ -52,6 +53,7 @@ __all__ = [
     "fid_from_features",
     "fid_from_images",
     "frechet_distance",
+    "image_complexity",
     "plcc",
     "rank_normalize",
     "sfid_from_features",

@@ -12,6 +12,7 @@ from .swap import (
     quantize_model,
     tensor_bytes,
     use_fused_attention,
+    use_fused_quantize,
 )
 from .unit import QuantUnit, activations_bypassed, fp_bits, verify_calibrated
 
@@ -34,5 +35,6 @@ __all__ = [
     "quantize_model",
     "tensor_bytes",
     "use_fused_attention",
+    "use_fused_quantize",
     "verify_calibrated",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..quant.stacked import StackedQuantizer
 from .attention import QuantAttnProcessor
 from .config import QuantConfig
 from .layers import QuantConv2d, QuantLayer, QuantLinear
@@ -127,3 +128,15 @@ def use_fused_attention(model: nn.Module, on: bool = True) -> int:
     """Turn the fused quantized attention (``QuantAttnProcessor.fused``) on or off for every
     unit of ``model`` that has one; returns how many."""
     return sum(unit.use_fused(on) for unit in quant_units(model).values())
+
+
+def use_fused_quantize(model: nn.Module, on: bool = True) -> int:
+    """Turn the one-launch activation quantizer (``StackedQuantizer.kernel``,
+    :mod:`qlip.quant.fused_quantize`: eager inference on the GPU, the same values) on or off for
+    every stacked quantizer in ``model``; returns how many. It is on by default."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, StackedQuantizer):
+            module.kernel = on
+            count += 1
+    return count

@@ -64,6 +64,13 @@ def check_prompts(pipe, prompts: list[str], truncate: bool = False, allow_empty:
     return over
 
 
+def prompt_lengths(pipe, prompts: list[str]) -> torch.Tensor:
+    """``[n]`` long: each prompt's token count under the pipeline's first tokenizer, start and
+    end tokens included, untruncated (QLIP's prompt-length criterion)."""
+    tokenizer = text_towers(pipe)[0][0]
+    return torch.tensor([len(tokenizer(p, truncation=False).input_ids) for p in prompts])
+
+
 def truncation_note(over: int, total: int, limit: int) -> str:
     """The line a command prints when ``--truncate`` cut ``over`` of ``total`` prompts."""
     return (f"--truncate: {over} of {total} prompts are longer than the tokenizer's limit of "

@@ -51,7 +51,8 @@ def add_train_qlip_parser(sub) -> None:
                    help="prompts per saved chunk of the FP runs (the unit of resumption)")
     p.add_argument("--batch-size", type=int_at_least("--batch-size", 1), default=FPRunConfig.batch_size)
     p.add_argument("--label", choices=LABELS, default=LabelConfig.label,
-                   help="T2Q's label: giqa (GMM), giqa_knn, realism, image_text, sensitivity")
+                   help="T2Q's label: giqa (GMM), giqa_knn, realism, image_text, sensitivity; "
+                   "or the selection criteria complexity (T2C) and length")
     p.add_argument("--giqa-components", type=int_at_least("--giqa-components", 1), default=LabelConfig.giqa_components)
     p.add_argument("--knn-k", type=int_at_least("--knn-k", 1), default=LabelConfig.knn_k)
     p.add_argument("--realism-k", type=int_at_least("--realism-k", 1), default=LabelConfig.realism_k)

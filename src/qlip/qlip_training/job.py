@@ -29,11 +29,11 @@ from ..methods.qlip.train import train_q2b
 from ..nn import QuantConfig, quant_units
 from ..pipeline import load_pipeline, load_quantized
 from ..pipeline.cache import ChunkStore, claim, digest, file_digest, tensor_digest
-from ..pipeline.prompts import check_prompts, truncation_note
+from ..pipeline.prompts import check_prompts, prompt_lengths, truncation_note
 from ..pipeline.qlip_data import FPRunConfig, generate_t2q_data, prompt_sensitivity, trajectory_data
 from ..pipeline.saving import CONFIG_FILE, STATE_FILE, fingerprint, read_config
 from .labels import LabelConfig, normalized_labels, raw_scores
-from .sources import LabelSource, folder_source, reference_source
+from .sources import MEASURED, LabelSource, complexity_source, folder_source, reference_source
 from .t2q_stage import T2QResult, fit_t2q
 
 REFERENCE = "reference"
@@ -205,8 +205,10 @@ def label_source(config: TrainQLIPConfig, pipe, world_prompts: list | None) -> L
     size = _image_size(pipe)
     if world_prompts is not None and config.model == REFERENCE and config.real is None:
         return reference_source(world_prompts, size, config.device)
-    if config.labels.label == "sensitivity" and config.real is None:
-        return None
+    if config.labels.label in ("sensitivity", "length") and config.real is None:
+        return None  # no FP image is measured
+    if config.labels.label == "complexity" and config.real is None:
+        return complexity_source()
     return folder_source(config.real, config.inception_weights, config.clip, size, config.device)
 
 
@@ -232,9 +234,10 @@ class _Stages:
         what = "FP generations" if source else "text embeddings"
         self.log(f"T2Q data: {what} of {len(texts)} prompts -> {self.config.work}/t2q_data")
         measure = source.measure if source else None
+        measured = {"measure": getattr(source, "name", ""),
+                    "measured": ",".join(MEASURED) if source else ""}
         return generate_t2q_data(pipe, texts, measure, self.config.work / "t2q_data",
-                                 self.sampling, self.base | {"measure": getattr(source, "name", "")},
-                                 self.config.redo_stale)
+                                 self.sampling, self.base | measured, self.config.redo_stale)
 
     def real_features(self, source: LabelSource) -> torch.Tensor:
         self.log(f"real features: {len(source.real_keys)} real images ({source.name})")
@@ -262,7 +265,8 @@ def _raw_scores(stages: _Stages, pipe, texts, data, source) -> torch.Tensor:
     real = stages.timed("real features", stages.real_features, source) if labels.needs_real else None
     sens = stages.timed("sensitivity", stages.sensitivity, pipe, texts) \
         if labels.label == "sensitivity" else None
-    return torch.from_numpy(raw_scores(labels, data, real, sens))
+    lengths = prompt_lengths(pipe, texts) if labels.label == "length" else None
+    return torch.from_numpy(raw_scores(labels, data, real, sens, lengths))
 
 
 @dataclass

@@ -8,9 +8,13 @@ scores (``rank_normalize``: raw GIQA log-likelihoods span orders of magnitude, r
 | ``realism`` | realism score (Kynkäänniemi et al. 2019, k = 3, half the radii kept) | real features |
 | ``image_text`` | image–text cosine of image and prompt (the CLIP-score analogue) | the scorer |
 | ``sensitivity`` | mean (ε_fp − ε_q)² at the lowest bit option along its FP trajectory | the quantized UNet |
+| ``complexity`` | its FP image's mean luminance gradient magnitude (T2Q trained on it is T2C) | the FP image |
+| ``length`` | its token count (start and end tokens included) | the tokenizer |
 
 Higher always means "give this prompt more bits": a better image (GIQA, realism, image–text) as
-in the paper, or a larger loss to quantization (sensitivity).
+in the paper, a larger loss to quantization (sensitivity), a busier image (complexity) or a
+longer prompt (length). The last two are the selection criteria QLIP's Table S3 compares with
+quality; T2Q's network learns them from the text like any other label.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from ..metrics import GMMGIQA, KNNGIQA, RealismScore, rank_normalize
 
-LABELS = ("giqa", "giqa_knn", "realism", "image_text", "sensitivity")
+LABELS = ("giqa", "giqa_knn", "realism", "image_text", "sensitivity", "complexity", "length")
 REAL_FEATURE_LABELS = ("giqa", "giqa_knn", "realism")
 
 
@@ -51,9 +55,10 @@ class LabelConfig:
 
 
 def raw_scores(config: LabelConfig, data: dict[str, torch.Tensor],
-               real: torch.Tensor | None = None, sensitivity: torch.Tensor | None = None
-               ) -> np.ndarray:
-    """``[N]`` raw scores of the T2Q data ``data`` (``features`` [N, D], ``image_text`` [N])."""
+               real: torch.Tensor | None = None, sensitivity: torch.Tensor | None = None,
+               lengths: torch.Tensor | None = None) -> np.ndarray:
+    """``[N]`` raw scores of the T2Q data ``data`` (``features`` [N, D], ``image_text`` [N],
+    ``complexity`` [N]); ``lengths`` [N]: the prompts' token counts (the length label)."""
     label = config.label
     if label in REAL_FEATURE_LABELS and real is None:
         raise ValueError(f"the {label} label needs real images' features")
@@ -69,6 +74,15 @@ def raw_scores(config: LabelConfig, data: dict[str, torch.Tensor],
             raise ValueError("the image_text label needs an image-text scorer: on a user's model "
                              "pass --clip DIR (a local CLIP model folder)")
         return data["image_text"].double().numpy()
+    if label == "complexity":
+        if "complexity" not in data:
+            raise ValueError("the complexity label needs the FP images' complexity: this T2Q "
+                             "data was measured without it; rerun with --redo-stale")
+        return data["complexity"].double().numpy()
+    if label == "length":
+        if lengths is None:
+            raise ValueError("the length label needs the prompts' token counts")
+        return lengths.double().numpy()
     if sensitivity is None:
         raise ValueError("the sensitivity label needs the prompts' quantization sensitivity")
     return sensitivity.double().numpy()

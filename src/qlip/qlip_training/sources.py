@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from ..evaluation.measures import IMAGE_SUFFIXES, load_image_folder
-from ..metrics import ImageTextScorer, clip_score, extract_features
+from ..metrics import ImageTextScorer, clip_score, extract_features, image_complexity
 
 REAL_RENDER_SEED = 1  # the renders' jitter (qlip eval's real images use the same seed)
+# what a T2Q data chunk keeps of each FP image (part of its cache's fingerprint)
+MEASURED = ("features", "image_text", "complexity")
 
 
 @dataclass
@@ -28,14 +30,16 @@ class LabelSource:
     ``real_keys`` name the real images, ``real_chunk(start, stop)`` gives their features."""
 
     name: str  # what decides the measurements, for the caches' fingerprints
-    features: Callable[[torch.Tensor], torch.Tensor]
+    features: Callable[[torch.Tensor], torch.Tensor] | None  # None: the images' complexity only
     scorer: ImageTextScorer | None
     real_keys: list[str]
     real_chunk: Callable[[int, int], torch.Tensor]
 
     def measure(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """What a T2Q data chunk keeps of its FP images."""
-        out = {"features": extract_features(self.features, images).float()}
+        out = {"complexity": image_complexity(images.float()).cpu()}
+        if self.features is not None:
+            out["features"] = extract_features(self.features, images).float()
         if self.scorer is not None:
             out["image_text"] = clip_score(self.scorer, images, prompts).per_image.float()
         return out
@@ -57,6 +61,16 @@ def reference_source(world_prompts: Sequence, image_size: int, device: str) -> L
     keys = [f"{i}\t{p.text}\t{p.scene}" for i, p in enumerate(world_prompts)]
     return LabelSource(f"reference-evaluator/renders-{image_size}", evaluator.global_features,
                        evaluator, keys, real_chunk)
+
+
+def complexity_source() -> LabelSource:
+    """Only the FP images' complexity (the complexity label on a user's model needs no real
+    images and no feature network)."""
+
+    def no_real(start: int, stop: int) -> torch.Tensor:
+        raise ValueError("the complexity label has no real images")
+
+    return LabelSource("complexity", None, None, [], no_real)
 
 
 def folder_source(real_dir: str | None, inception_weights: str | None, clip_path: str | None,

@@ -30,14 +30,15 @@ import math
 
 import torch
 
+from .fused_quantize import triton
+
 UNIFORM, LOG2 = 0, 1
 TINY = torch.finfo(torch.float32).tiny
 
-try:  # Triton ships with PyTorch's CUDA wheels; a CPU install runs the reference
-    import triton
+if triton is not None:  # Triton ships with PyTorch's CUDA wheels; a CPU install runs the reference
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+
+    from .fused_quantize import round_half_even
 
 
 def available(x: torch.Tensor) -> bool:
@@ -97,34 +98,39 @@ def row_max_prob(m: torch.Tensor, norm: torch.Tensor, m1: torch.Tensor, skip_fir
 if triton is not None:
 
     @triton.jit
-    def _round_half_even(x):
-        f = tl.floor(x + 0.5)
-        tie = (f - x) == 0.5
-        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-        return tl.where(tie & odd, f - 1.0, f)
+    def _load_rows(base, offs, stride, count, offs_d, D, LOWP: tl.constexpr):
+        """Rows ``offs`` (of ``count``) of a [count, D] matrix at ``base``, zero-padded: in their
+        own 16-bit dtype with ``LOWP`` (tensor-core products, exact in the fp32 accumulator),
+        else fp32."""
+        rows = tl.load(base + offs[:, None] * stride + offs_d[None, :],
+                       mask=(offs[:, None] < count) & (offs_d[None, :] < D), other=0.0)
+        if not LOWP:  # a compile-time branch: one return (Triton wants one type per return)
+            rows = rows.to(tl.float32)
+        return rows
 
     @triton.jit
-    def _load_rows(base, offs, stride, count, offs_d, D):
-        """Rows ``offs`` (of ``count``) of a [count, D] matrix at ``base``, zero-padded, fp32."""
-        return tl.load(base + offs[:, None] * stride + offs_d[None, :],
-                       mask=(offs[:, None] < count) & (offs_d[None, :] < D),
-                       other=0.0).to(tl.float32)
+    def _dot(a, b, LOWP: tl.constexpr):
+        if LOWP:
+            out = tl.dot(a, b)
+        else:
+            out = tl.dot(a, b, input_precision="ieee")
+        return out
 
     @triton.jit
     def _stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, m1_ptr, N, M, D, scale,
-                      stride_qr, stride_qn, stride_kr, stride_km,
+                      stride_qr, stride_qn, stride_kr, stride_km, LOWP: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(1)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D)
+        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D, LOWP)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         m1_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, M, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D, LOWP)
+            s = _dot(q, tl.trans(k), LOWP) * scale
             s = tl.where(offs_n[None, :] < M, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
@@ -139,12 +145,12 @@ if triton is not None:
     def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, p_ptr, N, M, D, scale,
                        stride_qr, stride_qn, stride_kr, stride_km, stride_vr, stride_vm,
                        stride_or, stride_on,
-                       MODE: tl.constexpr, KEEP_FIRST: tl.constexpr,
+                       MODE: tl.constexpr, KEEP_FIRST: tl.constexpr, LOWP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(1)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D)
+        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D, LOWP)
         m_i = tl.load(m_ptr + row * N + offs_m, mask=offs_m < N, other=0.0)
         l_i = tl.load(l_ptr + row * N + offs_m, mask=offs_m < N, other=1.0)
         a = tl.load(p_ptr + row * 4)
@@ -154,21 +160,21 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in range(0, M, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D, LOWP)
+            s = _dot(q, tl.trans(k), LOWP) * scale
             p = tl.exp(s - m_i[:, None]) / l_i[:, None]
             if MODE == 0:
-                pq = tl.minimum(tl.maximum(_round_half_even(p / a), b), c) * a
+                pq = tl.minimum(tl.maximum(round_half_even(p / a), b), c) * a
             else:
                 ratio = tl.maximum(p / a, 1.1754943508222875e-38)
-                code = tl.minimum(tl.maximum(_round_half_even(-tl.log2(ratio)), 0.0), b)
+                code = tl.minimum(tl.maximum(round_half_even(-tl.log2(ratio)), 0.0), b)
                 pq = a * tl.exp2(-code)
             pq = tl.where(bypass != 0.0, p, pq)
             if KEEP_FIRST:
                 pq = tl.where(offs_n[None, :] == 0, p, pq)
             pq = tl.where(offs_n[None, :] < M, pq, 0.0)  # padding keys carry nothing
-            v = _load_rows(v_ptr + row * stride_vr, offs_n, stride_vm, M, offs_d, D)
-            acc += tl.dot(pq, v, input_precision="ieee")
+            v = _load_rows(v_ptr + row * stride_vr, offs_n, stride_vm, M, offs_d, D, LOWP)
+            acc += _dot(pq.to(v.dtype), v, LOWP)  # 16-bit probabilities, as the 16-bit materialised path
         tl.store(o_ptr + row * stride_or + offs_m[:, None] * stride_on + offs_d[None, :],
                  acc.to(o_ptr.dtype.element_ty),
                  mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
@@ -180,6 +186,14 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return 64, block_n, block_d
 
 
+def _low_precision(q: torch.Tensor) -> bool:
+    """bf16/fp16 inputs: the products on tensor cores in the inputs' dtype (each product exact in
+    the fp32 accumulator; the quantized probabilities rounded to that dtype before the product
+    with v, as the materialised path in that dtype rounds them). fp32 inputs: IEEE fp32 products,
+    equal to the fp32 reference within rounding."""
+    return q.dtype in (torch.bfloat16, torch.float16)
+
+
 def kernel_row_stats(q, k, scale: float):
     """Pass 1 on the device: ``(m, l, m1)``, each ``[R, N]`` fp32."""
     q, k = q.contiguous(), k.contiguous()
@@ -189,7 +203,7 @@ def kernel_row_stats(q, k, scale: float):
     bm, bn, bd = _blocks(d)
     _stats_kernel[(triton.cdiv(n, bm), rows)](
         q, k, m, norm, m1, n, k.shape[1], d, scale, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        k.stride(1), LOWP=_low_precision(q), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     return m, norm, m1
 
 
@@ -203,7 +217,7 @@ def kernel_output(q, k, v, m, norm, params: torch.Tensor, scale: float, mode: in
     _output_kernel[(triton.cdiv(n, bm), rows)](
         q, k, v, out, m, norm, params.float().contiguous(), n, k.shape[1], d, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), MODE=mode, KEEP_FIRST=keep_first,
+        out.stride(0), out.stride(1), MODE=mode, KEEP_FIRST=keep_first, LOWP=_low_precision(q),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     return out
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import fused_quantize
 from .bits import BYPASS_BITS, check_bits, is_bypass
 from .log2 import log2_quant
 from .ranges import affine_params, search_range
@@ -69,6 +70,9 @@ class StackedQuantizer(nn.Module):
     """Common part of the stacked quantizers: options, slot lookup, bypass mask, table rows."""
 
     num_steps: int | None = None  # rows of per-step tables (None: one row for every step)
+    # eager inference on the GPU: the whole-batch per-tensor quantizer in one kernel launch
+    # (qlip.quant.fused_quantize; the same values). False: the PyTorch path everywhere.
+    kernel: bool = True
 
     def __init__(self, options: Sequence[int]):
         super().__init__()
@@ -116,6 +120,9 @@ class StackedQuantizer(nn.Module):
             choice = choice.reshape(1)
         soft = choice.is_floating_point()
         if choice.shape[0] == 1 and not soft:  # the whole batch at one option: no split
+            fused = self._one_launch(x, choice, step)
+            if fused is not None:
+                return fused
             out = self._quantize(x, choice, step, split=False)
             if not self.has_bypass:
                 return out
@@ -124,6 +131,10 @@ class StackedQuantizer(nn.Module):
         split = RowLayout(choice.shape[0], heads).split(x)  # [copies, n, heads, ...]
         out = self._soft(split, choice, step) if soft else self._hard(split, choice, step)
         return out.flatten(0, 2)
+
+    def _one_launch(self, x: torch.Tensor, choice: torch.Tensor, step) -> torch.Tensor | None:
+        """The whole-batch quantizer in one kernel launch, or None where that does not apply."""
+        return None
 
     def _hard(self, split: torch.Tensor, choice: torch.Tensor, step) -> torch.Tensor:
         out = self._quantize(split, choice, step, split=True)
@@ -285,6 +296,20 @@ class StackedUniform(StackedQuantizer):
         q = x / scale
         q = round_ste(q) if ste else torch.round(q)
         return torch.clamp(q, low, high) * scale
+
+    def _one_launch(self, x, choice, step):
+        # eager, inference, per tensor, on the GPU (a compiled graph fuses the PyTorch path)
+        if (not self.kernel or self.channel_dim is not None or not fused_quantize.available(x)
+                or torch.compiler.is_compiling()):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or self._buffers["scale"].requires_grad):
+            return None
+        steps = self.num_steps or 0
+        if steps and step is None:
+            raise ValueError("this quantizer holds a per-step table: give the step index")
+        bypass = self._buffers["bypass"] if self.has_bypass else None
+        return fused_quantize.fake_quantize(x, self._flat_table(x.dtype), choice, step, steps,
+                                            bypass)
 
     def row_params(self, choice, heads, step, row_max):
         if self.channel_dim is not None or self.scale.shape[-1] != 1:

@@ -1,0 +1,98 @@
+"""The one-launch activation quantizer (qlip.quant.fused_quantize) gives the PyTorch path's values
+bit for bit, kernel against reference and in a quantized UNet (run where Triton can: on CUDA, or
+on the CPU under TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+
+from qlip.methods.calib_data import CalibrationSet
+from qlip.methods.rtn import quantize_rtn
+from qlip.nn import QuantConfig, use_fused_quantize
+from qlip.pipeline import prepare_unet
+from qlip.quant import fused_quantize as fq
+from qlip.quant.stacked import StackedUniform
+
+from ..conftest import kernel_device, unet_inputs
+
+needs_kernel = pytest.mark.skipif(
+    kernel_device() is None, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+
+
+def _quantizer(steps):
+    q = StackedUniform((4, 8, 32), num_steps=steps)
+    g = torch.Generator().manual_seed(0)
+    for bits in (4, 8):
+        for step in range(steps or 1):
+            q.slot_view(bits).calibrate(torch.randn(500, generator=g) * (1 + step),
+                                        step=step if steps else None)
+    return q
+
+
+def test_off_the_gpu_the_pytorch_path_runs():
+    q = _quantizer(None)
+    assert not fq.available(torch.zeros(3))  # a CPU tensor: never the kernel
+    x = torch.randn(4, 5)
+    assert q._one_launch(x, torch.tensor([1]), None) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("steps", [None, 3], ids=["one_row", "per_step"])
+def test_kernel_equals_the_reference_bit_for_bit(dtype, steps):
+    device = kernel_device()
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest)")
+    q = _quantizer(steps).to(device)
+    table = q._flat_table(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 7, 129, generator=g) * 3).to(device, dtype)  # not a multiple of the block
+    for choice in range(3):  # 4 bits, 8 bits, bypass (32)
+        for step in range(steps or 1):
+            c, s = torch.tensor([choice], device=device), torch.tensor([step], device=device)
+            want = fq.reference(x, table, c, s if steps else None, steps or 0, q.bypass)
+            got = fq.fake_quantize(x, table, c, s if steps else None, steps or 0, q.bypass)
+            assert got.dtype == dtype and torch.equal(got, want), (choice, step)
+    # ties round to even, values past the grid clamp, as torch.round and clamp do
+    scale = float(table[0, 0])
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 1e4, -1e4], dtype=torch.float32) * scale
+    ties = ties.to(device, dtype)
+    c = torch.tensor([0], device=device)
+    step = torch.tensor([0], device=device) if steps else None
+    assert torch.equal(fq.fake_quantize(ties, table, c, step, steps or 0, None),
+                       fq.reference(ties, table, c, step, steps or 0, None))
+
+
+@needs_kernel
+def test_an_uncalibrated_option_gives_nan_in_the_kernel_too():
+    device = kernel_device()
+    q = StackedUniform((4, 8)).to(device)  # never calibrated: NaN scales
+    out = fq.fake_quantize(torch.randn(10, device=device), q._flat_table(torch.float32),
+                           torch.tensor([1], device=device), None, 0, None)
+    assert torch.isnan(out).all()
+
+
+@needs_kernel
+def test_quantized_unet_gives_the_same_outputs_with_the_kernel(tiny_pipe, monkeypatch):
+    device = kernel_device()
+    if device == "cpu":  # the interpreter runs the kernel on CPU tensors
+        monkeypatch.setattr(fq, "available", lambda x: x.dtype in fq.DTYPES)
+    unet = tiny_pipe.unet.to(device)
+    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, abits_options=(4, 8, 32)))
+    x, t, c = (v.to(device) for v in unet_inputs(unet, 4, seed=1))
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(4, dtype=torch.long)),
+                 progress=False)
+    calls = []
+    original = fq.fake_quantize
+    monkeypatch.setattr(fq, "fake_quantize", lambda *a: calls.append(1) or original(*a))
+    x, t, c = (v.to(device) for v in unet_inputs(unet, 2, seed=2))
+    for bits in (4, 8, 32):
+        for unit in units.values():
+            unit.set_bits(bits)
+        outs = []
+        for on in (False, True):
+            assert use_fused_quantize(unet, on) > 0
+            calls.clear()
+            with torch.no_grad():
+                outs.append(unet(x, t, encoder_hidden_states=c).sample)
+            assert bool(calls) == on  # the kernel ran exactly when it was on
+        assert torch.equal(outs[0], outs[1]), bits
