@@ -22,7 +22,7 @@ from qlip.pipeline import (
 )
 from qlip.pipeline.generate import dynamic_units
 from qlip.qlip_training.cli import figures_config_from_args
-from qlip.qlip_training.figures import QLIPFiguresConfig, fab, requested_bits
+from qlip.qlip_training.figures import QLIPFiguresConfig, fab, fab_by_batch_size, requested_bits
 from qlip.qlip_training.plots import bit_shares, unet_order
 
 PROMPTS = ["a red circle", "two blue squares at the top left", "a star", "a big green star"]
@@ -65,6 +65,16 @@ def test_figure_fab_is_the_ledgers_fab_requested(qlip_folder, _tiny_pipeline_tem
     np.testing.assert_array_equal(bits, result.requested[:, :, columns])
 
 
+def test_fab_by_batch_size_in_max_mode_by_hand():
+    unit = type("Unit", (), {"fab_member": True, "default_bits": 8})()
+    units = {"a": unit, "fixed": unit}  # one dynamic layer, one fixed at 8 bits
+    bits = np.array([4, 8, 4, 16]).reshape(4, 1, 1)  # 4 prompts alone, 1 step
+    got = fab_by_batch_size(bits, units, ["a"], (1, 2, 3, 4))
+    # batches [4, 8] -> 8 and [4, 16] -> 16; of 3: [4, 8, 4] -> 8 (3 images) and [16] (1 image)
+    want = {1: (4 + 8 + 4 + 16) / 4, 2: (8 * 2 + 16 * 2) / 4, 3: (8 * 3 + 16) / 4, 4: 16.0}
+    assert got == pytest.approx({k: (v + 8) / 2 for k, v in want.items()})
+
+
 def test_shares_by_hand_and_the_unet_order():
     bits = np.array([[[4, 8], [4, 16]], [[8, 8], [4, 16]]])  # [2 images, 2 steps, 2 units]
     np.testing.assert_allclose(bit_shares(bits, (4, 8, 16)), [[0.75, 0.25, 0], [0, 0.5, 0.5]])
@@ -73,7 +83,7 @@ def test_shares_by_hand_and_the_unet_order():
     assert [names[i] for i in unet_order(names)] == [names[k] for k in (0, 1, 2, 4, 3, 5)]
 
 
-def test_plot_qlip_writes_the_three_figures(qlip_folder, tiny_pipe_dir, tmp_path, capsys):
+def test_plot_qlip_writes_the_four_figures(qlip_folder, tiny_pipe_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     captions = tmp_path / "rich.txt"
@@ -85,11 +95,15 @@ def test_plot_qlip_writes_the_three_figures(qlip_folder, tiny_pipe_dir, tmp_path
                  "--richness-captions", str(captions), "--example-scenes", "2",
                  "--guidance", "3"])
     assert code == 0, capsys.readouterr().err
-    for name in ("bit_share_per_layer.png", "fab_by_richness.png", "bits_per_step.png"):
+    for name, least in (("bit_share_per_layer.png", 800), ("fab_by_batch_size.png", 600),
+                        ("fab_by_richness.png", 800), ("bits_per_step.png", 800)):
         width, height = Image.open(out / name).size
-        assert width > 800 and height > 300, name
+        assert width > least and height > 300, name
     numbers = json.loads((out / "figures.json").read_text())
     assert numbers["s3"]["prompts"] == 4 and numbers["s4"]["scenes"] == 2
+    s1 = numbers["s1"]  # a batch of one is each prompt alone; a batch never asks for less
+    assert s1["fab_max_mode"]["1"] == pytest.approx(s1["fab_per_image"])
+    assert list(s1["fab_max_mode"].values()) == sorted(s1["fab_max_mode"].values())
     assert sum(numbers["s3"]["share_of_each_option"].values()) == pytest.approx(1.0)
     assert [e["captions"][0] for e in numbers["s4"]["examples"]] == ["a star", "a square"]
 

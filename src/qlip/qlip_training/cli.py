@@ -173,7 +173,7 @@ def cmd_plot_qlip(args) -> int:
     numbers = make_figures(figures_config_from_args(args))
     levels = numbers["s4"]["fab_by_level_mean"]
     print("FAB by richness level: " + ", ".join(f"{k}: {v:.2f}" for k, v in levels.items()))
-    print(f"wrote bit_share_per_layer.png, fab_by_richness.png, bits_per_step.png and "
+    print(f"wrote bit_share_per_layer.png, fab_by_batch_size.png, fab_by_richness.png, bits_per_step.png and "
           f"figures.json to {args.out}")
     return 0
 

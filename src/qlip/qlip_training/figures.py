@@ -1,11 +1,13 @@
-"""`qlip plot-qlip`: QLIP's three figures for a trained model folder, plus ``figures.json`` with
+"""`qlip plot-qlip`: QLIP's four figures for a trained model folder, plus ``figures.json`` with
 the numbers they show.
 
 The bits are what QLIP asks for each prompt alone (T2Q once, Q2B's argmax per step: the
 ``requested`` bits of ``report.json``, what ``per_image`` batches run); the FAB of a prompt is
 their mean over the FAB layers (the quantized Linear/Conv units, fixed ones at their own bits)
 and the sampling steps, as the ledger counts it. Only the example scenes of Fig. S4 are
-generated (their images); everything else costs one T2Q/Q2B pass per prompt.
+generated (their images); everything else costs one T2Q/Q2B pass per prompt. Fig. S1's FAB in
+``max`` mode groups the same prompts into batches of consecutive prompts, as an eval batches
+them, each layer and step at the batch's largest request (what the seam's ``max`` mode runs).
 
 >>> make_figures(QLIPFiguresConfig("runs/qd-w4-qlip", out="runs/figures"))  # doctest: +SKIP
 """
@@ -25,7 +27,7 @@ from ..pipeline import GenerationConfig, generate, load_for_sampling, load_pipel
 from ..pipeline.generate import dynamic_units
 from ..pipeline.prompts import encode_prompt_batch
 from ..policies import QLIPPolicy
-from .plots import plot_bit_share, plot_bits_heatmap, plot_fab_by_richness
+from .plots import plot_bit_share, plot_bits_heatmap, plot_fab_by_batch_size, plot_fab_by_richness
 
 REFERENCE = "reference"
 
@@ -44,6 +46,7 @@ class QLIPFiguresConfig:
     seed: int = 0
     guidance: float = 4.0
     batch_size: int = 64
+    s1_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)  # Fig. S1: FAB in max mode per batch size
 
     def __post_init__(self):
         if not self.quantized:
@@ -70,6 +73,21 @@ def fab(bits: np.ndarray, units: dict[str, QuantUnit], dynamic: list[str]) -> np
     per_layer = [fp_bits(bits[:, :, column[n]]).mean(1) if n in column else
                  np.full(len(bits), float(fp_bits(units[n].default_bits))) for n in layers]
     return np.mean(per_layer, axis=0)
+
+
+def fab_by_batch_size(bits: np.ndarray, units: dict[str, QuantUnit], dynamic: list[str],
+                      sizes: tuple[int, ...]) -> dict[int, float]:
+    """Mean FAB per image in ``max`` mode for each batch size: ``bits [N, S, U]`` (each prompt
+    alone) split into batches of consecutive prompts (the last one shorter), each layer and step
+    of a batch at its largest request."""
+    out = {}
+    for size in sizes:
+        per_image = []
+        for start in range(0, len(bits), size):
+            batch = bits[start : start + size]
+            per_image += [float(fab(batch.max(axis=0, keepdims=True), units, dynamic)[0])] * len(batch)
+        out[size] = float(np.mean(per_image))
+    return out
 
 
 def _s3_prompts(config: QLIPFiguresConfig) -> list[str]:
@@ -111,8 +129,8 @@ def _examples(pipe, policy, groups: list[list[str]], config: QLIPFiguresConfig) 
 
 
 def make_figures(config: QLIPFiguresConfig) -> dict:
-    """Write ``bit_share_per_layer.png``, ``fab_by_richness.png``, ``bits_per_step.png`` and
-    ``figures.json`` into ``config.out``; returns the numbers."""
+    """Write ``bit_share_per_layer.png``, ``fab_by_batch_size.png``, ``fab_by_richness.png``,
+    ``bits_per_step.png`` and ``figures.json`` into ``config.out``; returns the numbers."""
     pipe = load_pipeline(config.model, config.device)
     policy = load_for_sampling(pipe, config.quantized)
     if not isinstance(policy, QLIPPolicy):
@@ -131,6 +149,10 @@ def make_figures(config: QLIPFiguresConfig) -> dict:
                    f"{name}: share of each bit-width per layer, {len(prompts)} prompts × "
                    f"{bits.shape[1]} steps (the first {policy.modules.q2b.config.high_steps} "
                    "forced high)")
+    per_image = float(fab(bits, units, dynamic).mean())
+    by_size = fab_by_batch_size(bits, units, dynamic, config.s1_batch_sizes)
+    plot_fab_by_batch_size(by_size, per_image, out / "fab_by_batch_size.png",
+                           f"{name}: FAB against batch size, {len(prompts)} prompts")
     groups = _series(config, config.curve_scenes, config.seed)
     curve_bits = requested_bits(pipe, policy, [t for g in groups for t in g], config.batch_size)
     curve_fab, curve = fab(curve_bits, units, dynamic), defaultdict(list)
@@ -146,6 +168,8 @@ def make_figures(config: QLIPFiguresConfig) -> dict:
                        (f"rich: {rich!r}", pair[1], pair_fab[1])], dynamic, options,
                       out / "bits_per_step.png")
     numbers = _numbers(config, bits, units, dynamic, options, curve, examples, pair)
+    numbers["s1"] = {"fab_max_mode": {str(k): v for k, v in by_size.items()},
+                     "fab_per_image": per_image, "prompts": len(bits)}
     (out / "figures.json").write_text(json.dumps(numbers, indent=1))
     return numbers
 

@@ -4,7 +4,9 @@
   the UNet's order, transformer-block layers labelled in red and the others in black;
 - :func:`plot_fab_by_richness`: FAB against caption richness on richness-controlled captions of
   one scene (Fig. S4): each scene's images and FAB per level, and FAB per level over many scenes;
-- :func:`plot_bits_heatmap`: bits per sampling step × layer for a simple and a rich prompt.
+- :func:`plot_bits_heatmap`: bits per sampling step × layer for a simple and a rich prompt;
+- :func:`plot_fab_by_batch_size`: FAB against batch size in ``max`` mode, with ``per_image``
+  beside it (Fig. S1).
 """
 
 from __future__ import annotations
@@ -149,6 +151,29 @@ def plot_fab_by_richness(examples: Sequence[dict], curve: dict[int, list[float]]
     ax.set_ylabel("FAB (mean activation bits)")
     ax.legend(fontsize=7)
     ax.set_title(note, fontsize=8)
+    return _save(fig, path)
+
+
+def plot_fab_by_batch_size(by_size: dict[int, float], per_image: float, path: Path,
+                           note: str = "") -> Path:
+    """``by_size``: mean FAB per image in ``max`` mode per batch size; ``per_image``: the FAB with
+    each prompt at its own bits (the same at every batch size)."""
+    sizes = sorted(by_size)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    ax.plot(sizes, [by_size[s] for s in sizes], "o-", color=PALETTE[0],
+            label="max: each layer at the batch's largest request")
+    ax.axhline(per_image, color=PALETTE[1], linestyle="--",
+               label=f"per_image: each prompt at its own bits ({per_image:.2f})")
+    for s in sizes:
+        ax.annotate(f"{by_size[s]:.2f}", (s, by_size[s]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("batch size (prompts)")
+    ax.set_ylabel("FAB (mean activation bits)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(note, fontsize=9)
     return _save(fig, path)
 
 
