@@ -211,6 +211,14 @@ def measure(variant: str, args) -> dict:
                                     args.warmup, args.iters)
         if variant == "bank" and compiled is not None:
             out.update(bits_changing(unet, units, compiled, (x, t, c), args))
+        if compiled is not None:  # last: a failed capture cannot spoil the rest
+            # the compiled step's GPU work alone, its kernels replayed from a CUDA graph (the
+            # compiled call above is launch-bound on a slow host)
+            try:
+                out["compiled_graph"] = graph_replay(
+                    lambda: compiled(x, t, encoder_hidden_states=c), args.warmup, args.iters)
+            except RuntimeError as err:  # a capture the compiled code does not allow
+                out["compiled_graph_error"] = str(err)[:400]
     return out
 
 
@@ -333,7 +341,7 @@ def summarise(results: dict) -> None:
     base_compiled = v["bf16"].get("compiled", {}).get("median_ms")
     rows = []
     for name, data in v.items():
-        for mode in ("eager", "graph", "compiled", "compiled_fixed_controller",
+        for mode in ("eager", "graph", "compiled", "compiled_graph", "compiled_fixed_controller",
                      "compiled_fixed_controller_a16", "compiled_fixed_controller_a32",
                      "compiled_fixed_random_assignment", "compiled_bits_changing",
                      "graph_bits_changing", "controller_only_changing"):
@@ -343,6 +351,11 @@ def summarise(results: dict) -> None:
     layers = v.get("w4a8_layers", {})
     if base_compiled and "compiled" in layers and "compiled" in v["bf16"]:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
+    base_graph = v["bf16"].get("compiled_graph", {}).get("median_ms")
+    for name in ("w4a8_layers", "bank"):  # by the compiled step's GPU time (bank: A8, attention)
+        if base_graph and "compiled_graph" in v.get(name, {}):
+            targets[f"compiled_graph_{name}_vs_bf16"] = (
+                v[name]["compiled_graph"]["median_ms"] / base_graph)
     if "eager" in layers:
         targets["eager_w4a8_layers_vs_bf16"] = layers["eager"]["median_ms"] / base_eager
     if "eager" in v.get("w4a8_layers_pytorch", {}):  # the same without the one-launch quantizer
