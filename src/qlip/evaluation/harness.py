@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -288,10 +289,12 @@ def run_evaluation(
     store = ImageStore(out, shard.rank)
     if shard.is_main:
         shard.barrier()
+    started = time.perf_counter()
     generate_missing(pipe, prompts, policy, config, store, shard)
     shard.barrier()  # every rank's images and records are written
     if not shard.is_main:
         return None
+    generated = time.perf_counter()
     store.merge_shards()
     store.write_bits(len(prompts))  # bits.safetensors: every image's bits per step and unit
     images = store.load_images(len(prompts))
@@ -301,7 +304,12 @@ def run_evaluation(
     run = measure_run(images, prompts, records, measures, reference)
     run.meta |= {"label": label, "reference_run": str(reference_run or "")}
     run.save(out)
+    measured = time.perf_counter()
     metrics = compute_metrics(run.rounded(), measures, config, bootstrap)
+    # where this process's time went (generation: only the images this run made, after a resume)
+    metrics["wall_s"] = {"generation": round(generated - started, 1),
+                         "features": round(measured - generated, 1),
+                         "metrics": round(time.perf_counter() - measured, 1)}
     metrics["label"] = label
     metrics["config"] = asdict(config)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
