@@ -63,6 +63,20 @@ def test_kernel_equals_the_reference_bit_for_bit(dtype, steps):
 
 
 @needs_kernel
+def test_channels_last_and_strided_inputs_give_the_same_values_and_layout():
+    device = kernel_device()
+    q = _quantizer(None).to(device)
+    table, c = q._flat_table(torch.float32), torch.tensor([1], device=device)
+    x = torch.randn(2, 5, 6, 7, device=device).to(memory_format=torch.channels_last)
+    got = fq.fake_quantize(x, table, c, None, 0, q.bypass)
+    assert got.is_contiguous(memory_format=torch.channels_last)  # the layout is kept
+    assert torch.equal(got, fq.reference(x, table, c, None, 0, q.bypass))
+    strided = torch.randn(6, 10, device=device)[:, ::3]  # not dense: copied first
+    assert torch.equal(fq.fake_quantize(strided, table, c, None, 0, None),
+                       fq.reference(strided, table, c, None, 0, None))
+
+
+@needs_kernel
 def test_an_uncalibrated_option_gives_nan_in_the_kernel_too():
     device = kernel_device()
     q = StackedUniform((4, 8)).to(device)  # never calibrated: NaN scales

@@ -84,13 +84,20 @@ if triton is not None:
         tl.store(out_ptr + offs, y, mask=mask)
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """Its elements fill its storage without gaps in some order (element-wise work can run over
+    the memory as one flat array, and ``empty_like`` gives the same strides)."""
+    return x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def fake_quantize(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
                   step: torch.Tensor | None, steps: int, bypass: torch.Tensor | None
                   ) -> torch.Tensor:
     """:func:`reference` in one Triton launch (``x`` on CUDA, see :func:`available`); the
     option, the step and the bypass flag are read on the device."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
+    if not _dense(x):
+        x = x.contiguous()
+    out = torch.empty_like(x)  # a dense x keeps its layout (channels-last stays channels-last)
     n = x.numel()
     if n == 0:
         return out
