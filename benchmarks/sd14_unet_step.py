@@ -1,7 +1,8 @@
 """One denoising step of the Stable Diffusion 1.4 UNet architecture (published config, random
 weights, 64×64 latents, guidance batch of 2, context 2×77×768, bf16): bf16 against simulated W4A8
 (layers only; layers + attention, materialised or fused: ``w4a8_attention_fused`` runs softmax·V
-through qlip.quant.fused_attention's Triton kernel) and a W4A{8,16,32} bank whose every unit's
+through qlip.quant.fused_attention's Triton kernel; ``w4a8_layers_pytorch`` without the one-launch
+quantizer; ``w4a8_layers_real`` with the Linear layers in int8 math, qlip.quant.real_gemm) and a W4A{8,16,32} bank whose every unit's
 bits change at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
 
     python benchmarks/sd14_unet_step.py --out benchmarks/results/sd14_unet_step.json
@@ -27,13 +28,19 @@ import torch
 
 from qlip.methods.calib_data import CalibrationSet
 from qlip.methods.rtn import quantize_rtn
-from qlip.nn import QuantConfig, quant_units, use_fused_attention, use_fused_quantize
+from qlip.nn import (
+    QuantConfig,
+    quant_units,
+    use_fused_attention,
+    use_fused_quantize,
+    use_real_execution,
+)
 from qlip.pipeline import prepare_unet
 from qlip.pipeline.generate import StepController
 from qlip.policies import BitPolicy, FixedBits
 from qlip.testing import build_sd14_unet
 
-VARIANTS = ("bf16", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_attention",
+VARIANTS = ("bf16", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real", "w4a8_attention",
             "w4a8_attention_fused", "bank")
 COMPILED = ("bf16", "w4a8_layers", "bank")
 BANK = (8, 16, 32)
@@ -119,6 +126,8 @@ def build(variant: str, device: str, dtype: torch.dtype):
         use_fused_attention(unet, True)
     if variant == "w4a8_layers_pytorch":  # the quantizers in PyTorch ops, not one launch each
         use_fused_quantize(unet, False)
+    if variant == "w4a8_layers_real":  # the Linear layers in int8 math (qlip.quant.real_gemm)
+        use_real_execution(unet, True)
     return unet, quant_units(unet)
 
 
@@ -181,6 +190,15 @@ def measure(variant: str, args) -> dict:
             use_fused_quantize(unet, True)
         out["kernel_vs_pytorch"] = {"equal": bool(torch.equal(one, ops)),
                                     "max_abs": float((one.float() - ops.float()).abs().max())}
+    if variant == "w4a8_layers_real":  # real Linear layers against the simulation
+        with torch.no_grad():
+            real = step().float()
+            out["real_linear_layers"] = use_real_execution(unet, False)
+            simulated = step().float()
+            use_real_execution(unet, True)
+        out["real_vs_simulated"] = {"max_abs": float((real - simulated).abs().max()),
+                                    "mean_abs": float((real - simulated).abs().mean()),
+                                    "mean_abs_out": float(simulated.abs().mean())}
     compiled = None
     if variant in COMPILED and args.compile:
         compiled = torch.compile(unet.forward)

@@ -13,6 +13,7 @@ from .swap import (
     tensor_bytes,
     use_fused_attention,
     use_fused_quantize,
+    use_real_execution,
 )
 from .unit import QuantUnit, activations_bypassed, fp_bits, verify_calibrated
 
@@ -36,5 +37,6 @@ __all__ = [
     "tensor_bytes",
     "use_fused_attention",
     "use_fused_quantize",
+    "use_real_execution",
     "verify_calibrated",
 ]

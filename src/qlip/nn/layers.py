@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import UniformQuantizer, check_bits, is_bypass
+from ..quant import UniformQuantizer, check_bits, fused_quantize, is_bypass, real_gemm
 from ..quant.packing import NIBBLE_BITS, pack_nibbles, unpack_nibbles
 from .bank import ActivationBank
 from .unit import QuantUnit, fp_bits
@@ -152,8 +152,11 @@ class QuantLayer(QuantUnit):
         return self
 
     def refresh_weight(self) -> None:
-        """Drop the cached quantized weight (call after changing weight quantizers)."""
+        """Drop the cached quantized weight (call after changing weight quantizers); real
+        execution's integer operands are rebuilt from the new codes."""
         self._qweight = None
+        if getattr(self, "_real", None) is not None:
+            self.use_real(True)
 
     def refresh(self) -> None:
         super().refresh()
@@ -225,7 +228,50 @@ class QuantLinear(QuantLayer):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    _real: tuple | None = None  # use_real(): the integer operands of real execution
+
+    def use_real(self, on: bool = True) -> bool:
+        """Run this layer for real (:mod:`qlip.quant.real_gemm`): integer math at options of at
+        most 8 bits, float math above, chosen on the device, in eager inference on the GPU.
+        Needs weights of at most 8 bits fixed to codes, one input part and a per-tensor uniform
+        bank; returns False, changing nothing, for a layer that has not. Elsewhere (a per-image
+        choice, a compiled graph, gradients, the CPU) the simulation runs."""
+        if not on:
+            self._real = None
+            return True
+        codes = self.weight_codes()
+        bank = self.act_banks[0]
+        if (is_bypass(self.wbits) or self.wbits > 8 or codes is None or len(self.splits) != 1
+                or bank.kind != "uniform" or self.weight.shape[1] > real_gemm.MAX_K):
+            return False
+        scale, zero = self.weight_quantizers[0].params()
+        integer, offset = real_gemm.int8_offsets(self.options)
+        operands = (integer, offset, *real_gemm.weight_operands(codes[0], scale, zero, self.wbits))
+        self._real = tuple(t.to(self.weight.device) for t in operands)
+        return True
+
+    def _real_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        real = self._real
+        if real is None or torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return None
+        bank = self._modules["act_banks"]._modules["0"]
+        table = self._table
+        choice = self._buffers["_choice"] if table is None else table[self._row]
+        if (choice.shape != (1,) or choice.is_floating_point() or bank.observer is not None
+                or not bank.enabled or not fused_quantize.available(x)):
+            return None
+        if real[0].device != x.device:
+            self._real = real = tuple(t.to(x.device) for t in real)
+        step = self._shared_step if self._shared_step is not None else self._buffers["_step"]
+        stack = bank._modules["stack"]
+        return real_gemm.real_linear(x, stack._flat_table(x.dtype), choice, step,
+                                     stack.num_steps or 0, *real, self._parameters.get("bias"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., C_in]
+        if self._real is not None:
+            real = self._real_forward(x)
+            if real is not None:
+                return real
         return F.linear(self.quantize_input(x), self.quantized_weight(),
                         self._parameters.get("bias"))  # (None: a layer without bias)
 

@@ -140,3 +140,10 @@ def use_fused_quantize(model: nn.Module, on: bool = True) -> int:
             module.kernel = on
             count += 1
     return count
+
+
+def use_real_execution(model: nn.Module, on: bool = True) -> int:
+    """Run every quantized Linear of ``model`` that can for real (``QuantLinear.use_real``:
+    integer math at options of at most 8 bits, chosen on the device, in eager GPU inference);
+    returns how many were switched. Convolutions stay simulated."""
+    return sum(module.use_real(on) for module in model.modules() if isinstance(module, QuantLinear))

@@ -1,0 +1,166 @@
+"""Real low-precision execution of a quantized Linear layer whose activation bits are data: one
+Triton GEMM that reads the layer's chosen option on the device and runs
+
+- **integer math** for options of at most 8 bits: the activations are rounded to their integer
+  codes in registers, multiplied with the weights' integer codes on int8 tensor cores into int32,
+  and the zero points are handled exactly by row and column sums;
+- **16-bit float math** for wider options (A16, A32): the unquantized activations times the
+  dequantized weights, as a bf16 layer runs.
+
+The branch is on a scalar read from device memory, uniform over the whole launch: no host sync,
+one compiled kernel serves every bit assignment, and QLIP's per-step choice needs no
+recompilation.
+
+**The integer path, exactly.** With the activation code ``c = clamp(round(x/Δ), −z, 2^b−1−z)``
+(the simulation's ``x̂ = c·Δ``) held as int8 ``a = c + z − o_a`` and the weight code ``w_c``
+(the simulation's ``ŵ = (w_c − z_w)·s_w``) as int8 ``w = w_c − o_w``, where the offsets are 128
+for 8-bit codes and 0 below:
+
+    Σ_k x̂_k ŵ_k = Δ·s_w · [Σ a·w − z'_w·Σ_k a − z_a·Σ_k w + K·z_a·z'_w],   z'_w = z_w − o_w
+
+with ``z_a = a − c = z − o_a``. The bracket is an integer, computed in int32 without overflow for
+K ≤ 32,768 (every term is at most 128·128·K). So the layer's output is the exact product of the simulation's quantized
+operands, rounded once to fp32 (the integer to fp32, then the scale): closer to the exact value
+than the simulation's own floating-point GEMM. The activation codes are the simulation's,
+bit for bit: the quotient is rounded to x's dtype as ``torch.div`` does, then rounded half to
+even. The tests check both against a float64 computation.
+
+Written by hand: PyTorch's int8 GEMM (``torch._int_mm``) takes integer inputs only, so the
+quantization, the zero-point sums and the choice between integer and float math would be
+separate launches with a host-side branch; no library fuses them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fused_quantize import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .fused_quantize import round_half_even
+
+MAX_K = 32768  # int32 accumulation stays exact up to this reduction length
+
+
+def int8_offsets(options: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per option: whether it runs in integer math (``[K]`` int32, 1 for ≤ 8 bits) and the
+    offset that puts its codes in int8 (``[K]`` int32: 128 for 8 bits, 0 below)."""
+    integer = torch.tensor([int(b <= 8) for b in options], dtype=torch.int32)
+    offset = torch.tensor([128 if b == 8 else 0 for b in options], dtype=torch.int32)
+    return integer, offset
+
+
+def weight_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weight side, once per layer: int8 codes ``[N, K]``, their row sums ``[N]`` (int32),
+    the shifted zero points ``z_w − o_w`` ``[N]`` (int32) and the scales ``[N]`` (fp32), for
+    ``codes`` ``[N, K]`` in ``[0, 2^bits − 1]`` with per-output-channel ``scale``/``zero``."""
+    if bits > 8:
+        raise ValueError(f"integer execution needs weights of at most 8 bits; got W{bits}")
+    offset = 128 if bits == 8 else 0
+    w = (codes.to(torch.int32) - offset).to(torch.int8).contiguous()
+    zero = zero.reshape(-1).round().to(torch.int32) - offset
+    return w, w.to(torch.int32).sum(1), zero.contiguous(), scale.reshape(-1).float().contiguous()
+
+
+def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
+    """What the kernel computes, in PyTorch (float64 for the integer path's bracket): ``x``
+    ``[M, K]``; ``table`` ``[K·T, 3]`` in x's dtype; ``choice``/``step`` ``[1]`` long."""
+    k = int(choice.reshape(-1)[0])
+    row = k * steps + int(step.reshape(-1)[0]) if steps else k
+    scale, low, high = (table[row, i] for i in range(3))
+    if int(integer[k]):  # the simulation's integer codes times the weights' codes, exactly
+        c = torch.div(x, scale).round_().clamp_(low, high).double()
+        out = (c @ (w.double() - w_zero.double()[:, None]).T) * scale.double() * w_scale.double()
+    else:
+        weight = (w.double() - w_zero.double()[:, None]) * w_scale.double()[:, None]
+        out = x.double() @ weight.T
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _real_linear_kernel(x_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
+                            integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
+                            M, N, K, steps, stride_xm, stride_wn, stride_om,
+                            HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        choice = tl.load(choice_ptr)
+        row = choice
+        if HAS_STEPS:
+            row = choice * steps + tl.load(step_ptr)
+        scale = tl.load(table_ptr + row * 3).to(tl.float32)
+        low = tl.load(table_ptr + row * 3 + 1).to(tl.float32)
+        high = tl.load(table_ptr + row * 3 + 2).to(tl.float32)
+        w_zero = tl.load(w_zero_ptr + offs_n, mask=offs_n < N, other=0)
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        dtype = out_ptr.dtype.element_ty
+        m_ok = offs_m[:, None] < M
+        n_ok = offs_n[None, :] < N
+        if tl.load(integer_ptr + choice) != 0:
+            # a = c − low − o_a: the codes in int8 (c − low ∈ [0, 2^b − 1]); x̂ = c·Δ = (a − z_a)·Δ
+            o_a = tl.load(offset_ptr + choice).to(tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
+            for start in range(0, K, BLOCK_K):
+                k_ok = (start + offs_k) < K
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + start + offs_k[None, :],
+                            mask=m_ok & k_ok[None, :], other=0.0)
+                q = tl.math.div_rn(x.to(tl.float32), scale).to(x.dtype, fp_downcast_rounding="rtne")
+                c = tl.clamp(round_half_even(q.to(tl.float32)), low, high)
+                a = tl.where(m_ok & k_ok[None, :], c - low - o_a, 0.0).to(tl.int8)
+                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
+                            mask=n_ok & k_ok[:, None], other=0)  # [BLOCK_K, BLOCK_N]
+                acc += tl.dot(a, w, out_dtype=tl.int32)
+                a_sum += tl.sum(a.to(tl.int32), axis=1)
+            z_a = (-low - o_a).to(tl.int32)  # a − c: −low = z is an integer
+            w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
+            exact = (acc - w_zero[None, :] * a_sum[:, None] - z_a * w_sum[None, :]
+                     + K * z_a * w_zero[None, :])
+            out = exact.to(tl.float32) * (scale * w_scale[None, :])
+        else:  # A16/A32: the layer in float math, x as it is
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for start in range(0, K, BLOCK_K):
+                k_ok = (start + offs_k) < K
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + start + offs_k[None, :],
+                            mask=m_ok & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
+                            mask=n_ok & k_ok[:, None], other=0)
+                weight = ((w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :])
+                if IEEE:  # fp32 layers: IEEE products (TF32 would round the inputs)
+                    acc += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
+                else:
+                    acc += tl.dot(x.to(dtype), weight.to(dtype))
+            out = acc
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(dtype),
+                 mask=m_ok & n_ok)
+
+
+def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
+    """``x [..., K]`` through the layer: one launch, integer or float math by the option that
+    ``choice`` names (see the module doc); returns ``[..., N]`` in x's dtype."""
+    lead, k_dim = x.shape[:-1], x.shape[-1]
+    if k_dim > MAX_K:
+        raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_dim}")
+    x2 = x.reshape(-1, k_dim)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], w.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(m, 64), triton.cdiv(n, 64))
+    _real_linear_kernel[grid](
+        x2, w, out, table, choice, step if steps else choice, integer, offset, w_sum, w_zero,
+        w_scale, bias if bias is not None else w_scale, m, n, k_dim, steps,
+        x2.stride(0), w.stride(0), out.stride(0), HAS_STEPS=bool(steps),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+    return out.reshape(*lead, n)

@@ -1,0 +1,137 @@
+"""Real execution of a quantized Linear (qlip.quant.real_gemm): integer math for options of at
+most 8 bits gives the exact product of the simulation's quantized operands (checked in float64),
+float math for wider options; one launch whose choice is read on the device (run where Triton
+can: on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+
+from qlip.quant import real_gemm as rg
+from qlip.quant.stacked import StackedUniform
+from qlip.quant.uniform import UniformQuantizer
+
+from ..conftest import kernel_device
+
+needs_kernel = pytest.mark.skipif(
+    kernel_device() is None, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+
+OPTIONS = (4, 6, 8, 16)
+
+
+def _layer(wbits, n=40, k=72, steps=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=g) * 0.2
+    wq = UniformQuantizer(wbits, channel_dim=0, num_channels=n)
+    wq.calibrate(weight)
+    codes = wq.quantize_codes(weight)
+    acts = StackedUniform(OPTIONS, num_steps=steps)
+    for bits in OPTIONS[:-1]:
+        for step in range(steps or 1):
+            acts.slot_view(bits).calibrate(torch.randn(4000, generator=g) * (1 + 0.3 * step) + 0.4,
+                                           step=step if steps else None)
+    scale, zero = wq.params()
+    bias = torch.randn(n, generator=g)
+    return acts, rg.weight_operands(codes, scale, zero, wbits), (codes, scale, zero), bias
+
+
+def _simulated_exact(x, acts, choice, step, weights):
+    """The simulation's quantized operands, multiplied in float64."""
+    codes, scale, zero = weights
+    xq = acts(x, torch.tensor([choice]), step=torch.tensor([step]) if acts.num_steps else None)
+    wq = (codes.double() - zero.double()[:, None]) * scale.double()[:, None]
+    return xq.double() @ wq.T
+
+
+def test_weight_operands_shift_8_bit_codes_into_int8():
+    codes = torch.tensor([[0.0, 255.0, 128.0]])
+    w, w_sum, zero, scale = rg.weight_operands(codes, torch.tensor([0.5]), torch.tensor([130.0]), 8)
+    assert w.tolist() == [[-128, 127, 0]] and w_sum.tolist() == [-1] and zero.tolist() == [2]
+    w4, _, zero4, _ = rg.weight_operands(torch.tensor([[0.0, 15.0]]), torch.ones(1),
+                                         torch.tensor([7.0]), 4)
+    assert w4.tolist() == [[0, 15]] and zero4.tolist() == [7]  # below 8 bits: no shift
+    with pytest.raises(ValueError, match="at most 8 bits"):
+        rg.weight_operands(codes, torch.ones(1), torch.zeros(1), 16)
+    integer, offset = rg.int8_offsets((4, 8, 16, 32))
+    assert integer.tolist() == [1, 1, 0, 0] and offset.tolist() == [0, 128, 0, 0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("wbits", [4, 8])
+@pytest.mark.parametrize("steps", [None, 3], ids=["one_row", "per_step"])
+def test_integer_options_give_the_exact_product_of_the_quantized_operands(wbits, steps):
+    device = kernel_device()
+    acts, (w, w_sum, w_zero, w_scale), weights, bias = _layer(wbits, steps=steps)
+    integer, offset = rg.int8_offsets(OPTIONS)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 23, 72, generator=g) + 0.4  # M = 69 rows: not a multiple of the tile
+    table = acts._flat_table(torch.float32)
+    for choice in range(len(OPTIONS)):
+        for step in range(steps or 1):
+            c, s = torch.tensor([choice]), torch.tensor([step])
+            args = [t.to(device) for t in (x, table, c, s)] + [steps or 0] + [
+                t.to(device) for t in (integer, offset, w, w_sum, w_zero, w_scale, bias)]
+            got = rg.real_linear(*args).cpu().double()
+            if OPTIONS[choice] <= 8:  # the simulation's operands, exactly: one fp32 rounding
+                want = _simulated_exact(x, acts, choice, step, weights) + bias.double()
+                assert torch.allclose(got, want, rtol=1e-6, atol=1e-5), (choice, step)
+                again = rg.reference(*[a.cpu() if isinstance(a, torch.Tensor) else a
+                                       for a in args]).double()
+                assert torch.allclose(got, again, rtol=1e-6, atol=1e-5)
+            else:  # A16: the layer in float math on the unquantized input
+                wq = (weights[0].double() - weights[2].double()[:, None]) * weights[1].double()[:, None]
+                want = x.double() @ wq.T + bias.double()
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (choice, step)
+
+
+@needs_kernel
+def test_k_past_the_exact_int32_range_is_refused():
+    device = kernel_device()
+    x = torch.zeros(2, rg.MAX_K + 1, device=device)
+    with pytest.raises(ValueError, match="K ≤"):
+        rg.real_linear(x, *([None] * 11))
+
+
+@needs_kernel
+def test_a_unet_with_real_linear_layers_follows_the_bits(tiny_pipe, monkeypatch):
+    from qlip.methods.calib_data import CalibrationSet
+    from qlip.methods.rtn import quantize_rtn
+    from qlip.nn import QuantConfig, use_real_execution
+    from qlip.pipeline import prepare_unet
+    from qlip.quant import fused_quantize as fq
+
+    from ..conftest import unet_inputs
+
+    device = kernel_device()
+    if device == "cpu":  # the interpreter runs the kernels on CPU tensors
+        monkeypatch.setattr(fq, "available", lambda x: x.dtype in fq.DTYPES)
+    unet = tiny_pipe.unet.to(device)
+    units = prepare_unet(unet, QuantConfig(wbits=8, abits=8, abits_options=(4, 8, 16)))
+    x, t, c = (v.to(device) for v in unet_inputs(unet, 4, seed=1))
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(4, dtype=torch.long)),
+                 progress=False)
+    calls = []
+    original = rg.real_linear
+    monkeypatch.setattr(rg, "real_linear", lambda *a: calls.append(1) or original(*a))
+    x, t, c = (v.to(device) for v in unet_inputs(unet, 2, seed=2))
+    switched = use_real_execution(unet)
+    assert switched > 0
+    for bits in (4, 8, 16):
+        for unit in units.values():
+            unit.set_bits(bits)
+        with torch.no_grad():
+            use_real_execution(unet, False)
+            simulated = unet(x, t, encoder_hidden_states=c).sample
+            use_real_execution(unet)
+            calls.clear()
+            real = unet(x, t, encoder_hidden_states=c).sample
+        assert len(calls) == switched  # every switched layer ran for real, at every option
+        # integer math is exact where the simulation's fp32 GEMM rounds: the same up to that
+        tolerance = 1e-4 if bits <= 8 else 2e-2  # A16 runs unquantized inputs (no 16-bit grid)
+        assert torch.allclose(real, simulated, rtol=tolerance, atol=tolerance), bits
+    # a per-image choice takes the simulation
+    for unit in units.values():
+        unit.set_bits(torch.tensor([4, 8]))
+    calls.clear()
+    with torch.no_grad():
+        unet(torch.cat([x[:1], x[:1]]), t, encoder_hidden_states=c)
+    assert not calls
