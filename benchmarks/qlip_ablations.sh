@@ -34,22 +34,9 @@ jobs=${JOBS:-4}; steps=${STEPS:-25}; n_t2q=${N_T2Q:-10000}
 set_bits=${SET:-8,16,32}; t=${set_bits//,/-}; base=${BASE:-q_qd_w4}; work=${WORK:-qlip_work}
 mtag=${MTAG:-qd}; mname=${MNAME:-Q-Diffusion}; groups=${ABLATIONS:-labels criteria q2b bits lam}
 lams=${LAMS:-0.02 0.05 0.2 0.5}
-qlip="python3 -m qlip.cli"
-# shellcheck disable=SC2206
-common=(--model reference --device "$device" --prompts heldout --num-images "$n" --batch-size 250
-        --steps "$steps" --guidance 4 --batch-mode per_image ${EVAL_EXTRA:-})
-# shellcheck disable=SC2206
-train=(--model reference --device "$device" --num-prompts "$n_t2q"
-       --steps "$steps" --guidance 4 --batch-size 250 --chunk 1000 --no-progress ${TRAIN_EXTRA:-})
-mkdir -p "$out/logs"
-for need in "$base/quant_state.safetensors" "$work" eval_fp/metrics.json; do
-    [ -e "$out/$need" ] || { echo "$out/$need is missing: run benchmarks/qlip_first_result.sh" \
-                                  "(PHASE=quantize, train, eval) into $out first" >&2; exit 1; }
-done
-cores=$(nproc)
-export OMP_NUM_THREADS=$(( cores / jobs > 0 ? cores / jobs : 1 ))
-# shellcheck source=benchmarks/timed.sh
-source "$(dirname "$0")/timed.sh"
+# shellcheck source=benchmarks/qlip_folder.sh
+source "$(dirname "$0")/qlip_folder.sh"
+require "PHASE=quantize, train, eval" "$base/quant_state.safetensors" "$work" eval_fp/metrics.json
 
 rows=()  # "name|bits|train-qlip options"
 for group in $groups; do

@@ -32,23 +32,10 @@ jobs=${JOBS:-3}; steps=${STEPS:-25}; n_t2q=${N_T2Q:-10000}
 # Q-Diffusion): SET=8,16,32 WORK=qlip_work, or BASE=q_ptqd_w4 MNAME=PTQD for a PTQD run folder
 set_bits=${SET:-4,5,6}; t=${set_bits//,/-}; base=${BASE:-q_qd_w4}; work=${WORK:-qlip_work_$t}
 mname=${MNAME:-Q-Diffusion}
-qlip="python3 -m qlip.cli"
-# shellcheck disable=SC2206
-common=(--model reference --device "$device" --prompts heldout --num-images "$n" --batch-size 250
-        --steps "$steps" --guidance 4 --batch-mode per_image ${EVAL_EXTRA:-})
-# shellcheck disable=SC2206
-train=(--model reference --device "$device" --num-prompts "$n_t2q"
-       --steps "$steps" --guidance 4 --batch-size 250 --chunk 1000 --no-progress ${TRAIN_EXTRA:-})
-mkdir -p "$out/logs"
-for need in "$base/quant_state.safetensors" "q_qlip_$t/qlip.json" "eval_qlip_$t/bits.safetensors" \
-            eval_fp/metrics.json "eval_qlip_$t/metrics.json"; do
-    [ -e "$out/$need" ] || { echo "$out/$need is missing: run benchmarks/qlip_first_result.sh" \
-                                  "(PHASE=quantize, train_b, eval) into $out first" >&2; exit 1; }
-done
-cores=$(nproc)
-export OMP_NUM_THREADS=$(( cores / jobs > 0 ? cores / jobs : 1 ))
-# shellcheck source=benchmarks/timed.sh
-source "$(dirname "$0")/timed.sh"
+# shellcheck source=benchmarks/qlip_folder.sh
+source "$(dirname "$0")/qlip_folder.sh"
+require "PHASE=quantize, train_b, eval" "$base/quant_state.safetensors" "q_qlip_$t/qlip.json" \
+    "eval_qlip_$t/bits.safetensors" eval_fp/metrics.json "eval_qlip_$t/metrics.json"
 fab_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['$2'])" "$1"; }
 # the rows Q2B trained on: train-qlip's --q2b-prompts (128 unless TRAIN_EXTRA changes it)
 q2b_prompts=$(echo "${TRAIN_EXTRA:-}" | sed -n 's/.*--q2b-prompts \([0-9]*\).*/\1/p')

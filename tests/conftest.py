@@ -69,3 +69,28 @@ def kernel_device() -> str | None:
     if torch.cuda.is_available():
         return "cuda"
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+def kernel_unet(tiny_pipe, monkeypatch, config, spy: tuple | None = None):
+    """The tiny UNet quantized with ``config`` (RTN) on :func:`kernel_device`, with the kernels
+    let onto CPU tensors under the interpreter; ``spy = (module, name)`` counts the calls of
+    ``module.name``. Returns (unet, units, calls, (x, t, c) inputs of two images)."""
+    from qlip.methods.calib_data import CalibrationSet
+    from qlip.methods.rtn import quantize_rtn
+    from qlip.pipeline import prepare_unet
+    from qlip.quant import fused_quantize
+
+    device = kernel_device()
+    if device == "cpu":  # the interpreter runs the kernels on CPU tensors
+        monkeypatch.setattr(fused_quantize, "available", lambda x: x.dtype in fused_quantize.DTYPES)
+    unet = tiny_pipe.unet.to(device)
+    units = prepare_unet(unet, config)
+    x, t, c = (v.to(device) for v in unet_inputs(unet, 4, seed=1))
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(4, dtype=torch.long)),
+                 progress=False)
+    calls: list[int] = []
+    if spy is not None:
+        module, name = spy
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a: calls.append(1) or original(*a))
+    return unet, units, calls, tuple(v.to(device) for v in unet_inputs(unet, 2, seed=2))

@@ -5,14 +5,11 @@ on the CPU under TRITON_INTERPRET=1)."""
 import pytest
 import torch
 
-from qlip.methods.calib_data import CalibrationSet
-from qlip.methods.rtn import quantize_rtn
 from qlip.nn import QuantConfig, use_fused_quantize
-from qlip.pipeline import prepare_unet
 from qlip.quant import fused_quantize as fq
 from qlip.quant.stacked import StackedUniform
 
-from ..conftest import kernel_device, unet_inputs
+from ..conftest import kernel_device, kernel_unet
 
 needs_kernel = pytest.mark.skipif(
     kernel_device() is None, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
@@ -87,18 +84,9 @@ def test_an_uncalibrated_option_gives_nan_in_the_kernel_too():
 
 @needs_kernel
 def test_quantized_unet_gives_the_same_outputs_with_the_kernel(tiny_pipe, monkeypatch):
-    device = kernel_device()
-    if device == "cpu":  # the interpreter runs the kernel on CPU tensors
-        monkeypatch.setattr(fq, "available", lambda x: x.dtype in fq.DTYPES)
-    unet = tiny_pipe.unet.to(device)
-    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, abits_options=(4, 8, 32)))
-    x, t, c = (v.to(device) for v in unet_inputs(unet, 4, seed=1))
-    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(4, dtype=torch.long)),
-                 progress=False)
-    calls = []
-    original = fq.fake_quantize
-    monkeypatch.setattr(fq, "fake_quantize", lambda *a: calls.append(1) or original(*a))
-    x, t, c = (v.to(device) for v in unet_inputs(unet, 2, seed=2))
+    unet, units, calls, (x, t, c) = kernel_unet(
+        tiny_pipe, monkeypatch, QuantConfig(wbits=4, abits=8, abits_options=(4, 8, 32)),
+        spy=(fq, "fake_quantize"))
     for bits in (4, 8, 32):
         for unit in units.values():
             unit.set_bits(bits)

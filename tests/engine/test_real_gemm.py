@@ -93,26 +93,13 @@ def test_k_past_the_exact_int32_range_is_refused():
 
 @needs_kernel
 def test_a_unet_with_real_linear_layers_follows_the_bits(tiny_pipe, monkeypatch):
-    from qlip.methods.calib_data import CalibrationSet
-    from qlip.methods.rtn import quantize_rtn
     from qlip.nn import QuantConfig, use_real_execution
-    from qlip.pipeline import prepare_unet
-    from qlip.quant import fused_quantize as fq
 
-    from ..conftest import unet_inputs
+    from ..conftest import kernel_unet
 
-    device = kernel_device()
-    if device == "cpu":  # the interpreter runs the kernels on CPU tensors
-        monkeypatch.setattr(fq, "available", lambda x: x.dtype in fq.DTYPES)
-    unet = tiny_pipe.unet.to(device)
-    units = prepare_unet(unet, QuantConfig(wbits=8, abits=8, abits_options=(4, 8, 16)))
-    x, t, c = (v.to(device) for v in unet_inputs(unet, 4, seed=1))
-    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(4, dtype=torch.long)),
-                 progress=False)
-    calls = []
-    original = rg.real_linear
-    monkeypatch.setattr(rg, "real_linear", lambda *a: calls.append(1) or original(*a))
-    x, t, c = (v.to(device) for v in unet_inputs(unet, 2, seed=2))
+    unet, units, calls, (x, t, c) = kernel_unet(
+        tiny_pipe, monkeypatch, QuantConfig(wbits=8, abits=8, abits_options=(4, 8, 16)),
+        spy=(rg, "real_linear"))
     switched = use_real_execution(unet)
     assert switched > 0
     for bits in (4, 8, 16):

@@ -61,11 +61,9 @@ if triton is not None:
         return tl.where(tie & odd, f - 1.0, f)
 
     @triton.jit
-    def _fake_quantize_kernel(x_ptr, out_ptr, table_ptr, choice_ptr, step_ptr, bypass_ptr, n,
-                              steps, HAS_STEPS: tl.constexpr, HAS_BYPASS: tl.constexpr,
-                              BLOCK_SIZE: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < n
+    def load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS: tl.constexpr):
+        """``(choice, Δ, low, high)``: the chosen option and its table row (at the step's row
+        with per-step tables), read on the device; the grid values in fp32."""
         choice = tl.load(choice_ptr)
         row = choice
         if HAS_STEPS:
@@ -73,11 +71,26 @@ if triton is not None:
         scale = tl.load(table_ptr + row * 3).to(tl.float32)
         low = tl.load(table_ptr + row * 3 + 1).to(tl.float32)
         high = tl.load(table_ptr + row * 3 + 2).to(tl.float32)
+        return choice, scale, low, high
+
+    @triton.jit
+    def grid_codes(x, scale, low, high):
+        """The integer codes ``clamp(round(x/Δ), low, high)`` (fp32) of ``x`` as PyTorch computes
+        them in x's dtype: the quotient rounded to that dtype, then half to even."""
+        q = tl.math.div_rn(x.to(tl.float32), scale).to(x.dtype, fp_downcast_rounding="rtne")
+        return tl.clamp(round_half_even(q.to(tl.float32)), low, high,
+                        propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _fake_quantize_kernel(x_ptr, out_ptr, table_ptr, choice_ptr, step_ptr, bypass_ptr, n,
+                              steps, HAS_STEPS: tl.constexpr, HAS_BYPASS: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n
+        choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         dtype = x.dtype
-        q = tl.math.div_rn(x.to(tl.float32), scale).to(dtype, fp_downcast_rounding="rtne")
-        q = q.to(tl.float32)
-        q = tl.clamp(round_half_even(q), low, high, propagate_nan=tl.PropagateNan.ALL)
+        q = grid_codes(x, scale, low, high)
         y = (q * scale).to(dtype, fp_downcast_rounding="rtne")
         if HAS_BYPASS:
             y = tl.where(tl.load(bypass_ptr + choice) != 0, x, y)

@@ -39,7 +39,7 @@ from .fused_quantize import triton
 if triton is not None:
     import triton.language as tl
 
-    from .fused_quantize import round_half_even
+    from .fused_quantize import grid_codes, load_grid
 
 MAX_K = 32768  # int32 accumulation stays exact up to this reduction length
 
@@ -93,13 +93,7 @@ if triton is not None:
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        choice = tl.load(choice_ptr)
-        row = choice
-        if HAS_STEPS:
-            row = choice * steps + tl.load(step_ptr)
-        scale = tl.load(table_ptr + row * 3).to(tl.float32)
-        low = tl.load(table_ptr + row * 3 + 1).to(tl.float32)
-        high = tl.load(table_ptr + row * 3 + 2).to(tl.float32)
+        choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
         w_zero = tl.load(w_zero_ptr + offs_n, mask=offs_n < N, other=0)
         w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
         dtype = out_ptr.dtype.element_ty
@@ -114,8 +108,7 @@ if triton is not None:
                 k_ok = (start + offs_k) < K
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + start + offs_k[None, :],
                             mask=m_ok & k_ok[None, :], other=0.0)
-                q = tl.math.div_rn(x.to(tl.float32), scale).to(x.dtype, fp_downcast_rounding="rtne")
-                c = tl.clamp(round_half_even(q.to(tl.float32)), low, high)
+                c = grid_codes(x, scale, low, high)
                 a = tl.where(m_ok & k_ok[None, :], c - low - o_a, 0.0).to(tl.int8)
                 w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
                             mask=n_ok & k_ok[:, None], other=0)  # [BLOCK_K, BLOCK_N]
