@@ -1,0 +1,159 @@
+"""Latency against FAB under mixed real execution (issue 14: "under QLIP, latency falls as FAB
+falls"): one SD 1.4 UNet-architecture step (random weights, bf16, batch 2, 64×64 latents) at
+W4 with the bank {8, 16}, its Linear layers run for real (``qlip.nn.use_real_execution``: int8
+math at A8, bf16 math at A16, chosen on the device), and a share f of the units at 8 bits, the
+rest at 16, for f = 0, 0.25, 0.5, 0.75, 1. The units at 8 bits are a seeded random draw, and
+each share's draw contains the one before it.
+
+Each assignment is timed by CUDA-graph replay (GPU work only; the bits are data, so one captured
+graph per assignment is the same graph with other table values) and by eager calls. The same is
+measured with the simulation (real execution off) for comparison. Convolutions stay simulated in
+both. Writes the JSON and ``mixed_latency.png`` (latency against FAB).
+
+    python benchmarks/mixed_latency.py --out benchmarks/results/mixed_latency.h200.json
+    python benchmarks/mixed_latency.py --device cpu --tiny --out /tmp/mixed.json   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from qlip.methods.calib_data import CalibrationSet  # noqa: E402
+from qlip.methods.rtn import quantize_rtn  # noqa: E402
+from qlip.nn import QuantConfig, quant_units, use_real_execution  # noqa: E402
+from qlip.pipeline import prepare_unet  # noqa: E402
+from qlip.testing import build_sd14_unet, build_tiny_pipeline  # noqa: E402
+
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def model(args):
+    if args.tiny:
+        import tempfile
+
+        unet = build_tiny_pipeline(Path(tempfile.mkdtemp())).unet.to(args.device)
+        size, context = unet.config.sample_size, unet.config.cross_attention_dim
+        shape, ctx = (2, unet.config.in_channels, size, size), (2, 8, context)
+    else:
+        unet = build_sd14_unet(args.device, torch.bfloat16)
+        shape, ctx = (2, 4, 64, 64), (2, 77, 768)
+    dtype = next(unet.parameters()).dtype
+    g = torch.Generator(args.device).manual_seed(0)
+    x = torch.randn(*shape, generator=g, device=args.device, dtype=dtype)
+    c = torch.randn(*ctx, generator=g, device=args.device, dtype=dtype)
+    t = torch.tensor([500, 500], device=args.device)
+    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, abits_options=(8, 16)))
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(2, dtype=torch.long)),
+                 progress=False)
+    return unet, quant_units(unet), (x, t, c)
+
+
+def assignments(units, seed: int) -> dict[float, dict[str, int]]:
+    """For each share f: the units at 8 bits, a prefix of one seeded random order."""
+    names = [n for n, u in units.items() if u.dynamic]
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = {}
+    for share in SHARES:
+        low = {names[i] for i in order[: round(share * len(names))]}
+        out[share] = {n: (8 if n in low else 16) for n in names}
+    return out
+
+
+def fab(units, bits: dict[str, int]) -> float:
+    """The MAC-unweighted FAB of the Linear/Conv units (fixed ones at their own bits)."""
+    layers = [(n, u) for n, u in units.items() if u.fab_member]
+    return statistics.mean(bits.get(n, u.default_bits) for n, u in layers)
+
+
+def timed(call, device: str, warmup: int, iters: int) -> float:
+    """Median ms of ``call()``: CUDA events on the GPU, the wall clock elsewhere."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            call()
+        times = []
+        for _ in range(iters):
+            if device == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                call()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(begin.elapsed_time(end))
+            else:
+                start = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def graph_ms(step, warmup: int, iters: int) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        step()
+    return timed(graph.replay, "cuda", warmup, iters)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (a smoke run)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    unet, units, (x, t, c) = model(args)
+    real_layers = use_real_execution(unet)
+
+    def step():
+        return unet(x, t, encoder_hidden_states=c).sample
+
+    rows = []
+    for share, bits in assignments(units, args.seed).items():
+        for name, unit in units.items():
+            if name in bits:
+                unit.set_bits(bits[name])
+        row = {"share_at_8": share, "fab": fab(units, bits)}
+        for mode, on in (("real", True), ("simulated", False)):
+            use_real_execution(unet, on)
+            row[f"{mode}_eager_ms"] = timed(step, args.device, args.warmup, args.iters)
+            if args.device == "cuda":
+                row[f"{mode}_graph_ms"] = graph_ms(step, args.warmup, args.iters)
+        rows.append(row)
+        print(row, flush=True)
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "torch": torch.__version__, "tiny": args.tiny, "real_linear_layers": real_layers,
+              "bank": [8, 16], "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    mode = "graph" if args.device == "cuda" else "eager"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    for kind, style in (("real", "o-"), ("simulated", "s--")):
+        ax.plot([r["fab"] for r in rows], [r[f"{kind}_{mode}_ms"] for r in rows], style,
+                label=f"{kind} ({real_layers} Linear layers real)" if kind == "real" else kind)
+    ax.set_xlabel("FAB (share of units at A8, the rest A16)")
+    ax.set_ylabel(f"step latency, ms ({mode})")
+    ax.set_title(f"W4 bank {{8,16}}: latency against FAB ({result['device']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(args.out.with_name("mixed_latency.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
