@@ -102,7 +102,8 @@ if triton is not None:
         if tl.load(integer_ptr + choice) != 0:
             # a = c − low − o_a: the codes in int8 (c − low ∈ [0, 2^b − 1]); x̂ = c·Δ = (a − z_a)·Δ
             o_a = tl.load(offset_ptr + choice).to(tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)  # (a name of its own: Triton
+            # wants every name both branches assign to have one type)
             a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
             for start in range(0, K, BLOCK_K):
                 k_ok = (start + offs_k) < K
@@ -112,15 +113,15 @@ if triton is not None:
                 a = tl.where(m_ok & k_ok[None, :], c - low - o_a, 0.0).to(tl.int8)
                 w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
                             mask=n_ok & k_ok[:, None], other=0)  # [BLOCK_K, BLOCK_N]
-                acc += tl.dot(a, w, out_dtype=tl.int32)
+                acc_i += tl.dot(a, w, out_dtype=tl.int32)
                 a_sum += tl.sum(a.to(tl.int32), axis=1)
             z_a = (-low - o_a).to(tl.int32)  # a − c: −low = z is an integer
             w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
-            exact = (acc - w_zero[None, :] * a_sum[:, None] - z_a * w_sum[None, :]
+            exact = (acc_i - w_zero[None, :] * a_sum[:, None] - z_a * w_sum[None, :]
                      + K * z_a * w_zero[None, :])
             out = exact.to(tl.float32) * (scale * w_scale[None, :])
         else:  # A16/A32: the layer in float math, x as it is
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
                 k_ok = (start + offs_k) < K
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + start + offs_k[None, :],
@@ -129,10 +130,10 @@ if triton is not None:
                             mask=n_ok & k_ok[:, None], other=0)
                 weight = ((w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :])
                 if IEEE:  # fp32 layers: IEEE products (TF32 would round the inputs)
-                    acc += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
+                    acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
                 else:
-                    acc += tl.dot(x.to(dtype), weight.to(dtype))
-            out = acc
+                    acc_f += tl.dot(x.to(dtype), weight.to(dtype))
+            out = acc_f
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(dtype),
