@@ -6,6 +6,7 @@ after a reconstruction unit; after a Q2B checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -18,9 +19,12 @@ from .conftest import BITS, killed_at, quantize_argv
 EVAL_DRIVER = "tests/reliability/eval_driver.py"
 
 
+CLOCKS = {"timings.json"}  # wall times: a record of the run, never reproducible
+
+
 def _files(folder, pattern: str = "*") -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in sorted(folder.rglob(pattern)) if p.is_file()}
+            for p in sorted(folder.rglob(pattern)) if p.is_file() and p.name not in CLOCKS}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,8 @@ def test_eval_killed_then_resumed_is_byte_identical(tiny_pipe_dir, tmp_path, str
     evaluate(tiny_pipe_dir, out)
     assert "resuming" in capsys.readouterr().err
     assert _files(out) == straight_eval
+    assert set(json.loads((out / "timings.json").read_text())) == {"generation", "features",
+                                                                    "metrics"}
 
 
 def test_quantize_killed_in_reconstruction_resumes_byte_identical(
