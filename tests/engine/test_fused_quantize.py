@@ -25,6 +25,17 @@ def _quantizer(steps):
     return q
 
 
+def test_the_per_image_reference_is_the_stacked_quantizers_split_path():
+    # what the kernel must equal, per image, is what StackedUniform computes without it
+    q = _quantizer(3)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2 * 3 * 2, 5, 4, generator=g) * 2  # [copies 2, images 3, heads 2] rows
+    choice, step = torch.tensor([0, 2, 1]), torch.tensor([1])  # 4 bits, bypass, 8 bits
+    want = q(x, choice, heads=2, step=step)
+    got = fq.reference(x, q._flat_table(torch.float32), choice, step, 3, q.bypass, heads=2)
+    assert torch.equal(got, want)
+
+
 def test_off_the_gpu_the_pytorch_path_runs():
     q = _quantizer(None)
     assert not fq.available(torch.zeros(3))  # a CPU tensor: never the kernel
@@ -57,6 +68,26 @@ def test_kernel_equals_the_reference_bit_for_bit(dtype, steps):
     step = torch.tensor([0], device=device) if steps else None
     assert torch.equal(fq.fake_quantize(ties, table, c, step, steps or 0, None),
                        fq.reference(ties, table, c, step, steps or 0, None))
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads", [1, 3])
+def test_per_image_choices_in_one_launch(heads):
+    device = kernel_device()
+    q = _quantizer(3).to(device)
+    table = q._flat_table(torch.float32)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(2 * 4 * heads, 7, 9, generator=g) * 2).to(device)  # 2 copies of 4 images
+    choice = torch.tensor([1, 0, 2, 1], device=device)
+    step = torch.tensor([2], device=device)
+    got = fq.fake_quantize(x, table, choice, step, 3, q.bypass, heads)
+    assert torch.equal(got, fq.reference(x, table, choice, step, 3, q.bypass, heads))
+    assert torch.equal(got, q.cpu()(x.cpu(), choice.cpu(), heads=heads, step=step.cpu()).to(device))
+    shared = torch.tensor([1], device=device).expand(4)  # one option for all, as a [n] view
+    assert torch.equal(fq.fake_quantize(x, table, shared, step, 3, q.bypass, heads),
+                       fq.reference(x, table, shared, step, 3, q.bypass, heads))
+    with pytest.raises(ValueError, match="whole copies"):
+        fq.fake_quantize(x[:-1], table, choice, step, 3, q.bypass, heads)
 
 
 @needs_kernel
@@ -98,3 +129,15 @@ def test_quantized_unet_gives_the_same_outputs_with_the_kernel(tiny_pipe, monkey
                 outs.append(unet(x, t, encoder_hidden_states=c).sample)
             assert bool(calls) == on  # the kernel ran exactly when it was on
         assert torch.equal(outs[0], outs[1]), bits
+    # per-image bits (the CFG pair of each image shares them) take the kernel too
+    for unit in units.values():
+        unit.set_bits(torch.tensor([4, 32]))
+    x2, t2, c2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([c * 0, c])
+    outs = []
+    for on in (False, True):
+        use_fused_quantize(unet, on)
+        calls.clear()
+        with torch.no_grad():
+            outs.append(unet(x2, t2, encoder_hidden_states=c2).sample)
+        assert bool(calls) == on
+    assert torch.equal(outs[0], outs[1])

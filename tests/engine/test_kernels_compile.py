@@ -12,12 +12,17 @@ from qlip.quant import real_gemm as rg
 
 pytestmark = pytest.mark.skipif(fq.triton is None, reason="needs Triton")
 
-CASES = {
-    "fake_quantize": lambda dt: (
+def _fake_quantize(per_image: bool):
+    return lambda dt: (
         fq._fake_quantize_kernel,
         {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "table_ptr": f"*{dt}", "choice_ptr": "*i64",
          "step_ptr": "*i64", "bypass_ptr": "*i1"},
-        {"HAS_STEPS": True, "HAS_BYPASS": True, "BLOCK_SIZE": 1024}),
+        {"HAS_STEPS": True, "HAS_BYPASS": True, "PER_IMAGE": per_image, "BLOCK_SIZE": 1024})
+
+
+CASES = {
+    "fake_quantize": _fake_quantize(False),
+    "fake_quantize_per_image": _fake_quantize(True),
     "real_linear": lambda dt: (
         rg._real_linear_kernel,
         {"x_ptr": f"*{dt}", "w_ptr": "*i8", "out_ptr": f"*{dt}", "table_ptr": f"*{dt}",

@@ -40,14 +40,24 @@ def available(x: torch.Tensor) -> bool:
 
 
 def reference(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
-              step: torch.Tensor | None, steps: int, bypass: torch.Tensor | None) -> torch.Tensor:
+              step: torch.Tensor | None, steps: int, bypass: torch.Tensor | None,
+              heads: int = 1) -> torch.Tensor:
     """What the kernel computes, in PyTorch. ``table [K·T, 3]`` in x's dtype (option k at step t
-    is row ``k·T + t``, T = ``steps`` or 1), ``choice [1]`` long (the option), ``step [1]`` long
-    (None without per-step rows), ``bypass [K]`` bool (None: the bank has no bypass option)."""
+    is row ``k·T + t``, T = ``steps`` or 1), ``choice`` ``[1]`` long (the option of the whole
+    tensor) or ``[n]`` (one per image, x's rows laid out ``[copies, n, heads]`` as
+    :class:`qlip.quant.stacked.RowLayout` says), ``step [1]`` long (None without per-step rows),
+    ``bypass [K]`` bool (None: the bank has no bypass option)."""
     rows = choice if not steps else step + choice * steps
-    scale, low, high = table.index_select(0, rows).unbind(1)
+    params = table.index_select(0, rows)  # [n, 3]
+    n = choice.shape[0]
+    per_row = params.repeat_interleave(heads, 0).repeat(x.shape[0] // (n * heads), 1)  # [R, 3]
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    scale, low, high = (per_row[:, i].reshape(shape) for i in range(3))
     out = torch.div(x, scale).round_().clamp_(low, high).mul_(scale)
-    return out if bypass is None else torch.where(bypass.index_select(0, choice), x, out)
+    if bypass is None:
+        return out
+    flag = bypass.index_select(0, choice).repeat_interleave(heads).repeat(x.shape[0] // (n * heads))
+    return torch.where(flag.reshape(shape), x, out)
 
 
 if triton is not None:
@@ -63,7 +73,8 @@ if triton is not None:
     @triton.jit
     def load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS: tl.constexpr):
         """``(choice, Δ, low, high)``: the chosen option and its table row (at the step's row
-        with per-step tables), read on the device; the grid values in fp32."""
+        with per-step tables), read on the device; the grid values in fp32. ``choice_ptr`` is
+        one pointer (a scalar option) or a block of them (an option per element)."""
         choice = tl.load(choice_ptr)
         row = choice
         if HAS_STEPS:
@@ -83,10 +94,14 @@ if triton is not None:
 
     @triton.jit
     def _fake_quantize_kernel(x_ptr, out_ptr, table_ptr, choice_ptr, step_ptr, bypass_ptr, n,
-                              steps, HAS_STEPS: tl.constexpr, HAS_BYPASS: tl.constexpr,
+                              steps, row_size, heads, images, HAS_STEPS: tl.constexpr,
+                              HAS_BYPASS: tl.constexpr, PER_IMAGE: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr):
         offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
+        if PER_IMAGE:  # rows [copies, images, heads]: each element's image picks its option
+            image = (offs // row_size // heads) % images
+            choice_ptr = choice_ptr + tl.where(mask, image, 0)
         choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         dtype = x.dtype
@@ -104,17 +119,30 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 def fake_quantize(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
-                  step: torch.Tensor | None, steps: int, bypass: torch.Tensor | None
-                  ) -> torch.Tensor:
+                  step: torch.Tensor | None, steps: int, bypass: torch.Tensor | None,
+                  heads: int = 1) -> torch.Tensor:
     """:func:`reference` in one Triton launch (``x`` on CUDA, see :func:`available`); the
-    option, the step and the bypass flag are read on the device."""
+    option (or each image's), the step and the bypass flag are read on the device."""
     if not _dense(x):
         x = x.contiguous()
     out = torch.empty_like(x)  # a dense x keeps its layout (channels-last stays channels-last)
     n = x.numel()
     if n == 0:
         return out
+    images = choice.shape[0]
+    per_image = images > 1
+    if per_image and (x.ndim < 1 or x.shape[0] % (images * heads)):
+        raise ValueError(f"a batch of {x.shape[0] if x.ndim else 0} rows cannot hold {images} "
+                         f"images × {heads} heads; per-image bits need the UNet batch to be "
+                         "whole copies of the image batch")
+    if per_image:  # the kernel reads choice[image] at unit stride (an expanded choice is not)
+        choice = choice.contiguous()
+    if per_image and not x.is_contiguous():  # the row index is read off the flat position
+        x = x.contiguous()
+        out = torch.empty_like(x)
+    row_size = n // x.shape[0] if per_image else 1
     _fake_quantize_kernel[(triton.cdiv(n, BLOCK),)](
         x, out, table, choice, step if steps else choice, bypass if bypass is not None else choice,
-        n, steps, HAS_STEPS=bool(steps), HAS_BYPASS=bypass is not None, BLOCK_SIZE=BLOCK)
+        n, steps, row_size, heads, images, HAS_STEPS=bool(steps), HAS_BYPASS=bypass is not None,
+        PER_IMAGE=per_image, BLOCK_SIZE=BLOCK)
     return out

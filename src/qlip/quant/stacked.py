@@ -119,10 +119,11 @@ class StackedQuantizer(nn.Module):
         if choice.ndim == 0:
             choice = choice.reshape(1)
         soft = choice.is_floating_point()
-        if choice.shape[0] == 1 and not soft:  # the whole batch at one option: no split
-            fused = self._one_launch(x, choice, step)
+        if not soft:  # one launch where a kernel applies (eager GPU inference)
+            fused = self._one_launch(x, choice, step, heads)
             if fused is not None:
                 return fused
+        if choice.shape[0] == 1 and not soft:  # the whole batch at one option: no split
             out = self._quantize(x, choice, step, split=False)
             if not self.has_bypass:
                 return out
@@ -132,8 +133,10 @@ class StackedQuantizer(nn.Module):
         out = self._soft(split, choice, step) if soft else self._hard(split, choice, step)
         return out.flatten(0, 2)
 
-    def _one_launch(self, x: torch.Tensor, choice: torch.Tensor, step) -> torch.Tensor | None:
-        """The whole-batch quantizer in one kernel launch, or None where that does not apply."""
+    def _one_launch(self, x: torch.Tensor, choice: torch.Tensor, step, heads: int = 1
+                    ) -> torch.Tensor | None:
+        """The quantizer (``[1]`` or per-image ``[n]`` slots) in one kernel launch, or None where
+        that does not apply."""
         return None
 
     def _hard(self, split: torch.Tensor, choice: torch.Tensor, step) -> torch.Tensor:
@@ -297,7 +300,7 @@ class StackedUniform(StackedQuantizer):
         q = round_ste(q) if ste else torch.round(q)
         return torch.clamp(q, low, high) * scale
 
-    def _one_launch(self, x, choice, step):
+    def _one_launch(self, x, choice, step, heads=1):
         # eager, inference, per tensor, on the GPU (a compiled graph fuses the PyTorch path)
         if (not self.kernel or self.channel_dim is not None or not fused_quantize.available(x)
                 or torch.compiler.is_compiling()):
@@ -309,7 +312,7 @@ class StackedUniform(StackedQuantizer):
             raise ValueError("this quantizer holds a per-step table: give the step index")
         bypass = self._buffers["bypass"] if self.has_bypass else None
         return fused_quantize.fake_quantize(x, self._flat_table(x.dtype), choice, step, steps,
-                                            bypass)
+                                            bypass, heads)
 
     def row_params(self, choice, heads, step, row_max):
         if self.channel_dim is not None or self.scale.shape[-1] != 1:
