@@ -27,6 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from sd14_unet_step import graph_replay  # noqa: E402  (this folder: the scripts' own timers)
+from sd14_unet_step import timed as cuda_timed  # noqa: E402
 
 from qlip.methods.calib_data import CalibrationSet  # noqa: E402
 from qlip.methods.rtn import quantize_rtn  # noqa: E402
@@ -75,38 +77,20 @@ def fab(units, bits: dict[str, int]) -> float:
     return statistics.mean(bits.get(n, u.default_bits) for n, u in layers)
 
 
-def timed(call, device: str, warmup: int, iters: int) -> float:
-    """Median ms of ``call()``: CUDA events on the GPU, the wall clock elsewhere."""
+def median_ms(call, device: str, warmup: int, iters: int) -> float:
+    """Median ms of ``call()``: CUDA events on the GPU (sd14_unet_step's timer), the wall clock
+    elsewhere."""
+    if device == "cuda":
+        return cuda_timed(call, warmup, iters)["median_ms"]
     with torch.no_grad():
         for _ in range(warmup):
             call()
         times = []
         for _ in range(iters):
-            if device == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                call()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(begin.elapsed_time(end))
-            else:
-                start = time.perf_counter()
-                call()
-                times.append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def graph_ms(step, warmup: int, iters: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        step()
-    return timed(graph.replay, "cuda", warmup, iters)
 
 
 def main() -> None:
@@ -132,9 +116,9 @@ def main() -> None:
         row = {"share_at_8": share, "fab": fab(units, bits)}
         for mode, on in (("real", True), ("simulated", False)):
             use_real_execution(unet, on)
-            row[f"{mode}_eager_ms"] = timed(step, args.device, args.warmup, args.iters)
+            row[f"{mode}_eager_ms"] = median_ms(step, args.device, args.warmup, args.iters)
             if args.device == "cuda":
-                row[f"{mode}_graph_ms"] = graph_ms(step, args.warmup, args.iters)
+                row[f"{mode}_graph_ms"] = graph_replay(step, args.warmup, args.iters)["median_ms"]
         rows.append(row)
         print(row, flush=True)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

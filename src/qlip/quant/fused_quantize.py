@@ -123,23 +123,22 @@ def fake_quantize(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
                   heads: int = 1) -> torch.Tensor:
     """:func:`reference` in one Triton launch (``x`` on CUDA, see :func:`available`); the
     option (or each image's), the step and the bypass flag are read on the device."""
-    if not _dense(x):
-        x = x.contiguous()
-    out = torch.empty_like(x)  # a dense x keeps its layout (channels-last stays channels-last)
-    n = x.numel()
-    if n == 0:
-        return out
     images = choice.shape[0]
     per_image = images > 1
     if per_image and (x.ndim < 1 or x.shape[0] % (images * heads)):
         raise ValueError(f"a batch of {x.shape[0] if x.ndim else 0} rows cannot hold {images} "
                          f"images × {heads} heads; per-image bits need the UNet batch to be "
                          "whole copies of the image batch")
+    # per image, the row index is read off the flat position, so x must be row-major; the
+    # whole batch only needs x dense (channels-last stays channels-last)
+    if not (x.is_contiguous() if per_image else _dense(x)):
+        x = x.contiguous()
     if per_image:  # the kernel reads choice[image] at unit stride (an expanded choice is not)
         choice = choice.contiguous()
-    if per_image and not x.is_contiguous():  # the row index is read off the flat position
-        x = x.contiguous()
-        out = torch.empty_like(x)
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return out
     row_size = n // x.shape[0] if per_image else 1
     _fake_quantize_kernel[(triton.cdiv(n, BLOCK),)](
         x, out, table, choice, step if steps else choice, bypass if bypass is not None else choice,
