@@ -2,8 +2,10 @@
 # Bring a run's records back from the device machine, whose disk goes when it is handed back.
 #   bash benchmarks/collect_records.sh RUN DEST            ->  DEST/records.tgz
 #   MODELS=1 bash benchmarks/collect_records.sh RUN DEST   ->  also DEST/state_<folder>.tgz
-# records.tgz: every JSON/text/Markdown/CSV/PNG file under RUN of at most 2 MB, generated images
+# records.tgz: every JSON/JSONL/text/Markdown/CSV/PNG file under RUN of at most 2 MB, generated images
 # left out (metrics with their intervals, reports, timings, logs, Q2B histories, figures).
+# A call returns at most 8 files of at most 16 MB, 64 MB in all (the device README): bring
+# more over several calls while the machine is warm.
 # MODELS=1: each quantized model (a folder with quant_config.json: its state, qlip.json and
 # qlip.safetensors, not its calibration capture or reconstruction checkpoints) and each eval's features.safetensors,
 # one tarball per folder (the device returns files of at most 16 MB). Unpacked here under the
@@ -13,7 +15,7 @@ set -uo pipefail
 run=${1:?run folder}; dest=${2:?destination folder}
 mkdir -p "$dest"
 find "$run" -type f -size -2M -not -path '*/images/*' \( -name '*.json' -o -name '*.txt' \
-    -o -name '*.md' -o -name '*.csv' -o -name '*.png' \) -print0 \
+    -o -name '*.md' -o -name '*.csv' -o -name '*.png' -o -name '*.jsonl' \) -print0 \
     | tar czf "$dest/records.tgz" --null -T -
 if [ "${MODELS:-0}" = 1 ]; then
     for folder in "$run"/*/; do

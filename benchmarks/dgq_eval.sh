@@ -8,7 +8,8 @@
 #   PHASE=quantize bash benchmarks/dgq_eval.sh OUT [N=2000] [DEVICE=cuda]   # run until "done"
 #   PHASE=eval     bash benchmarks/dgq_eval.sh OUT [N=2000] [DEVICE=cuda]   # run until "done"
 #   PHASE=summary  bash benchmarks/dgq_eval.sh OUT [N=2000] [DEVICE=cuda]   # run until "done"
-#   PHASE=qlip     (after the table: the QLIP-on-DGQ row, `qlip train-qlip` on DGQ W4 g=16)
+#   PHASE=qlip     bash benchmarks/dgq_eval.sh OUT [N=2000] [DEVICE=cuda]   # the QLIP-on-DGQ row:
+#                  `qlip train-qlip` on DGQ W4 g=16 (made first if missing), then its eval
 # Every job of a phase runs under `timeout` with the phase's remaining time, so a phase ends in
 # time and leaves resumable state; run the same phase again until it prints "PHASE ... done"
 # (finished models and evals are skipped, reconstructions resume per unit, evals per image, a
@@ -146,17 +147,35 @@ fi
 
 if [ "$phase" = qlip ]; then
     # QLIP on DGQ (T2Q/Q2B trained on dgq_w4_g16's bank {4,5,6,8}, Q2B bits 4,6,8); not part of
-    # the table's phases. QLIP_TRAIN_ARGS adds `qlip train-qlip` options (e.g. --num-prompts).
-    [ -e "$out/q_dgq_w4_g16_qlip/qlip.json" ] || {
+    # the table's phases, and runs on a fresh machine too: the FP eval and DGQ W4 g=16 are made
+    # first where they are missing (concurrently). Each prompt at its own bits (--batch-mode
+    # per_image): at the eval's batch of 250, `max` would run nearly every layer at the batch's
+    # highest choice. Training samples as the first result did (25 steps, guidance 4, batches of
+    # 250); QLIP_TRAIN_ARGS adds `qlip train-qlip` options (e.g. --num-prompts).
+    fp_ready || (timed "eval fp" bounded $qlip eval "${common[@]}" --label FP \
+        --out "$out/eval_fp" > "$out/logs/eval_fp.txt" 2>&1) &
+    dgq 4 16
+    wait
+    # the fixed rows QLIP is compared with, on the same calibration (already there when the
+    # table ran in this folder), alongside the training
+    if ready dgq_w4_g16 && fp_ready; then
+        for a in 4 6 8; do evaluate "dgq_w4a${a}_g16" "DGQ W4A$a g=16" dgq_w4_g16 "$a" & done
+    fi
+    if ready dgq_w4_g16 && fp_ready && [ ! -e "$out/q_dgq_w4_g16_qlip/qlip.json" ]; then
         # shellcheck disable=SC2086
         timed "train-qlip dgq_w4_g16" bounded $qlip train-qlip --model reference \
-            --device "$device" --quantized "$out/q_dgq_w4_g16" --bits 4,6,8 \
+            --device "$device" --quantized "$out/q_dgq_w4_g16" --bits 4,6,8 --steps 25 \
+            --guidance 4 --batch-size 250 --chunk 1000 --no-progress \
             --out "$out/q_dgq_w4_g16_qlip" ${QLIP_TRAIN_ARGS:-} > "$out/logs/qlip_train.txt" 2>&1
-    }
-    [ -e "$out/eval_qlip_dgq_w4_g16/metrics.json" ] || \
-        timed "eval qlip_dgq_w4_g16" bounded $qlip eval "${common[@]}" --label "QLIP on DGQ W4 g=16" \
-            --reference-run "$out/eval_fp" --quantized "$out/q_dgq_w4_g16_qlip" \
-            --out "$out/eval_qlip_dgq_w4_g16" > "$out/logs/eval_qlip_dgq_w4_g16.txt" 2>&1
+    fi
+    [ -e "$out/q_dgq_w4_g16_qlip/qlip.json" ] && [ ! -e "$out/eval_qlip_dgq_w4_g16/metrics.json" ] \
+        && timed "eval qlip_dgq_w4_g16" bounded $qlip eval "${common[@]}" \
+            --label "QLIP on DGQ W4 g=16" --batch-mode per_image --reference-run "$out/eval_fp" \
+            --quantized "$out/q_dgq_w4_g16_qlip" --out "$out/eval_qlip_dgq_w4_g16" \
+            > "$out/logs/eval_qlip_dgq_w4_g16.txt" 2>&1
+    wait
+    [ -e "$out/eval_qlip_dgq_w4_g16/metrics.json" ] && echo "PHASE qlip done" \
+        || echo "run PHASE=qlip again" >&2
 fi
 grep -h "exit [1-9]" "$out/timings.txt" 2>/dev/null && echo "(in timings.txt) steps that failed or were cut \
 by a deadline (exit 124): see $out/logs; a cut step resumes when its phase runs again" >&2

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from qlip.evaluation.compare import (
@@ -83,11 +84,28 @@ def seed_spread(out: Path) -> str:
     return "\n".join(lines)
 
 
+def _first_tiles(grid_png: Path, count: int, columns: int = 8) -> torch.Tensor:
+    """The first ``count`` images of an eval's grid.png (64 images, ``columns`` a row, 2-pixel
+    gaps: `qlip eval`'s layout), [count, 3, H, W] in [0, 1]."""
+    pixels = np.asarray(Image.open(grid_png).convert("RGB"), dtype=np.float32) / 255
+    size = pixels.shape[1] // columns - 2
+    tiles = [pixels[r * (size + 2):r * (size + 2) + size, c * (size + 2):c * (size + 2) + size]
+             for r, c in (divmod(i, columns) for i in range(count))]
+    return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
+
+
 def grid(out: Path, rows: list[str], count: int = 16) -> Path:
-    """Rows = runs (in ROWS order), columns = the first ``count`` prompts."""
-    count = min(count, len(ImageStore(out / f"eval_{rows[0]}").records))
-    images = [ImageStore(out / f"eval_{r}").load_images(count) for r in rows]
+    """Rows = runs (in ROWS order), columns = the first ``count`` prompts. Where a run's images
+    were not brought back (records and features only), its tiles come from its grid.png."""
+    stores = [ImageStore(out / f"eval_{r}") for r in rows]
     path = out / "grid_runs.png"
+    if all(store.records and (out / f"eval_{r}" / "images").is_dir()
+           for r, store in zip(rows, stores)):
+        count = min(count, len(stores[0].records))
+        images = [store.load_images(count) for store in stores]
+    else:
+        count = min(count, 8)  # grid.png holds the first 64; rows of 8 keep the figure legible
+        images = [_first_tiles(out / f"eval_{r}" / "grid.png", count) for r in rows]
     save_grid(torch.cat(images), path, columns=count)
     return path
 
@@ -107,7 +125,8 @@ def export(out: Path, rows: list[str], extra: list[Path]) -> list[Path]:
     folder = out / "export"
     folder.mkdir(exist_ok=True)
     small = [out / f"eval_{r}" / name for r in rows
-             for name in ("metrics.json", "metrics.md", "generated.jsonl")]
+             for name in ("metrics.json", "metrics.md", "generated.jsonl")
+             if (out / f"eval_{r}" / name).is_file()]
     small += [p for p in extra if p.is_file()] + sorted((out / "logs").glob("*.txt"))
     tars = [folder / "metrics.tar"]
     with tarfile.open(tars[0], "w") as handle:

@@ -133,6 +133,19 @@ def device_name(name: str) -> str:
     return name
 
 
+def torch_device_name(name: str) -> str:
+    """An argparse type: a name ``torch.device`` parses (``cpu``, ``cuda``, ``cuda:1``), refused
+    at parse time otherwise, before any work."""
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device; give cpu, cuda or cuda:N") \
+            from None
+    return name
+
+
 def read_prompt_file(path: str) -> list[str]:
     """The non-blank lines of a prompt file (UTF-8, one prompt a line: only ``\n`` ends a
     line), stripped; a file that is not UTF-8 text, or a line with a control character, is

@@ -2,6 +2,8 @@
 bit for bit, kernel against reference and in a quantized UNet (run where Triton can: on CUDA, or
 on the CPU under TRITON_INTERPRET=1)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -82,7 +84,9 @@ def test_per_image_choices_in_one_launch(heads):
     step = torch.tensor([2], device=device)
     got = fq.fake_quantize(x, table, choice, step, 3, q.bypass, heads)
     assert torch.equal(got, fq.reference(x, table, choice, step, 3, q.bypass, heads))
-    assert torch.equal(got, q.cpu()(x.cpu(), choice.cpu(), heads=heads, step=step.cpu()).to(device))
+    on_cpu = copy.deepcopy(q).cpu()  # Module.cpu() moves in place: the kernel below needs q on
+    # the device (the H200 run failed here: a bypass tensor moved to the CPU)
+    assert torch.equal(got, on_cpu(x.cpu(), choice.cpu(), heads=heads, step=step.cpu()).to(device))
     shared = torch.tensor([1], device=device).expand(4)  # one option for all, as a [n] view
     assert torch.equal(fq.fake_quantize(x, table, shared, step, 3, q.bypass, heads),
                        fq.reference(x, table, shared, step, 3, q.bypass, heads))

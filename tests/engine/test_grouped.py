@@ -2,6 +2,7 @@
 dimension, grouped beats per-tensor, the two-dim table gives exactly each group's grid, the conv
 runs as unfold + matmul, log2 probabilities with the start token kept, BitOPs."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -133,6 +134,30 @@ def test_each_index_gets_exactly_its_groups_grid_at_every_step_option_and_image(
         alone = q(x, torch.tensor(image), step=STEP0).unflatten(0, (2, 2))
         assert torch.equal(both[:, image], alone[:, image])
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_whole_batch_path_combines_both_dims_tables_bit_for_bit(dtype):
+    """The whole batch at one option divides once by the product of the two dims' Δ and clamps
+    once to the max/min of their bounds (one dim's entries are neutral): the same values, in
+    every float type, as the per-image path's one division and clamp per dim, and as the
+    straight-through path that training takes."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 6, 5, generator=g) * torch.rand(1, 6, 5, generator=g) * 10).to(dtype)
+    q = StackedGrouped((4, 8), groups=3, dims=(-1, -2), num_steps=2)
+    lows, highs = torch.tensor([-1.0, -8.0, -20.0]), torch.tensor([2.0, 9.0, 30.0])
+    q.set_groups(0, (5, 6), 0, torch.tensor([0, 2, 1, 1, 0]), lows, highs)
+    q.set_groups(1, (5, 6), 1, torch.tensor([1, 1, 0, 2, 2, 0]), lows / 3, highs / 3)
+    for step in (0, 1):
+        for slot in (0, 1):
+            whole = q(x, torch.tensor(slot), step=STEP0 + step)
+            per_image = q(x, torch.tensor([slot, slot]), step=STEP0 + step)  # [copies, n] split
+            assert whole.dtype == dtype and torch.equal(whole, per_image), (step, slot)
+            leaf = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                ste = q(leaf, torch.tensor(slot), step=STEP0 + step)
+            assert torch.equal(ste.detach(), whole)
+            assert not torch.equal(whole, x)  # a quantizer that changed nothing would pass too
 
 def _calibrated(model, units, x):
     for unit in units.values():

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from qlip.cli import main
-from qlip.evaluation.compare import CompareConfig, compare_runs
-from qlip.evaluation.intervals import paired_differences, verdict
+from qlip.evaluation.compare import (
+    CompareConfig,
+    compare_runs,
+    comparison_json,
+    comparison_markdown,
+)
+from qlip.evaluation.intervals import DECIDING, decide, paired_differences, verdict
 from qlip.evaluation.run_features import RunFeatures, pairs_digest
 from qlip.metrics.bootstrap import BootstrapConfig, Interval
 
@@ -92,6 +97,29 @@ def test_runs_of_other_prompts_or_sizes_are_refused_naming_the_mismatch(tmp_path
         compare_runs(CompareConfig(a, c))
 
 
+def test_features_alone_are_compared_by_their_prompt_seed_digest(tmp_path):
+    """A folder brought back without generated.jsonl (features only) is paired by the digest
+    its features carry; a digest of other prompts is refused."""
+    a = _write(tmp_path / "a", _run(1, score_shift=0.02))
+    b = _write(tmp_path / "b", _run(2, shift=0.6))
+    (tmp_path / "b" / "generated.jsonl").unlink()
+    got = {d.name: d.verdict for d in compare_runs(CompareConfig(a, b, resamples=100)).differences}
+    assert got["fid"] == "A better"
+    other = _run(2)
+    other.meta["pairs"] = pairs_digest(["another"] + PROMPTS[1:], range(N))
+    c = tmp_path / "c"
+    c.mkdir()
+    other.save(c)
+    with pytest.raises(ValueError, match="not of the same prompts and seeds"):
+        compare_runs(CompareConfig(a, str(c)))
+    other.meta.pop("pairs")
+    d = tmp_path / "d"
+    d.mkdir()
+    other.save(d)
+    with pytest.raises(FileNotFoundError, match="neither generated.jsonl nor a prompt/seed"):
+        compare_runs(CompareConfig(a, str(d)))
+
+
 def test_a_folder_without_features_is_refused_with_advice(tmp_path):
     (tmp_path / "old").mkdir()
     with pytest.raises(FileNotFoundError, match="evaluate the run again"):
@@ -121,3 +149,30 @@ def test_recompute_metrics_rebuilds_metrics_json_from_the_features(tmp_path):
     assert got["notes"][0] == "old" and "recomputed" in got["notes"][-1]
     assert json.loads((folder / "metrics.json").read_text())["fid"] == pytest.approx(got["fid"])
     assert (folder / "metrics.md").is_file()
+
+
+def test_the_decision_rule_keeps_quality_only_when_no_deciding_measure_is_worse():
+    """docs/metrics.md's rule: kept when A is not worse on every measure against FP and on the
+    text; reported-only measures (FID against real images) never decide; a missing deciding
+    measure (no shared reference run) leaves it undecided."""
+    tied = {m: "not distinguishable at 2000 images" for m in DECIDING}
+    assert decide(tied).kept is True
+    assert decide({**tied, "fid": "B better", "sfid": "B better"}).kept is True  # reported only
+    better = decide({**tied, "psnr_vs_reference": "A better"})
+    assert better.kept is True and better.better == ("psnr_vs_reference",)
+    worse = decide({**tied, "psnr_vs_reference": "A better", "alignment": "B better"})
+    assert worse.kept is False and worse.worse == ("alignment",)
+    assert "worse than W4A16 at 2000 images on alignment" in worse.sentence("QLIP", "W4A16", 2000)
+    partial = {k: v for k, v in tied.items() if k != "kid_vs_reference"}
+    assert decide(partial).kept is None and decide(partial).missing == ("kid_vs_reference",)
+
+
+def test_compare_ends_with_the_rules_verdict(tmp_path):
+    """Runs without a shared reference (these have none) cannot be decided, and say so."""
+    a = _write(tmp_path / "a", _run(1, score_shift=0.02))
+    b = _write(tmp_path / "b", _run(2, shift=0.6))
+    result = compare_runs(CompareConfig(a, b, resamples=100))
+    assert result.decision.kept is None
+    assert comparison_markdown(result).splitlines()[-1].startswith(
+        "The decision rule cannot decide: psnr_vs_reference")
+    assert comparison_json(result)["decision"]["quality_kept"] is None

@@ -230,3 +230,10 @@ def test_outputs_take_the_users_umask(capsys, quantized, tmp_path):
         os.umask(old)
     saved = {p.name: stat.S_IMODE(p.stat().st_mode) for p in quantized.iterdir() if p.is_file()}
     assert len(set(saved.values())) == 1, saved  # safetensors and JSON alike
+
+
+def test_a_bootstrap_device_torch_cannot_parse_is_refused_at_parse_time(capsys, tmp_path):
+    code, err = run_cli(capsys, ["eval", "--num-images", "1", "--bootstrap-device", "gpu0",
+                                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "'gpu0' is not a device; give cpu, cuda or cuda:N" in err, err
+    assert not (tmp_path / "out").exists()  # refused before any work

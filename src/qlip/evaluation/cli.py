@@ -18,7 +18,7 @@ HELDOUT = "heldout"
 def add_eval_parser(sub) -> None:
     from ..cli_args import add_model_args as _add_model_args
     from ..cli_args import bits_arg as _bits
-    from ..cli_args import finite_float, int_at_least
+    from ..cli_args import finite_float, int_at_least, torch_device_name
 
     p = sub.add_parser("eval", help="generate N images and measure FID, sFID, CLIP score, GIQA...")
     _add_model_args(p)
@@ -56,6 +56,9 @@ def add_eval_parser(sub) -> None:
                    default=BootstrapConfig.resamples,
                    help="bootstrap resamples of every interval")
     p.add_argument("--bootstrap-seed", type=int, default=0)
+    p.add_argument("--bootstrap-device", type=torch_device_name, default=None,
+                   help="where the intervals' linear algebra runs (default: --device); 'cpu' "
+                        "keeps it off a GPU that several concurrent evals share")
     from ..cli_args import add_resolution_args
 
     add_resolution_args(p)
@@ -123,7 +126,7 @@ def _evaluate(args, prompts, world: bool, device: str, shard: Shard, policy_conf
                         batch_mode=args.batch_mode, truncate=args.truncate,
                         height=args.height, width=args.width)
     bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
-                                device=device)
+                                device=args.bootstrap_device or device)
     return run_evaluation(pipe, prompts, policy, config, args.out, measures,
                           args.reference_run, args.label or args.quantized or "FP",
                           bootstrap, shard)

@@ -1,8 +1,9 @@
 """`qlip compare RUN_A RUN_B`: paired differences of two eval folders on the same prompts and
 seeds, with a verdict per metric ("A better", "B better", "not distinguishable at N images").
 
-Works from the folders' ``features.safetensors`` (no images needed). Runs of other prompts or
-seeds, or of other sizes, are refused naming the first mismatch.
+Works from the folders' ``features.safetensors`` (no images needed): their prompt/seed digest
+decides whether two runs are paired, and where both folders keep ``generated.jsonl`` the refusal
+of runs of other prompts or seeds, or of other sizes, names the first mismatch.
 
 Example:
     >>> result = compare_runs("eval/qd_w4a8", "eval/qd_w4a16")
@@ -16,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..metrics.bootstrap import BootstrapConfig
-from .intervals import HIGHER_IS_BETTER, LOWER_IS_BETTER, PairedDifference, paired_differences
+from .intervals import (
+    HIGHER_IS_BETTER,
+    LOWER_IS_BETTER,
+    Decision,
+    PairedDifference,
+    decide,
+    paired_differences,
+)
 from .run_features import load_run_features
 
 SKIPPED = ("fab_requested",)  # the request, not what ran: not a comparison
@@ -38,6 +46,11 @@ class Comparison:
     num_images: int
     differences: list[PairedDifference]
     config: BootstrapConfig
+
+    @property
+    def decision(self) -> Decision:
+        """The decision rule (docs/metrics.md) on this comparison."""
+        return decide({d.name: d.verdict for d in self.differences})
 
 
 def _records(folder: Path) -> list[dict]:
@@ -70,10 +83,21 @@ def compare_runs(config: CompareConfig) -> Comparison:
     """Paired bootstrap differences A − B of every metric both runs have."""
     folder_a, folder_b = Path(config.run_a), Path(config.run_b)
     run_a, run_b = load_run_features(folder_a), load_run_features(folder_b)
-    check_same_images(folder_a, folder_b, run_a.num_images, run_b.num_images)
-    if run_a.meta.get("pairs") != run_b.meta.get("pairs"):
-        raise ValueError("the runs' prompt/seed digests differ although generated.jsonl agrees: "
-                         "a folder was edited by hand; evaluate it again")
+    digest_a, digest_b = run_a.meta.get("pairs"), run_b.meta.get("pairs")
+    listed = all((f / "generated.jsonl").is_file() for f in (folder_a, folder_b))
+    if listed:  # the records name the first image where the runs differ
+        check_same_images(folder_a, folder_b, run_a.num_images, run_b.num_images)
+    elif not (digest_a and digest_b):
+        raise FileNotFoundError(
+            f"{folder_a if not digest_a else folder_b} has neither generated.jsonl nor a "
+            "prompt/seed digest in its features: copy its generated.jsonl beside "
+            "features.safetensors, or evaluate it again")
+    if digest_a != digest_b:
+        raise ValueError(
+            "the runs' prompt/seed digests differ" + (
+                " although generated.jsonl agrees: a folder was edited by hand; evaluate it again"
+                if listed else ": they are not of the same prompts and seeds; compare runs "
+                "evaluated with the same --prompts, --num-images and --seed"))
     bootstrap = BootstrapConfig(resamples=config.resamples, seed=config.seed,
                                 device=config.device)
     if run_a.meta.get("reference_run") != run_b.meta.get("reference_run"):
@@ -100,15 +124,20 @@ def comparison_markdown(result: Comparison) -> str:
         lines.append(f"| {d.name} | {_direction(d.name)} | {d.a:.4g} | {d.b:.4g} | "
                      f"{d.difference.estimate:+.4g} | [{d.difference.low:+.4g}, "
                      f"{d.difference.high:+.4g}] | {d.verdict} |")
+    lines += ["", result.decision.sentence(result.label_a, result.label_b, result.num_images)]
     return "\n".join(lines)
 
 
 def comparison_json(result: Comparison) -> dict:
+    decision = result.decision
     return {"a": result.label_a, "b": result.label_b, "num_images": result.num_images,
             "resamples": result.config.resamples, "seed": result.config.seed,
             "metrics": {d.name: {"a": d.a, "b": d.b, "difference": d.difference.estimate,
                                  "interval": d.difference.to_list(), "verdict": d.verdict}
-                        for d in result.differences}}
+                        for d in result.differences},
+            "decision": {"rule": "docs/metrics.md", "quality_kept": decision.kept,
+                         "measures": list(decision.measures), "a_worse_on": list(decision.worse),
+                         "a_better_on": list(decision.better), "missing": list(decision.missing)}}
 
 
 def add_compare_parser(sub) -> None:

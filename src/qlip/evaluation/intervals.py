@@ -39,6 +39,10 @@ LOWER_IS_BETTER = {"fid", "sfid", "kid", "fid_fidelity", "kid_fidelity",
                    "fid_vs_reference", "kid_vs_reference", "fid_fidelity_vs_reference",
                    "image_mse_vs_reference", "perceptual_vs_reference"}
 HIGHER_IS_BETTER = {"clip_score", "alignment", "giqa", "giqa_knn", "psnr_vs_reference"}
+# The decision rule's measures (docs/metrics.md): quality is decided against FP, per image and on
+# the global features, and by the text; FID/KID/sFID against real images are reported only.
+DECIDING = ("psnr_vs_reference", "perceptual_vs_reference", "image_mse_vs_reference",
+            "fid_vs_reference", "kid_vs_reference", "alignment", "clip_score")
 # Set metrics: (name, set compared against, feature space, distance)
 SET_METRICS = [
     ("fid", "real", "global", "frechet"), ("kid", "real", "global", "kid"),
@@ -196,3 +200,40 @@ def paired_differences(run_a: RunFeatures, run_b: RunFeatures,
         out.append(PairedDifference(name, a.estimate, b.estimate, difference,
                                     verdict(name, difference, run_a.num_images)))
     return out
+
+
+@dataclass
+class Decision:
+    """The decision rule on one comparison: A's quality is *kept* against B when A is not worse
+    on every deciding measure (its paired interval includes zero or lies on the better side)."""
+
+    measures: tuple[str, ...]  # the deciding measures both runs have
+    worse: tuple[str, ...]  # where B is better
+    better: tuple[str, ...]  # where A is better
+    missing: tuple[str, ...]  # deciding measures the runs lack (no shared --reference-run)
+
+    @property
+    def kept(self) -> bool | None:
+        """True/False by the rule; None when a deciding measure is missing (it cannot decide)."""
+        return None if self.missing else not self.worse
+
+    def sentence(self, label_a: str, label_b: str, num_images: int) -> str:
+        if self.missing:
+            return (f"The decision rule cannot decide: {', '.join(self.missing)} missing (evaluate "
+                    "both runs with the same --reference-run).")
+        if self.worse:
+            return (f"{label_a} is worse than {label_b} at {num_images} images on "
+                    f"{', '.join(self.worse)}: quality not kept.")
+        better = f"; better on {', '.join(self.better)}" if self.better else ""
+        return (f"{label_a} is not worse than {label_b} on any of the {len(self.measures)} "
+                f"deciding measures at {num_images} images: quality kept{better}.")
+
+
+def decide(verdicts: dict[str, str]) -> Decision:
+    """The decision rule of docs/metrics.md over a comparison's verdicts (metric -> "A better",
+    "B better" or "not distinguishable ...", as :func:`verdict` gives and `qlip compare --json`
+    stores)."""
+    measures = tuple(m for m in DECIDING if m in verdicts)
+    return Decision(measures, tuple(m for m in measures if verdicts[m] == "B better"),
+                    tuple(m for m in measures if verdicts[m] == "A better"),
+                    tuple(m for m in DECIDING if m not in verdicts))

@@ -149,7 +149,7 @@ class StackedGrouped(StackedQuantizer):
     def _quantize(self, x, choice, step, split: bool, ste: bool = False) -> torch.Tensor:
         ste = ste or (torch.is_grad_enabled() and x.requires_grad)
         rows = self._rows(choice, step)
-        scales, bounds = [], []
+        scales, lows, highs = [], [], []
         for i, (dim, size) in enumerate(zip(self._dims, self._sizes)):
             if not size:
                 continue  # the input has no such dim
@@ -161,15 +161,33 @@ class StackedGrouped(StackedQuantizer):
             params = getattr(self, f"table_{i}")[rows].to(x.dtype)  # [n, 3, S]
             scale, low, high = (self._broadcast(p, x, dim, split) for p in params.unbind(1))
             scales.append(scale)
-            bounds.append((low, high))
+            lows.append(low)
+            highs.append(high)
+        if len(scales) == 2 and not split:
+            # One chosen dim per step, the other's entries neutral (Δ = 1, bounds ±∞): the
+            # product of the two Δ is exactly the chosen one's, and the max/min of the bounds are
+            # its bounds. Combined once on the small [1, ..., S_a, S_b] table, the whole-batch
+            # input takes four passes instead of seven, with the same values bit for bit.
+            scales = [scales[0] * scales[1]]
+            lows, highs = [torch.maximum(*lows)], [torch.minimum(*highs)]
         q = x
         for scale in scales:
             q = q / scale
-        q = round_ste(q) if ste else torch.round(q)
-        for low, high in bounds:
-            q = torch.clamp(q, low, high)
+        if ste:
+            q = round_ste(q)
+            for low, high in zip(lows, highs):
+                q = torch.clamp(q, low, high)
+            for scale in scales:
+                q = q * scale
+            return q
+        if q is x:  # no candidate dim on this input (never calibrated): rounding alone
+            return torch.round(x)
+        # in place on the fresh quotient, whose shape is x's (every table broadcasts to it)
+        q.round_()
+        for low, high in zip(lows, highs):
+            q.clamp_(low, high)
         for scale in scales:
-            q = q * scale
+            q.mul_(scale)
         return q
 
     @staticmethod
