@@ -3,7 +3,11 @@
 show how the file was made: it runs against that older engine (``PYTHONPATH=<old src>``), whose
 units took ``unit.abits = b``; the current engine has no such attribute.
 
-    PYTHONPATH=/path/to/old/src python tests/engine/make_reference.py
+    ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        PYTHONPATH=/path/to/old/src python tests/engine/make_reference.py
+
+The file was written on an AVX2 machine; the check (``max_mode_check.py``) runs pinned to AVX2
+kernels, so a rewrite must be too (AVX-512 kernels sum in another order).
 """
 
 import tempfile
