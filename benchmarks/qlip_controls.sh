@@ -13,7 +13,8 @@
 #                   bits' proportions per step and layer, drawn per prompt, seed POLICY_SEED);
 #   per_layer_4-5-6: `qlip per-layer --target-fab <QLIP's FAB> --bits 4,5,6` on QLIP's Q2B rows
 #                   (OUT/per_layer_4-5-6.json), evaluated with `--policy per-layer`.
-# Then `qlip compare` of each against QLIP (OUT/compare_<name>_vs_qlip.{md,json}) and
+# Then `qlip compare` of QLIP against each (OUT/compare_qlip_vs_<name>.{md,json}; A = QLIP), the
+# decision rule's overall verdict per control (QLIP better / not worse / worse) and
 # OUT/controls.md: every run's FAB against QLIP's, a line for each off by more than 0.1 bit
 # (the timestep-only FAB is whatever its λ gives: rerun with another LAM_A, after deleting
 # OUT/q_timestep_4-5-6 and OUT/eval_timestep_4-5-6). Every step is skipped when its result exists,
@@ -80,15 +81,25 @@ for name in "timestep_$t" "random_$t" "per_layer_$t"; do
     fab=$(fab_of "$out/eval_$name/metrics.json" fab_requested)
     python3 -c "import sys; sys.exit(abs($fab - $target) > 0.1)" || \
         echo "- $name: FAB $fab is more than 0.1 bit from QLIP's $target" >> "$summary"
-    [ -e "$out/compare_${name}_vs_qlip.md" ] && continue
-    $qlip compare "$out/eval_$name" "$out/eval_qlip_$t" --device "$device" \
-        --resamples "${COMPARE_RESAMPLES:-2000}" --json "$out/compare_${name}_vs_qlip.json" \
-        > "$out/compare_${name}_vs_qlip.md" 2> "$out/logs/compare_$name.txt" || \
-        rm -f "$out/compare_${name}_vs_qlip.md"
+    [ -e "$out/compare_qlip_vs_${name}.md" ] && continue
+    $qlip compare "$out/eval_qlip_$t" "$out/eval_$name" --device "$device" \
+        --resamples "${COMPARE_RESAMPLES:-2000}" --json "$out/compare_qlip_vs_${name}.json" \
+        > "$out/compare_qlip_vs_${name}.md" 2> "$out/logs/compare_$name.txt" || \
+        rm -f "$out/compare_qlip_vs_${name}.md"
+done
+# the issue's question, by the decision rule (docs/metrics.md): is QLIP better than each control?
+{ echo; echo "| QLIP against | by the decision rule | QLIP better on | QLIP worse on |"
+  echo "|---|---|---|---|"; } >> "$summary"
+for name in "timestep_$t" "random_$t" "per_layer_$t"; do
+    [ -e "$out/compare_qlip_vs_${name}.json" ] || continue
+    python3 -c "import json, sys; d = json.load(open(sys.argv[1]))['decision']
+print(f\"| {sys.argv[2]} | QLIP {d['overall']} | {', '.join(d['a_better_on']) or '–'} | \"
+      f\"{', '.join(d['a_worse_on']) or '–'} |\")" "$out/compare_qlip_vs_${name}.json" "$name" \
+        >> "$summary"
 done
 for name in "timestep_$t" "random_$t" "per_layer_$t"; do
-    [ -e "$out/compare_${name}_vs_qlip.md" ] || continue
-    { echo; echo "## $name vs QLIP"; echo; cat "$out/compare_${name}_vs_qlip.md"; } >> "$summary"
+    [ -e "$out/compare_qlip_vs_${name}.md" ] || continue
+    { echo; echo "## QLIP vs $name"; echo; cat "$out/compare_qlip_vs_${name}.md"; } >> "$summary"
 done
 cat "$summary"
 grep -h "exit [1-9]" "$out/timings.txt" 2>/dev/null && echo "some steps failed: see $out/logs" >&2

@@ -156,15 +156,17 @@ def test_the_decision_rule_keeps_quality_only_when_no_deciding_measure_is_worse(
     text; reported-only measures (FID against real images) never decide; a missing deciding
     measure (no shared reference run) leaves it undecided."""
     tied = {m: "not distinguishable at 2000 images" for m in DECIDING}
-    assert decide(tied).kept is True
+    assert decide(tied).kept is True and decide(tied).overall == "not worse"
     assert decide({**tied, "fid": "B better", "sfid": "B better"}).kept is True  # reported only
     better = decide({**tied, "psnr_vs_reference": "A better"})
     assert better.kept is True and better.better == ("psnr_vs_reference",)
+    assert better.overall == "better"
     worse = decide({**tied, "psnr_vs_reference": "A better", "alignment": "B better"})
-    assert worse.kept is False and worse.worse == ("alignment",)
+    assert worse.kept is False and worse.worse == ("alignment",) and worse.overall == "worse"
     assert "worse than W4A16 at 2000 images on alignment" in worse.sentence("QLIP", "W4A16", 2000)
     partial = {k: v for k, v in tied.items() if k != "kid_vs_reference"}
     assert decide(partial).kept is None and decide(partial).missing == ("kid_vs_reference",)
+    assert decide(partial).overall == "undecided"
 
 
 def test_compare_ends_with_the_rules_verdict(tmp_path):

@@ -136,6 +136,7 @@ def comparison_json(result: Comparison) -> dict:
                                  "interval": d.difference.to_list(), "verdict": d.verdict}
                         for d in result.differences},
             "decision": {"rule": "docs/metrics.md", "quality_kept": decision.kept,
+                         "overall": decision.overall,
                          "measures": list(decision.measures), "a_worse_on": list(decision.worse),
                          "a_better_on": list(decision.better), "missing": list(decision.missing)}}
 

@@ -217,6 +217,14 @@ class Decision:
         """True/False by the rule; None when a deciding measure is missing (it cannot decide)."""
         return None if self.missing else not self.worse
 
+    @property
+    def overall(self) -> str:
+        """"better" (not worse on any deciding measure and better on at least one), "not worse",
+        "worse" (worse on at least one) or "undecided" (a deciding measure missing)."""
+        if self.kept is None:
+            return "undecided"
+        return "worse" if not self.kept else "better" if self.better else "not worse"
+
     def sentence(self, label_a: str, label_b: str, num_images: int) -> str:
         if self.missing:
             return (f"The decision rule cannot decide: {', '.join(self.missing)} missing (evaluate "
