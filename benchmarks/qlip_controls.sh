@@ -25,7 +25,8 @@
 #   bash benchmarks/qlip_controls.sh OUT 16 cpu
 # (ran on the 2-core CPU, 2026-12-02, on a PTQD smoke folder of qlip_first_result.sh with
 # SET=8,16,32 WORK=qlip_work BASE=q_ptqd_w4 MNAME=PTQD: every step and compare finished;
-# per-layer 203 s, three evals 67 s each at once)
+# per-layer 203 s, three evals 67 s each at once; again 2026-12-03 on the Q-Diffusion smoke
+# folder, with the verdict table: every step finished)
 set -uo pipefail
 out=${1:?output folder of qlip_first_result.sh}; n=${2:-1000}; device=${3:-cuda}
 jobs=${JOBS:-3}; steps=${STEPS:-25}; n_t2q=${N_T2Q:-10000}
