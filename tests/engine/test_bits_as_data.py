@@ -24,7 +24,6 @@ from qlip.policies import BitPolicy
 from ..conftest import unet_inputs
 
 OPTIONS = (4, 8, 32)
-REFERENCE = Path(__file__).parent / "data" / "max_mode_reference.safetensors"
 
 
 @pytest.fixture

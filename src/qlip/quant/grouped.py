@@ -173,21 +173,11 @@ class StackedGrouped(StackedQuantizer):
         q = x
         for scale in scales:
             q = q / scale
-        if ste:
-            q = round_ste(q)
-            for low, high in zip(lows, highs):
-                q = torch.clamp(q, low, high)
-            for scale in scales:
-                q = q * scale
-            return q
-        if q is x:  # no candidate dim on this input (never calibrated): rounding alone
-            return torch.round(x)
-        # in place on the fresh quotient, whose shape is x's (every table broadcasts to it)
-        q.round_()
+        q = round_ste(q) if ste else torch.round(q)
         for low, high in zip(lows, highs):
-            q.clamp_(low, high)
+            q = torch.clamp(q, low, high)
         for scale in scales:
-            q.mul_(scale)
+            q = q * scale
         return q
 
     @staticmethod
