@@ -67,7 +67,8 @@ def _row(method: str, w: int, a: int) -> str:
 
 def plot(out: Path, rows: list[str]) -> Path:
     """PSNR to FP and alignment against the activation bits, per method, W4 solid and W8
-    dashed, with the 95% intervals as error bars: OUT/dgq_by_bits.png."""
+    dashed, with the 95% intervals as error bars, and QLIP on DGQ at its FAB where it has run:
+    OUT/dgq_by_bits.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,6 +90,11 @@ def plot(out: Path, rows: list[str]) -> Path:
                 high = [m["intervals"][key][1] - v for v, (_, m) in zip(values, points)]
                 ax.errorbar(bits, values, yerr=[low, high], fmt=style + "o", color=colour,
                             capsize=3, markersize=4, label=f"{name} W{w}")
+        if "qlip_dgq_w4_g16" in runs:  # QLIP's point at its FAB (mean bits per activation)
+            m = runs["qlip_dgq_w4_g16"]
+            v, (lo, hi) = m[key], m["intervals"][key]
+            ax.errorbar([m["fab"]], [v], yerr=[[v - lo], [hi - v]], fmt="*", color="tab:red",
+                        capsize=3, markersize=10, label="QLIP on DGQ g = 16 W4 (x: FAB)")
         if key == "alignment" and "fp" in runs:
             ax.axhline(runs["fp"][key], color="grey", linewidth=0.8, label="FP")
         ax.set_xlabel("activation bits")
