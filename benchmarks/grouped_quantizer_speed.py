@@ -5,6 +5,11 @@ dim), at the shapes of the reference model's unfolded convs and of a Linear inpu
 and, where there is one, the GPU. Both must give the same values (the JSON says so per row).
 
     python benchmarks/grouped_quantizer_speed.py --out benchmarks/results/grouped_quantizer.cpu.json
+    python benchmarks/grouped_quantizer_speed.py --devices cuda --batch 250 --out ...  # an eval's batch
+
+At the default batch of 8 the GPU times are launch-bound (about 0.1 ms a call on the H200, for
+both), and the module call's own host work (row lookup, shape checks) is in the combined time
+only; --batch 250 gives the tensors of `qlip eval`'s batches, where the passes over memory count.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import torch
 
 from qlip.quant.grouped import StackedGrouped
 
-# (name, shape, candidate dims): an unfolded 3x3 conv [B, C*9, L] and a Linear input [B, N, C]
-SHAPES = [("unfolded conv 64ch 16x16", (8, 64 * 9, 256), (-2, -1)),
-          ("unfolded conv 128ch 8x8", (8, 128 * 9, 64), (-2, -1)),
-          ("linear 256 tokens x 128", (8, 256, 128), (-1, -2))]
+# (name, shape without the batch, candidate dims): an unfolded 3x3 conv [B, C*9, L] and a Linear
+# input [B, N, C]
+SHAPES = [("unfolded conv 64ch 16x16", (64 * 9, 256), (-2, -1)),
+          ("unfolded conv 128ch 8x8", (128 * 9, 64), (-2, -1)),
+          ("linear 256 tokens x 128", (256, 128), (-1, -2))]
 
 
 def seven_passes(q: StackedGrouped, x: torch.Tensor, slot: int, step: int) -> torch.Tensor:
@@ -80,13 +86,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--batch", type=int, default=8, help="images per call")
+    parser.add_argument("--devices", default="cpu,cuda",
+                        help="comma-separated; cuda is skipped where there is none")
     args = parser.parse_args()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
     rows = []
     with torch.inference_mode():
         for device in devices:
             for dtype in (torch.float32, torch.bfloat16):
-                for name, shape, dims in SHAPES:
+                for name, sample_shape, dims in SHAPES:
+                    shape = (args.batch, *sample_shape)
                     q = quantizer(shape, dims, device, dtype)
                     x = torch.randn(shape, device=device, dtype=dtype) * 3
                     slot, step = torch.tensor(1, device=device), torch.zeros(1, dtype=torch.long,
@@ -102,7 +112,7 @@ def main() -> None:
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "rounds": args.rounds, "rows": rows}
+            "rounds": args.rounds, "batch": args.batch, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -1,11 +1,14 @@
-"""One denoising step of the Stable Diffusion 1.4 UNet architecture (published config, random
-weights, 64×64 latents, guidance batch of 2, context 2×77×768, bf16): bf16 against simulated W4A8
+"""One denoising step of a published UNet architecture (``--arch sd14``: Stable Diffusion 1.4,
+64×64 latents, context 77×768; ``--arch sdxl``: SDXL base, 128×128 latents, context 77×2048 and
+the added text/time conditioning), with random weights, bf16, ``--batch`` images (default 2, one
+guidance pair): bf16 (``bf16_channels_last``: the channels-last layout cuDNN prefers) against simulated W4A8
 (layers only; layers + attention, materialised or fused: ``w4a8_attention_fused`` runs softmax·V
 through qlip.quant.fused_attention's Triton kernel; ``w4a8_layers_pytorch`` without the one-launch
 quantizer; ``w4a8_layers_real`` with the Linear layers in int8 math, qlip.quant.real_gemm) and a W4A{8,16,32} bank whose every unit's
 bits change at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
 
     python benchmarks/sd14_unet_step.py --out benchmarks/results/sd14_unet_step.json
+    python benchmarks/sd14_unet_step.py --arch sdxl --batch 8 --out ...
 
 The variants run as parallel processes so that their compilations overlap; the measurements then
 take turns, one variant at a time: eager in rotated rounds, then the rest (``--variant NAME`` runs
@@ -38,11 +41,12 @@ from qlip.nn import (
 from qlip.pipeline import prepare_unet
 from qlip.pipeline.generate import StepController
 from qlip.policies import BitPolicy, FixedBits
-from qlip.testing import build_sd14_unet
+from qlip.testing import build_unet, unet_step_inputs
 
-VARIANTS = ("bf16", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real", "w4a8_attention",
+VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real", "w4a8_attention",
             "w4a8_attention_fused", "bank")
-COMPILED = ("bf16", "w4a8_layers", "bank")
+COMPILED = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_attention", "w4a8_attention_fused",
+            "bank")
 BANK = (8, 16, 32)
 
 
@@ -87,11 +91,13 @@ class _Batch:  # what begin() reads of a prompt batch
         return self.size
 
 
-def inputs(device: str, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator(device).manual_seed(seed)
-    x = torch.randn(2, 4, 64, 64, generator=g, device=device, dtype=dtype)
-    c = torch.randn(2, 77, 768, generator=g, device=device, dtype=dtype)
-    return x, torch.tensor([500, 500], device=device), c
+def inputs(unet, args, seed: int = 0):
+    """One step's ``(x, t, context, kwargs)`` for ``--batch`` images on the GPU, bf16; the latents
+    channels-last where the UNet is."""
+    x, t, c, kwargs = unet_step_inputs(unet, args.batch, "cuda", torch.bfloat16, seed)
+    if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, t, c, kwargs
 
 
 def timed(call, warmup: int, iters: int) -> dict:
@@ -111,17 +117,21 @@ def timed(call, warmup: int, iters: int) -> dict:
             "times": times}
 
 
-def build(variant: str, device: str, dtype: torch.dtype):
-    unet = build_sd14_unet(device, dtype)
+def build(variant: str, args):
+    unet = build_unet(args.arch, "cuda", torch.bfloat16)
     if variant == "bf16":
         return unet, {}
+    if variant == "bf16_channels_last":
+        return unet.to(memory_format=torch.channels_last), {}
     options = BANK if variant == "bank" else (8,)
     config = QuantConfig(wbits=4, abits=8, abits_options=options,
                          quantize_attention=not variant.startswith("w4a8_layers"))
     units = prepare_unet(unet, config)
-    x, t, c = inputs(device, dtype, seed=1)
-    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(2, dtype=torch.long)),
-                 progress=False)
+    x, t, c, kwargs = inputs(unet, args, seed=1)
+    conditioning = {f"added_cond_kwargs.{k}": v
+                    for k, v in kwargs.get("added_cond_kwargs", {}).items()}
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(len(x), dtype=torch.long),
+                                             conditioning), progress=False)
     if variant == "w4a8_attention_fused":  # softmax·V without the probability tensor (Triton)
         use_fused_attention(unet, True)
     if variant == "w4a8_layers_pytorch":  # the quantizers in PyTorch ops, not one launch each
@@ -165,12 +175,11 @@ def graph_replay(step, warmup: int, iters: int, before=None) -> dict:
 
 
 def measure(variant: str, args) -> dict:
-    device, dtype = "cuda", torch.bfloat16
-    unet, units = build(variant, device, dtype)
-    x, t, c = inputs(device, dtype)
+    unet, units = build(variant, args)
+    x, t, c, kw = inputs(unet, args)
 
     def step():
-        return unet(x, t, encoder_hidden_states=c).sample
+        return unet(x, t, encoder_hidden_states=c, **kw).sample
 
     out: dict = {}
     if variant == "w4a8_attention_fused":  # the same model materialised, for the difference
@@ -203,10 +212,13 @@ def measure(variant: str, args) -> dict:
     if variant in COMPILED and args.compile:
         compiled = torch.compile(unet.forward)
         start = time.perf_counter()
-        with torch.no_grad():
-            compiled(x, t, encoder_hidden_states=c)
-        torch.cuda.synchronize()
-        out["first_compile_s"] = time.perf_counter() - start
+        try:
+            with torch.no_grad():
+                compiled(x, t, encoder_hidden_states=c, **kw)
+            torch.cuda.synchronize()
+            out["first_compile_s"] = time.perf_counter() - start
+        except Exception as err:  # noqa: BLE001 (a variant that does not compile is a result)
+            compiled, out["compile_error"] = None, f"{type(err).__name__}: {str(err)[:600]}"
     _barrier(args)
     # Eager steps are bound by the host, whose speed drifts between minutes (bf16 eager read
     # 34 ms and 47 ms in two runs of the same code): the variants measure eager in rounds taking
@@ -225,16 +237,16 @@ def measure(variant: str, args) -> dict:
     with _Turn(args, args.eager_rounds):
         out["graph"] = graph_replay(step, args.warmup, args.iters)
         if compiled is not None:
-            out["compiled"] = timed(lambda: compiled(x, t, encoder_hidden_states=c),
+            out["compiled"] = timed(lambda: compiled(x, t, encoder_hidden_states=c, **kw),
                                     args.warmup, args.iters)
         if variant == "bank" and compiled is not None:
-            out.update(bits_changing(unet, units, compiled, (x, t, c), args))
+            out.update(bits_changing(unet, units, compiled, (x, t, c, kw), args))
         if compiled is not None:  # last: a failed capture cannot spoil the rest
             # the compiled step's GPU work alone, its kernels replayed from a CUDA graph (the
             # compiled call above is launch-bound on a slow host)
             try:
                 out["compiled_graph"] = graph_replay(
-                    lambda: compiled(x, t, encoder_hidden_states=c), args.warmup, args.iters)
+                    lambda: compiled(x, t, encoder_hidden_states=c, **kw), args.warmup, args.iters)
             except RuntimeError as err:  # a capture the compiled code does not allow
                 out["compiled_graph_error"] = str(err)[:400]
     return out
@@ -247,12 +259,12 @@ def bits_changing(unet, units, compiled, inputs_, args) -> dict:
     changing one but frozen (the same mix of bit-widths, never changing: what separates the cost of
     *changing* bits from that of *which* bits run). The variants are timed in interleaved rounds so
     that clock or thermal drift during the measurement falls on all of them alike."""
-    x, t, c = inputs_
+    x, t, c, kw = inputs_
 
     def with_controller(ctrl, fn):
         def call():
             ctrl(unet, (x, t), {})
-            return fn(x, t, encoder_hidden_states=c)
+            return fn(x, t, encoder_hidden_states=c, **kw)
         return call
 
     policies = {f"compiled_fixed_controller{'' if b == 8 else f'_a{b}'}": FixedBits(b) for b in BANK}
@@ -293,15 +305,15 @@ def bits_changing(unet, units, compiled, inputs_, args) -> dict:
     ctrl.policy = policies["compiled_bits_changing"]
     changing = ctrl
     out["graph_bits_changing"] = graph_replay(
-        lambda: unet(x, t, encoder_hidden_states=c), args.warmup, args.iters,
+        lambda: unet(x, t, encoder_hidden_states=c, **kw), args.warmup, args.iters,
         before=lambda: changing(unet, (x, t), {}))
     out["controller_only_changing"] = timed(lambda: changing(unet, (x, t), {}), args.warmup,
                                             args.iters)
     # the compiled step computes what the eager model computes at the same bits
     with torch.no_grad():
         changing(unet, (x, t), {})
-        eager = unet(x, t, encoder_hidden_states=c).sample.float()
-        got = compiled(x, t, encoder_hidden_states=c).sample.float()
+        eager = unet(x, t, encoder_hidden_states=c, **kw).sample.float()
+        got = compiled(x, t, encoder_hidden_states=c, **kw).sample.float()
     out["compiled_vs_eager_max_abs_diff"] = float((got - eager).abs().max())
     out["output_abs_mean"] = float(eager.abs().mean())
     ctrl.close()
@@ -370,10 +382,23 @@ def summarise(results: dict) -> None:
     if base_compiled and "compiled" in layers and "compiled" in v["bf16"]:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
     base_graph = v["bf16"].get("compiled_graph", {}).get("median_ms")
-    for name in ("w4a8_layers", "bank"):  # by the compiled step's GPU time (bank: A8, attention)
+    for name in ("w4a8_layers", "w4a8_attention", "w4a8_attention_fused", "bank"):
+        # by the compiled step's GPU time (bank: A8, attention quantized)
         if base_graph and "compiled_graph" in v.get(name, {}):
             targets[f"compiled_graph_{name}_vs_bf16"] = (
                 v[name]["compiled_graph"]["median_ms"] / base_graph)
+    # the best bf16 (the issue's baseline): the fastest of every bf16 layout and mode
+    best = min(((data[mode]["median_ms"], f"{name} {mode}") for name, data in v.items()
+                if name.startswith("bf16") for mode in ("eager", "graph", "compiled",
+                                                        "compiled_graph") if mode in data),
+               default=None)
+    if best:
+        targets["best_bf16"] = {"median_ms": best[0], "what": best[1]}
+        for name, data in v.items():
+            fastest = min((data[m]["median_ms"] for m in ("graph", "compiled_graph") if m in data),
+                          default=None)
+            if fastest and not name.startswith("bf16"):
+                targets[f"fastest_{name}_vs_best_bf16"] = fastest / best[0]
     if "eager" in layers:
         targets["eager_w4a8_layers_vs_bf16"] = layers["eager"]["median_ms"] / base_eager
     if "eager" in v.get("w4a8_layers_pytorch", {}):  # the same without the one-launch quantizer
@@ -403,6 +428,9 @@ def summarise(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results/sd14_unet_step.json")
+    parser.add_argument("--arch", choices=("sd14", "sdxl"), default="sd14",
+                        help="the UNet architecture (published config, random weights)")
+    parser.add_argument("--batch", type=int, default=2, help="images per step")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5,
@@ -430,10 +458,16 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--variant", name, "--out", str(part), "--sync-dir", sync,
                "--processes", str(len(names)), "--index", str(index),
                "--eager-rounds", str(args.eager_rounds), "--warmup", str(args.warmup),
-               "--iters", str(args.iters), "--rounds", str(args.rounds)] + ([] if args.compile else ["--no-compile"])
+               "--iters", str(args.iters), "--rounds", str(args.rounds), "--arch", args.arch,
+               "--batch", str(args.batch)] + ([] if args.compile else ["--no-compile"])
         procs[name] = (subprocess.Popen(cmd, env=os.environ.copy()), part)
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": 2,
-               "latent": [4, 64, 64], "context": [77, 768], "dtype": "bfloat16",
+    from qlip.testing import UNET_CONFIGS
+
+    config = UNET_CONFIGS[args.arch]
+    size = config["sample_size"]
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "arch": args.arch,
+               "batch": args.batch, "latent": [4, size, size],
+               "context": [77, config["cross_attention_dim"]], "dtype": "bfloat16",
                "bank": list(BANK), "variants": {}}
     for name, (proc, part) in procs.items():
         code = proc.wait()

@@ -93,13 +93,63 @@ SD14_UNET_CONFIG = dict(
 )
 
 
-def build_sd14_unet(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """The SD 1.4 UNet architecture with seeded random weights, in eval mode, frozen."""
+# The SDXL base 1.0 UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): 2,567.5 M
+# parameters; 128x128 latents, context 2048 (both text towers), added conditioning of the pooled
+# text embedding [1280] and six time ids (6 x 256 + 1280 = 2816).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+    up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu",
+    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+)
+UNET_CONFIGS = {"sd14": SD14_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
+
+
+def build_unet(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int = 0):
+    """A published UNet architecture (``"sd14"`` or ``"sdxl"``, :data:`UNET_CONFIGS`) with seeded
+    random weights, in eval mode, frozen: what a real checkpoint costs in time and memory."""
     from diffusers import UNet2DConditionModel
 
+    if arch not in UNET_CONFIGS:
+        raise ValueError(f"unknown UNet architecture {arch!r}: choose one of {sorted(UNET_CONFIGS)}")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
     return unet.to(device, dtype).eval().requires_grad_(False)
+
+
+def unet_step_inputs(unet, batch: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Random inputs of one denoising step at the UNet's own latent size: ``(x, t, context,
+    kwargs)``, ``kwargs`` holding SDXL's ``added_cond_kwargs`` where the UNet takes them (the
+    pooled text embedding's width is what the projection leaves after the six time ids)."""
+    config = unet.config
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same inputs on every device
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    size = config.sample_size
+    x = draw(batch, config.in_channels, size, size)
+    c = draw(batch, 77, config.cross_attention_dim)
+    t = torch.full((batch,), 500, device=device)
+    kwargs = {}
+    if config.addition_embed_type == "text_time":
+        time_ids = 6
+        pooled = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+        ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch)
+        kwargs["added_cond_kwargs"] = {"text_embeds": draw(batch, pooled),
+                                       "time_ids": ids.to(device, dtype)}
+    return x, t, c, kwargs
+
+
+def build_sd14_unet(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """The SD 1.4 UNet architecture with seeded random weights, in eval mode, frozen."""
+    return build_unet("sd14", device, dtype, seed)
 
 
 # Stable Diffusion 1.4's VAE (vae/config.json) and text encoder (CLIP ViT-L/14's text tower)

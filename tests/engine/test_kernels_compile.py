@@ -20,16 +20,22 @@ def _fake_quantize(per_image: bool):
         {"HAS_STEPS": True, "HAS_BYPASS": True, "PER_IMAGE": per_image, "BLOCK_SIZE": 1024})
 
 
-CASES = {
-    "fake_quantize": _fake_quantize(False),
-    "fake_quantize_per_image": _fake_quantize(True),
-    "real_linear": lambda dt: (
+def _real_linear(tile):
+    block_m, block_n, block_k = tile[:3]
+    return lambda dt: (
         rg._real_linear_kernel,
         {"x_ptr": f"*{dt}", "w_ptr": "*i8", "out_ptr": f"*{dt}", "table_ptr": f"*{dt}",
          "choice_ptr": "*i64", "step_ptr": "*i64", "integer_ptr": "*i32", "offset_ptr": "*i32",
          "w_sum_ptr": "*i32", "w_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
-        {"HAS_STEPS": True, "HAS_BIAS": True, "IEEE": dt == "fp32", "BLOCK_M": 64, "BLOCK_N": 64,
-         "BLOCK_K": 32}),
+        {"HAS_STEPS": True, "HAS_BIAS": True, "IEEE": dt == "fp32", "BLOCK_M": block_m,
+         "BLOCK_N": block_n, "BLOCK_K": block_k})
+
+
+CASES = {
+    "fake_quantize": _fake_quantize(False),
+    "fake_quantize_per_image": _fake_quantize(True),
+    "real_linear": _real_linear(rg.TILES[0]),
+    "real_linear_long_k": _real_linear((128, 128, 128)),  # the autotune tile with the longest K
     "attention_stats": lambda dt: (
         fa._stats_kernel,
         {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "m_ptr": "*fp32", "l_ptr": "*fp32",
