@@ -1,5 +1,6 @@
 """QLIP's figures on the tiny pipeline: the FAB they show is the ledger's, the shares are hand
-counts, layers are drawn in the UNet's order, and `qlip plot-qlip` writes the three PNGs."""
+counts, layers are drawn in the UNet's order, Q2B's learned map gives each prompt its own FAB,
+and `qlip plot-qlip` writes the five PNGs."""
 
 import copy
 import json
@@ -22,7 +23,14 @@ from qlip.pipeline import (
 )
 from qlip.pipeline.generate import dynamic_units
 from qlip.qlip_training.cli import figures_config_from_args
-from qlip.qlip_training.figures import QLIPFiguresConfig, fab, fab_by_batch_size, requested_bits
+from qlip.qlip_training.figures import (
+    QLIPFiguresConfig,
+    fab,
+    fab_by_batch_size,
+    fab_by_quality,
+    predicted_quality,
+    requested_bits,
+)
 from qlip.qlip_training.plots import bit_shares, unet_order
 
 PROMPTS = ["a red circle", "two blue squares at the top left", "a star", "a big green star"]
@@ -65,6 +73,20 @@ def test_figure_fab_is_the_ledgers_fab_requested(qlip_folder, _tiny_pipeline_tem
     np.testing.assert_array_equal(bits, result.requested[:, :, columns])
 
 
+def test_q2b_map_gives_each_prompt_its_own_fab(qlip_folder, _tiny_pipeline_template):
+    """The direction figure's curve is Q2B's map: at a prompt's predicted quality it gives that
+    prompt's FAB, whatever the prompt."""
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    policy = load_for_sampling(pipe, qlip_folder)
+    units = quant_units(pipe.unet)
+    dynamic = list(dynamic_units(units))
+    policy.bind({n: units[n].options for n in dynamic})
+    quality = predicted_quality(pipe, policy, PROMPTS, batch_size=3)
+    assert quality.shape == (len(PROMPTS),) and len(set(np.round(quality, 6))) > 1
+    want = fab(requested_bits(pipe, policy, PROMPTS, batch_size=3), units, dynamic)
+    np.testing.assert_allclose(fab_by_quality(policy, units, dynamic, quality), want)
+
+
 def test_fab_by_batch_size_in_max_mode_by_hand():
     unit = type("Unit", (), {"fab_member": True, "default_bits": 8})()
     units = {"a": unit, "fixed": unit}  # one dynamic layer, one fixed at 8 bits
@@ -83,7 +105,7 @@ def test_shares_by_hand_and_the_unet_order():
     assert [names[i] for i in unet_order(names)] == [names[k] for k in (0, 1, 2, 4, 3, 5)]
 
 
-def test_plot_qlip_writes_the_four_figures(qlip_folder, tiny_pipe_dir, tmp_path, capsys):
+def test_plot_qlip_writes_the_five_figures(qlip_folder, tiny_pipe_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     captions = tmp_path / "rich.txt"
@@ -96,7 +118,8 @@ def test_plot_qlip_writes_the_four_figures(qlip_folder, tiny_pipe_dir, tmp_path,
                  "--guidance", "3"])
     assert code == 0, capsys.readouterr().err
     for name, least in (("bit_share_per_layer.png", 800), ("fab_by_batch_size.png", 600),
-                        ("fab_by_richness.png", 800), ("bits_per_step.png", 800)):
+                        ("fab_by_richness.png", 800), ("bits_per_step.png", 800),
+                        ("q2b_direction.png", 800)):
         width, height = Image.open(out / name).size
         assert width > least and height > 300, name
     numbers = json.loads((out / "figures.json").read_text())
@@ -106,6 +129,14 @@ def test_plot_qlip_writes_the_four_figures(qlip_folder, tiny_pipe_dir, tmp_path,
     assert list(s1["fab_max_mode"].values()) == sorted(s1["fab_max_mode"].values())
     assert sum(numbers["s3"]["share_of_each_option"].values()) == pytest.approx(1.0)
     assert [e["captions"][0] for e in numbers["s4"]["examples"]] == ["a star", "a square"]
+    direction = numbers["direction"]  # the map's ends bracket the held-out prompts' range
+    grid = direction["quality_grid"]
+    assert grid[0] < direction["heldout_quality"]["min"] <= direction["heldout_quality"]["max"] < grid[-1]
+    assert set(direction["quality_by_level_mean"]) == {"0", "1", "2"}
+    low, high = direction["fab_at_heldout_min_and_max_quality"]
+    assert direction["more_bits_for"] == ("higher predicted quality" if high > low else
+                                          "lower predicted quality" if high < low else "neither")
+    assert "Q2B gives more bits to" in capsys.readouterr().out
 
 
 def test_plot_flags_map_onto_the_config():

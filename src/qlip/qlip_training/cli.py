@@ -173,8 +173,12 @@ def cmd_plot_qlip(args) -> int:
     numbers = make_figures(figures_config_from_args(args))
     levels = numbers["s4"]["fab_by_level_mean"]
     print("FAB by richness level: " + ", ".join(f"{k}: {v:.2f}" for k, v in levels.items()))
-    print(f"wrote bit_share_per_layer.png, fab_by_batch_size.png, fab_by_richness.png, bits_per_step.png and "
-          f"figures.json to {args.out}")
+    direction = numbers["direction"]
+    low, high = direction["fab_at_heldout_min_and_max_quality"]
+    print(f"Q2B gives more bits to {direction['more_bits_for']}: FAB {low:.3f} at the held-out "
+          f"prompts' lowest predicted quality, {high:.3f} at their highest")
+    print("wrote bit_share_per_layer.png, fab_by_batch_size.png, fab_by_richness.png, "
+          f"bits_per_step.png, q2b_direction.png and figures.json to {args.out}")
     return 0
 
 

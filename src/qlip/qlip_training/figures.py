@@ -1,4 +1,4 @@
-"""`qlip plot-qlip`: QLIP's four figures for a trained model folder, plus ``figures.json`` with
+"""`qlip plot-qlip`: QLIP's five figures for a trained model folder, plus ``figures.json`` with
 the numbers they show.
 
 The bits are what QLIP asks for each prompt alone (T2Q once, Q2B's argmax per step: the
@@ -8,6 +8,9 @@ and the sampling steps, as the ledger counts it. Only the example scenes of Fig.
 generated (their images); everything else costs one T2Q/Q2B pass per prompt. Fig. S1's FAB in
 ``max`` mode groups the same prompts into batches of consecutive prompts, as an eval batches
 them, each layer and step at the batch's largest request (what the seam's ``max`` mode runs).
+The fifth, ``q2b_direction.png``, is the direction of the allocation Q2B learned: the FAB Q2B
+gives as a function of the quality T2Q predicts, beside the qualities T2Q predicts for the
+held-out prompts and for each caption richness (issue 12's question of which way the bits go).
 
 >>> make_figures(QLIPFiguresConfig("runs/qd-w4-qlip", out="runs/figures"))  # doctest: +SKIP
 """
@@ -27,7 +30,13 @@ from ..pipeline import GenerationConfig, generate, load_for_sampling, load_pipel
 from ..pipeline.generate import dynamic_units
 from ..pipeline.prompts import encode_prompt_batch
 from ..policies import QLIPPolicy
-from .plots import plot_bit_share, plot_bits_heatmap, plot_fab_by_batch_size, plot_fab_by_richness
+from .plots import (
+    plot_bit_share,
+    plot_bits_heatmap,
+    plot_fab_by_batch_size,
+    plot_fab_by_richness,
+    plot_q2b_direction,
+)
 
 REFERENCE = "reference"
 
@@ -64,6 +73,27 @@ def requested_bits(pipe, policy: QLIPPolicy, prompts: list[str], batch_size: int
         timestep = torch.zeros(())
         out.append(torch.stack([policy.bits(s, timestep) for s in range(steps)], 1).cpu())
     return torch.cat(out).numpy()
+
+
+def predicted_quality(pipe, policy: QLIPPolicy, prompts: list[str], batch_size: int) -> np.ndarray:
+    """``[N]`` T2Q's predicted quality of each prompt (what Q2B reads; 0.5 for every prompt
+    under a timestep-only Q2B)."""
+    steps, out = policy.modules.q2b.num_steps, []
+    for start in range(0, len(prompts), batch_size):
+        policy.begin(encode_prompt_batch(pipe, prompts[start : start + batch_size]), steps)
+        out.append(policy.quality.float().cpu())
+    return torch.cat(out).numpy()
+
+
+def fab_by_quality(policy: QLIPPolicy, units: dict[str, QuantUnit], dynamic: list[str],
+                   qualities: np.ndarray) -> np.ndarray:
+    """``[Q]`` the FAB Q2B gives a prompt of each predicted quality (its argmax bits at every
+    step, as :func:`requested_bits`), whatever the prompt: Q2B's learned map."""
+    q2b = policy.modules.q2b
+    q = torch.as_tensor(qualities, dtype=torch.float32, device=q2b.bit_values.device)
+    with torch.no_grad():
+        bits = q2b.bits(q, torch.arange(q2b.num_steps, device=q.device))  # [S, Q, U]
+    return fab(bits.permute(1, 0, 2).cpu().numpy(), units, dynamic)
 
 
 def fab(bits: np.ndarray, units: dict[str, QuantUnit], dynamic: list[str]) -> np.ndarray:
@@ -130,7 +160,8 @@ def _examples(pipe, policy, groups: list[list[str]], config: QLIPFiguresConfig) 
 
 def make_figures(config: QLIPFiguresConfig) -> dict:
     """Write ``bit_share_per_layer.png``, ``fab_by_batch_size.png``, ``fab_by_richness.png``,
-    ``bits_per_step.png`` and ``figures.json`` into ``config.out``; returns the numbers."""
+    ``bits_per_step.png``, ``q2b_direction.png`` and ``figures.json`` into ``config.out``;
+    returns the numbers."""
     pipe = load_pipeline(config.model, config.device)
     policy = load_for_sampling(pipe, config.quantized)
     if not isinstance(policy, QLIPPolicy):
@@ -168,10 +199,37 @@ def make_figures(config: QLIPFiguresConfig) -> dict:
                        (f"rich: {rich!r}", pair[1], pair_fab[1])], dynamic, options,
                       out / "bits_per_step.png")
     numbers = _numbers(config, bits, units, dynamic, options, curve, examples, pair)
+    numbers["direction"] = _direction(pipe, policy, units, dynamic, prompts, groups, config,
+                                      out / "q2b_direction.png", name)
     numbers["s1"] = {"fab_max_mode": {str(k): v for k, v in by_size.items()},
                      "fab_per_image": per_image, "prompts": len(bits)}
     (out / "figures.json").write_text(json.dumps(numbers, indent=1))
     return numbers
+
+
+def _direction(pipe, policy, units, dynamic, prompts, groups, config, path, name) -> dict:
+    """Q2B's FAB against predicted quality, the held-out prompts' predicted qualities and those
+    of each richness level: ``q2b_direction.png`` and its numbers."""
+    heldout = predicted_quality(pipe, policy, prompts, config.batch_size)
+    series = predicted_quality(pipe, policy, [t for g in groups for t in g], config.batch_size)
+    levels = len(groups[0])
+    by_level = {k: series[k::levels] for k in range(levels)}
+    low, high = float(heldout.min()), float(heldout.max())
+    pad = max(0.25 * (high - low), 0.05)
+    grid = np.linspace(low - pad, high + pad, 41)
+    curve = fab_by_quality(policy, units, dynamic, grid)
+    span = fab_by_quality(policy, units, dynamic, np.array([low, high]))
+    plot_q2b_direction(grid, curve, heldout, by_level, path,
+                       f"{name}: the direction Q2B learned")
+    slope = float(span[1] - span[0])
+    return {"quality_grid": grid.tolist(), "fab_at_quality": curve.tolist(),
+            "heldout_quality": {"min": low, "max": high, "mean": float(heldout.mean()),
+                                "std": float(heldout.std())},
+            "fab_at_heldout_min_and_max_quality": span.tolist(),
+            "more_bits_for": ("higher predicted quality" if slope > 0 else
+                              "lower predicted quality" if slope < 0 else "neither"),
+            "quality_by_level_mean": {str(k): float(v.mean()) for k, v in by_level.items()},
+            "quality_by_level_std": {str(k): float(v.std()) for k, v in by_level.items()}}
 
 
 def _numbers(config, bits, units, dynamic, options, curve, examples, pair) -> dict:

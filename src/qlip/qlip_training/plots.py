@@ -6,7 +6,9 @@
   one scene (Fig. S4): each scene's images and FAB per level, and FAB per level over many scenes;
 - :func:`plot_bits_heatmap`: bits per sampling step × layer for a simple and a rich prompt;
 - :func:`plot_fab_by_batch_size`: FAB against batch size in ``max`` mode, with ``per_image``
-  beside it (Fig. S1).
+  beside it (Fig. S1);
+- :func:`plot_q2b_direction`: Q2B's FAB against T2Q's predicted quality, with the predicted
+  qualities of the held-out prompts and of each caption richness.
 """
 
 from __future__ import annotations
@@ -174,6 +176,36 @@ def plot_fab_by_batch_size(by_size: dict[int, float], per_image: float, path: Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(note, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_q2b_direction(grid: np.ndarray, fab: np.ndarray, heldout: np.ndarray,
+                       by_level: dict[int, np.ndarray], path: Path, note: str = "") -> Path:
+    """Left: the FAB Q2B gives at each predicted quality of ``grid`` (its learned map), over the
+    histogram of the held-out prompts' predicted qualities. Right: the predicted quality per
+    caption richness level (mean ± std over scenes)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    left.plot(grid, fab, "-", color=PALETTE[0], label="Q2B: FAB at this predicted quality")
+    left.set_xlabel("T2Q's predicted quality (Q2B's input)")
+    left.set_ylabel("FAB (mean activation bits)")
+    left.grid(alpha=0.3)
+    hist = left.twinx()
+    hist.hist(heldout, bins=40, color=PALETTE[1], alpha=0.35,
+              label=f"held-out prompts ({len(heldout)})")
+    hist.set_ylabel("prompts")
+    lines = left.get_legend_handles_labels(), hist.get_legend_handles_labels()
+    left.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8)
+    levels = sorted(by_level)
+    means = [float(np.mean(by_level[k])) for k in levels]
+    stds = [float(np.std(by_level[k])) for k in levels]
+    right.errorbar(levels, means, yerr=stds, fmt="k-o", capsize=3,
+                   label=f"mean ± std over {len(by_level[levels[0]])} scenes")
+    right.set_xticks(levels)
+    right.set_xlabel("caption richness (level)")
+    right.set_ylabel("T2Q's predicted quality")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(note, fontsize=9)
     return _save(fig, path)
 
 

@@ -22,6 +22,8 @@ from a gathered row in one kernel.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Triton ships with PyTorch's CUDA wheels; without it the PyTorch path runs
@@ -32,6 +34,12 @@ except ImportError:  # pragma: no cover - depends on the install
 
 BLOCK = 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``): no timing there,
+    so the autotuned kernels launch with their first tile."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available(x: torch.Tensor) -> bool:

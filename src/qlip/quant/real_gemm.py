@@ -32,11 +32,9 @@ separate launches with a host-side branch; no library fuses them.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .fused_quantize import triton
+from .fused_quantize import interpreted, triton
 
 if triton is not None:
     import triton.language as tl
@@ -156,10 +154,6 @@ if triton is not None:
         key=["M", "N", "K", "IEEE"])(_real_linear_kernel)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
     """``x [..., K]`` through the layer: one launch, integer or float math by the option that
     ``choice`` names (see the module doc); returns ``[..., N]`` in x's dtype."""
@@ -175,7 +169,7 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
                 w_zero, w_scale, bias if bias is not None else w_scale, m, n, k_dim, steps,
                 x2.stride(0), w.stride(0), out.stride(0))
     flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32)
-    if _interpreted():  # no timing under the interpreter: the first tile
+    if interpreted():  # no timing under the interpreter: the first tile
         block_m, block_n, block_k, _, _ = TILES[0]
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _real_linear_kernel[grid](*operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n,

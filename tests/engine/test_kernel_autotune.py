@@ -1,0 +1,61 @@
+"""The autotuned launches of the attention and real-GEMM kernels (the GPU's path) give the
+reference's values. Under the interpreter the tuner cannot time, so the kernels normally launch
+with their first tile; here each autotuned wrapper is rebuilt with one tile (which the tuner
+takes without timing) and used in place of the interpreter's launch, so its grid function and
+keyword arguments run."""
+
+import pytest
+import torch
+
+from qlip.quant import fused_attention as fa
+from qlip.quant import real_gemm as rg
+
+from ..conftest import kernel_device
+
+pytestmark = pytest.mark.skipif(
+    kernel_device() is None, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+
+
+def _one_tile(kernel, keys, **tile):
+    import triton
+
+    return triton.autotune([triton.Config(tile, num_warps=4, num_stages=2)], key=keys)(kernel)
+
+
+def test_autotuned_attention_launch_equals_the_reference(monkeypatch):
+    keys = ["N", "M", "D", "LOWP"]
+    monkeypatch.setattr(fa, "_stats_tuned", _one_tile(fa._stats_kernel, keys, BLOCK_M=32,
+                                                      BLOCK_N=32))
+    monkeypatch.setattr(fa, "_output_tuned", _one_tile(fa._output_kernel, keys, BLOCK_M=32,
+                                                       BLOCK_N=32))
+    monkeypatch.setattr(fa, "interpreted", lambda: False)
+    device = kernel_device()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, n, 40, generator=g).to(device) for n in (37, 21, 21))
+    params = torch.tensor([[1 / 255, 0.0, 255.0, 0.0]] * 6, device=device)
+    for mode, keep in ((fa.UNIFORM, True), (fa.UNIFORM, False)):
+        got = fa.fused_attention(q, k, v, 0.15, lambda row_max: params, mode, keep,
+                                 use_kernel=True)
+        want = fa.reference_attention(q, k, v, 0.15, params, mode, keep)
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_autotuned_real_linear_launch_equals_the_reference(monkeypatch):
+    monkeypatch.setattr(rg, "_real_linear_tuned", _one_tile(
+        rg._real_linear_kernel, ["M", "N", "K", "IEEE"], BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
+    monkeypatch.setattr(rg, "interpreted", lambda: False)
+    device = kernel_device()
+    g = torch.Generator().manual_seed(1)
+    n, k, m = 24, 70, 13
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    w, w_sum, w_zero, w_scale = (t.to(device) for t in rg.weight_operands(
+        codes, torch.rand(n, generator=g) * 0.1, torch.full((n,), 8.0), 4))
+    integer, offset = (t.to(device) for t in rg.int8_offsets((4, 8, 16)))
+    x = torch.randn(m, k, generator=g).to(device)
+    table = torch.tensor([[0.1, -8, 7], [0.02, -128, 127], [1.0, -1e9, 1e9]], device=device)
+    step = torch.zeros(1, dtype=torch.long, device=device)
+    for option in range(3):
+        choice = torch.tensor([option], device=device)
+        args = (x, table, choice, step, 0, integer, offset, w, w_sum, w_zero, w_scale, None)
+        got, want = rg.real_linear(*args), rg.reference(*args)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
