@@ -112,14 +112,16 @@ UNET_CONFIGS = {"sd14": SD14_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}
 def build_unet(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                seed: int = 0):
     """A published UNet architecture (``"sd14"`` or ``"sdxl"``, :data:`UNET_CONFIGS`) with seeded
-    random weights, in eval mode, frozen: what a real checkpoint costs in time and memory."""
+    random weights (drawn on ``device``: another device draws other weights), in eval mode,
+    frozen: what a real checkpoint costs in time and memory."""
     from diffusers import UNet2DConditionModel
 
     if arch not in UNET_CONFIGS:
         raise ValueError(f"unknown UNet architecture {arch!r}: choose one of {sorted(UNET_CONFIGS)}")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
-    return unet.to(device, dtype).eval().requires_grad_(False)
+    with torch.device(device):  # initialised where it runs: no host copy of SDXL's 10 GB in fp32
+        unet = UNet2DConditionModel(**UNET_CONFIGS[arch])
+    return unet.to(dtype=dtype).eval().requires_grad_(False)
 
 
 def unet_step_inputs(unet, batch: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
