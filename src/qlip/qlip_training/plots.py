@@ -171,10 +171,7 @@ def plot_fab_by_batch_size(by_size: dict[int, float], per_image: float, path: Pa
                     xytext=(0, 6), ha="center", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("batch size (prompts)")
-    ax.set_ylabel("FAB (mean activation bits)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _labels(ax, "batch size (prompts)", "FAB (mean activation bits)")
     ax.set_title(note, fontsize=9)
     return _save(fig, path)
 
@@ -201,12 +198,17 @@ def plot_q2b_direction(grid: np.ndarray, fab: np.ndarray, heldout: np.ndarray,
     right.errorbar(levels, means, yerr=stds, fmt="k-o", capsize=3,
                    label=f"mean ± std over {len(by_level[levels[0]])} scenes")
     right.set_xticks(levels)
-    right.set_xlabel("caption richness (level)")
-    right.set_ylabel("T2Q's predicted quality")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    _labels(right, "caption richness (level)", "T2Q's predicted quality")
     fig.suptitle(note, fontsize=9)
     return _save(fig, path)
+
+
+def _labels(ax, xlabel: str, ylabel: str) -> None:
+    """Axis labels, a light grid and the legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _save(fig, path: Path) -> Path:
