@@ -1,11 +1,13 @@
 """One denoising step of a published UNet architecture (``--arch sd14``: Stable Diffusion 1.4,
 64×64 latents, context 77×768; ``--arch sdxl``: SDXL base, 128×128 latents, context 77×2048 and
 the added text/time conditioning), with random weights, bf16, ``--batch`` images (default 2, one
-guidance pair): bf16 (``bf16_channels_last``: the channels-last layout cuDNN prefers) against simulated W4A8
-(layers only; layers + attention, materialised or fused: ``w4a8_attention_fused`` runs softmax·V
-through qlip.quant.fused_attention's Triton kernel; ``w4a8_layers_pytorch`` without the one-launch
-quantizer; ``w4a8_layers_real`` with the Linear layers in int8 math, qlip.quant.real_gemm) and a W4A{8,16,32} bank whose every unit's
-bits change at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
+guidance pair): bf16 (``bf16_channels_last``: the channels-last layout cuDNN prefers) against
+simulated W4A8 (layers only; layers + attention, materialised or fused:
+``w4a8_attention_fused`` runs softmax·V through qlip.quant.fused_attention's Triton kernel;
+``w4a8_layers_pytorch`` without the one-launch quantizer; ``w4a8_layers_real`` with the Linear
+layers in int8 math, qlip.quant.real_gemm; ``w4a8_layers_real_packed`` the same on packed 4-bit
+weights, every layer's codes two a byte) and a W4A{8,16,32} bank whose every unit's bits change
+at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
 
     python benchmarks/sd14_unet_step.py --out benchmarks/results/sd14_unet_step.json
     python benchmarks/sd14_unet_step.py --arch sdxl --batch 8 --out ...
@@ -33,6 +35,7 @@ from qlip.methods.calib_data import CalibrationSet
 from qlip.methods.rtn import quantize_rtn
 from qlip.nn import (
     QuantConfig,
+    pack_weights,
     quant_units,
     use_fused_attention,
     use_fused_quantize,
@@ -43,7 +46,8 @@ from qlip.pipeline.generate import StepController
 from qlip.policies import BitPolicy, FixedBits
 from qlip.testing import build_unet, unet_step_inputs
 
-VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real", "w4a8_attention",
+VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real",
+            "w4a8_layers_real_packed", "w4a8_attention",
             "w4a8_attention_fused", "bank")
 COMPILED = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_attention", "w4a8_attention_fused",
             "bank")
@@ -136,7 +140,9 @@ def build(variant: str, args):
         use_fused_attention(unet, True)
     if variant == "w4a8_layers_pytorch":  # the quantizers in PyTorch ops, not one launch each
         use_fused_quantize(unet, False)
-    if variant == "w4a8_layers_real":  # the Linear layers in int8 math (qlip.quant.real_gemm)
+    if variant.startswith("w4a8_layers_real"):  # the Linear layers in int8 math (real_gemm)
+        if variant.endswith("_packed"):  # on the packed 4-bit codes themselves
+            pack_weights(unet)
         use_real_execution(unet, True)
     return unet, quant_units(unet)
 
@@ -199,7 +205,7 @@ def measure(variant: str, args) -> dict:
             use_fused_quantize(unet, True)
         out["kernel_vs_pytorch"] = {"equal": bool(torch.equal(one, ops)),
                                     "max_abs": float((one.float() - ops.float()).abs().max())}
-    if variant == "w4a8_layers_real":  # real Linear layers against the simulation
+    if variant.startswith("w4a8_layers_real"):  # real Linear layers against the simulation
         with torch.no_grad():
             real = step().float()
             out["real_linear_layers"] = use_real_execution(unet, False)

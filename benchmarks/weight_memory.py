@@ -10,7 +10,10 @@ and measured:
 - on CUDA also ``torch.cuda.memory_allocated`` with only that model on the device;
 - the parts: the packed codes, the FP tensors of the layers left unquantized (norms, ...), and the
   quantizers' state (weight scales and zero points, activation tables);
-- that the packed model's output equals the unpacked one's for the same input.
+- that the packed model's output equals the unpacked one's for the same input;
+- on CUDA, the packed model with its Linear layers run for real (``qlip.nn.use_real_execution``:
+  the int8 GEMM reads the packed bytes themselves) and the unpacked one with real Linear layers
+  (which keep an int8 copy of the codes): ``memory_allocated`` after one call each.
 
 Issue 14's target: a loaded W4 UNet's weight memory ≤ 0.3× bf16.
 
@@ -31,7 +34,14 @@ import torch
 
 from qlip.methods.calib_data import CalibrationSet
 from qlip.methods.rtn import quantize_rtn
-from qlip.nn import QuantConfig, QuantLayer, pack_weights, quant_units, tensor_bytes
+from qlip.nn import (
+    QuantConfig,
+    QuantLayer,
+    pack_weights,
+    quant_units,
+    tensor_bytes,
+    use_real_execution,
+)
 from qlip.pipeline import load_quantized, prepare_unet
 from qlip.pipeline.saving import QuantizedInfo, save_quantized
 from qlip.testing import build_sd14_unet
@@ -141,9 +151,28 @@ def main() -> None:
     }
     if device.startswith("cuda"):
         result["bf16_cuda_allocated"] = _cuda_allocated(lambda: template.to(device, torch.bfloat16))
+
+        def real(packed: bool):  # real Linear layers, after one call
+            unet = load(packed)
+            switched = use_real_execution(unet)
+            x, t, c = _inputs(device, unet.dtype, args.latent)
+            with torch.no_grad():
+                unet(x, t, encoder_hidden_states=c)
+            result.setdefault("real_linear_layers", switched)
+            return unet
+
+        for name, packed in (("unpacked_real", False), ("packed_real", True)):
+            used = _cuda_allocated(lambda p=packed: real(p))
+            rows[name] = {"cuda_allocated": used,
+                          "cuda_vs_bf16": used / result["bf16_cuda_allocated"]}
     for name, row in rows.items():
-        print(f"{name:9s} {row['tensor_bytes'] / 2**20:9.1f} MiB  {row['vs_bf16']:.3f}x bf16  "
-              f"parts (MiB): " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in row["parts"].items()))
+        if "tensor_bytes" in row:
+            print(f"{name:13s} {row['tensor_bytes'] / 2**20:9.1f} MiB  {row['vs_bf16']:.3f}x bf16  "
+                  "parts (MiB): " + ", ".join(f"{k} {v / 2**20:.1f}"
+                                               for k, v in row["parts"].items()))
+        if row.get("cuda_allocated") is not None and "cuda_vs_bf16" in row:
+            print(f"{name:13s} CUDA allocated {row['cuda_allocated'] / 2**20:9.1f} MiB  "
+                  f"{row['cuda_vs_bf16']:.3f}x bf16")
     print(f"bf16 weights {bf16_bytes / 2**20:.1f} MiB; packed output equals unpacked: {equal}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

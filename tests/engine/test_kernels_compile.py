@@ -20,15 +20,16 @@ def _fake_quantize(per_image: bool):
         {"HAS_STEPS": True, "HAS_BYPASS": True, "PER_IMAGE": per_image, "BLOCK_SIZE": 1024})
 
 
-def _real_linear(tile):
+def _real_linear(tile, packed=False):
     block_m, block_n, block_k = tile[:3]
     return lambda dt: (
         rg._real_linear_kernel,
-        {"x_ptr": f"*{dt}", "w_ptr": "*i8", "out_ptr": f"*{dt}", "table_ptr": f"*{dt}",
+        {"x_ptr": f"*{dt}", "w_ptr": "*u8" if packed else "*i8", "out_ptr": f"*{dt}",
+         "table_ptr": f"*{dt}",
          "choice_ptr": "*i64", "step_ptr": "*i64", "integer_ptr": "*i32", "offset_ptr": "*i32",
          "w_sum_ptr": "*i32", "w_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
         {"HAS_STEPS": True, "HAS_BIAS": True, "IEEE": dt == "fp32", "BLOCK_M": block_m,
-         "BLOCK_N": block_n, "BLOCK_K": block_k})
+         "BLOCK_N": block_n, "BLOCK_K": block_k, "PACKED": packed})
 
 
 CASES = {
@@ -36,6 +37,8 @@ CASES = {
     "fake_quantize_per_image": _fake_quantize(True),
     "real_linear": _real_linear(rg.TILES[0]),
     "real_linear_long_k": _real_linear((128, 128, 128)),  # the autotune tile with the longest K
+    "real_linear_packed": _real_linear(rg.PACKED_TILES[0], packed=True),
+    "real_linear_packed_long_k": _real_linear((128, 128, 128), packed=True),
     "attention_stats": lambda dt: (
         fa._stats_kernel,
         {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "m_ptr": "*fp32", "l_ptr": "*fp32",

@@ -133,8 +133,8 @@ class QuantLayer(QuantUnit):
             del self._buffers[f"weight_codes_{i}"]
             self.register_buffer(f"weight_nibbles_{i}", pack_nibbles(c.to(torch.uint8)))
         self._parameters["weight"] = _placeholder(weight.shape, weight.dtype, weight.device)
-        self._qweight = None
         self.packed = True
+        self.refresh_weight()  # real execution, if on, now reads the packed bytes
         return True
 
     def _apply(self, fn, recurse: bool = True):
@@ -246,9 +246,21 @@ class QuantLinear(QuantLayer):
             return False
         scale, zero = self.weight_quantizers[0].params()
         integer, offset = real_gemm.int8_offsets(self.options)
-        operands = (integer, offset, *real_gemm.weight_operands(codes[0], scale, zero, self.wbits))
+        operands = (integer, offset, *real_gemm.weight_operands(
+            codes[0], scale, zero, self.wbits, packed=self._packed_rows(codes[0])))
         self._real = tuple(t.to(self.weight.device) for t in operands)
         return True
+
+    def _packed_rows(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """A packed layer's codes as real execution reads them, ``[N, ceil(K/2)]`` bytes: its
+        own packed buffer viewed by rows where K is even (no copy), packed again by rows where
+        K is odd; None for a layer that is not packed."""
+        if not self.packed:
+            return None
+        out_features, k = codes.shape
+        if k % 2 == 0:
+            return self._buffers["weight_nibbles_0"].view(out_features, k // 2)
+        return real_gemm.pack_rows(codes)
 
     def _real_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         real = self._real
@@ -260,8 +272,12 @@ class QuantLinear(QuantLayer):
         if (choice.shape != (1,) or choice.is_floating_point() or bank.observer is not None
                 or not bank.enabled or not fused_quantize.available(x)):
             return None
-        if real[0].device != x.device:
-            self._real = real = tuple(t.to(x.device) for t in real)
+        if real[0].device != x.device:  # moved since use_real(): rebuild from the moved buffers
+            # (a copy would keep a second set of codes: a packed layer reads its own bytes)
+            self.use_real(True)
+            real = self._real
+            if real[0].device != x.device:  # the layer is elsewhere: the simulation says so
+                return None
         step = self._shared_step if self._shared_step is not None else self._buffers["_step"]
         stack = bank._modules["stack"]
         return real_gemm.real_linear(x, stack._flat_table(x.dtype), choice, step,

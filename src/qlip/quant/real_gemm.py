@@ -25,6 +25,13 @@ than the simulation's own floating-point GEMM. The activation codes are the simu
 bit for bit: the quotient is rounded to x's dtype as ``torch.div`` does, then rounded half to
 even. The tests check both against a float64 computation.
 
+**Packed 4-bit weights.** Weight codes of at most 4 bits may come packed two per byte along K
+(:func:`pack_rows`: code ``2j`` of a row in the low nibble of byte ``j``, ``2j + 1`` in the high
+one; for an even K that is exactly the flat packing of :mod:`qlip.quant.packing`, so a packed
+layer's own bytes serve, viewed ``[N, K/2]``). The kernel then multiplies the even-K activation
+codes with the low nibbles and the odd-K ones with the high nibbles: the same integer bracket,
+no int8 copy of the weights in memory.
+
 Written by hand: PyTorch's int8 GEMM (``torch._int_mm``) takes integer inputs only, so the
 quantization, the zero-point sums and the choice between integer and float math would be
 separate launches with a host-side branch; no library fuses them.
@@ -59,22 +66,50 @@ def int8_offsets(options: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     return integer, offset
 
 
-def weight_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+def pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """``codes [N, K]`` (values < 16) -> ``[N, ceil(K/2)]`` uint8, two codes a byte along K (code
+    ``2j`` in the low nibble of byte ``j``; an odd K pads a 0 nibble)."""
+    codes = codes.to(torch.uint8)
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(f"codes up to {int(codes.max())} do not fit in 4 bits")
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(codes.shape[0], 1)], dim=1)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: the ``[N, k]`` codes (int32)."""
+    pairs = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1)
+    return pairs[:, :k].to(torch.int32)
+
+
+def weight_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                    packed: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The weight side, once per layer: int8 codes ``[N, K]``, their row sums ``[N]`` (int32),
+    """The weight side, once per layer: the codes (int8 ``[N, K]``, or ``packed``, the uint8
+    ``[N, ceil(K/2)]`` of :func:`pack_rows`, for at most 4 bits), their row sums ``[N]`` (int32),
     the shifted zero points ``z_w − o_w`` ``[N]`` (int32) and the scales ``[N]`` (fp32), for
     ``codes`` ``[N, K]`` in ``[0, 2^bits − 1]`` with per-output-channel ``scale``/``zero``."""
     if bits > 8:
         raise ValueError(f"integer execution needs weights of at most 8 bits; got W{bits}")
+    if packed is not None and (bits > 4 or packed.dtype != torch.uint8
+                               or tuple(packed.shape) != (codes.shape[0], (codes.shape[1] + 1) // 2)):
+        raise ValueError(f"packed weights are [N, ceil(K/2)] uint8 codes of at most 4 bits; got "
+                         f"{tuple(packed.shape)} {packed.dtype} for W{bits} codes "
+                         f"{tuple(codes.shape)}")
     offset = 128 if bits == 8 else 0
     w = (codes.to(torch.int32) - offset).to(torch.int8).contiguous()
     zero = zero.reshape(-1).round().to(torch.int32) - offset
-    return w, w.to(torch.int32).sum(1), zero.contiguous(), scale.reshape(-1).float().contiguous()
+    w_sum = w.to(torch.int32).sum(1)
+    return (w if packed is None else packed.contiguous(), w_sum, zero.contiguous(),
+            scale.reshape(-1).float().contiguous())
 
 
 def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
     """What the kernel computes, in PyTorch (float64 for the integer path's bracket): ``x``
     ``[M, K]``; ``table`` ``[K·T, 3]`` in x's dtype; ``choice``/``step`` ``[1]`` long."""
+    if w.dtype == torch.uint8:  # packed 4-bit codes
+        w = unpack_rows(w, x.shape[-1])
     k = int(choice.reshape(-1)[0])
     row = k * steps + int(step.reshape(-1)[0]) if steps else k
     scale, low, high = (table[row, i] for i in range(3))
@@ -92,14 +127,39 @@ def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, 
 if triton is not None:
 
     @triton.jit
+    def _codes_at(x_ptr, offs_m, stride_xm, offs_k, m_ok, K, scale, low, high, o_a):
+        """The int8 activation codes ``a = c − low − o_a`` of x's columns ``offs_k`` (0 off the
+        matrix)."""
+        ok = m_ok & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=ok, other=0.0)
+        c = grid_codes(x, scale, low, high)
+        return tl.where(ok, c - low - o_a, 0.0).to(tl.int8)
+
+    @triton.jit
+    def _float_part(x_ptr, offs_m, stride_xm, offs_k, m_ok, K, w, w_zero, w_scale, dtype,
+                    IEEE: tl.constexpr):
+        """x's columns ``offs_k`` times the dequantized weight codes ``w`` (``[len(offs_k), N]``),
+        in float math: IEEE fp32 for fp32 layers (TF32 would round the inputs), else x's dtype."""
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_ok & (offs_k[None, :] < K), other=0.0)
+        weight = (w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :]
+        if IEEE:
+            part = tl.dot(x.to(tl.float32), weight, input_precision="ieee")
+        else:
+            part = tl.dot(x.to(dtype), weight.to(dtype))
+        return part
+
+    @triton.jit
     def _real_linear_kernel(x_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
                             integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
                             M, N, K, steps, stride_xm, stride_wn, stride_om,
                             HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            PACKED: tl.constexpr = False):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
+        offs_j = tl.arange(0, BLOCK_K // 2)  # packed: byte j of a tile holds K offsets 2j, 2j + 1
         choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
         w_zero = tl.load(w_zero_ptr + offs_n, mask=offs_n < N, other=0)
         w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -113,15 +173,26 @@ if triton is not None:
             # wants every name both branches assign to have one type)
             a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
             for start in range(0, K, BLOCK_K):
-                k_ok = (start + offs_k) < K
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + start + offs_k[None, :],
-                            mask=m_ok & k_ok[None, :], other=0.0)
-                c = grid_codes(x, scale, low, high)
-                a = tl.where(m_ok & k_ok[None, :], c - low - o_a, 0.0).to(tl.int8)
-                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
-                            mask=n_ok & k_ok[:, None], other=0)  # [BLOCK_K, BLOCK_N]
-                acc_i += tl.dot(a, w, out_dtype=tl.int32)
-                a_sum += tl.sum(a.to(tl.int32), axis=1)
+                if PACKED:  # even K offsets times the low nibbles, odd ones times the high
+                    a_even = _codes_at(x_ptr, offs_m, stride_xm, start + 2 * offs_j, m_ok, K,
+                                       scale, low, high, o_a)
+                    a_odd = _codes_at(x_ptr, offs_m, stride_xm, start + 2 * offs_j + 1, m_ok, K,
+                                      scale, low, high, o_a)
+                    j_ok = (start // 2 + offs_j) < (K + 1) // 2
+                    b = tl.load(w_ptr + offs_n[None, :] * stride_wn + start // 2 + offs_j[:, None],
+                                mask=n_ok & j_ok[:, None], other=0)  # [BLOCK_K/2, BLOCK_N]
+                    acc_i += tl.dot(a_even, (b & 15).to(tl.int8), out_dtype=tl.int32)
+                    acc_i += tl.dot(a_odd, (b >> 4).to(tl.int8), out_dtype=tl.int32)
+                    a_sum += tl.sum(a_even.to(tl.int32), axis=1) + tl.sum(a_odd.to(tl.int32),
+                                                                          axis=1)
+                else:
+                    a = _codes_at(x_ptr, offs_m, stride_xm, start + offs_k, m_ok, K, scale, low,
+                                  high, o_a)
+                    k_ok = (start + offs_k) < K
+                    w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
+                                mask=n_ok & k_ok[:, None], other=0)  # [BLOCK_K, BLOCK_N]
+                    acc_i += tl.dot(a, w, out_dtype=tl.int32)
+                    a_sum += tl.sum(a.to(tl.int32), axis=1)
             z_a = (-low - o_a).to(tl.int32)  # a − c: −low = z is an integer
             w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
             exact = (acc_i - w_zero[None, :] * a_sum[:, None] - z_a * w_sum[None, :]
@@ -130,16 +201,20 @@ if triton is not None:
         else:  # A16/A32: the layer in float math, x as it is
             acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
-                k_ok = (start + offs_k) < K
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + start + offs_k[None, :],
-                            mask=m_ok & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
-                            mask=n_ok & k_ok[:, None], other=0)
-                weight = ((w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :])
-                if IEEE:  # fp32 layers: IEEE products (TF32 would round the inputs)
-                    acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
+                if PACKED:
+                    j_ok = (start // 2 + offs_j) < (K + 1) // 2
+                    b = tl.load(w_ptr + offs_n[None, :] * stride_wn + start // 2 + offs_j[:, None],
+                                mask=n_ok & j_ok[:, None], other=0)
+                    acc_f += _float_part(x_ptr, offs_m, stride_xm, start + 2 * offs_j, m_ok, K,
+                                         b & 15, w_zero, w_scale, dtype, IEEE)
+                    acc_f += _float_part(x_ptr, offs_m, stride_xm, start + 2 * offs_j + 1, m_ok,
+                                         K, b >> 4, w_zero, w_scale, dtype, IEEE)
                 else:
-                    acc_f += tl.dot(x.to(dtype), weight.to(dtype))
+                    k_ok = (start + offs_k) < K
+                    w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
+                                mask=n_ok & k_ok[:, None], other=0)
+                    acc_f += _float_part(x_ptr, offs_m, stride_xm, start + offs_k, m_ok, K, w,
+                                         w_zero, w_scale, dtype, IEEE)
             out = acc_f
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -147,16 +222,22 @@ if triton is not None:
                  mask=m_ok & n_ok)
 
 
+# packed weights: tiles whose K half (one nibble each) is still a full int8 MMA step (≥ 32)
+PACKED_TILES = [tile for tile in TILES if tile[2] >= 64]
+
 if triton is not None:
-    _real_linear_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                               num_stages=stages) for m, n, k, w, stages in TILES],
-        key=["M", "N", "K", "IEEE"])(_real_linear_kernel)
+    def _tuned(tiles):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                                 num_stages=stages) for m, n, k, w, stages in tiles]
+        return triton.autotune(configs=configs, key=["M", "N", "K", "IEEE"])(_real_linear_kernel)
+
+    _real_linear_tuned, _packed_linear_tuned = _tuned(TILES), _tuned(PACKED_TILES)
 
 
 def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
     """``x [..., K]`` through the layer: one launch, integer or float math by the option that
-    ``choice`` names (see the module doc); returns ``[..., N]`` in x's dtype."""
+    ``choice`` names (see the module doc); returns ``[..., N]`` in x's dtype. ``w`` is int8
+    ``[N, K]`` codes, or uint8 ``[N, ceil(K/2)]`` packed 4-bit codes (:func:`pack_rows`)."""
     lead, k_dim = x.shape[:-1], x.shape[-1]
     if k_dim > MAX_K:
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_dim}")
@@ -168,14 +249,19 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     operands = (x2, w, out, table, choice, step if steps else choice, integer, offset, w_sum,
                 w_zero, w_scale, bias if bias is not None else w_scale, m, n, k_dim, steps,
                 x2.stride(0), w.stride(0), out.stride(0))
-    flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32)
+    packed = w.dtype == torch.uint8
+    if packed and w.shape[1] != (k_dim + 1) // 2:
+        raise ValueError(f"packed weights {tuple(w.shape)} do not hold K = {k_dim} codes a row")
+    flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                 PACKED=packed)
+    tiles = PACKED_TILES if packed else TILES
     if interpreted():  # no timing under the interpreter: the first tile
-        block_m, block_n, block_k, _, _ = TILES[0]
+        block_m, block_n, block_k, _, _ = tiles[0]
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _real_linear_kernel[grid](*operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
                                   BLOCK_K=block_k)
     else:  # the tile autotune found fastest for this (M, N, K); timed on its first call
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-        _real_linear_tuned[grid](*operands, **flags)
+        (_packed_linear_tuned if packed else _real_linear_tuned)[grid](*operands, **flags)
     return out.reshape(*lead, n)
