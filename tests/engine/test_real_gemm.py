@@ -92,29 +92,39 @@ def test_k_past_the_exact_int32_range_is_refused():
 
 
 @needs_kernel
-def test_a_unet_with_real_linear_layers_follows_the_bits(tiny_pipe, monkeypatch):
-    from qlip.nn import QuantConfig, use_real_execution
+def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
+    """Every Linear and 1×1 conv runs for real at every option: at A4/A8 the simulation's
+    output up to its fp32 GEMM's rounding (the integer math is exact); at A16 and A32 the
+    unquantized input, as the simulation runs at A32 (bypass)."""
+    from qlip.nn import QuantConfig, QuantConv2d, QuantLinear, use_real_execution
 
     from ..conftest import kernel_unet
 
     unet, units, calls, (x, t, c) = kernel_unet(
-        tiny_pipe, monkeypatch, QuantConfig(wbits=8, abits=8, abits_options=(4, 8, 16)),
+        tiny_pipe, monkeypatch, QuantConfig(wbits=8, abits=8, abits_options=(4, 8, 16, 32)),
         spy=(rg, "real_linear"))
     switched = use_real_execution(unet)
-    assert switched > 0
-    for bits in (4, 8, 16):
+    real_layers = [m for m in unet.modules() if getattr(m, "_real", None) is not None]
+    assert len(real_layers) == switched
+    assert any(isinstance(m, QuantLinear) for m in real_layers)
+    convs = [m for m in real_layers if isinstance(m, QuantConv2d)]
+    assert convs and all(m.kernel_size == (1, 1) for m in convs)  # 1×1 convs as GEMMs
+    def run(bits, real_layers_at=None):
         for unit in units.values():
-            unit.set_bits(bits)
+            unit.set_bits(real_layers_at if real_layers_at and unit in real_layers else bits)
         with torch.no_grad():
-            use_real_execution(unet, False)
-            simulated = unet(x, t, encoder_hidden_states=c).sample
-            use_real_execution(unet)
-            calls.clear()
-            real = unet(x, t, encoder_hidden_states=c).sample
+            return unet(x, t, encoder_hidden_states=c).sample
+
+    use_real_execution(unet, False)
+    # what real execution must give: A4/A8 the same grids; A16 the real layers' inputs
+    # unquantized (the simulation at A32 there, A16 elsewhere); A32 the bypass everywhere
+    simulated = {4: run(4), 8: run(8), 16: run(16, real_layers_at=32), 32: run(32)}
+    use_real_execution(unet)
+    for bits in (4, 8, 16, 32):
+        calls.clear()
+        real = run(bits)
         assert len(calls) == switched  # every switched layer ran for real, at every option
-        # integer math is exact where the simulation's fp32 GEMM rounds: the same up to that
-        tolerance = 1e-4 if bits <= 8 else 2e-2  # A16 runs unquantized inputs (no 16-bit grid)
-        assert torch.allclose(real, simulated, rtol=tolerance, atol=tolerance), bits
+        assert torch.allclose(real, simulated[bits], rtol=1e-4, atol=1e-4), bits
     # a per-image choice takes the simulation
     for unit in units.values():
         unit.set_bits(torch.tensor([4, 8]))
@@ -173,7 +183,7 @@ def test_packed_weights_give_the_int8_codes_product(k):
 def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
     """pack_weights + real execution: the Linear layers read the packed buffer itself (no second
     copy of the codes) and give the unpacked real model's output, at every option."""
-    from qlip.nn import QuantConfig, QuantLinear, pack_weights, use_real_execution
+    from qlip.nn import QuantConfig, QuantLayer, pack_weights, use_real_execution
 
     from ..conftest import kernel_unet
 
@@ -189,7 +199,7 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
             outputs[bits] = unet(x, t, encoder_hidden_states=c).sample
     packed = pack_weights(unet)
     assert packed > 0
-    linears = [m for m in unet.modules() if isinstance(m, QuantLinear) and m._real is not None]
+    linears = [m for m in unet.modules() if isinstance(m, QuantLayer) and m._real is not None]
     assert len(linears) == switched
     for layer in (m for m in linears if m.packed):
         codes = layer._real[2]

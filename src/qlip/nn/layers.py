@@ -206,6 +206,71 @@ class QuantLayer(QuantUnit):
         return f"w{self.wbits}{self.bits_label()}{split}"
 
 
+    # -- real execution (eager GPU inference) ---------------------------------------------------
+    _real: tuple | None = None  # use_real(): the integer operands of real execution
+
+    def real_gemm_shape(self) -> bool:
+        """Whether this layer is one GEMM over its input's last dim (a Linear; a 1×1 conv)."""
+        return True
+
+    def use_real(self, on: bool = True) -> bool:
+        """Run this layer for real (:mod:`qlip.quant.real_gemm`): integer math at options of at
+        most 8 bits, float math above, chosen on the device, in eager inference on the GPU.
+        Needs a layer that is one GEMM (a Linear, a 1×1 conv), weights of at most 8 bits fixed
+        to codes, one input part and a per-tensor uniform bank; returns False, changing
+        nothing, for a layer that has not. Elsewhere (a per-image choice, a compiled graph,
+        gradients, the CPU) the simulation runs."""
+        if not on:
+            self._real = None
+            return True
+        codes = self.weight_codes()
+        bank = self.act_banks[0]
+        if (not self.real_gemm_shape() or is_bypass(self.wbits) or self.wbits > 8
+                or codes is None or len(self.splits) != 1 or bank.kind != "uniform"
+                or self.weight.shape[1] > real_gemm.MAX_K):
+            return False
+        codes = codes[0].flatten(1)  # [N, K] (a 1×1 conv's [N, K, 1, 1])
+        scale, zero = self.weight_quantizers[0].params()
+        integer, offset = real_gemm.int8_offsets(self.options)
+        operands = (integer, offset, *real_gemm.weight_operands(
+            codes, scale, zero, self.wbits, packed=self._packed_rows(codes)))
+        self._real = tuple(t.to(self.weight.device) for t in operands)
+        return True
+
+    def _packed_rows(self, codes: torch.Tensor) -> torch.Tensor | None:
+        """A packed layer's codes as real execution reads them, ``[N, ceil(K/2)]`` bytes: its
+        own packed buffer viewed by rows where K is even (no copy), packed again by rows where
+        K is odd; None for a layer that is not packed."""
+        if not self.packed:
+            return None
+        out_features, k = codes.shape
+        if k % 2 == 0:
+            return self._buffers["weight_nibbles_0"].view(out_features, k // 2)
+        return real_gemm.pack_rows(codes)
+
+    def _real_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x [..., K]`` through the real GEMM, or None where the simulation must run."""
+        real = self._real
+        if real is None or torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return None
+        bank = self._modules["act_banks"]._modules["0"]
+        table = self._table
+        choice = self._buffers["_choice"] if table is None else table[self._row]
+        if (choice.shape != (1,) or choice.is_floating_point() or bank.observer is not None
+                or not bank.enabled or not fused_quantize.available(x)):
+            return None
+        if real[0].device != x.device:  # moved since use_real(): rebuild from the moved buffers
+            # (a copy would keep a second set of codes: a packed layer reads its own bytes)
+            self.use_real(True)
+            real = self._real
+            if real[0].device != x.device:  # the layer is elsewhere: the simulation says so
+                return None
+        step = self._shared_step if self._shared_step is not None else self._buffers["_step"]
+        stack = bank._modules["stack"]
+        return real_gemm.real_linear(x, stack._flat_table(x.dtype), choice, step,
+                                     stack.num_steps or 0, *real, self._parameters.get("bias"))
+
+
 def _placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     """A packed layer's ``weight``: the FP weight's shape, dtype and device on one element of
     storage (a zero-stride view), so that what reads ``layer.weight.shape``/``.dtype`` and a
@@ -227,61 +292,6 @@ class QuantLinear(QuantLayer):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
-
-    _real: tuple | None = None  # use_real(): the integer operands of real execution
-
-    def use_real(self, on: bool = True) -> bool:
-        """Run this layer for real (:mod:`qlip.quant.real_gemm`): integer math at options of at
-        most 8 bits, float math above, chosen on the device, in eager inference on the GPU.
-        Needs weights of at most 8 bits fixed to codes, one input part and a per-tensor uniform
-        bank; returns False, changing nothing, for a layer that has not. Elsewhere (a per-image
-        choice, a compiled graph, gradients, the CPU) the simulation runs."""
-        if not on:
-            self._real = None
-            return True
-        codes = self.weight_codes()
-        bank = self.act_banks[0]
-        if (is_bypass(self.wbits) or self.wbits > 8 or codes is None or len(self.splits) != 1
-                or bank.kind != "uniform" or self.weight.shape[1] > real_gemm.MAX_K):
-            return False
-        scale, zero = self.weight_quantizers[0].params()
-        integer, offset = real_gemm.int8_offsets(self.options)
-        operands = (integer, offset, *real_gemm.weight_operands(
-            codes[0], scale, zero, self.wbits, packed=self._packed_rows(codes[0])))
-        self._real = tuple(t.to(self.weight.device) for t in operands)
-        return True
-
-    def _packed_rows(self, codes: torch.Tensor) -> torch.Tensor | None:
-        """A packed layer's codes as real execution reads them, ``[N, ceil(K/2)]`` bytes: its
-        own packed buffer viewed by rows where K is even (no copy), packed again by rows where
-        K is odd; None for a layer that is not packed."""
-        if not self.packed:
-            return None
-        out_features, k = codes.shape
-        if k % 2 == 0:
-            return self._buffers["weight_nibbles_0"].view(out_features, k // 2)
-        return real_gemm.pack_rows(codes)
-
-    def _real_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        real = self._real
-        if real is None or torch.compiler.is_compiling() or torch.is_grad_enabled():
-            return None
-        bank = self._modules["act_banks"]._modules["0"]
-        table = self._table
-        choice = self._buffers["_choice"] if table is None else table[self._row]
-        if (choice.shape != (1,) or choice.is_floating_point() or bank.observer is not None
-                or not bank.enabled or not fused_quantize.available(x)):
-            return None
-        if real[0].device != x.device:  # moved since use_real(): rebuild from the moved buffers
-            # (a copy would keep a second set of codes: a packed layer reads its own bytes)
-            self.use_real(True)
-            real = self._real
-            if real[0].device != x.device:  # the layer is elsewhere: the simulation says so
-                return None
-        step = self._shared_step if self._shared_step is not None else self._buffers["_step"]
-        stack = bank._modules["stack"]
-        return real_gemm.real_linear(x, stack._flat_table(x.dtype), choice, step,
-                                     stack.num_steps or 0, *real, self._parameters.get("bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., C_in]
         if self._real is not None:
@@ -318,7 +328,15 @@ class QuantConv2d(QuantLayer):
             raise ValueError(f"grouped activations (DGQ) unfold the conv's input, which needs the "
                              f"padding in pixels; got padding={self.padding!r}")
 
+    def real_gemm_shape(self) -> bool:
+        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.dilation == (1, 1)
+                and self.groups == 1 and self.padding in ((0, 0), "valid"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
+        if self._real is not None:  # a 1×1 conv as one GEMM over the channels
+            real = self._real_forward(x.permute(0, 2, 3, 1))  # (a view where x is channels-last)
+            if real is not None:
+                return real.permute(0, 3, 1, 2)  # [B, C_out, H, W], channels-last in memory
         if self.act_groups > 1 and not self.act_banks[0].passes_through():
             return self._unfolded_forward(x)
         return F.conv2d(
