@@ -59,3 +59,27 @@ def test_autotuned_real_linear_launch_equals_the_reference(monkeypatch):
         args = (x, table, choice, step, 0, integer, offset, w, w_sum, w_zero, w_scale, None)
         got, want = rg.real_linear(*args), rg.reference(*args)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_autotuned_real_conv_launch_equals_the_reference(monkeypatch):
+    from qlip.quant import real_conv as rc
+
+    monkeypatch.setattr(rc, "_conv_tuned", _one_tile(
+        rc._real_conv_kernel, ["B", "H", "W", "C", "N", "KH", "KW", "IEEE"], BLOCK_M=32,
+        BLOCK_N=32, BLOCK_K=32))
+    monkeypatch.setattr(rc, "interpreted", lambda: False)
+    device = kernel_device()
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (12, 20 * 9), generator=g)
+    w, w_sum, w_zero, w_scale = (t.to(device) for t in rg.weight_operands(
+        codes, torch.rand(12, generator=g) * 0.1, torch.full((12,), 8.0), 4))
+    integer, offset = (t.to(device) for t in rg.int8_offsets((4, 8, 16)))
+    x = torch.randn(2, 20, 5, 5, generator=g).to(device)
+    table = torch.tensor([[0.1, -8, 7], [0.02, -128, 127], [1.0, -1e9, 1e9]], device=device)
+    step = torch.zeros(1, dtype=torch.long, device=device)
+    for option in range(3):
+        args = (x, table, torch.tensor([option], device=device), step, 0, integer, offset, w,
+                w_sum, w_zero, w_scale, None)
+        got = rc.real_conv2d(*args, kernel_size=(3, 3), padding=(1, 1))
+        want = rc.reference(*args, (3, 3), (1, 1))
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -8,6 +8,7 @@ import pytest
 
 from qlip.quant import fused_attention as fa
 from qlip.quant import fused_quantize as fq
+from qlip.quant import real_conv as rc
 from qlip.quant import real_gemm as rg
 
 pytestmark = pytest.mark.skipif(fq.triton is None, reason="needs Triton")
@@ -32,6 +33,19 @@ def _real_linear(tile, packed=False):
          "BLOCK_N": block_n, "BLOCK_K": block_k, "PACKED": packed})
 
 
+def _real_conv(tile, packed=False):
+    block_m, block_n, block_k = tile[:3]
+    return lambda dt: (
+        rc._real_conv_kernel,
+        {"x_ptr": f"*{dt}", "w_ptr": "*u8" if packed else "*i8", "out_ptr": f"*{dt}",
+         "table_ptr": f"*{dt}", "choice_ptr": "*i64", "step_ptr": "*i64", "integer_ptr": "*i32",
+         "offset_ptr": "*i32", "w_sum_ptr": "*i32", "w_zero_ptr": "*i32", "w_scale_ptr": "*fp32",
+         "bias_ptr": f"*{dt}"},
+        {"KH": 3, "KW": 3, "PH": 1, "PW": 1, "HAS_STEPS": True, "HAS_BIAS": True,
+         "IEEE": dt == "fp32", "PACKED": packed, "BLOCK_M": block_m, "BLOCK_N": block_n,
+         "BLOCK_K": block_k})
+
+
 CASES = {
     "fake_quantize": _fake_quantize(False),
     "fake_quantize_per_image": _fake_quantize(True),
@@ -39,6 +53,8 @@ CASES = {
     "real_linear_long_k": _real_linear((128, 128, 128)),  # the autotune tile with the longest K
     "real_linear_packed": _real_linear(rg.PACKED_TILES[0], packed=True),
     "real_linear_packed_long_k": _real_linear((128, 128, 128), packed=True),
+    "real_conv": _real_conv(rc.CONV_TILES[0]),
+    "real_conv_packed": _real_conv((128, 128, 64), packed=True),
     "attention_stats": lambda dt: (
         fa._stats_kernel,
         {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "m_ptr": "*fp32", "l_ptr": "*fp32",

@@ -93,9 +93,10 @@ def test_k_past_the_exact_int32_range_is_refused():
 
 @needs_kernel
 def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
-    """Every Linear and 1×1 conv runs for real at every option: at A4/A8 the simulation's
-    output up to its fp32 GEMM's rounding (the integer math is exact); at A16 and A32 the
-    unquantized input, as the simulation runs at A32 (bypass)."""
+    """Every Linear and every conv of stride 1 runs for real at every option (1×1 convs as a
+    GEMM, 3×3 ones as an implicit GEMM): at A4/A8 the simulation's output up to its fp32
+    rounding (the integer math is exact); at A16 and A32 the unquantized input, as the
+    simulation runs at A32 (bypass)."""
     from qlip.nn import QuantConfig, QuantConv2d, QuantLinear, use_real_execution
 
     from ..conftest import kernel_unet
@@ -103,12 +104,15 @@ def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
     unet, units, calls, (x, t, c) = kernel_unet(
         tiny_pipe, monkeypatch, QuantConfig(wbits=8, abits=8, abits_options=(4, 8, 16, 32)),
         spy=(rg, "real_linear"))
+    _spy_conv(monkeypatch, calls)
     switched = use_real_execution(unet)
     real_layers = [m for m in unet.modules() if getattr(m, "_real", None) is not None]
     assert len(real_layers) == switched
     assert any(isinstance(m, QuantLinear) for m in real_layers)
-    convs = [m for m in real_layers if isinstance(m, QuantConv2d)]
-    assert convs and all(m.kernel_size == (1, 1) for m in convs)  # 1×1 convs as GEMMs
+    kernels = {m.kernel_size for m in real_layers if isinstance(m, QuantConv2d)}
+    assert kernels == {(1, 1), (3, 3)}  # 1×1 convs as GEMMs, 3×3 as implicit GEMMs
+    strided = [m for m in unet.modules() if isinstance(m, QuantConv2d) and m.stride != (1, 1)]
+    assert strided and all(m._real is None for m in strided)  # downsamplers stay simulated
     def run(bits, real_layers_at=None):
         for unit in units.values():
             unit.set_bits(real_layers_at if real_layers_at and unit in real_layers else bits)
@@ -132,6 +136,15 @@ def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
     with torch.no_grad():
         unet(torch.cat([x[:1], x[:1]]), t, encoder_hidden_states=c)
     assert not calls
+
+
+def _spy_conv(monkeypatch, calls):
+    """Count real_conv2d's launches into ``calls`` too."""
+    from qlip.quant import real_conv
+
+    original = real_conv.real_conv2d
+    monkeypatch.setattr(real_conv, "real_conv2d",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
 
 
 def test_rows_pack_two_codes_a_byte_and_unpack():
@@ -190,6 +203,7 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
     unet, units, calls, (x, t, c) = kernel_unet(
         tiny_pipe, monkeypatch, QuantConfig(wbits=4, abits=8, abits_options=(4, 8, 16)),
         spy=(rg, "real_linear"))
+    _spy_conv(monkeypatch, calls)
     switched = use_real_execution(unet)
     outputs = {}
     for bits in (4, 8, 16):

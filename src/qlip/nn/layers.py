@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import UniformQuantizer, check_bits, fused_quantize, is_bypass, real_gemm
+from ..quant import UniformQuantizer, check_bits, fused_quantize, is_bypass, real_conv, real_gemm
 from ..quant.packing import NIBBLE_BITS, pack_nibbles, unpack_nibbles
 from .bank import ActivationBank
 from .unit import QuantUnit, fp_bits
@@ -205,31 +205,31 @@ class QuantLayer(QuantUnit):
         split = f", splits={self.splits}" if len(self.splits) > 1 else ""
         return f"w{self.wbits}{self.bits_label()}{split}"
 
-
     # -- real execution (eager GPU inference) ---------------------------------------------------
     _real: tuple | None = None  # use_real(): the integer operands of real execution
 
-    def real_gemm_shape(self) -> bool:
-        """Whether this layer is one GEMM over its input's last dim (a Linear; a 1×1 conv)."""
-        return True
+    def real_kind(self) -> str | None:
+        """How this layer runs for real: ``"gemm"`` (one GEMM over its input's last dim: a
+        Linear, a 1×1 conv), ``"conv"`` (an implicit GEMM: a KH×KW conv of stride 1), or None."""
+        return "gemm"
 
     def use_real(self, on: bool = True) -> bool:
         """Run this layer for real (:mod:`qlip.quant.real_gemm`): integer math at options of at
         most 8 bits, float math above, chosen on the device, in eager inference on the GPU.
-        Needs a layer that is one GEMM (a Linear, a 1×1 conv), weights of at most 8 bits fixed
-        to codes, one input part and a per-tensor uniform bank; returns False, changing
-        nothing, for a layer that has not. Elsewhere (a per-image choice, a compiled graph,
+        Needs a layer of a :meth:`real_kind` (a Linear, a conv of stride 1), weights of at most
+        8 bits fixed to codes, one input part and a per-tensor uniform bank; returns False,
+        changing nothing, for a layer that has not. Elsewhere (a per-image choice, a compiled graph,
         gradients, the CPU) the simulation runs."""
         if not on:
             self._real = None
             return True
         codes = self.weight_codes()
         bank = self.act_banks[0]
-        if (not self.real_gemm_shape() or is_bypass(self.wbits) or self.wbits > 8
+        if (self.real_kind() is None or is_bypass(self.wbits) or self.wbits > 8
                 or codes is None or len(self.splits) != 1 or bank.kind != "uniform"
-                or self.weight.shape[1] > real_gemm.MAX_K):
+                or self.weight[0].numel() > real_gemm.MAX_K):
             return False
-        codes = codes[0].flatten(1)  # [N, K] (a 1×1 conv's [N, K, 1, 1])
+        codes = codes[0].flatten(1)  # [N, K]: a conv's K is C·KH·KW, in its weight's order
         scale, zero = self.weight_quantizers[0].params()
         integer, offset = real_gemm.int8_offsets(self.options)
         operands = (integer, offset, *real_gemm.weight_operands(
@@ -248,8 +248,9 @@ class QuantLayer(QuantUnit):
             return self._buffers["weight_nibbles_0"].view(out_features, k // 2)
         return real_gemm.pack_rows(codes)
 
-    def _real_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``x [..., K]`` through the real GEMM, or None where the simulation must run."""
+    def _real_forward(self, x: torch.Tensor, run=None) -> torch.Tensor | None:
+        """``x`` through ``run`` (default :func:`qlip.quant.real_gemm.real_linear`, ``x [..., K]``)
+        with this layer's option, step and operands, or None where the simulation must run."""
         real = self._real
         if real is None or torch.compiler.is_compiling() or torch.is_grad_enabled():
             return None
@@ -267,8 +268,9 @@ class QuantLayer(QuantUnit):
                 return None
         step = self._shared_step if self._shared_step is not None else self._buffers["_step"]
         stack = bank._modules["stack"]
-        return real_gemm.real_linear(x, stack._flat_table(x.dtype), choice, step,
-                                     stack.num_steps or 0, *real, self._parameters.get("bias"))
+        return (run or real_gemm.real_linear)(x, stack._flat_table(x.dtype), choice, step,
+                                              stack.num_steps or 0, *real,
+                                              self._parameters.get("bias"))
 
 
 def _placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -328,15 +330,33 @@ class QuantConv2d(QuantLayer):
             raise ValueError(f"grouped activations (DGQ) unfold the conv's input, which needs the "
                              f"padding in pixels; got padding={self.padding!r}")
 
-    def real_gemm_shape(self) -> bool:
-        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.dilation == (1, 1)
-                and self.groups == 1 and self.padding in ((0, 0), "valid"))
+    def _real_padding(self) -> tuple[int, int] | None:
+        if self.padding == "valid":
+            return (0, 0)
+        return tuple(self.padding) if not isinstance(self.padding, str) else None
+
+    def real_kind(self) -> str | None:
+        if (self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1
+                or self._real_padding() is None):
+            return None
+        if self.kernel_size == (1, 1) and self._real_padding() == (0, 0):
+            return "gemm"
+        return "conv"
+
+    def _run_real_conv(self, x, *args):
+        return real_conv.real_conv2d(x, *args, kernel_size=self.kernel_size,
+                                     padding=self._real_padding())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
-        if self._real is not None:  # a 1×1 conv as one GEMM over the channels
-            real = self._real_forward(x.permute(0, 2, 3, 1))  # (a view where x is channels-last)
+        if self._real is not None:
+            if self.kernel_size == (1, 1) and self._real_padding() == (0, 0):
+                # one GEMM over the channels (x seen channels-last: a view where it is)
+                real = self._real_forward(x.permute(0, 2, 3, 1))
+                real = None if real is None else real.permute(0, 3, 1, 2)
+            else:  # an implicit GEMM (qlip.quant.real_conv)
+                real = self._real_forward(x, self._run_real_conv)
             if real is not None:
-                return real.permute(0, 3, 1, 2)  # [B, C_out, H, W], channels-last in memory
+                return real  # [B, C_out, H, W], channels-last in memory
         if self.act_groups > 1 and not self.act_banks[0].passes_through():
             return self._unfolded_forward(x)
         return F.conv2d(

@@ -1,0 +1,198 @@
+"""Real low-precision execution of a quantized KH×KW convolution (stride 1, no dilation, one
+group), whose activation bits are data: an implicit GEMM in one Triton launch, the same
+integer bracket as :mod:`qlip.quant.real_gemm`'s Linear layers.
+
+The GEMM's rows are the output pixels (``M = B·H_out·W_out``), its columns the output channels
+and its reduction the ``K = C·KH·KW`` taps, walked tap by tap (``kh, kw``) and, within a tap, over
+blocks of input channels. The input is read channels-last (``[B, H, W, C]``): a tap's block of
+channels is contiguous. The weights stay in the layer's own order, codes ``[N, K]`` with
+``k = c·KH·KW + kh·KW + kw`` (``weight.flatten(1)``), as int8 or as the packed 4-bit bytes of
+:func:`qlip.quant.real_gemm.pack_rows` (for an even K, a packed layer's own bytes).
+
+**Padding, exactly.** The simulation quantizes the input, then pads it with zeros. A padded tap
+is a zero of the quantized input: its code is 0, so its int8 value is ``a = z_a`` (``a − z_a =
+0``) and it adds nothing to the bracket, whatever the grid's range; it still counts in the row's
+sum of codes, as every real tap does. So at options of at most 8 bits the output is the exact
+product of the simulation's quantized operands, rounded once to fp32, as for a Linear layer. At
+A16/A32 the unquantized input (zeros padded) times the dequantized weights, in float math.
+
+Written by hand: cuDNN's int8 convolutions take integer tensors only (the quantization, the zero
+points and the choice of integer or float math would be separate launches with a host branch),
+and PyTorch exposes none of them for a zero-point layout like this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fused_quantize import interpreted, triton
+from .real_gemm import MAX_K, PACKED_TILES, TILES
+
+if triton is not None:
+    import triton.language as tl
+
+    from .fused_quantize import grid_codes, load_grid
+
+# The channel block per tap is BLOCK_K of the GEMM's tiles: (BLOCK_M, BLOCK_N, BLOCK_C, warps,
+# stages). A tap's int8 product needs a block of at least 32 channels.
+CONV_TILES = [tile for tile in TILES if tile[2] >= 32]
+
+
+def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
+              kernel_size: tuple[int, int], padding: tuple[int, int]):
+    """What the kernel computes, in PyTorch float64: ``x [B, C, H, W]``; ``w`` the ``[N, K]``
+    codes (int8, or packed uint8); returns ``[B, N, H_out, W_out]`` in x's dtype."""
+    from .real_gemm import unpack_rows
+
+    k_total = x.shape[1] * kernel_size[0] * kernel_size[1]
+    if w.dtype == torch.uint8:
+        w = unpack_rows(w, k_total)
+    k = int(choice.reshape(-1)[0])
+    row = k * steps + int(step.reshape(-1)[0]) if steps else k
+    scale, low, high = (table[row, i] for i in range(3))
+    weight = ((w.double() - w_zero.double()[:, None]) * w_scale.double()[:, None]).reshape(
+        w.shape[0], x.shape[1], *kernel_size)
+    if int(integer[k]):
+        xq = torch.div(x, scale).round_().clamp_(low, high).double() * scale.double()
+    else:
+        xq = x.double()
+    out = torch.nn.functional.conv2d(xq, weight, padding=padding)
+    if bias is not None:
+        out = out + bias.double()[:, None, None]
+    return out.to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, k_ok, PACKED: tl.constexpr):
+        """The weight codes at taps ``k_idx`` (``[BLOCK_C]``) of columns ``offs_n``: ``[BLOCK_C,
+        BLOCK_N]`` int8 (packed: the nibble of byte ``k // 2`` that ``k % 2`` names)."""
+        mask = n_ok & k_ok[:, None]
+        if PACKED:
+            b = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k_idx // 2)[:, None], mask=mask,
+                        other=0)
+            w = ((b >> ((k_idx % 2) * 4).to(tl.uint8)[:, None]) & 15).to(tl.int8)
+        else:
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + k_idx[:, None], mask=mask, other=0)
+        return w
+
+    @triton.jit
+    def _real_conv_kernel(x_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
+                          integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
+                          B, H, W, C, N, H_OUT, W_OUT, steps, stride_wn,
+                          KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                          HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                          PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
+        offs_c = tl.arange(0, BLOCK_K)
+        m_total = B * H_OUT * W_OUT
+        m_ok1 = offs_m < m_total
+        image = offs_m // (H_OUT * W_OUT)
+        ho = (offs_m // W_OUT) % H_OUT
+        wo = offs_m % W_OUT
+        n_ok = offs_n[None, :] < N
+        choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
+        w_zero = tl.load(w_zero_ptr + offs_n, mask=offs_n < N, other=0)
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        dtype = out_ptr.dtype.element_ty
+        k_total = C * KH * KW
+        if tl.load(integer_ptr + choice) != 0:
+            o_a = tl.load(offset_ptr + choice).to(tl.float32)
+            z_a = -low - o_a  # a padded tap's int8 value (its code is 0)
+            acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
+            for kh in tl.static_range(KH):
+                for kw in tl.static_range(KW):
+                    hi = ho + kh - PH
+                    wi = wo + kw - PW
+                    inside = m_ok1 & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                    pixel = ((image * H + hi) * W + wi) * C
+                    for c0 in range(0, C, BLOCK_K):
+                        c_ok = (c0 + offs_c) < C
+                        real = m_ok1[:, None] & c_ok[None, :]  # taps of the reduction
+                        load_ok = inside[:, None] & c_ok[None, :]
+                        x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :], mask=load_ok,
+                                    other=0.0)
+                        code = grid_codes(x, scale, low, high)
+                        a = tl.where(load_ok, code - low - o_a, tl.where(real, z_a, 0.0))
+                        a = a.to(tl.int8)
+                        k_idx = (c0 + offs_c) * (KH * KW) + kh * KW + kw
+                        w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
+                        acc_i += tl.dot(a, w, out_dtype=tl.int32)
+                        a_sum += tl.sum(a.to(tl.int32), axis=1)
+            z_i = z_a.to(tl.int32)
+            w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
+            exact = (acc_i - w_zero[None, :] * a_sum[:, None] - z_i * w_sum[None, :]
+                     + k_total * z_i * w_zero[None, :])
+            out = exact.to(tl.float32) * (scale * w_scale[None, :])
+        else:  # A16/A32: the unquantized input, zeros padded, times the dequantized weights
+            acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for kh in tl.static_range(KH):
+                for kw in tl.static_range(KW):
+                    hi = ho + kh - PH
+                    wi = wo + kw - PW
+                    inside = m_ok1 & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                    pixel = ((image * H + hi) * W + wi) * C
+                    for c0 in range(0, C, BLOCK_K):
+                        c_ok = (c0 + offs_c) < C
+                        x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :],
+                                    mask=inside[:, None] & c_ok[None, :], other=0.0)
+                        k_idx = (c0 + offs_c) * (KH * KW) + kh * KW + kw
+                        w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
+                        weight = (w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :]
+                        if IEEE:
+                            acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
+                        else:
+                            acc_f += tl.dot(x.to(dtype), weight.to(dtype))
+            out = acc_f
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(dtype),
+                 mask=m_ok1[:, None] & n_ok)
+
+    def _tuned(tiles):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                                 num_stages=stages) for m, n, k, w, stages in tiles]
+        return triton.autotune(configs=configs, key=["B", "H", "W", "C", "N", "KH", "KW", "IEEE"])(
+            _real_conv_kernel)
+
+    _conv_tuned = _tuned(CONV_TILES)
+    _packed_conv_tuned = _tuned([t for t in PACKED_TILES if t in CONV_TILES])
+
+
+def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
+                kernel_size: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """``x [B, C, H, W]`` through the KH×KW convolution (stride 1): one launch, integer or float
+    math by the option ``choice`` names; ``w`` the ``[N, C·KH·KW]`` codes (int8, or packed uint8).
+    Returns ``[B, N, H_out, W_out]`` in x's dtype, channels-last in memory."""
+    b, c, h, width = x.shape
+    kh, kw = kernel_size
+    k_total = c * kh * kw
+    if k_total > MAX_K:
+        raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_total}")
+    packed = w.dtype == torch.uint8
+    if w.shape[1] != ((k_total + 1) // 2 if packed else k_total):
+        raise ValueError(f"weights {tuple(w.shape)} do not hold K = {k_total} codes a row")
+    h_out, w_out = h + 2 * padding[0] - kh + 1, width + 2 * padding[1] - kw + 1
+    xl = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C] (a view for a channels-last x)
+    n = w.shape[0]
+    out = torch.empty(b, h_out, w_out, n, device=x.device, dtype=x.dtype)
+    operands = (xl, w, out, table, choice, step if steps else choice, integer, offset, w_sum,
+                w_zero, w_scale, bias if bias is not None else w_scale, b, h, width, c, n, h_out,
+                w_out, steps, w.stride(0))
+    flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], HAS_STEPS=bool(steps),
+                 HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, PACKED=packed)
+    m = b * h_out * w_out
+    if interpreted():
+        tiles = [t for t in PACKED_TILES if t in CONV_TILES] if packed else CONV_TILES
+        block_m, block_n, block_k, _, _ = tiles[0]
+        _real_conv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    else:
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+        (_packed_conv_tuned if packed else _conv_tuned)[grid](*operands, **flags)
+    return out.permute(0, 3, 1, 2)
