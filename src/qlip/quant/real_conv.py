@@ -78,6 +78,14 @@ if triton is not None:
         return w
 
     @triton.jit
+    def _tap(image, ho, wo, m_ok, dh, dw, H, W, C):
+        """Where a tap shifted by ``(dh, dw)`` reads each output pixel's input: whether inside
+        the image (else a padded zero) and the offset of its channels in the NHWC input."""
+        hi, wi = ho + dh, wo + dw
+        inside = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        return inside, ((image * H + hi) * W + wi) * C
+
+    @triton.jit
     def _real_conv_kernel(x_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
                           integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
                           B, H, W, C, N, H_OUT, W_OUT, steps, stride_wn,
@@ -106,10 +114,7 @@ if triton is not None:
             a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
             for kh in tl.static_range(KH):
                 for kw in tl.static_range(KW):
-                    hi = ho + kh - PH
-                    wi = wo + kw - PW
-                    inside = m_ok1 & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                    pixel = ((image * H + hi) * W + wi) * C
+                    inside, pixel = _tap(image, ho, wo, m_ok1, kh - PH, kw - PW, H, W, C)
                     for c0 in range(0, C, BLOCK_K):
                         c_ok = (c0 + offs_c) < C
                         real = m_ok1[:, None] & c_ok[None, :]  # taps of the reduction
@@ -132,10 +137,7 @@ if triton is not None:
             acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for kh in tl.static_range(KH):
                 for kw in tl.static_range(KW):
-                    hi = ho + kh - PH
-                    wi = wo + kw - PW
-                    inside = m_ok1 & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                    pixel = ((image * H + hi) * W + wi) * C
+                    inside, pixel = _tap(image, ho, wo, m_ok1, kh - PH, kw - PW, H, W, C)
                     for c0 in range(0, C, BLOCK_K):
                         c_ok = (c0 + offs_c) < C
                         x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :],
