@@ -1,14 +1,14 @@
 """Latency against FAB under mixed real execution (issue 14: "under QLIP, latency falls as FAB
 falls"): one SD 1.4 UNet-architecture step (random weights, bf16, batch 2, 64×64 latents) at
-W4 with the bank {8, 16}, its Linear layers run for real (``qlip.nn.use_real_execution``: int8
-math at A8, bf16 math at A16, chosen on the device), and a share f of the units at 8 bits, the
+W4 with the bank {8, 16}, its Linear layers and stride-1 convs run for real
+(``qlip.nn.use_real_execution``: int8 math at A8, bf16 math at A16, chosen on the device), and a share f of the units at 8 bits, the
 rest at 16, for f = 0, 0.25, 0.5, 0.75, 1. The units at 8 bits are a seeded random draw, and
 each share's draw contains the one before it.
 
 Each assignment is timed by CUDA-graph replay (GPU work only; the bits are data, so one captured
 graph per assignment is the same graph with other table values) and by eager calls. The same is
-measured with the simulation (real execution off) for comparison. Convolutions stay simulated in
-both. Writes the JSON and ``mixed_latency.png`` (latency against FAB).
+measured with the simulation (real execution off) for comparison. The downsamplers (strided
+convs) stay simulated in both. Writes the JSON and ``mixed_latency.png`` (latency against FAB).
 
     python benchmarks/mixed_latency.py --out benchmarks/results/mixed_latency.h200.json
     python benchmarks/mixed_latency.py --device cpu --tiny --out /tmp/mixed.json   # a smoke run

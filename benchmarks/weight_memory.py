@@ -11,9 +11,9 @@ and measured:
 - the parts: the packed codes, the FP tensors of the layers left unquantized (norms, ...), and the
   quantizers' state (weight scales and zero points, activation tables);
 - that the packed model's output equals the unpacked one's for the same input;
-- on CUDA, the packed model with its Linear layers run for real (``qlip.nn.use_real_execution``:
-  the int8 GEMM reads the packed bytes themselves) and the unpacked one with real Linear layers
-  (which keep an int8 copy of the codes): ``memory_allocated`` after one call each.
+- on CUDA, the packed model with its Linear layers and stride-1 convs run for real
+  (``qlip.nn.use_real_execution``: the int8 kernels read the packed bytes themselves) and the
+  unpacked one run for real (which keeps an int8 copy of the codes): ``memory_allocated`` after one call each.
 
 Issue 14's target: a loaded W4 UNet's weight memory ≤ 0.3× bf16.
 
