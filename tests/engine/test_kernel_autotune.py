@@ -67,7 +67,7 @@ def test_autotuned_real_conv_launch_equals_the_reference(monkeypatch):
     monkeypatch.setattr(rc, "_conv_tuned", _one_tile(
         rc._real_conv_kernel, ["B", "H", "W", "C", "N", "KH", "KW", "IEEE"], BLOCK_M=32,
         BLOCK_N=32, BLOCK_K=32))
-    monkeypatch.setattr(rc, "interpreted", lambda: False)
+    monkeypatch.setattr(rg, "interpreted", lambda: False)  # the launch real_conv shares
     device = kernel_device()
     g = torch.Generator().manual_seed(2)
     codes = torch.randint(0, 16, (12, 20 * 9), generator=g)

@@ -53,7 +53,7 @@ CASES = {
     "real_linear_long_k": _real_linear((128, 128, 128)),  # the autotune tile with the longest K
     "real_linear_packed": _real_linear(rg.PACKED_TILES[0], packed=True),
     "real_linear_packed_long_k": _real_linear((128, 128, 128), packed=True),
-    "real_conv": _real_conv(rc.CONV_TILES[0]),
+    "real_conv": _real_conv(rg.TILES[0]),
     "real_conv_packed": _real_conv((128, 128, 64), packed=True),
     "attention_stats": lambda dt: (
         fa._stats_kernel,

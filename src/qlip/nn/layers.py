@@ -349,8 +349,7 @@ class QuantConv2d(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
         if self._real is not None:
-            if self.kernel_size == (1, 1) and self._real_padding() == (0, 0):
-                # one GEMM over the channels (x seen channels-last: a view where it is)
+            if self.real_kind() == "gemm":  # one GEMM over the channels (x seen channels-last: a view where it is)
                 real = self._real_forward(x.permute(0, 2, 3, 1))
                 real = None if real is None else real.permute(0, 3, 1, 2)
             else:  # an implicit GEMM (qlip.quant.real_conv)

@@ -65,24 +65,28 @@ class QLIPFiguresConfig:
                              "must be at least 1")
 
 
-def requested_bits(pipe, policy: QLIPPolicy, prompts: list[str], batch_size: int) -> np.ndarray:
-    """``[N, S, U]`` QLIP's bits for each prompt alone (U = the dynamic units, policy order)."""
-    steps, out = policy.modules.q2b.num_steps, []
+def planned(pipe, policy: QLIPPolicy, prompts: list[str], batch_size: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """One T2Q/Q2B pass over ``prompts``: ``[N, S, U]`` QLIP's bits for each prompt alone (U =
+    the dynamic units, policy order) and ``[N]`` T2Q's predicted quality, what Q2B reads (0.5
+    for every prompt under a timestep-only Q2B)."""
+    steps, bits, quality = policy.modules.q2b.num_steps, [], []
     for start in range(0, len(prompts), batch_size):
         policy.begin(encode_prompt_batch(pipe, prompts[start : start + batch_size]), steps)
         timestep = torch.zeros(())
-        out.append(torch.stack([policy.bits(s, timestep) for s in range(steps)], 1).cpu())
-    return torch.cat(out).numpy()
+        bits.append(torch.stack([policy.bits(s, timestep) for s in range(steps)], 1).cpu())
+        quality.append(policy.quality.float().cpu())
+    return torch.cat(bits).numpy(), torch.cat(quality).numpy()
+
+
+def requested_bits(pipe, policy: QLIPPolicy, prompts: list[str], batch_size: int) -> np.ndarray:
+    """``[N, S, U]`` QLIP's bits for each prompt alone (:func:`planned`)."""
+    return planned(pipe, policy, prompts, batch_size)[0]
 
 
 def predicted_quality(pipe, policy: QLIPPolicy, prompts: list[str], batch_size: int) -> np.ndarray:
-    """``[N]`` T2Q's predicted quality of each prompt (what Q2B reads; 0.5 for every prompt
-    under a timestep-only Q2B)."""
-    steps, out = policy.modules.q2b.num_steps, []
-    for start in range(0, len(prompts), batch_size):
-        policy.begin(encode_prompt_batch(pipe, prompts[start : start + batch_size]), steps)
-        out.append(policy.quality.float().cpu())
-    return torch.cat(out).numpy()
+    """``[N]`` T2Q's predicted quality of each prompt (:func:`planned`)."""
+    return planned(pipe, policy, prompts, batch_size)[1]
 
 
 def fab_by_quality(policy: QLIPPolicy, units: dict[str, QuantUnit], dynamic: list[str],
@@ -175,7 +179,7 @@ def make_figures(config: QLIPFiguresConfig) -> dict:
     name = f"QLIP A{{{','.join(map(str, options))}}} ({Path(config.quantized).name})"
 
     prompts = _s3_prompts(config)
-    bits = requested_bits(pipe, policy, prompts, config.batch_size)
+    bits, heldout_quality = planned(pipe, policy, prompts, config.batch_size)
     plot_bit_share(bits, dynamic, options, out / "bit_share_per_layer.png",
                    f"{name}: share of each bit-width per layer, {len(prompts)} prompts × "
                    f"{bits.shape[1]} steps (the first {policy.modules.q2b.config.high_steps} "
@@ -185,7 +189,8 @@ def make_figures(config: QLIPFiguresConfig) -> dict:
     plot_fab_by_batch_size(by_size, per_image, out / "fab_by_batch_size.png",
                            f"{name}: FAB against batch size, {len(prompts)} prompts")
     groups = _series(config, config.curve_scenes, config.seed)
-    curve_bits = requested_bits(pipe, policy, [t for g in groups for t in g], config.batch_size)
+    curve_bits, curve_quality = planned(pipe, policy, [t for g in groups for t in g],
+                                        config.batch_size)
     curve_fab, curve = fab(curve_bits, units, dynamic), defaultdict(list)
     for k, value in enumerate(curve_fab):
         curve[k % len(groups[0])].append(float(value))
@@ -199,20 +204,18 @@ def make_figures(config: QLIPFiguresConfig) -> dict:
                        (f"rich: {rich!r}", pair[1], pair_fab[1])], dynamic, options,
                       out / "bits_per_step.png")
     numbers = _numbers(config, bits, units, dynamic, options, curve, examples, pair)
-    numbers["direction"] = _direction(pipe, policy, units, dynamic, prompts, groups, config,
-                                      out / "q2b_direction.png", name)
+    numbers["direction"] = _direction(policy, units, dynamic, heldout_quality, curve_quality,
+                                      len(groups[0]), out / "q2b_direction.png", name)
     numbers["s1"] = {"fab_max_mode": {str(k): v for k, v in by_size.items()},
                      "fab_per_image": per_image, "prompts": len(bits)}
     (out / "figures.json").write_text(json.dumps(numbers, indent=1))
     return numbers
 
 
-def _direction(pipe, policy, units, dynamic, prompts, groups, config, path, name) -> dict:
-    """Q2B's FAB against predicted quality, the held-out prompts' predicted qualities and those
-    of each richness level: ``q2b_direction.png`` and its numbers."""
-    heldout = predicted_quality(pipe, policy, prompts, config.batch_size)
-    series = predicted_quality(pipe, policy, [t for g in groups for t in g], config.batch_size)
-    levels = len(groups[0])
+def _direction(policy, units, dynamic, heldout, series, levels, path, name) -> dict:
+    """Q2B's FAB against predicted quality, beside the held-out prompts' predicted qualities
+    (``heldout``) and those of each richness level (``series``: the scenes' captions, ``levels``
+    a scene): ``q2b_direction.png`` and its numbers."""
     by_level = {k: series[k::levels] for k in range(levels)}
     low, high = float(heldout.min()), float(heldout.max())
     pad = max(0.25 * (high - low), 0.05)

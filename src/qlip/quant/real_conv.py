@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import torch
 
-from .fused_quantize import interpreted, triton
-from .real_gemm import MAX_K, PACKED_TILES, TILES
+from .fused_quantize import triton
+from .real_gemm import MAX_K, PACKED_TILES, TILES, autotuned, launch
 
 if triton is not None:
     import triton.language as tl
 
     from .fused_quantize import grid_codes, load_grid
 
-# The channel block per tap is BLOCK_K of the GEMM's tiles: (BLOCK_M, BLOCK_N, BLOCK_C, warps,
-# stages). A tap's int8 product needs a block of at least 32 channels.
-CONV_TILES = [tile for tile in TILES if tile[2] >= 32]
+# The channel block of a tap is the GEMM tiles' BLOCK_K (real_gemm.TILES, PACKED_TILES): every
+# one is at least 32 channels, what a tap's int8 product needs.
 
 
 def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
@@ -155,14 +154,9 @@ if triton is not None:
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(dtype),
                  mask=m_ok1[:, None] & n_ok)
 
-    def _tuned(tiles):
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                                 num_stages=stages) for m, n, k, w, stages in tiles]
-        return triton.autotune(configs=configs, key=["B", "H", "W", "C", "N", "KH", "KW", "IEEE"])(
-            _real_conv_kernel)
-
-    _conv_tuned = _tuned(CONV_TILES)
-    _packed_conv_tuned = _tuned([t for t in PACKED_TILES if t in CONV_TILES])
+    _CONV_KEY = ["B", "H", "W", "C", "N", "KH", "KW", "IEEE"]
+    _conv_tuned = autotuned(_real_conv_kernel, TILES, _CONV_KEY)
+    _packed_conv_tuned = autotuned(_real_conv_kernel, PACKED_TILES, _CONV_KEY)
 
 
 def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
@@ -187,14 +181,9 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
                 w_out, steps, w.stride(0))
     flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], HAS_STEPS=bool(steps),
                  HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, PACKED=packed)
-    m = b * h_out * w_out
-    if interpreted():
-        tiles = [t for t in PACKED_TILES if t in CONV_TILES] if packed else CONV_TILES
-        block_m, block_n, block_k, _, _ = tiles[0]
-        _real_conv_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if packed:
+        launch(_real_conv_kernel, _packed_conv_tuned, PACKED_TILES, b * h_out * w_out, n,
+               operands, flags)
     else:
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-        (_packed_conv_tuned if packed else _conv_tuned)[grid](*operands, **flags)
+        launch(_real_conv_kernel, _conv_tuned, TILES, b * h_out * w_out, n, operands, flags)
     return out.permute(0, 3, 1, 2)

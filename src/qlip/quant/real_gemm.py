@@ -225,13 +225,32 @@ if triton is not None:
 # packed weights: tiles whose K half (one nibble each) is still a full int8 MMA step (≥ 32)
 PACKED_TILES = [tile for tile in TILES if tile[2] >= 64]
 
-if triton is not None:
-    def _tuned(tiles):
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                                 num_stages=stages) for m, n, k, w, stages in tiles]
-        return triton.autotune(configs=configs, key=["M", "N", "K", "IEEE"])(_real_linear_kernel)
 
-    _real_linear_tuned, _packed_linear_tuned = _tuned(TILES), _tuned(PACKED_TILES)
+def autotuned(kernel, tiles, key: list[str]):
+    """``kernel`` under triton.autotune over ``tiles`` (BLOCK_M, BLOCK_N, BLOCK_K, warps,
+    stages), timed once per value of the ``key`` arguments."""
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                             num_stages=stages) for m, n, k, w, stages in tiles]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def launch(kernel, tuned, tiles, m: int, n: int, operands, flags) -> None:
+    """A kernel over an ``m × n`` output in BLOCK_M × BLOCK_N programs: the tile autotune found
+    fastest for this shape (``tuned``, timed on its first call), or under the interpreter, which
+    cannot time, ``tiles[0]``."""
+    if interpreted():
+        block_m, block_n, block_k = tiles[0][:3]
+        kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    else:
+        tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
+            *operands, **flags)
+
+
+if triton is not None:
+    _LINEAR_KEY = ["M", "N", "K", "IEEE"]
+    _real_linear_tuned = autotuned(_real_linear_kernel, TILES, _LINEAR_KEY)
+    _packed_linear_tuned = autotuned(_real_linear_kernel, PACKED_TILES, _LINEAR_KEY)
 
 
 def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
@@ -254,14 +273,8 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
         raise ValueError(f"packed weights {tuple(w.shape)} do not hold K = {k_dim} codes a row")
     flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                  PACKED=packed)
-    tiles = PACKED_TILES if packed else TILES
-    if interpreted():  # no timing under the interpreter: the first tile
-        block_m, block_n, block_k, _, _ = tiles[0]
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _real_linear_kernel[grid](*operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
-                                  BLOCK_K=block_k)
-    else:  # the tile autotune found fastest for this (M, N, K); timed on its first call
-        def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
-        (_packed_linear_tuned if packed else _real_linear_tuned)[grid](*operands, **flags)
+    if packed:
+        launch(_real_linear_kernel, _packed_linear_tuned, PACKED_TILES, m, n, operands, flags)
+    else:
+        launch(_real_linear_kernel, _real_linear_tuned, TILES, m, n, operands, flags)
     return out.reshape(*lead, n)
