@@ -6,6 +6,9 @@
 # left out (metrics with their intervals, reports, timings, logs, Q2B histories, figures).
 # A call returns at most 8 files of at most 16 MB, 64 MB in all (the device README): bring
 # more over several calls while the machine is warm.
+# FEATURES="eval_a eval_b ...": those evals' features.safetensors (with metrics.json and
+# settings.json) in one DEST/features.tgz, in 15 MB parts where larger: what `qlip compare`
+# needs to pair two evals here once the device machine is gone (3-4 evals fit one call).
 # MODELS=1: each quantized model (a folder with quant_config.json: its state, qlip.json and
 # qlip.safetensors, not its calibration capture or reconstruction checkpoints) and each eval's features.safetensors,
 # one tarball per folder (the device returns files of at most 16 MB). Unpacked here under the
@@ -17,6 +20,20 @@ mkdir -p "$dest"
 find "$run" -type f -size -2M -not -path '*/images/*' \( -name '*.json' -o -name '*.txt' \
     -o -name '*.md' -o -name '*.csv' -o -name '*.png' -o -name '*.jsonl' \) -print0 \
     | tar czf "$dest/records.tgz" --null -T -
+split_large() {  # the device returns files of at most 16 MB: a larger file travels in 15 MB
+    # parts (unpack with `cat NAME.tgz.part-* | tar xzf -`)
+    if [ "$(stat -c %s "$1")" -gt 15728640 ]; then split -b 15M "$1" "$1.part-" && rm "$1"; fi
+}
+if [ -n "${FEATURES:-}" ]; then
+    files=()
+    for name in $FEATURES; do
+        for f in features.safetensors metrics.json settings.json; do
+            [ -f "$run/$name/$f" ] && files+=("$run/$name/$f")
+        done
+        [ -f "$run/$name/features.safetensors" ] || echo "FEATURES: $run/$name has none" >&2
+    done
+    [ ${#files[@]} -gt 0 ] && tar czf "$dest/features.tgz" "${files[@]}" && split_large "$dest/features.tgz"
+fi
 if [ "${MODELS:-0}" = 1 ]; then
     for folder in "$run"/*/; do
         folder=${folder%/}
@@ -27,12 +44,7 @@ if [ "${MODELS:-0}" = 1 ]; then
         done
         [ -f "$folder/quant_config.json" ] || [ -f "$folder/features.safetensors" ] || continue
         tar czf "$dest/state_$(basename "$folder").tgz" "${files[@]}"
-        # the device returns files of at most 16 MB: a larger tarball travels in 15 MB parts
-        # (unpack with `cat state_X.tgz.part-* | tar xzf -`)
-        if [ "$(stat -c %s "$dest/state_$(basename "$folder").tgz")" -gt 15728640 ]; then
-            split -b 15M "$dest/state_$(basename "$folder").tgz" "$dest/state_$(basename "$folder").tgz.part-" \
-                && rm "$dest/state_$(basename "$folder").tgz"
-        fi
+        split_large "$dest/state_$(basename "$folder").tgz"
     done
 fi
 du -h "$dest"/*.tgz* 2>/dev/null

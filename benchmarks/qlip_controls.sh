@@ -13,7 +13,8 @@
 #                   bits' proportions per step and layer, drawn per prompt, seed POLICY_SEED);
 #   per_layer_4-5-6: `qlip per-layer --target-fab <QLIP's FAB> --bits 4,5,6` on QLIP's Q2B rows
 #                   (OUT/per_layer_4-5-6.json), evaluated with `--policy per-layer`.
-# Then `qlip compare` of QLIP against each (OUT/compare_qlip_vs_<name>.{md,json}; A = QLIP), the
+# Then `qlip compare` of QLIP against each, the three at once (OUT/compare_qlip_vs_<name>.{md,json},
+# written when whole; A = QLIP), the
 # decision rule's overall verdict per control (QLIP better / not worse / worse) and
 # OUT/controls.md: every run's FAB against QLIP's, a line for each off by more than 0.1 bit
 # (the timestep-only FAB is whatever its λ gives: rerun with another LAM_A, after deleting
@@ -77,17 +78,23 @@ summary="$out/controls.md"
       [ -e "$m" ] || { echo "| $name | (not evaluated: see $out/logs) | | |"; continue; }
       echo "| $name | $(fab_of "$m" fab_requested) | $(fab_of "$m" fab) | $(fab_of "$m" bitops_t) |"
   done; echo; } > "$summary"
+compare_one() {  # QLIP against control $1; the two files appear only once the comparison is whole
+    # (a call cut mid-way leaves no empty .md behind that a resumed run would take for done)
+    local name=$1 md="$out/compare_qlip_vs_$1.md" json="$out/compare_qlip_vs_$1.json"
+    [ -s "$md" ] && [ -s "$json" ] && return 0
+    $qlip compare "$out/eval_qlip_$t" "$out/eval_$name" --device "$device" \
+        --resamples "${COMPARE_RESAMPLES:-2000}" --json "$json.part" > "$md.part" \
+        2> "$out/logs/compare_$name.txt" && mv "$json.part" "$json" && mv "$md.part" "$md"
+    rm -f "$json.part" "$md.part"
+}
 for name in "timestep_$t" "random_$t" "per_layer_$t"; do
     [ -e "$out/eval_$name/metrics.json" ] || continue
     fab=$(fab_of "$out/eval_$name/metrics.json" fab_requested)
     python3 -c "import sys; sys.exit(abs($fab - $target) > 0.1)" || \
         echo "- $name: FAB $fab is more than 0.1 bit from QLIP's $target" >> "$summary"
-    [ -e "$out/compare_qlip_vs_${name}.md" ] && continue
-    $qlip compare "$out/eval_qlip_$t" "$out/eval_$name" --device "$device" \
-        --resamples "${COMPARE_RESAMPLES:-2000}" --json "$out/compare_qlip_vs_${name}.json" \
-        > "$out/compare_qlip_vs_${name}.md" 2> "$out/logs/compare_$name.txt" || \
-        rm -f "$out/compare_qlip_vs_${name}.md"
+    compare_one "$name" &  # the three comparisons at once
 done
+wait
 # the issue's question, by the decision rule (docs/metrics.md): is QLIP better than each control?
 { echo; echo "| QLIP against | by the decision rule | QLIP better on | QLIP worse on |"
   echo "|---|---|---|---|"; } >> "$summary"
