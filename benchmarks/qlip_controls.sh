@@ -4,6 +4,10 @@
 # OUT/q_qlip_4-5-6, QLIP; OUT/eval_qlip_4-5-6 with bits.safetensors, QLIP's eval; OUT/eval_fp,
 # the FP eval; OUT/qlip_work_4-5-6, QLIP's work folder, whose Q2B trajectories are reused):
 #   bash benchmarks/qlip_controls.sh OUT [N=1000] [DEVICE=cuda]
+#   PHASE=early bash benchmarks/qlip_controls.sh OUT [N] [DEVICE]
+# PHASE=early does what needs no QLIP eval: (a)'s training and (c)'s damage table (cached in the
+# work folder). Run it after the first result's PHASE=train, beside its PHASE=eval; the plain run
+# then reuses both, and (c)'s search at QLIP's FAB takes seconds.
 # Same prompts, seeds, steps and batch as the first result's evals (N must be its N), each
 # --reference-run OUT/eval_fp, each prompt at its own bits (--batch-mode per_image):
 #   timestep_4-5-6: `qlip train-qlip --ignore-prompt` (Q2B's q a constant: bits per layer and step
@@ -37,28 +41,50 @@ set_bits=${SET:-4,5,6}; t=${set_bits//,/-}; base=${BASE:-q_qd_w4}; work=${WORK:-
 mname=${MNAME:-Q-Diffusion}
 # shellcheck source=benchmarks/qlip_folder.sh
 source "$(dirname "$0")/qlip_folder.sh"
-require "PHASE=quantize, train_b, eval" "$base/quant_state.safetensors" "q_qlip_$t/qlip.json" \
-    "eval_qlip_$t/bits.safetensors" eval_fp/metrics.json "eval_qlip_$t/metrics.json"
 fab_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['$2'])" "$1"; }
 # the rows Q2B trained on: train-qlip's --q2b-prompts (128 unless TRAIN_EXTRA changes it)
 q2b_prompts=$(echo "${TRAIN_EXTRA:-}" | sed -n 's/.*--q2b-prompts \([0-9]*\).*/\1/p')
 q2b_prompts=${q2b_prompts:-128}
 chunk=$(echo "${TRAIN_EXTRA:-}" | sed -n 's/.*--chunk \([0-9]*\).*/\1/p')
-target=$(fab_of "$out/eval_qlip_$t/metrics.json" fab_requested)
-echo "QLIP A{$set_bits}: FAB requested $target"
+# shellcheck disable=SC2206
+per_layer=(--model reference --device "$device" --quantized "$out/$base" --bits "$set_bits"
+           --work-dir "$out/$work" --num-prompts "$q2b_prompts" --steps "$steps" --guidance 4
+           --chunk "${chunk:-1000}" --batch-size 250 --no-progress ${PER_LAYER_EXTRA:-})
 
-# (a) the timestep-only Q2B, trained on QLIP's trajectories (its work folder: cached, not resampled)
-[ -e "$out/q_timestep_$t/qlip.json" ] || \
-    timed "train-qlip timestep $t" $qlip train-qlip "${train[@]}" --work-dir "$out/$work" \
+# (a) the timestep-only Q2B, trained on QLIP's trajectories, in its own copy of QLIP's FP stages
+# (cached by content, not resampled; a work folder is locked by one job, and (c) reads WORK)
+timestep() {
+    [ -e "$out/q_timestep_$t/qlip.json" ] && return 0
+    local dir="$out/qlip_work_timestep_$t" stage
+    [ -d "$dir" ] || { mkdir -p "$dir" && for stage in "$out/$work"/*/; do
+        case "$(basename "$stage")" in q2b_*) ;; *) cp -a "$stage" "$dir/" ;; esac
+    done; }
+    timed "train-qlip timestep $t" $qlip train-qlip "${train[@]}" --work-dir "$dir" \
         --quantized "$out/$base" --bits "$set_bits" --ignore-prompt ${LAM_A:+--lam "$LAM_A"} \
         --out "$out/q_timestep_$t" > "$out/logs/train_timestep_$t.txt" 2>&1
-# (c) the per-layer assignment at QLIP's FAB, on the same rows
+}
+
+if [ "${PHASE:-all}" = early ]; then
+    # what needs no QLIP eval, beside the first result's evals: (a)'s training and (c)'s damage
+    # table (cached in WORK: the assignment at QLIP's FAB then takes seconds)
+    require "PHASE=quantize, train" "$base/quant_state.safetensors" "$work"
+    timestep &
+    timed "per-layer damage $t" $qlip per-layer "${per_layer[@]}" --damage-only \
+        > "$out/logs/per_layer_damage_$t.txt" 2>&1
+    wait
+    exit 0
+fi
+
+require "PHASE=quantize, train_b, eval" "$base/quant_state.safetensors" "q_qlip_$t/qlip.json" \
+    "eval_qlip_$t/bits.safetensors" eval_fp/metrics.json "eval_qlip_$t/metrics.json"
+target=$(fab_of "$out/eval_qlip_$t/metrics.json" fab_requested)
+echo "QLIP A{$set_bits}: FAB requested $target"
+timestep
+# (c) the per-layer assignment at QLIP's FAB, on the same rows (the damage table from PHASE=early
+# when it ran)
 [ -e "$out/per_layer_$t.json" ] || \
-    timed "per-layer $t" $qlip per-layer --model reference --device "$device" \
-        --quantized "$out/$base" --target-fab "$target" --bits "$set_bits" \
-        --work-dir "$out/$work" --num-prompts "$q2b_prompts" --steps "$steps" \
-        --guidance 4 --chunk "${chunk:-1000}" --batch-size 250 --no-progress \
-        --out "$out/per_layer_$t.json" ${PER_LAYER_EXTRA:-} > "$out/logs/per_layer_$t.txt" 2>&1
+    timed "per-layer $t" $qlip per-layer "${per_layer[@]}" --target-fab "$target" \
+        --out "$out/per_layer_$t.json" > "$out/logs/per_layer_$t.txt" 2>&1
 
 [ -e "$out/q_timestep_$t/qlip.json" ] && { throttle; evaluate "timestep_$t" \
     "$mname W4 + timestep-only Q2B A{$set_bits}" --quantized "$out/q_timestep_$t" & }

@@ -53,6 +53,8 @@ method=${METHOD:-qdiffusion}; bank=${BANK:-4,5,6,8,16,32}; fixed=${FIXED:-32 16 
 case "$method" in qdiffusion) mtag=qd; mname=Q-Diffusion ;; ptqd) mtag=ptqd; mname=PTQD ;;
     *) echo "METHOD must be qdiffusion or ptqd; got $method" >&2; exit 2 ;; esac
 model="$out/q_${mtag}_w4"
+# the model's default bits (what it runs at without a policy): 8 where the bank has it, else its top
+case ",$bank," in *,8,*) default_abits=8 ;; *) default_abits=${bank##*,} ;; esac
 qlip="python3 -m qlip.cli"
 # shellcheck disable=SC2206
 common=(--model reference --device "$device" --prompts heldout --num-images "$n" --batch-size 250
@@ -78,7 +80,7 @@ if [ "$phase" = quantize ] || [ "$phase" = all ]; then
              > "$out/logs/eval_fp.txt" 2>&1) &
     [ -e "$model/quant_state.safetensors" ] || \
         timed "quantize ${mtag}_w4" $qlip quantize "${quant[@]}" --method "$method" --wbits 4 \
-            --abits 8 --abits-options "$bank" --seed 0 --out "$model" \
+            --abits "$default_abits" --abits-options "$bank" --seed 0 --out "$model" \
             > "$out/logs/q_${mtag}_w4.txt" 2>&1 &
     timed "fp stages" $qlip train-qlip "${train[@]}" --work-dir "$out/qlip_work" --stop-after trajectories \
         > "$out/logs/fp_stages.txt" 2>&1

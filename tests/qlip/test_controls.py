@@ -346,6 +346,43 @@ def test_per_layer_reaches_the_target_and_keeps_a_sensitive_unit_high(
     assert not (tmp_path / "no.json").exists()
 
 
+def test_per_layer_damage_is_cached_and_reused_for_any_target(
+        quantized, tiny_pipe_dir, prompt_file, _tiny_pipeline_template, tmp_path, capsys,
+        monkeypatch):
+    from qlip.qlip_training import per_layer
+
+    common = ["per-layer", "--model", str(tiny_pipe_dir), "--device", "cpu", "--prompts",
+              str(prompt_file), "--num-prompts", "3", "--steps", "2", "--guidance", "3",
+              "--max-rows", "8", "--work-dir", str(tmp_path / "work"), "--no-progress"]
+    _fails(capsys, [*common, "--quantized", str(quantized)], "--target-fab", "--damage-only")
+    measured = []
+    real = per_layer.unit_damage
+    monkeypatch.setattr(per_layer, "unit_damage", lambda *a, **k: measured.append(1) or real(*a, **k))
+    assert main([*common, "--quantized", str(quantized), "--damage-only"]) == 0
+    assert "damage table cached" in capsys.readouterr().out and measured == [1]
+    assert len(list((tmp_path / "work" / "per_layer_damage").glob("*.safetensors"))) == 1
+    # two targets: the greedy runs twice on the one table, measured once above
+    documents = []
+    for target, name in (("5.5", "a.json"), ("6.5", "b.json")):
+        assert main([*common, "--quantized", str(quantized), "--target-fab", target, "--out",
+                     str(tmp_path / name)]) == 0
+        assert "damage: reusing" in capsys.readouterr().out
+        documents.append(json.loads((tmp_path / name).read_text()))
+    assert measured == [1] and documents[0]["damage"] == documents[1]["damage"]
+    assert documents[0]["reached"] < documents[1]["reached"]
+    # the same table as a fresh measurement in another work folder
+    fresh = [*common[:-3], "--work-dir", str(tmp_path / "work2"), "--no-progress"]
+    assert main([*fresh, "--quantized", str(quantized), "--target-fab", "5.5", "--out",
+                 str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["damage"] == documents[0]["damage"]
+    # another quantized model (other state) in the first work folder: measured, not reused
+    planted = tmp_path / "planted"
+    _plant_sensitive_unit(_tiny_pipeline_template, quantized, planted)
+    assert main([*common, "--quantized", str(planted), "--damage-only"]) == 0
+    assert measured == [1, 1, 1]
+    assert len(list((tmp_path / "work" / "per_layer_damage").glob("*.safetensors"))) == 2
+
+
 def test_per_layer_policy_config_refuses_half_given_flags(quantized, tmp_path):
     with pytest.raises(ValueError, match="needs --assignment"):
         PolicyConfig(policy="per-layer")

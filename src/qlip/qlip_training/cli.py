@@ -191,10 +191,15 @@ def add_per_layer_parser(sub) -> None:
                        "control for QLIP): a greedy on each layer's measured damage")
     add_model_args(p)
     p.add_argument("--quantized", required=True, help="folder written by `qlip quantize`")
-    p.add_argument("--target-fab", type=finite_float("--target-fab", 0), required=True,
-                   help="the FAB (or, with --weighting weighted, MAC-weighted bits) to reach")
-    p.add_argument("--out", required=True, help="the assignment file (JSON), for "
-                   "`qlip eval/generate --policy per-layer --assignment FILE`")
+    p.add_argument("--target-fab", type=finite_float("--target-fab", 0),
+                   help="the FAB (or, with --weighting weighted, MAC-weighted bits) to reach "
+                   "(needed unless --damage-only)")
+    p.add_argument("--out", help="the assignment file (JSON), for "
+                   "`qlip eval/generate --policy per-layer --assignment FILE` (needed unless "
+                   "--damage-only)")
+    p.add_argument("--damage-only", action="store_true",
+                   help="measure each layer's damage and cache it in the work folder, nothing "
+                   "else: a later run with --target-fab (any target) reuses it")
     p.add_argument("--bits", type=_bits, default=(),
                    help="the options, low to high (default: the model's activation bank)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=C.weighting,
@@ -229,7 +234,8 @@ def per_layer_config_from_args(args):
     from .per_layer import PerLayerConfig
 
     return PerLayerConfig(
-        quantized=args.quantized, out=args.out, target_fab=args.target_fab, bits=args.bits,
+        quantized=args.quantized, out=args.out or "", target_fab=args.target_fab or 0.0,
+        damage_only=args.damage_only, bits=args.bits,
         weighting=args.weighting, attention_bits=args.attention_bits, model=args.model,
         device=device_name(args.device), prompts=args.prompts, num_prompts=args.num_prompts,
         prompt_seed=args.prompt_seed, max_rows=args.max_rows, work_dir=args.work_dir,

@@ -3,12 +3,19 @@ control; the method is :mod:`qlip.methods.bit_assignment`). The rows are FP traj
 training prompts, cached as `qlip train-qlip` caches them: with the same ``--work-dir``, steps,
 guidance, seed, chunk and prompt count, QLIP's own Q2B rows are reused, not sampled again.
 
+The damage table (every layer's error at each lower option: the costly part, one UNet pass over
+the rows per layer and option) does not depend on the target. It is cached in the work folder
+under the fingerprint of what made it (the quantized state, the options, the layers, the rows),
+so a second run at another target only redoes the greedy, and ``damage_only`` measures it ahead
+of time (beside other work, before QLIP's FAB is known).
+
 >>> config = PerLayerConfig("runs/q_w4", out="runs/per_layer.json", target_fab=4.42)  # doctest: +SKIP
 >>> run_per_layer(config)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -17,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..cli_args import output_folder
-from ..files import FolderLock
+from ..files import FolderLock, load_tensors, note, save_tensors
 from ..methods.bit_assignment import (
     Budget,
     check_target,
@@ -28,7 +35,7 @@ from ..methods.bit_assignment import (
 from ..methods.unet_inputs import call_unet
 from ..nn import QuantConfig, QuantUnit, fp_bits, quant_units
 from ..pipeline import MacCounter, load_pipeline, load_quantized
-from ..pipeline.cache import file_digest
+from ..pipeline.cache import digest, file_digest
 from ..pipeline.qlip_data import FPRunConfig, trajectory_data
 from ..pipeline.saving import STATE_FILE, check_quantized_folder
 from ..quant import check_bits
@@ -43,6 +50,7 @@ class PerLayerConfig:
     quantized: str = ""  # a folder made by `qlip quantize` (or train-qlip's copy of one)
     out: str = ""  # the assignment file (JSON)
     target_fab: float = 0.0
+    damage_only: bool = False  # measure and cache the damage table; no target, no assignment
     bits: tuple[int, ...] = ()  # the options, low → high; () = the model's activation bank
     weighting: str = "fab"
     attention_bits: int | None = None  # dynamic units outside the measure; None: the top option
@@ -58,8 +66,11 @@ class PerLayerConfig:
 
     def __post_init__(self):
         self.bits = tuple(int(b) for b in self.bits)
-        if not self.quantized or not self.out:
-            raise ValueError("qlip per-layer needs --quantized DIR and --out FILE")
+        if not self.quantized:
+            raise ValueError("qlip per-layer needs --quantized DIR")
+        if not self.damage_only and (not self.out or self.target_fab <= 0):
+            raise ValueError("qlip per-layer needs --target-fab and --out FILE (or --damage-only "
+                             "to measure and cache the damage table alone)")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"--weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
         if self.bits and (len(self.bits) < 2 or list(self.bits) != sorted(set(self.bits))):
@@ -95,6 +106,8 @@ def check_inputs(config: PerLayerConfig) -> tuple[dict, tuple[int, ...]]:
         raise ValueError("--prompts FILE is needed for a model other than the reference model")
     if config.prompts is not None and not Path(config.prompts).is_file():
         raise FileNotFoundError(f"--prompts {config.prompts}: no such file")
+    if config.damage_only:
+        return meta, options
     out = Path(config.out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file path (e.g. {out}/per_layer.json)")
@@ -134,9 +147,32 @@ def _training_texts(config: PerLayerConfig) -> list[str]:
     return [p.text for p in heldout_free_prompts(config.num_prompts, config.prompt_seed)]
 
 
+DAMAGE_REMEDY = "delete it (the damage table is measured again)"
+
+
+def cached_damage(config: PerLayerConfig, fingerprint: dict, measure: Callable[[], torch.Tensor],
+                  log: Callable[[str], None]) -> torch.Tensor:
+    """The damage table of ``fingerprint`` from the work folder's cache, else ``measure()``d and
+    cached (atomically; a file whose recorded fingerprint differs is measured again)."""
+    key = digest(fingerprint)
+    path = config.work / "per_layer_damage" / f"{key}.safetensors"
+    if path.is_file():
+        tensors, meta = load_tensors(path, DAMAGE_REMEDY)
+        if meta.get("fingerprint") == json.dumps(fingerprint, sort_keys=True):
+            log(f"damage: reusing {path}")
+            return tensors["damage"].double()
+        note(f"{path} was measured from other inputs: measuring the damage again")
+    damage = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors({"damage": damage}, path,
+                 {"fingerprint": json.dumps(fingerprint, sort_keys=True)})
+    return damage
+
+
 def run_per_layer(config: PerLayerConfig, log: Callable[[str], None] = print) -> dict:
-    """Measure every FAB layer's damage at each lower option, run the greedy to the target and
-    write the assignment file; returns its document."""
+    """Measure every FAB layer's damage at each lower option (or reuse the cached table), run the
+    greedy to the target and write the assignment file; returns its document. With
+    ``damage_only``, stop after the table is cached and return ``{"damage_file": ...}``."""
     meta, options = check_inputs(config)
     texts = _training_texts(config)
     start = time.perf_counter()
@@ -147,7 +183,7 @@ def run_per_layer(config: PerLayerConfig, log: Callable[[str], None] = print) ->
     lacking = [n for n in names if not set(options) <= set(units[n].options)]
     if lacking:
         raise ValueError(f"{lacking[0]} has no quantizer for some of {list(options)}")
-    if config.weighting == "fab":  # the target is checked before any UNet runs
+    if config.weighting == "fab" and not config.damage_only:  # checked before any UNet runs
         check_target(config.target_fab, budget(units, names, "fab", {}), options)
     with FolderLock(output_folder(str(config.work), "--work-dir"), "qlip per-layer"):
         sampling = replace(config.sampling, progress=config.progress)
@@ -157,11 +193,28 @@ def run_per_layer(config: PerLayerConfig, log: Callable[[str], None] = print) ->
     if len(rows) > config.max_rows:
         rows = rows.subset(torch.linspace(0, len(rows) - 1, config.max_rows).round().long())
     plan = budget(units, names, config.weighting, _unit_macs(pipe.unet, rows))
-    check_target(config.target_fab, plan, options)
+    if not config.damage_only:
+        check_target(config.target_fab, plan, options)
     measured = [n for n, w in zip(names, plan.weights) if w > 0]
-    log(f"damage: {len(measured)} layers x {len(options) - 1} lower options on {len(rows)} rows")
-    damage = unit_damage(pipe.unet, units, rows, measured, options, sampling.batch_size,
-                         config.progress)
+    # everything the table depends on: the model, the options, the layers and the rows
+    fingerprint = {"state": file_digest(Path(config.quantized) / STATE_FILE),
+                   "options": list(options), "layers": digest(measured),
+                   "texts": digest(texts), "sampling": sampling.fingerprint(),
+                   "batch_size": sampling.batch_size, "rows": len(rows),
+                   "max_rows": config.max_rows, "base": base}
+
+    def measure() -> torch.Tensor:
+        log(f"damage: {len(measured)} layers x {len(options) - 1} lower options on {len(rows)} "
+            "rows")
+        return unit_damage(pipe.unet, units, rows, measured, options, sampling.batch_size,
+                           config.progress)
+
+    damage = cached_damage(config, fingerprint, measure, log)
+    if config.damage_only:
+        log(f"damage table cached in {config.work / 'per_layer_damage'}: a run with "
+            "--target-fab reuses it")
+        return {"damage_file": str(config.work / "per_layer_damage" / f"{digest(fingerprint)}"
+                                   ".safetensors")}
     result = greedy_assignment(damage, options, Budget([w for w in plan.weights if w > 0],
                                                       plan.fixed, plan.total),
                                config.target_fab, measured)
