@@ -380,7 +380,15 @@ def test_per_layer_damage_is_cached_and_reused_for_any_target(
     _plant_sensitive_unit(_tiny_pipeline_template, quantized, planted)
     assert main([*common, "--quantized", str(planted), "--damage-only"]) == 0
     assert measured == [1, 1, 1]
-    assert len(list((tmp_path / "work" / "per_layer_damage").glob("*.safetensors"))) == 2
+    cached = sorted((tmp_path / "work" / "per_layer_damage").glob("*.safetensors"))
+    assert len(cached) == 2
+    # a file in the table's place that is not it (another fingerprint): measured again
+    from qlip.files import save_tensors
+    for path in cached:
+        save_tensors({"damage": torch.zeros(1, 3)}, path, {"fingerprint": "{}"})
+    assert main([*common, "--quantized", str(quantized), "--damage-only"]) == 0
+    assert "not the damage table of these inputs" in capsys.readouterr().err
+    assert measured == [1, 1, 1, 1]
 
 
 def test_per_layer_policy_config_refuses_half_given_flags(quantized, tmp_path):

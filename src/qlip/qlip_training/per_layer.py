@@ -150,18 +150,23 @@ def _training_texts(config: PerLayerConfig) -> list[str]:
 DAMAGE_REMEDY = "delete it (the damage table is measured again)"
 
 
+def damage_path(config: PerLayerConfig, fingerprint: dict) -> Path:
+    """Where the work folder caches the damage table of ``fingerprint``."""
+    return config.work / "per_layer_damage" / f"{digest(fingerprint)}.safetensors"
+
+
 def cached_damage(config: PerLayerConfig, fingerprint: dict, measure: Callable[[], torch.Tensor],
                   log: Callable[[str], None]) -> torch.Tensor:
     """The damage table of ``fingerprint`` from the work folder's cache, else ``measure()``d and
-    cached (atomically; a file whose recorded fingerprint differs is measured again)."""
-    key = digest(fingerprint)
-    path = config.work / "per_layer_damage" / f"{key}.safetensors"
+    cached (atomically; a file of other inputs, or not a damage table, is measured again)."""
+    path = damage_path(config, fingerprint)
     if path.is_file():
         tensors, meta = load_tensors(path, DAMAGE_REMEDY)
-        if meta.get("fingerprint") == json.dumps(fingerprint, sort_keys=True):
+        if "damage" in tensors and meta.get("fingerprint") == json.dumps(fingerprint,
+                                                                          sort_keys=True):
             log(f"damage: reusing {path}")
             return tensors["damage"].double()
-        note(f"{path} was measured from other inputs: measuring the damage again")
+        note(f"{path} is not the damage table of these inputs: measuring the damage again")
     damage = measure()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors({"damage": damage}, path,
@@ -211,10 +216,9 @@ def run_per_layer(config: PerLayerConfig, log: Callable[[str], None] = print) ->
 
     damage = cached_damage(config, fingerprint, measure, log)
     if config.damage_only:
-        log(f"damage table cached in {config.work / 'per_layer_damage'}: a run with "
-            "--target-fab reuses it")
-        return {"damage_file": str(config.work / "per_layer_damage" / f"{digest(fingerprint)}"
-                                   ".safetensors")}
+        path = damage_path(config, fingerprint)
+        log(f"damage table cached in {path}: a run with --target-fab reuses it")
+        return {"damage_file": str(path)}
     result = greedy_assignment(damage, options, Budget([w for w in plan.weights if w > 0],
                                                       plan.fixed, plan.total),
                                config.target_fab, measured)
