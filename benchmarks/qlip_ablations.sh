@@ -56,9 +56,7 @@ done
 row() {  # row NAME BITS OPTIONS: train (in a copy of WORK's FP stages), then evaluate
     local name=$1 bits=$2 options=$3 dir="$out/qlip_work_abl_$1"
     if [ ! -e "$out/q_abl_$name/qlip.json" ]; then
-        [ -d "$dir" ] || { mkdir -p "$dir" && for stage in "$out/$work"/*/; do
-            case "$(basename "$stage")" in q2b_*) ;; *) cp -a "$stage" "$dir/" ;; esac
-        done; }
+        fp_stages_copy "$out/$work" "$dir"
         # shellcheck disable=SC2086
         timed "train-qlip abl $name" $qlip train-qlip "${train[@]}" --work-dir "$dir" \
             --quantized "$out/$base" --bits "$bits" $options --out "$out/q_abl_$name" \

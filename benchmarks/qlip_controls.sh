@@ -55,10 +55,8 @@ per_layer=(--model reference --device "$device" --quantized "$out/$base" --bits 
 # (cached by content, not resampled; a work folder is locked by one job, and (c) reads WORK)
 timestep() {
     [ -e "$out/q_timestep_$t/qlip.json" ] && return 0
-    local dir="$out/qlip_work_timestep_$t" stage
-    [ -d "$dir" ] || { mkdir -p "$dir" && for stage in "$out/$work"/*/; do
-        case "$(basename "$stage")" in q2b_*) ;; *) cp -a "$stage" "$dir/" ;; esac
-    done; }
+    local dir="$out/qlip_work_timestep_$t"
+    fp_stages_copy "$out/$work" "$dir"
     timed "train-qlip timestep $t" $qlip train-qlip "${train[@]}" --work-dir "$dir" \
         --quantized "$out/$base" --bits "$set_bits" --ignore-prompt ${LAM_A:+--lam "$LAM_A"} \
         --out "$out/q_timestep_$t" > "$out/logs/train_timestep_$t.txt" 2>&1

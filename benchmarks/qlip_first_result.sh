@@ -106,9 +106,7 @@ if [ "${#train_sets[@]}" -gt 0 ]; then
         work="$out/qlip_work"
         if [ "$bits" != "${sets[0]}" ]; then
             work="$out/qlip_work_$t"
-            [ -d "$work" ] || { mkdir -p "$work" && for stage in "$out"/qlip_work/*/; do
-                case "$(basename "$stage")" in q2b_*) ;; *) cp -a "$stage" "$work/" ;; esac
-            done; }
+            fp_stages_copy "$out/qlip_work" "$work"
         fi
         timed "train-qlip $t" $qlip train-qlip "${train[@]}" --work-dir "$work" \
             --quantized "$model" --bits "$bits" --out "$out/q_qlip_$t" \
