@@ -15,7 +15,8 @@
 #   bits      the option set (Table S4): 8,16 (variant pq) and 6,8,16,32 (variant four); 8,16,32
 #             is QLIP; the bank must hold 6;
 #   lam       λ, the bit penalty: LAMS (default "0.02 0.05 0.2 0.5"; QLIP's is 0.1).
-# ABLATIONS picks them (default "labels criteria q2b bits lam"). Each row trains in its own work
+# ABLATIONS picks them (default "labels criteria q2b bits lam"), LABELS the labels' rows (default
+# "realism image_text sensitivity", started in that order). Each row trains in its own work
 # folder, a copy of WORK's FP stages (a work folder is locked by one job), JOBS at a time.
 # Then benchmarks/qlip_ablations_summary.py writes OUT/ablations.md (every row's SROCC, PLCC,
 # FAB, FID, PSNR to FP and alignment with intervals, and `qlip compare` against QLIP) and
@@ -41,7 +42,8 @@ require "PHASE=quantize, train, eval" "$base/quant_state.safetensors" "$work" ev
 rows=()  # "name|bits|train-qlip options"
 for group in $groups; do
     case "$group" in
-        labels) for l in realism image_text sensitivity; do rows+=("label_$l|$set_bits|--label $l"); done ;;
+        labels) for l in ${LABELS:-realism image_text sensitivity}; do
+                    rows+=("label_$l|$set_bits|--label $l"); done ;;
         criteria) for l in complexity length; do rows+=("criterion_$l|$set_bits|--label $l"); done ;;
         # p_q alone chooses between two options: the set's lowest and highest
         q2b) rows+=("q2b_pq|${set_bits%%,*},${set_bits##*,}|--variant pq")

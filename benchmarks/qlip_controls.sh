@@ -24,6 +24,11 @@
 # (the timestep-only FAB is whatever its λ gives: rerun with another LAM_A, after deleting
 # OUT/q_timestep_4-5-6 and OUT/eval_timestep_4-5-6). Every step is skipped when its result exists,
 # so a call cut by a timeout resumes. Steps run in turn; the three evals JOBS at a time.
+# QLIP=NAME puts another QLIP row of OUT in QLIP's place (e.g. QLIP=abl_label_sensitivity, an
+# ablation row of benchmarks/qlip_ablations.sh: OUT/q_NAME, OUT/eval_NAME): (b) and (c) are then
+# matched to that row (random_NAME, per_layer_NAME), (a) is shared (it does not depend on QLIP),
+# and the comparisons and the summary are compare_NAME_vs_<control>.{md,json} and
+# controls_NAME.md.
 # Smoke test (CPU; first the first result's own smoke test into OUT, then, with its settings):
 #   STEPS=2 N_T2Q=40 TRAIN_EXTRA="--q2b-prompts 4 --q2b-iters 4 --t2q-iters 50 --chunk 16"
 #   EVAL_EXTRA="--bootstrap-resamples 20" COMPARE_RESAMPLES=20 PER_LAYER_EXTRA="--max-rows 16"
@@ -39,6 +44,10 @@ jobs=${JOBS:-3}; steps=${STEPS:-25}; n_t2q=${N_T2Q:-10000}
 # Q-Diffusion): SET=8,16,32 WORK=qlip_work, or BASE=q_ptqd_w4 MNAME=PTQD for a PTQD run folder
 set_bits=${SET:-4,5,6}; t=${set_bits//,/-}; base=${BASE:-q_qd_w4}; work=${WORK:-qlip_work_$t}
 mname=${MNAME:-Q-Diffusion}
+# the QLIP row the controls stand beside, and the names of the two controls matched to it
+qname=${QLIP:-qlip_$t}
+if [ "$qname" = "qlip_$t" ]; then random="random_$t"; layered="per_layer_$t"; summary_name=controls
+else random="random_$qname"; layered="per_layer_$qname"; summary_name="controls_$qname"; fi
 # shellcheck source=benchmarks/qlip_folder.sh
 source "$(dirname "$0")/qlip_folder.sh"
 fab_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['$2'])" "$1"; }
@@ -73,65 +82,66 @@ if [ "${PHASE:-all}" = early ]; then
     exit 0
 fi
 
-require "PHASE=quantize, train_b, eval" "$base/quant_state.safetensors" "q_qlip_$t/qlip.json" \
-    "eval_qlip_$t/bits.safetensors" eval_fp/metrics.json "eval_qlip_$t/metrics.json"
-target=$(fab_of "$out/eval_qlip_$t/metrics.json" fab_requested)
-echo "QLIP A{$set_bits}: FAB requested $target"
+require "PHASE=quantize, train_b, eval" "$base/quant_state.safetensors" "q_$qname/qlip.json" \
+    "eval_$qname/bits.safetensors" eval_fp/metrics.json "eval_$qname/metrics.json"
+target=$(fab_of "$out/eval_$qname/metrics.json" fab_requested)
+echo "$qname A{$set_bits}: FAB requested $target"
 timestep
 # (c) the per-layer assignment at QLIP's FAB, on the same rows (the damage table from PHASE=early
 # when it ran)
-[ -e "$out/per_layer_$t.json" ] || \
-    timed "per-layer $t" $qlip per-layer "${per_layer[@]}" --target-fab "$target" \
-        --out "$out/per_layer_$t.json" > "$out/logs/per_layer_$t.txt" 2>&1
+[ -e "$out/$layered.json" ] || \
+    timed "$layered" $qlip per-layer "${per_layer[@]}" --target-fab "$target" \
+        --out "$out/$layered.json" > "$out/logs/$layered.txt" 2>&1
 
 [ -e "$out/q_timestep_$t/qlip.json" ] && { throttle; evaluate "timestep_$t" \
     "$mname W4 + timestep-only Q2B A{$set_bits}" --quantized "$out/q_timestep_$t" & }
-throttle; evaluate "random_$t" "$mname W4 + random matched to QLIP A{$set_bits}" \
-    --quantized "$out/$base" --policy random-matched --bits-from "$out/eval_qlip_$t" \
+throttle; evaluate "$random" "$mname W4 + random matched to $qname A{$set_bits}" \
+    --quantized "$out/$base" --policy random-matched --bits-from "$out/eval_$qname" \
     --policy-seed "${POLICY_SEED:-0}" &
-[ -e "$out/per_layer_$t.json" ] && { throttle; evaluate "per_layer_$t" \
+[ -e "$out/$layered.json" ] && { throttle; evaluate "$layered" \
     "$mname W4 + per-layer A{$set_bits} at FAB $target" --quantized "$out/$base" \
-    --policy per-layer --assignment "$out/per_layer_$t.json" & }
+    --policy per-layer --assignment "$out/$layered.json" & }
 wait
 
-summary="$out/controls.md"
-{ echo "# Issue 12's controls against QLIP A{$set_bits} ($n held-out prompts)"; echo
+summary="$out/$summary_name.md"
+controls=("timestep_$t" "$random" "$layered")
+{ echo "# Issue 12's controls against $qname A{$set_bits} ($n held-out prompts)"; echo
   echo "| run | FAB requested | FAB | BitOPs (T) |"; echo "|---|---:|---:|---:|"
-  for name in "qlip_$t" "timestep_$t" "random_$t" "per_layer_$t"; do
+  for name in "$qname" "${controls[@]}"; do
       m="$out/eval_$name/metrics.json"
       [ -e "$m" ] || { echo "| $name | (not evaluated: see $out/logs) | | |"; continue; }
       echo "| $name | $(fab_of "$m" fab_requested) | $(fab_of "$m" fab) | $(fab_of "$m" bitops_t) |"
   done; echo; } > "$summary"
 compare_one() {  # QLIP against control $1; the two files appear only once the comparison is whole
     # (a call cut mid-way leaves no empty .md behind that a resumed run would take for done)
-    local name=$1 md="$out/compare_qlip_vs_$1.md" json="$out/compare_qlip_vs_$1.json"
+    local name=$1 md="$out/compare_${qname}_vs_$1.md" json="$out/compare_${qname}_vs_$1.json"
     [ -s "$md" ] && [ -s "$json" ] && return 0
-    $qlip compare "$out/eval_qlip_$t" "$out/eval_$name" --device "$device" \
+    $qlip compare "$out/eval_$qname" "$out/eval_$name" --device "$device" \
         --resamples "${COMPARE_RESAMPLES:-2000}" --json "$json.part" > "$md.part" \
         2> "$out/logs/compare_$name.txt" && mv "$json.part" "$json" && mv "$md.part" "$md"
     rm -f "$json.part" "$md.part"
 }
-for name in "timestep_$t" "random_$t" "per_layer_$t"; do
+for name in "${controls[@]}"; do
     [ -e "$out/eval_$name/metrics.json" ] || continue
     fab=$(fab_of "$out/eval_$name/metrics.json" fab_requested)
     python3 -c "import sys; sys.exit(abs($fab - $target) > 0.1)" || \
-        echo "- $name: FAB $fab is more than 0.1 bit from QLIP's $target" >> "$summary"
+        echo "- $name: FAB $fab is more than 0.1 bit from $qname's $target" >> "$summary"
     compare_one "$name" &  # the three comparisons at once
 done
 wait
 # the issue's question, by the decision rule (docs/metrics.md): is QLIP better than each control?
-{ echo; echo "| QLIP against | by the decision rule | QLIP better on | QLIP worse on |"
+{ echo; echo "| $qname against | by the decision rule | $qname better on | $qname worse on |"
   echo "|---|---|---|---|"; } >> "$summary"
-for name in "timestep_$t" "random_$t" "per_layer_$t"; do
-    [ -e "$out/compare_qlip_vs_${name}.json" ] || continue
+for name in "${controls[@]}"; do
+    [ -e "$out/compare_${qname}_vs_${name}.json" ] || continue
     python3 -c "import json, sys; d = json.load(open(sys.argv[1]))['decision']
-print(f\"| {sys.argv[2]} | QLIP {d['overall']} | {', '.join(d['a_better_on']) or '–'} | \"
-      f\"{', '.join(d['a_worse_on']) or '–'} |\")" "$out/compare_qlip_vs_${name}.json" "$name" \
+print(f\"| {sys.argv[2]} | {sys.argv[3]} {d['overall']} | {', '.join(d['a_better_on']) or '–'} | \"
+      f\"{', '.join(d['a_worse_on']) or '–'} |\")" "$out/compare_${qname}_vs_${name}.json" "$name" "$qname" \
         >> "$summary"
 done
-for name in "timestep_$t" "random_$t" "per_layer_$t"; do
-    [ -e "$out/compare_qlip_vs_${name}.md" ] || continue
-    { echo; echo "## QLIP vs $name"; echo; cat "$out/compare_qlip_vs_${name}.md"; } >> "$summary"
+for name in "${controls[@]}"; do
+    [ -e "$out/compare_${qname}_vs_${name}.md" ] || continue
+    { echo; echo "## $qname vs $name"; echo; cat "$out/compare_${qname}_vs_${name}.md"; } >> "$summary"
 done
 cat "$summary"
 grep -h "exit [1-9]" "$out/timings.txt" 2>/dev/null && echo "some steps failed: see $out/logs" >&2
