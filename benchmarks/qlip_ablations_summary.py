@@ -2,8 +2,9 @@
 
 For QLIP and every ablation row: T2Q's held-out SROCC and PLCC (from the row's qlip.json), FAB,
 BitOPs, FID, PSNR to FP and alignment with their 95% intervals (from its metrics.json), and the
-paired comparison against QLIP under docs/metrics.md's decision rule (``qlip compare``'s code,
-here on FID, PSNR to FP and alignment). The plot: FAB against PSNR to FP and against FID for QLIP's
+paired comparison against QLIP (``qlip compare``'s code; OUT/compare_<row>_vs_<qlip>.{md,json}):
+FID, PSNR to FP and alignment in the table, and docs/metrics.md's decision rule over its seven
+deciding measures. The plot: FAB against PSNR to FP and against FID for QLIP's
 λ rows (and QLIP itself) beside the fixed-bits rows ``eval_<mtag>_w4a<bits>``, with intervals.
 
     python benchmarks/qlip_ablations_summary.py OUT --qlip qlip_8-16-32 label_realism lam_0.2 ...
@@ -21,7 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from qlip.evaluation.compare import CompareConfig, compare_runs  # noqa: E402
+from qlip.evaluation.compare import (  # noqa: E402
+    CompareConfig, compare_runs, comparison_json, comparison_markdown)
 
 SHOWN = ("fid", "psnr_vs_reference", "alignment")
 
@@ -46,15 +48,22 @@ def _t2q(qlip_json: dict | None) -> tuple[str, str, str]:
 
 
 def _verdicts(out: Path, name: str, qlip: str, args) -> dict[str, str]:
+    """The row against QLIP, paired: OUT/compare_<row>_vs_<qlip>.{json,md} (``qlip compare``'s
+    files) and the cells of the summary's table (the shown measures and the rule's verdict)."""
     config = CompareConfig(str(out / f"eval_{name}"), str(out / f"eval_{qlip}"),
                            resamples=args.resamples, device=args.device)
     result = compare_runs(config)
-    (out / f"compare_{name}_vs_qlip.json").write_text(json.dumps(
-        {d.name: {"difference": d.difference.estimate, "interval": d.difference.to_list(),
-                  "verdict": d.verdict} for d in result.differences}, indent=1))
-    return {d.name: f"{d.difference.estimate:+.3g} [{d.difference.low:+.3g}, "
-                    f"{d.difference.high:+.3g}] {d.verdict}"
-            for d in result.differences if d.name in SHOWN}
+    stem = out / f"compare_{name}_vs_{qlip}"
+    stem.with_suffix(".json").write_text(json.dumps(comparison_json(result), indent=1))
+    stem.with_suffix(".md").write_text(comparison_markdown(result) + "\n")
+    cells = {d.name: f"{d.difference.estimate:+.3g} [{d.difference.low:+.3g}, "
+                     f"{d.difference.high:+.3g}] {d.verdict}"
+             for d in result.differences if d.name in SHOWN}
+    decision = result.decision
+    detail = "; ".join(f"{what} on {', '.join(names)}" for what, names in
+                       (("better", decision.better), ("worse", decision.worse)) if names)
+    cells["rule"] = f"{decision.overall}" + (f" ({detail})" if detail else "")
+    return cells
 
 
 def _lambda_plot(out: Path, rows: dict[str, dict], qlip: str, mtag: str) -> Path | None:
@@ -65,7 +74,7 @@ def _lambda_plot(out: Path, rows: dict[str, dict], qlip: str, mtag: str) -> Path
         if match and metrics:
             fixed[int(match.group(1))] = metrics
     lam_rows = {name: m for name, m in rows.items() if name.startswith("lam_") or name == qlip}
-    if not lam_rows or not fixed:
+    if not any(name.startswith("lam_") for name in lam_rows) or not fixed:  # no λ curve to draw
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric, label in ((axes[0], "psnr_vs_reference", "PSNR to FP (dB), higher is better"),
@@ -111,13 +120,13 @@ def main() -> None:
     rows = {args.qlip: base}
     lines = [f"# QLIP's ablations ({base['num_images']} held-out prompts, 95% intervals)", "",
              "| row | T2Q label | SROCC | PLCC | FAB | BitOPs (T) | FID | PSNR to FP | alignment |"
-             " vs QLIP: FID | vs QLIP: PSNR | vs QLIP: alignment |",
-             "|---|---|---:|---:|---:|---:|---|---|---|---|---|---|"]
+             " vs QLIP: FID | vs QLIP: PSNR | vs QLIP: alignment | vs QLIP, by the decision rule |",
+             "|---|---|---:|---:|---:|---:|---|---|---|---|---|---|---|"]
     for name in [args.qlip] + [f"abl_{n}" for n in args.names]:
         metrics = rows.get(name) or _read(out / f"eval_{name}" / "metrics.json")
         label, sr, pl = _t2q(_read(out / f"q_{name}" / "qlip.json"))
         if metrics is None:
-            lines.append(f"| {name} | {label} | {sr} | {pl} | (not evaluated) |||||||")
+            lines.append(f"| {name} | {label} | {sr} | {pl} | (not evaluated) ||||||||")
             continue
         rows[name.removeprefix("abl_")] = metrics
         verdicts = {} if name == args.qlip else _verdicts(out, name, args.qlip, args)
@@ -125,7 +134,7 @@ def main() -> None:
             f"| {name} | {label} | {sr} | {pl} | {metrics['fab']:.2f} | {metrics['bitops_t']:.3f} "
             f"| {_cell(metrics, 'fid')} | {_cell(metrics, 'psnr_vs_reference')} | "
             f"{_cell(metrics, 'alignment')} | "
-            + " | ".join(verdicts.get(m, "–") for m in SHOWN) + " |")
+            + " | ".join(verdicts.get(m, "–") for m in SHOWN + ("rule",)) + " |")
     plot = _lambda_plot(out, rows, args.qlip, args.mtag)
     if plot:
         lines += ["", f"![λ against fixed bits]({plot.name})"]

@@ -11,6 +11,10 @@ timed() {
 evaluate() {  # evaluate NAME LABEL [qlip eval options...]: `qlip eval` against $out/eval_fp,
     # skipped when its metrics.json exists
     local name=$1 label=$2; shift 2
+    local lock="$out/eval_$name/.qlip.lock"
+    # another script's job evaluating the same run (two controls' runs share the timestep-only
+    # control): wait for it instead of failing on its folder's lock, then reuse its result
+    while [ -e "$lock" ] && command -v flock > /dev/null && ! flock -n "$lock" true; do sleep 2; done
     [ -e "$out/eval_$name/metrics.json" ] && return 0
     timed "eval $name" $qlip eval "${common[@]}" --label "$label" --reference-run "$out/eval_fp" \
         --out "$out/eval_$name" "$@" > "$out/logs/eval_$name.txt" 2>&1
