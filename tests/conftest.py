@@ -16,6 +16,10 @@ import torch  # noqa: E402
 from qlip.testing import build_tiny_pipeline  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The Triton kernels launch with their first tile, as under the interpreter: autotuning would
+# compile every tile for every shape and flag the tests use (minutes on the GPU).
+# tests/engine/test_kernel_autotune.py runs the tuned launch path itself.
+os.environ.setdefault("QLIP_AUTOTUNE", "0")
 torch.set_num_threads(2)
 
 

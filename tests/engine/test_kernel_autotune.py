@@ -1,6 +1,7 @@
 """The autotuned launches of the attention and real-GEMM kernels (the GPU's path) give the
 reference's values. Under the interpreter the tuner cannot time, so the kernels normally launch
-with their first tile; here each autotuned wrapper is rebuilt with one tile (which the tuner
+with their first tile (as they do on the GPU in this suite: conftest sets QLIP_AUTOTUNE=0);
+here each autotuned wrapper is rebuilt with one tile (which the tuner
 takes without timing) and used in place of the interpreter's launch, so its grid function and
 keyword arguments run."""
 
@@ -28,7 +29,7 @@ def test_autotuned_attention_launch_equals_the_reference(monkeypatch):
                                                       BLOCK_N=32))
     monkeypatch.setattr(fa, "_output_tuned", _one_tile(fa._output_kernel, keys, BLOCK_M=32,
                                                        BLOCK_N=32))
-    monkeypatch.setattr(fa, "interpreted", lambda: False)
+    monkeypatch.setattr(fa, "fixed_tile", lambda: False)
     device = kernel_device()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(6, n, 40, generator=g).to(device) for n in (37, 21, 21))
@@ -43,7 +44,7 @@ def test_autotuned_attention_launch_equals_the_reference(monkeypatch):
 def test_autotuned_real_linear_launch_equals_the_reference(monkeypatch):
     monkeypatch.setattr(rg, "_real_linear_tuned", _one_tile(
         rg._real_linear_kernel, ["M", "N", "K", "IEEE"], BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
-    monkeypatch.setattr(rg, "interpreted", lambda: False)
+    monkeypatch.setattr(rg, "fixed_tile", lambda: False)
     device = kernel_device()
     g = torch.Generator().manual_seed(1)
     n, k, m = 24, 70, 13
@@ -67,7 +68,7 @@ def test_autotuned_real_conv_launch_equals_the_reference(monkeypatch):
     monkeypatch.setattr(rc, "_conv_tuned", _one_tile(
         rc._real_conv_kernel, ["B", "H", "W", "C", "N", "KH", "KW", "IEEE"], BLOCK_M=32,
         BLOCK_N=32, BLOCK_K=32))
-    monkeypatch.setattr(rg, "interpreted", lambda: False)  # the launch real_conv shares
+    monkeypatch.setattr(rg, "fixed_tile", lambda: False)  # the launch real_conv shares
     device = kernel_device()
     g = torch.Generator().manual_seed(2)
     codes = torch.randint(0, 16, (12, 20 * 9), generator=g)

@@ -233,3 +233,40 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
         else:  # float math summed in another order (the even and the odd K apart), carried
             # through the UNet: 2e-4 at most here (each layer alone agrees to 1e-5, above)
             assert (got - outputs[bits]).abs().max() < 1e-3, bits
+
+
+def test_launch_takes_the_first_tile_unless_autotuning_is_on(monkeypatch):
+    """QLIP_AUTOTUNE=0 (and the interpreter) launch the kernel itself at tiles[0] with that
+    tile's blocks; otherwise the autotuned wrapper gets the launch, its grid a function of the
+    tile it picks."""
+    from types import SimpleNamespace
+
+    from qlip.quant import fused_quantize
+
+    launched = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((self.name, grid, args, kw))
+
+    monkeypatch.setattr(rg, "triton", SimpleNamespace(cdiv=lambda a, b: -(-a // b)))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tiles = [(32, 64, 64, 4, 2), (128, 128, 64, 8, 3)]
+    for env, fixed in (("0", True), ("1", False)):
+        monkeypatch.setenv("QLIP_AUTOTUNE", env)
+        assert fused_quantize.fixed_tile() is fixed
+        launched.clear()
+        rg.launch(Fake("kernel"), Fake("tuned"), tiles, 100, 130, ("x",), {"IEEE": True})
+        [(name, grid, args, kw)] = launched
+        assert args == ("x",)
+        if fixed:
+            assert name == "kernel" and grid == (4, 3)
+            assert kw == {"IEEE": True, "BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
+        else:
+            assert name == "tuned" and kw == {"IEEE": True}
+            assert grid({"BLOCK_M": 128, "BLOCK_N": 128}) == (1, 2)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter cannot time: always fixed
+    assert fused_quantize.fixed_tile()

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .fused_quantize import interpreted, triton
+from .fused_quantize import fixed_tile, triton
 
 UNIFORM, LOG2 = 0, 1
 TINY = torch.finfo(torch.float32).tiny
@@ -205,10 +205,10 @@ if triton is not None:
 
 
 def _launch(kernel, tuned, rows: int, n: int, d: int, *args, **flags) -> None:
-    """One pass over ``rows`` × query blocks: the autotuned tiles on the GPU, the interpreter's
-    fixed tile under ``TRITON_INTERPRET``."""
+    """One pass over ``rows`` × query blocks: the autotuned tiles on the GPU, the first tile
+    where :func:`~qlip.quant.fused_quantize.fixed_tile` (the interpreter, ``QLIP_AUTOTUNE=0``)."""
     bm, bn, bd = _blocks(d)
-    if interpreted():
+    if fixed_tile():
         kernel[(triton.cdiv(n, bm), rows)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     else:
         tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), rows)](*args, **flags, BLOCK_D=bd)

@@ -37,9 +37,17 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def interpreted() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``): no timing there,
-    so the autotuned kernels launch with their first tile."""
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fixed_tile() -> bool:
+    """Whether the autotuned kernels (real GEMM and convolution, fused attention) launch with
+    their first tile instead of timing every tile once per shape: under the interpreter, which
+    cannot time, and with ``QLIP_AUTOTUNE=0``. Tuning compiles every tile of every shape and
+    flag combination, which costs minutes for a few milliseconds saved: right for a long run,
+    not for a test suite (the tests set it) or a short script."""
+    return interpreted() or os.environ.get("QLIP_AUTOTUNE", "1") == "0"
 
 
 def available(x: torch.Tensor) -> bool:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_quantize import interpreted, triton
+from .fused_quantize import fixed_tile, triton
 
 if triton is not None:
     import triton.language as tl
@@ -236,9 +236,9 @@ def autotuned(kernel, tiles, key: list[str]):
 
 def launch(kernel, tuned, tiles, m: int, n: int, operands, flags) -> None:
     """A kernel over an ``m × n`` output in BLOCK_M × BLOCK_N programs: the tile autotune found
-    fastest for this shape (``tuned``, timed on its first call), or under the interpreter, which
-    cannot time, ``tiles[0]``."""
-    if interpreted():
+    fastest for this shape (``tuned``, timed on its first call), or ``tiles[0]`` where
+    :func:`~qlip.quant.fused_quantize.fixed_tile` (the interpreter, ``QLIP_AUTOTUNE=0``)."""
+    if fixed_tile():
         block_m, block_n, block_k = tiles[0][:3]
         kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
             *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
