@@ -17,7 +17,7 @@
 #                   bits' proportions per step and layer, drawn per prompt, seed POLICY_SEED);
 #   per_layer_4-5-6: `qlip per-layer --target-fab <QLIP's FAB> --bits 4,5,6` on QLIP's Q2B rows
 #                   (OUT/per_layer_4-5-6.json), evaluated with `--policy per-layer`.
-# Then `qlip compare` of QLIP against each, the three at once (OUT/compare_qlip_vs_<name>.{md,json},
+# Then `qlip compare` of QLIP against each, the three at once (OUT/compare_qlip_<set>_vs_<name>.{md,json},
 # written when whole; A = QLIP), the
 # decision rule's overall verdict per control (QLIP better / not worse / worse) and
 # OUT/controls.md: every run's FAB against QLIP's, a line for each off by more than 0.1 bit

@@ -1,0 +1,116 @@
+"""Where a prompt-driven policy puts its bits, prompt by prompt, and what each prompt gets for
+them (issue 12 item 2's "show why"), from the per-image scores of finished evals of the same
+prompts and seeds (``features.safetensors``):
+
+- each prompt's **damage** at prompt-free bits (``--damage``, e.g. the timestep-only control):
+  minus its PSNR to FP, so that higher means more damaged;
+- the policy's per-prompt FAB against that damage: Spearman's ρ with a 95% bootstrap interval,
+  overall and per caption richness level;
+- against a random policy with the policy's own proportions (``--random``, drawn per prompt, so
+  its per-prompt FAB barely varies): per quartile of the policy's extra bits per prompt, the
+  mean PSNR gain, with a 95% bootstrap interval. A policy that reads the prompt well gains where it adds bits and loses little
+  where it takes them away.
+
+    python benchmarks/per_prompt_allocation.py RUN/eval_qlip_4-5-6 --random RUN/eval_random_4-5-6 \\
+        --damage RUN/eval_timestep_4-5-6 --out RUN/allocation_qlip.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+from scipy.stats import spearmanr
+
+
+def scores(folder: Path) -> dict[str, np.ndarray]:
+    path = folder / "features.safetensors"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: pass finished `qlip eval` folders with their features")
+    return load_file(str(path))
+
+
+def spearman_interval(x, y, resamples: int, rng) -> tuple[float, float, float]:
+    """ρ and its 95% percentile bootstrap interval (images resampled in pairs)."""
+    idx = rng.integers(0, len(x), (resamples, len(x)))
+    boot = [spearmanr(x[i], y[i]).statistic for i in idx]
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return float(spearmanr(x, y).statistic), float(low), float(high)
+
+
+def analyse(policy: dict, random: dict, damage_run: dict, resamples: int, seed: int) -> dict:
+    n = len(policy["score.fab"])
+    if not len(random["score.fab"]) == len(damage_run["score.fab"]) == n:
+        raise SystemExit("the three evals must be of the same prompts (as many images each)")
+    rng = np.random.default_rng(seed)
+    fab, damage = policy["score.fab"], -damage_run["score.psnr_vs_reference"]
+    richness = policy["group.richness"]
+    rho, low, high = spearman_interval(fab, damage, resamples, rng)
+    levels = {}
+    for level in np.unique(richness).tolist():
+        m = richness == level
+        levels[int(level)] = {"images": int(m.sum()), "mean_fab": float(fab[m].mean()),
+                              "mean_psnr_prompt_free_db": float(-damage[m].mean()),
+                              "spearman_fab_damage": float(spearmanr(fab[m], damage[m]).statistic)}
+    extra = fab - random["score.fab"]
+    gain = policy["score.psnr_vs_reference"] - random["score.psnr_vs_reference"]
+    edges = np.quantile(extra, [0, 0.25, 0.5, 0.75, 1])
+    quartiles = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        m = (extra >= lo) & ((extra <= hi) if i == 3 else (extra < hi))
+        g = gain[m]
+        boot = g[rng.integers(0, len(g), (resamples, len(g)))].mean(axis=1)
+        quartiles.append({"extra_fab": [float(lo), float(hi)], "images": int(m.sum()),
+                          "mean_psnr_gain_db": float(g.mean()),
+                          "interval": np.percentile(boot, [2.5, 97.5]).tolist()})
+    return {"images": n, "fab_std": {"policy": float(fab.std()), "random": float(random["score.fab"].std())},
+            "spearman_fab_damage": {"rho": rho, "interval": [low, high], "resamples": resamples},
+            "by_richness": levels, "gain_over_random_by_extra_bits": quartiles,
+            "mean_psnr_gain_over_random_db": float(gain.mean())}
+
+
+def markdown(name: str, result: dict) -> str:
+    s = result["spearman_fab_damage"]
+    lines = [f"**{name}** ({result['images']} prompts): Spearman ρ(per-prompt FAB, damage) "
+             f"{s['rho']:+.3f} [{s['interval'][0]:+.3f}, {s['interval'][1]:+.3f}]; per-prompt FAB "
+             f"std {result['fab_std']['policy']:.4f} (random {result['fab_std']['random']:.4f})",
+             "", "| richness | mean FAB | PSNR to FP at prompt-free bits (dB) | ρ(FAB, damage) |",
+             "|---:|---:|---:|---:|"]
+    for level, row in result["by_richness"].items():
+        lines.append(f"| {level} | {row['mean_fab']:.3f} | {row['mean_psnr_prompt_free_db']:.2f} | "
+                     f"{row['spearman_fab_damage']:+.3f} |")
+    lines += ["", "| extra bits over random (quartile) | prompts | mean PSNR gain over random (dB) |",
+              "|---|---:|---|"]
+    for q in result["gain_over_random_by_extra_bits"]:
+        lines.append(f"| [{q['extra_fab'][0]:+.3f}, {q['extra_fab'][1]:+.3f}] | {q['images']} | "
+                     f"{q['mean_psnr_gain_db']:+.3f} [{q['interval'][0]:+.3f}, "
+                     f"{q['interval'][1]:+.3f}] |")
+    lines.append(f"\nMean PSNR gain over random: {result['mean_psnr_gain_over_random_db']:+.3f} dB.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("policy", type=Path, help="the prompt-driven policy's eval folder")
+    parser.add_argument("--random", type=Path, required=True,
+                        help="the eval of random bits with the policy's proportions")
+    parser.add_argument("--damage", type=Path, required=True,
+                        help="an eval at prompt-free bits (e.g. the timestep-only control)")
+    parser.add_argument("--name", help="the policy's name in the report (default: its folder)")
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="JSON file for the figures")
+    args = parser.parse_args()
+    result = analyse(scores(args.policy), scores(args.random), scores(args.damage),
+                     args.resamples, args.seed)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    print(markdown(args.name or args.policy.name, result))
+
+
+if __name__ == "__main__":
+    main()
