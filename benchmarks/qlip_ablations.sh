@@ -12,8 +12,9 @@
 #             magnitude, learnt from the text by T2Q's network), length (token count);
 #   q2b       Q2B's inputs (Table 4): --variant pq (p_q alone, between the set's lowest and
 #             highest option), pq_ph, pq_pm (full is QLIP);
-#   bits      the option set (Table S4): 8,16 (variant pq) and 6,8,16,32 (variant four); 8,16,32
-#             is QLIP; the bank must hold 6;
+#   bits      the option set (Table S4): BIT_SETS (default "8,16 6,8,16,32"; the variant follows
+#             the option count: pq, full, four); QLIP's own set is QLIP; the bank must hold every
+#             option (on this world's range, e.g. SET=4,5,6 BIT_SETS="4,6 4,5,6,8");
 #   lam       λ, the bit penalty: LAMS (default "0.02 0.05 0.2 0.5"; QLIP's is 0.1).
 # ABLATIONS picks them (default "labels criteria q2b bits lam"), LABELS the labels' rows (default
 # "realism image_text sensitivity", started in that order). Each row trains in its own work
@@ -49,7 +50,12 @@ for group in $groups; do
         q2b) rows+=("q2b_pq|${set_bits%%,*},${set_bits##*,}|--variant pq")
              for v in pq_ph pq_pm; do rows+=("q2b_$v|$set_bits|--variant $v"); done ;;
         # the variant follows the option count: pq for two, full for three, four for four
-        bits) rows+=("bits_8-16|8,16|--variant pq" "bits_6-8-16-32|6,8,16,32|--variant four") ;;
+        bits) for b in ${BIT_SETS:-8,16 6,8,16,32}; do
+                  c=$(( $(tr -cd , <<< "$b" | wc -c) + 1 ))
+                  case $c in 2) v=pq ;; 3) v=full ;; 4) v=four ;;
+                      *) echo "BIT_SETS: $b has $c options; Q2B takes 2 to 4" >&2; exit 2 ;; esac
+                  rows+=("bits_${b//,/-}|$b|--variant $v")
+              done ;;
         lam) for l in $lams; do rows+=("lam_$l|$set_bits|--lam $l"); done ;;
         *) echo "ABLATIONS: unknown group $group (labels criteria q2b bits lam)" >&2; exit 2 ;;
     esac
@@ -75,6 +81,6 @@ wait
 names=$(for spec in "${rows[@]}"; do echo "${spec%%|*}"; done)
 # shellcheck disable=SC2086
 python3 "$(dirname "$0")/qlip_ablations_summary.py" "$out" --qlip "qlip_$t" --mtag "$mtag" \
-    --device "$device" --resamples "${COMPARE_RESAMPLES:-2000}" $names
+    --device "$device" --resamples "${COMPARE_RESAMPLES:-2000}" --jobs "$jobs" $names
 grep -h "exit [1-9]" "$out/timings.txt" 2>/dev/null && echo "some steps failed: see $out/logs" >&2
 exit 0

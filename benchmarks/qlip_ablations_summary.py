@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import matplotlib
@@ -47,11 +49,11 @@ def _t2q(qlip_json: dict | None) -> tuple[str, str, str]:
     return t2q.get("label", "–"), fmt(t2q.get("srocc")), fmt(t2q.get("plcc"))
 
 
-def _verdicts(out: Path, name: str, qlip: str, args) -> dict[str, str]:
+def _verdicts(out: Path, name: str, qlip: str, resamples: int, device: str) -> dict[str, str]:
     """The row against QLIP, paired: OUT/compare_<row>_vs_<qlip>.{json,md} (``qlip compare``'s
     files) and the cells of the summary's table (the shown measures and the rule's verdict)."""
     config = CompareConfig(str(out / f"eval_{name}"), str(out / f"eval_{qlip}"),
-                           resamples=args.resamples, device=args.device)
+                           resamples=resamples, device=device)
     result = compare_runs(config)
     stem = out / f"compare_{name}_vs_{qlip}"
     stem.with_suffix(".json").write_text(json.dumps(comparison_json(result), indent=1))
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--mtag", default="qd")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="comparisons run at once, each in its own process")
     args = parser.parse_args()
     out = args.out
     base = _read(out / f"eval_{args.qlip}" / "metrics.json")
@@ -122,14 +126,21 @@ def main() -> None:
              "| row | T2Q label | SROCC | PLCC | FAB | BitOPs (T) | FID | PSNR to FP | alignment |"
              " vs QLIP: FID | vs QLIP: PSNR | vs QLIP: alignment | vs QLIP, by the decision rule |",
              "|---|---|---:|---:|---:|---:|---|---|---|---|---|---|---|"]
-    for name in [args.qlip] + [f"abl_{n}" for n in args.names]:
+    names = [f"abl_{n}" for n in args.names]
+    evaluated = [n for n in names if (out / f"eval_{n}" / "metrics.json").is_file()]
+    # the paired comparisons, --jobs at once (each a bootstrap of its own; spawn: CUDA-safe)
+    with ProcessPoolExecutor(max(1, args.jobs), mp_context=get_context("spawn")) as pool:
+        futures = {n: pool.submit(_verdicts, out, n, args.qlip, args.resamples, args.device)
+                   for n in evaluated}
+        verdict_of = {n: f.result() for n, f in futures.items()}
+    for name in [args.qlip] + names:
         metrics = rows.get(name) or _read(out / f"eval_{name}" / "metrics.json")
         label, sr, pl = _t2q(_read(out / f"q_{name}" / "qlip.json"))
         if metrics is None:
             lines.append(f"| {name} | {label} | {sr} | {pl} | (not evaluated) ||||||||")
             continue
         rows[name.removeprefix("abl_")] = metrics
-        verdicts = {} if name == args.qlip else _verdicts(out, name, args.qlip, args)
+        verdicts = verdict_of.get(name, {})
         lines.append(
             f"| {name} | {label} | {sr} | {pl} | {metrics['fab']:.2f} | {metrics['bitops_t']:.3f} "
             f"| {_cell(metrics, 'fid')} | {_cell(metrics, 'psnr_vs_reference')} | "
