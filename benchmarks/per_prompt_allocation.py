@@ -25,6 +25,8 @@ import numpy as np
 from safetensors.numpy import load_file
 from scipy.stats import spearmanr
 
+from qlip.evaluation.compare import check_same_images
+
 
 def scores(folder: Path) -> dict[str, np.ndarray]:
     path = folder / "features.safetensors"
@@ -43,8 +45,6 @@ def spearman_interval(x, y, resamples: int, rng) -> tuple[float, float, float]:
 
 def analyse(policy: dict, random: dict, damage_run: dict, resamples: int, seed: int) -> dict:
     n = len(policy["score.fab"])
-    if not len(random["score.fab"]) == len(damage_run["score.fab"]) == n:
-        raise SystemExit("the three evals must be of the same prompts (as many images each)")
     rng = np.random.default_rng(seed)
     fab, damage = policy["score.fab"], -damage_run["score.psnr_vs_reference"]
     richness = policy["group.richness"]
@@ -105,8 +105,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON file for the figures")
     args = parser.parse_args()
-    result = analyse(scores(args.policy), scores(args.random), scores(args.damage),
-                     args.resamples, args.seed)
+    runs = {folder: scores(folder) for folder in (args.policy, args.random, args.damage)}
+    for other in (args.random, args.damage):  # the same prompts and seeds, image by image
+        try:
+            check_same_images(args.policy, other, len(runs[args.policy]["score.fab"]),
+                              len(runs[other]["score.fab"]))
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(str(err)) from None
+    result = analyse(runs[args.policy], runs[args.random], runs[args.damage], args.resamples,
+                     args.seed)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print(markdown(args.name or args.policy.name, result))
