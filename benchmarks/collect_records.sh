@@ -3,7 +3,9 @@
 #   bash benchmarks/collect_records.sh RUN DEST            ->  DEST/records.tgz
 #   MODELS=1 bash benchmarks/collect_records.sh RUN DEST   ->  also DEST/state_<folder>.tgz
 # records.tgz: every JSON/JSONL/text/Markdown/CSV/PNG file under RUN of at most 2 MB, generated images
-# left out (metrics with their intervals, reports, timings, logs, Q2B histories, figures).
+# left out (metrics with their intervals, reports, timings, logs, Q2B histories, figures), and each
+# trained policy's qlip.safetensors (T2Q and Q2B, a few hundred KB: what Q2B learned can be read
+# here).
 # A call returns at most 8 files of at most 16 MB, 64 MB in all (the device README): bring
 # more over several calls while the machine is warm.
 # FEATURES="eval_a eval_b ...": those evals' features.safetensors (with metrics.json and
@@ -18,7 +20,8 @@ set -uo pipefail
 run=${1:?run folder}; dest=${2:?destination folder}
 mkdir -p "$dest"
 find "$run" -type f -size -2M -not -path '*/images/*' \( -name '*.json' -o -name '*.txt' \
-    -o -name '*.md' -o -name '*.csv' -o -name '*.png' -o -name '*.jsonl' \) -print0 \
+    -o -name '*.md' -o -name '*.csv' -o -name '*.png' -o -name '*.jsonl' \
+    -o -name qlip.safetensors \) -print0 \
     | tar czf "$dest/records.tgz" --null -T -
 split_large() {  # the device returns files of at most 16 MB: a larger file travels in 15 MB
     # parts (unpack with `cat NAME.tgz.part-* | tar xzf -`)
