@@ -41,7 +41,7 @@ def plot(runs: list[tuple[str, dict]], out: Path, title: str) -> Path:
     for i, (label, levels) in enumerate(runs):
         keys = sorted(levels, key=int)
         x = [int(k) - 0.4 + width * (i + 0.5) for k in keys]
-        for ax, (metric, name) in zip(axes, PANELS):
+        for ax, (metric, _) in zip(axes, PANELS):
             values = [levels[k][metric] for k in keys]
             bands = [levels[k].get("intervals", {}).get(metric) or (v, v)
                      for k, v in zip(keys, values)]

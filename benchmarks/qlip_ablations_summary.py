@@ -25,7 +25,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from qlip.evaluation.compare import (  # noqa: E402
-    CompareConfig, compare_runs, comparison_json, comparison_markdown)
+    CompareConfig,
+    compare_runs,
+    comparison_json,
+    comparison_markdown,
+)
 
 SHOWN = ("fid", "psnr_vs_reference", "alignment")
 

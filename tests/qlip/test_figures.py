@@ -4,6 +4,7 @@ and `qlip plot-qlip` writes the five PNGs."""
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from qlip.qlip_training.figures import (
     requested_bits,
 )
 from qlip.qlip_training.plots import bit_shares, unet_order
+from qlip.qlip_training.reach import REACH_QUALITIES, reach
 
 PROMPTS = ["a red circle", "two blue squares at the top left", "a star", "a big green star"]
 
@@ -169,3 +171,21 @@ def test_an_eval_of_qlip_keeps_every_images_bits(qlip_folder, _tiny_pipeline_tem
     assert names == alone.unit_names and bits.shape == (3, 3, len(names))
     np.testing.assert_array_equal(bits, alone.bits)
     np.testing.assert_array_equal(requested, alone.requested)
+
+
+def test_reach_is_q2b_map_at_the_label_range(qlip_folder, _tiny_pipeline_template):
+    """train-qlip's record of how far the prompt moves the bits: Q2B's map at qualities 0 … 1,
+    which a prompt-reading Q2B spreads and the timestep-only Q2B holds flat."""
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    policy = load_for_sampling(pipe, qlip_folder)
+    units = quant_units(pipe.unet)
+    dynamic = list(dynamic_units(units))
+    q2b = policy.modules.q2b
+    got = reach(q2b, units, dynamic)
+    want = fab_by_quality(policy, units, dynamic, np.array(REACH_QUALITIES))
+    np.testing.assert_allclose(list(got["fab_at_quality"].values()), want)
+    assert list(got["fab_at_quality"]) == ["0", "0.25", "0.5", "0.75", "1"]
+    assert got["fab_span"] == pytest.approx(want.max() - want.min()) and got["fab_span"] > 0.1
+    flat = Q2B(q2b.num_units, q2b.num_steps, replace(q2b.config, ignore_prompt=True))
+    flat.load_state_dict(q2b.state_dict())
+    assert reach(flat, units, dynamic)["fab_span"] == 0

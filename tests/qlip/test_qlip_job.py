@@ -29,6 +29,7 @@ from qlip.policies import QLIPPolicy
 from qlip.qlip_training import TrainQLIPConfig, prepare_q2b, train_qlip
 from qlip.qlip_training.cli import train_config_from_args
 from qlip.qlip_training.labels import LabelConfig
+from qlip.qlip_training.reach import REACH_QUALITIES, q2b_fab
 from qlip.qlip_training.sources import LabelSource
 
 from .conftest import save_w4_model
@@ -116,6 +117,12 @@ def test_the_job_end_to_end(quantized, tiny_pipe_dir, prompt_file, tmp_path,
     dynamic = [result.unit_names.index(n) for n in modules.unit_names]
     asked = result.requested[:, :, dynamic]
     assert set(np.unique(asked)) <= set(BITS) and (asked[:, 0] == 16).all()
+    # qlip.json records how far the prompt can move the bits: Q2B's map at qualities 0 … 1
+    units = quant_units(fresh.unet)
+    want = q2b_fab(policy.modules.q2b, units, modules.unit_names, np.array(REACH_QUALITIES))
+    got = meta["metrics"]["q2b"]
+    np.testing.assert_allclose([got["fab_at_quality"][f"{q:g}"] for q in REACH_QUALITIES], want)
+    assert got["fab_span"] == pytest.approx(want.max() - want.min())
 
 
 def test_a_timestep_only_job_needs_no_t2q_and_ignores_the_prompt(
@@ -133,6 +140,7 @@ def test_a_timestep_only_job_needs_no_t2q_and_ignores_the_prompt(
     meta = json.loads((out / "qlip.json").read_text())
     assert meta["version"] == 2 and meta["ignores_prompt"] and meta["t2q"] is None
     assert meta["metrics"]["t2q"] is None and meta["metrics"]["q2b"]["iters"] == 6
+    assert meta["metrics"]["q2b"]["fab_span"] == 0  # the prompt cannot move its bits
     assert load_qlip(out).t2q is None
     fresh = copy.deepcopy(_tiny_pipeline_template)
     policy = load_for_sampling(fresh, out)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..nn import QuantUnit, fp_bits, quant_units
+from ..nn import QuantUnit, quant_units
 from ..pipeline import GenerationConfig, generate, load_for_sampling, load_pipeline
 from ..pipeline.generate import dynamic_units
 from ..pipeline.prompts import encode_prompt_batch
@@ -37,6 +37,7 @@ from .plots import (
     plot_fab_by_richness,
     plot_q2b_direction,
 )
+from .reach import fab, q2b_fab
 
 REFERENCE = "reference"
 
@@ -93,20 +94,7 @@ def fab_by_quality(policy: QLIPPolicy, units: dict[str, QuantUnit], dynamic: lis
                    qualities: np.ndarray) -> np.ndarray:
     """``[Q]`` the FAB Q2B gives a prompt of each predicted quality (its argmax bits at every
     step, as :func:`requested_bits`), whatever the prompt: Q2B's learned map."""
-    q2b = policy.modules.q2b
-    q = torch.as_tensor(qualities, dtype=torch.float32, device=q2b.bit_values.device)
-    with torch.no_grad():
-        bits = q2b.bits(q, torch.arange(q2b.num_steps, device=q.device))  # [S, Q, U]
-    return fab(bits.permute(1, 0, 2).cpu().numpy(), units, dynamic)
-
-
-def fab(bits: np.ndarray, units: dict[str, QuantUnit], dynamic: list[str]) -> np.ndarray:
-    """``[N]`` FAB of ``bits [N, S, U]`` over the FAB layers (fixed layers at their own bits)."""
-    column = {name: j for j, name in enumerate(dynamic)}
-    layers = [n for n, u in units.items() if u.fab_member]
-    per_layer = [fp_bits(bits[:, :, column[n]]).mean(1) if n in column else
-                 np.full(len(bits), float(fp_bits(units[n].default_bits))) for n in layers]
-    return np.mean(per_layer, axis=0)
+    return q2b_fab(policy.modules.q2b, units, dynamic, qualities)
 
 
 def fab_by_batch_size(bits: np.ndarray, units: dict[str, QuantUnit], dynamic: list[str],

@@ -33,6 +33,7 @@ from ..pipeline.prompts import check_prompts, prompt_lengths, truncation_note
 from ..pipeline.qlip_data import FPRunConfig, generate_t2q_data, prompt_sensitivity, trajectory_data
 from ..pipeline.saving import CONFIG_FILE, STATE_FILE, fingerprint, read_config
 from .labels import LabelConfig, normalized_labels, raw_scores
+from .reach import reach
 from .sources import MEASURED, LabelSource, complexity_source, folder_source, reference_source
 from .t2q_stage import T2QResult, fit_t2q
 
@@ -424,13 +425,16 @@ def _finish(inputs: Q2BInputs) -> QLIPModules:
     """Train Q2B and save QLIP's modules and metrics."""
     config, fitted = inputs.stages.config, inputs.t2q
     q2b, history = _fit_q2b(inputs)
-    names = [n for n, u in quant_units(inputs.pipe.unet).items() if u.dynamic]
+    units = quant_units(inputs.pipe.unet)
+    names = [n for n, u in units.items() if u.dynamic]
+    metrics = _metrics(config, fitted, history, inputs.texts, inputs.world, inputs.stages.times)
+    metrics["q2b"] |= reach(q2b, units, names)  # how far the prompt can move the bits
     modules = QLIPModules(None if fitted is None else fitted.model,
-                          q2b.eval().requires_grad_(False), names,
-                          _metrics(config, fitted, history, inputs.texts, inputs.world,
-                                   inputs.stages.times))
+                          q2b.eval().requires_grad_(False), names, metrics)
     path = _write(modules, config)
-    bits = f"Q2B mean bits {modules.metrics['q2b']['fab']:.2f} (last tenth of training)"
+    at = metrics["q2b"]["fab_at_quality"]
+    bits = (f"Q2B mean bits {metrics['q2b']['fab']:.2f} (last tenth of training); FAB at "
+            f"predicted quality 0 / 1: {at['0']:.3f} / {at['1']:.3f}")
     if fitted is None:
         inputs.stages.log(f"timestep-only Q2B (no T2Q, the prompt ignored): {bits}; saved to "
                           f"{path}")
