@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -180,7 +180,9 @@ def graph_replay(step, warmup: int, iters: int, before=None) -> dict:
     return timed(call, warmup, iters)
 
 
-def measure(variant: str, args) -> dict:
+def measure(variant: str, args, save=lambda out: None) -> dict:
+    """One variant's measurements; ``save(out)`` gets what is measured so far after each phase,
+    so that a run cut by its time limit keeps the phases it finished."""
     unet, units = build(variant, args)
     x, t, c, kw = inputs(unet, args)
 
@@ -237,11 +239,13 @@ def measure(variant: str, args) -> dict:
     out["eager"] = {"median_ms": statistics.median(times), "min_ms": min(times),
                     "iters": len(times), "round_medians_ms": [one["median_ms"] for one in rounds],
                     "times": times}
+    save(out | {"partial": "eager only"})
     # the rest in one more turn of the same order: nothing else runs while it is timed (run 4's
     # graph times, taken under a lock while other variants were still in their eager rounds,
     # read 36.6 ms for W4A8 layers against 17.9 ms alone)
     with _Turn(args, args.eager_rounds):
         out["graph"] = graph_replay(step, args.warmup, args.iters)
+        save(out | {"partial": "eager and CUDA graph only"})
         if compiled is not None:
             out["compiled"] = timed(lambda: compiled(x, t, encoder_hidden_states=c, **kw),
                                     args.warmup, args.iters)
@@ -453,15 +457,19 @@ def main() -> None:
                         help="eager and CUDA-graph variants only (minutes less)")
     args = parser.parse_args()
     if args.variant:
-        result = measure(args.variant, args)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        save = lambda out: Path(args.out).write_text(json.dumps(out, indent=2))  # noqa: E731
+        save(measure(args.variant, args, save))
         return
     names = args.variants.split(",")
-    sync = tempfile.mkdtemp()
+    # the variants' own files beside --out (not in a temporary folder): a run cut by its time
+    # limit leaves each variant's finished phases there (OUT.parts/<variant>.json, "partial")
+    sync = Path(args.out).with_name(Path(args.out).stem + ".parts")
+    shutil.rmtree(sync, ignore_errors=True)
+    sync.mkdir(parents=True)
     procs = {}
     for index, name in enumerate(names):
-        part = Path(sync) / f"{name}.json"
-        cmd = [sys.executable, __file__, "--variant", name, "--out", str(part), "--sync-dir", sync,
+        part = sync / f"{name}.json"
+        cmd = [sys.executable, __file__, "--variant", name, "--out", str(part), "--sync-dir", str(sync),
                "--processes", str(len(names)), "--index", str(index),
                "--eager-rounds", str(args.eager_rounds), "--warmup", str(args.warmup),
                "--iters", str(args.iters), "--rounds", str(args.rounds), "--arch", args.arch,
@@ -471,14 +479,15 @@ def main() -> None:
 
     config = UNET_CONFIGS[args.arch]
     size = config["sample_size"]
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "arch": args.arch,
+    results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none", "torch": torch.__version__, "arch": args.arch,
                "batch": args.batch, "latent": [4, size, size],
                "context": [77, config["cross_attention_dim"]], "dtype": "bfloat16",
                "bank": list(BANK), "variants": {}}
     for name, (proc, part) in procs.items():
         code = proc.wait()
-        results["variants"][name] = (json.loads(part.read_text()) if code == 0
-                                     else {"error": f"exit {code}"})
+        done = json.loads(part.read_text()) if part.is_file() else {}
+        # a variant that failed after some phases keeps them, marked "partial"
+        results["variants"][name] = done if code == 0 else done | {"error": f"exit {code}"}
     Path(args.out).write_text(json.dumps(results, indent=2))
     try:
         summarise(results)

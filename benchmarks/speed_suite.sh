@@ -6,6 +6,8 @@
 # step    benchmarks/sd14_unet_step.py at BATCH (default 8), ARCH (sd14), VARIANTS (bf16 in both
 #         layouts, simulated W4A8 ± attention, the fused attention, real int8 and packed),
 #         compiled unless COMPILE=0                            -> OUT/unet_step.<arch>.b<batch>.json
+#         (each variant's finished phases also in OUT/unet_step.<arch>.b<batch>.parts/: a step
+#         cut by its limit keeps its eager and CUDA-graph times there, marked "partial")
 # mixed   benchmarks/mixed_latency.py: latency against FAB under mixed real execution
 #                                                              -> OUT/mixed_latency.{json,png}
 # memory  benchmarks/weight_memory.py --device cuda            -> OUT/weight_memory.json
