@@ -8,7 +8,7 @@ prompts and seeds (``features.safetensors``):
   overall and per caption richness level;
 - against a random policy with the policy's own proportions (``--random``, drawn per prompt, so
   its per-prompt FAB barely varies): per quartile of the policy's extra bits per prompt, the
-  mean PSNR gain, with a 95% bootstrap interval. A policy that reads the prompt well gains where it adds bits and loses little
+  mean PSNR gain, with a 95% bootstrap interval (``qlip.metrics.bootstrap``'s, as ``qlip eval``'s). A policy that reads the prompt well gains where it adds bits and loses little
   where it takes them away.
 
     python benchmarks/per_prompt_allocation.py RUN/eval_qlip_4-5-6 --random RUN/eval_random_4-5-6 \\
@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
-from scipy.stats import spearmanr
 
 from qlip.evaluation.compare import check_same_images
+from qlip.metrics import srocc
+from qlip.metrics.bootstrap import Interval, interval, resample_counts, weighted_means
 
 
 def scores(folder: Path) -> dict[str, np.ndarray]:
@@ -35,39 +36,45 @@ def scores(folder: Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
-def spearman_interval(x, y, resamples: int, rng) -> tuple[float, float, float]:
-    """ρ and its 95% percentile bootstrap interval (images resampled in pairs)."""
-    idx = rng.integers(0, len(x), (resamples, len(x)))
-    boot = [spearmanr(x[i], y[i]).statistic for i in idx]
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return float(spearmanr(x, y).statistic), float(low), float(high)
+def spearman_interval(x: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> Interval:
+    """ρ with its bootstrap interval (images resampled in pairs; the project's re-centred
+    percentile interval, as every figure of ``qlip eval``)."""
+    counts = resample_counts(len(x), resamples, seed).long().numpy()
+    index = np.arange(len(x))
+    samples = [srocc(x[i], y[i]) for i in (np.repeat(index, c) for c in counts)]
+    return interval(srocc(x, y), np.array(samples))
+
+
+def mean_interval(values: np.ndarray, resamples: int, seed: int) -> Interval:
+    """The mean with its bootstrap interval."""
+    return interval(float(values.mean()),
+                    weighted_means(resample_counts(len(values), resamples, seed), values))
 
 
 def analyse(policy: dict, random: dict, damage_run: dict, resamples: int, seed: int) -> dict:
-    n = len(policy["score.fab"])
-    rng = np.random.default_rng(seed)
     fab, damage = policy["score.fab"], -damage_run["score.psnr_vs_reference"]
     richness = policy["group.richness"]
-    rho, low, high = spearman_interval(fab, damage, resamples, rng)
+    rho = spearman_interval(fab, damage, resamples, seed)
     levels = {}
     for level in np.unique(richness).tolist():
         m = richness == level
         levels[int(level)] = {"images": int(m.sum()), "mean_fab": float(fab[m].mean()),
                               "mean_psnr_prompt_free_db": float(-damage[m].mean()),
-                              "spearman_fab_damage": float(spearmanr(fab[m], damage[m]).statistic)}
+                              "spearman_fab_damage": srocc(fab[m], damage[m])}
     extra = fab - random["score.fab"]
     gain = policy["score.psnr_vs_reference"] - random["score.psnr_vs_reference"]
     edges = np.quantile(extra, [0, 0.25, 0.5, 0.75, 1])
+    quarter = np.clip(np.searchsorted(edges[1:-1], extra, side="right"), 0, 3)  # 0 … 3
     quartiles = []
-    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-        m = (extra >= lo) & ((extra <= hi) if i == 3 else (extra < hi))
-        g = gain[m]
-        boot = g[rng.integers(0, len(g), (resamples, len(g)))].mean(axis=1)
-        quartiles.append({"extra_fab": [float(lo), float(hi)], "images": int(m.sum()),
-                          "mean_psnr_gain_db": float(g.mean()),
-                          "interval": np.percentile(boot, [2.5, 97.5]).tolist()})
-    return {"images": n, "fab_std": {"policy": float(fab.std()), "random": float(random["score.fab"].std())},
-            "spearman_fab_damage": {"rho": rho, "interval": [low, high], "resamples": resamples},
+    for i in range(4):
+        mean = mean_interval(gain[quarter == i], resamples, seed)
+        quartiles.append({"extra_fab": [float(edges[i]), float(edges[i + 1])],
+                          "images": int((quarter == i).sum()),
+                          "mean_psnr_gain_db": mean.estimate, "interval": mean.to_list()})
+    return {"images": len(fab),
+            "fab_std": {"policy": float(fab.std()), "random": float(random["score.fab"].std())},
+            "spearman_fab_damage": {"rho": rho.estimate, "interval": rho.to_list(),
+                                    "resamples": resamples},
             "by_richness": levels, "gain_over_random_by_extra_bits": quartiles,
             "mean_psnr_gain_over_random_db": float(gain.mean())}
 
