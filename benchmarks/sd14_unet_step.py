@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -457,7 +458,11 @@ def main() -> None:
                         help="eager and CUDA-graph variants only (minutes less)")
     args = parser.parse_args()
     if args.variant:
-        save = lambda out: Path(args.out).write_text(json.dumps(out, indent=2))  # noqa: E731
+        def save(out: dict) -> None:  # whole or absent: a variant stopped mid-write tears nothing
+            part = Path(args.out)
+            part.with_suffix(".tmp").write_text(json.dumps(out, indent=2))
+            os.replace(part.with_suffix(".tmp"), part)
+
         save(measure(args.variant, args, save))
         return
     names = args.variants.split(",")
@@ -475,11 +480,19 @@ def main() -> None:
                "--iters", str(args.iters), "--rounds", str(args.rounds), "--arch", args.arch,
                "--batch", str(args.batch)] + ([] if args.compile else ["--no-compile"])
         procs[name] = (subprocess.Popen(cmd, env=os.environ.copy()), part)
+
+    def stop(signum, frame):  # a time limit's SIGTERM: no variant may keep the GPU busy after it
+        for proc, _ in procs.values():
+            proc.terminate()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     from qlip.testing import UNET_CONFIGS
 
     config = UNET_CONFIGS[args.arch]
     size = config["sample_size"]
-    results = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none", "torch": torch.__version__, "arch": args.arch,
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    results = {"gpu": gpu, "torch": torch.__version__, "arch": args.arch,
                "batch": args.batch, "latent": [4, size, size],
                "context": [77, config["cross_attention_dim"]], "dtype": "bfloat16",
                "bank": list(BANK), "variants": {}}

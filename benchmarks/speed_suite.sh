@@ -7,7 +7,8 @@
 #         layouts, simulated W4A8 ± attention, the fused attention, real int8 and packed),
 #         compiled unless COMPILE=0                            -> OUT/unet_step.<arch>.b<batch>.json
 #         (each variant's finished phases also in OUT/unet_step.<arch>.b<batch>.parts/: a step
-#         cut by its limit keeps its eager and CUDA-graph times there, marked "partial")
+#         cut by its limit keeps its eager and CUDA-graph times there, marked "partial"; the
+#         limit's SIGTERM stops every variant process, so nothing of it runs into the next step)
 # mixed   benchmarks/mixed_latency.py: latency against FAB under mixed real execution
 #                                                              -> OUT/mixed_latency.{json,png}
 # memory  benchmarks/weight_memory.py --device cuda            -> OUT/weight_memory.json
