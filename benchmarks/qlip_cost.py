@@ -15,6 +15,13 @@ order alternating), so that the host's drift between minutes cancels in each pai
 row reports the median ratio and a 95% bootstrap interval of the mean log ratio. (Run 3 on the
 H200 showed one policy's rounds 30% apart: rounds alone do not resolve a few percent.)
 
+``--selection-reps N`` times the selection alone, N times per batch: QLIP's ``begin`` (T2Q on the
+prompts' embeddings, then Q2B's bits for every step and unit), the device synchronised around
+each call. Its median per image, over the fixed policies' median seconds per image, is the
+selection's share of an image's cost, measured in milliseconds where the end-to-end ratios
+above are within the host's drift. (It leaves out what the chosen mixed bits cost the steps:
+``replay / fixed`` measures that.)
+
     python benchmarks/qlip_cost.py RUN/q_qlip_8-16-32 --out RUN/qlip_cost.json --device cuda
 """
 
@@ -81,6 +88,23 @@ def _timed(pipe, prompts, seeds, policy, config, device: str) -> float:
     return time.perf_counter() - start
 
 
+def selection_seconds(pipe, policy, prompts, batch_size: int, steps: int, reps: int,
+                      device: str) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``policy.begin`` per batch of ``prompts`` (the text
+    encoded beforehand, as the pipeline does for every policy), the device synchronised."""
+    batches = [encode_prompt_batch(pipe, prompts[start:start + batch_size])
+               for start in range(0, len(prompts), batch_size)]
+    took = []
+    for _ in range(reps):
+        for batch in batches:
+            _sync(device)
+            start = time.perf_counter()
+            policy.begin(batch, steps)
+            _sync(device)
+            took.append(time.perf_counter() - start)
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("quantized", help="a folder with qlip.json (`qlip train-qlip`)")
@@ -95,9 +119,14 @@ def main() -> None:
                         help="adjacent QLIP / other pairs per policy of --pair-with (0: none)")
     parser.add_argument("--pair-with", default="replay",
                         help="comma-separated policy names (replay, 'fixed A8', ...)")
+    parser.add_argument("--selection-reps", type=int, default=0,
+                        help="time QLIP's selection (begin) alone this many times per batch")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     args = parser.parse_args()
+    if min(args.batches, args.rounds) < 1 or min(args.pairs, args.selection_reps) < 0:
+        raise SystemExit("--batches and --rounds take at least 1; --pairs and --selection-reps "
+                         "at least 0")
 
     pipe = load_pipeline(args.model, args.device)
     qlip_policy = load_for_sampling(pipe, args.quantized)
@@ -146,19 +175,30 @@ def main() -> None:
                     ratios.append(took["QLIP"] / took[other])
                 paired[f"QLIP / {other}"] = paired_ratio(ratios)
             median = {name: statistics.median(t) for name, t in times.items()}
+            selection = {}
+            if args.selection_reps:
+                took = selection_seconds(pipe, qlip_policy, prompts, batch_size, args.steps,
+                                         args.selection_reps, args.device)
+                per_image = statistics.median(took) / batch_size
+                fixed = statistics.median(median[f"fixed A{b}"] for b in options)
+                selection = {"calls": len(took), "median_seconds_per_call": statistics.median(took),
+                             "seconds_per_image": per_image,
+                             "share_of_fixed_image": per_image / fixed}
             row = {"batch_size": batch_size, "batch_mode": mode, "images": len(prompts),
                    "qlip_fab": fab,
                    "seconds_per_image": median, "all_rounds": times,
                    "qlip_over_replay": median["QLIP"] / median["replay"] - 1,
                    "qlip_over_fixed": {f"A{b}": median["QLIP"] / median[f"fixed A{b}"] - 1
                                        for b in options},
-                   "paired": paired}
+                   "paired": paired, "selection": selection}
             rows.append(row)
             print(f"batch {batch_size} {mode}: " + ", ".join(
                 f"{n} {1e3 * s:.1f} ms/img" for n, s in median.items()) +
                 f"; QLIP/replay {100 * row['qlip_over_replay']:+.1f}%; QLIP FAB {fab:.2f}" + "".join(
                 f"; paired {k} {v['median']:.4f} [{v['interval95'][0]:.4f}, "
-                f"{v['interval95'][1]:.4f}]" for k, v in paired.items()))
+                f"{v['interval95'][1]:.4f}]" for k, v in paired.items()) + (
+                f"; selection {1e3 * selection['seconds_per_image']:.3f} ms/img "
+                f"({100 * selection['share_of_fixed_image']:.2f}% of fixed)" if selection else ""))
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     out = {"device": gpu, "torch": torch.__version__, "quantized": args.quantized,
            "steps": args.steps, "guidance": args.guidance,
