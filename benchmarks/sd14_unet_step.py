@@ -50,8 +50,8 @@ from qlip.testing import build_unet, unet_step_inputs
 VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real",
             "w4a8_layers_real_packed", "w4a8_attention",
             "w4a8_attention_fused", "bank")
-COMPILED = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_attention", "w4a8_attention_fused",
-            "bank")
+COMPILED = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_real",
+            "w4a8_layers_real_packed", "w4a8_attention", "w4a8_attention_fused", "bank")
 BANK = (8, 16, 32)
 
 
@@ -226,6 +226,12 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
                 compiled(x, t, encoder_hidden_states=c, **kw)
             torch.cuda.synchronize()
             out["first_compile_s"] = time.perf_counter() - start
+            if variant.startswith("w4a8_layers_real"):  # the real kernels stay in the graph
+                with torch.no_grad():
+                    got = compiled(x, t, encoder_hidden_states=c, **kw).sample.float()
+                    want = step().float()
+                out["compiled_vs_eager_real"] = {"max_abs": float((got - want).abs().max()),
+                                                 "mean_abs": float((got - want).abs().mean())}
         except Exception as err:  # noqa: BLE001 (a variant that does not compile is a result)
             compiled, out["compile_error"] = None, f"{type(err).__name__}: {str(err)[:600]}"
     _barrier(args)

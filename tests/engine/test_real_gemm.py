@@ -270,3 +270,82 @@ def test_launch_takes_the_first_tile_unless_autotuning_is_on(monkeypatch):
             assert grid({"BLOCK_M": 128, "BLOCK_N": 128}) == (1, 2)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter cannot time: always fixed
     assert fused_quantize.fixed_tile()
+
+
+def test_the_real_kernels_are_operators_with_the_shapes_a_compiled_graph_needs():
+    """torch.compile traces the kernels as custom operators: their fake implementations give the
+    output's shape, dtype and layout (a Linear's ``[..., N]``; a conv's channels-last
+    ``[B, N, H_out, W_out]``) without running anything, and the checks before the launch still
+    refuse what the kernel cannot take."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qlip.quant import real_conv as rc
+
+    def side(n):
+        return (torch.empty(4, dtype=torch.int32), torch.empty(4, dtype=torch.int32),
+                torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32),
+                torch.empty(n), torch.empty(n))
+    with FakeTensorMode():
+        integer, offset, w_sum, w_zero, w_scale, bias = side(40)
+        one = torch.zeros(1, dtype=torch.long)
+        x = torch.empty(2, 5, 72, dtype=torch.bfloat16)
+        for w in (torch.empty(40, 72, dtype=torch.int8), torch.empty(40, 36, dtype=torch.uint8)):
+            out = rg.real_linear(x, torch.empty(4, 3), one, one, 0, integer, offset, w, w_sum,
+                                 w_zero, w_scale, bias)
+            assert out.shape == (2, 5, 40) and out.dtype == torch.bfloat16
+        with pytest.raises(ValueError, match="do not hold K = 72"):
+            rg.real_linear(x, torch.empty(4, 3), one, one, 0, integer, offset,
+                           torch.empty(40, 35, dtype=torch.uint8), w_sum, w_zero, w_scale, bias)
+        image = torch.empty(2, 8, 6, 5)
+        out = rc.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
+                             torch.empty(40, 72, dtype=torch.int8), w_sum, w_zero, w_scale, None,
+                             kernel_size=(3, 3), padding=(1, 0))
+        assert out.shape == (2, 40, 6, 3)
+        assert out.is_contiguous(memory_format=torch.channels_last)  # as the kernel writes it
+    schema = str(torch.ops.qlip.real_linear.default._schema)
+    assert "Tensor? bias" in schema and "SymInt steps" in schema
+
+
+@needs_kernel
+def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, monkeypatch):
+    """Under torch.compile the real layers stay real: every switched layer is one call of the
+    custom operator in the traced graph (no graph break), the compiled model gives the eager
+    real model's output at every option, and changing the bits recompiles nothing."""
+    from qlip.nn import QuantConfig, use_real_execution
+
+    from ..conftest import kernel_unet
+
+    unet, units, _, (x, t, c) = kernel_unet(
+        tiny_pipe, monkeypatch, QuantConfig(wbits=4, abits=8, abits_options=(4, 8, 16)))
+    switched = use_real_execution(unet)
+    graphs = []
+
+    def recording(gm, example_inputs):  # a backend that keeps the graph and runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    def run(fn, bits):
+        for unit in units.values():
+            unit.set_bits(bits)
+        with torch.no_grad():
+            return fn(x, t, encoder_hidden_states=c).sample
+
+    eager = {bits: run(unet, bits) for bits in (4, 8, 16)}
+    torch._dynamo.reset()
+    compiled = torch.compile(unet.forward, backend=recording, fullgraph=True)
+    first = run(compiled, 4)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    real_calls = [tt for tt in targets if "qlip.real_" in tt]
+    assert len(real_calls) == switched > 0
+    assert torch.allclose(first, eager[4], rtol=1e-5, atol=1e-5)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for bits in (8, 16, 4):
+            got = run(compiled, bits)
+            if bits <= 8:  # the same integers in every real layer
+                assert torch.allclose(got, eager[bits], rtol=1e-5, atol=1e-5), bits
+            else:  # float math: the eager and the traced element-wise ops round differently,
+                # carried through the UNet (4e-5 here)
+                assert (got - eager[bits]).abs().max() < 1e-3, bits
+    assert len(graphs) == 1
+    torch._dynamo.reset()

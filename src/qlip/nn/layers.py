@@ -218,7 +218,8 @@ class QuantLayer(QuantUnit):
         most 8 bits, float math above, chosen on the device, in eager inference on the GPU.
         Needs a layer of a :meth:`real_kind` (a Linear, a conv of stride 1), weights of at most
         8 bits fixed to codes, one input part and a per-tensor uniform bank; returns False,
-        changing nothing, for a layer that has not. Elsewhere (a per-image choice, a compiled graph,
+        changing nothing, for a layer that has not. Eager and compiled (the kernels are custom
+        operators that ``torch.compile`` keeps in its graph); elsewhere (a per-image choice,
         gradients, the CPU) the simulation runs."""
         if not on:
             self._real = None
@@ -252,7 +253,7 @@ class QuantLayer(QuantUnit):
         """``x`` through ``run`` (default :func:`qlip.quant.real_gemm.real_linear`, ``x [..., K]``)
         with this layer's option, step and operands, or None where the simulation must run."""
         real = self._real
-        if real is None or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        if real is None or torch.is_grad_enabled():
             return None
         bank = self._modules["act_banks"]._modules["0"]
         table = self._table

@@ -163,22 +163,42 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
                 kernel_size: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
     """``x [B, C, H, W]`` through the KH×KW convolution (stride 1): one launch, integer or float
     math by the option ``choice`` names; ``w`` the ``[N, C·KH·KW]`` codes (int8, or packed uint8).
-    Returns ``[B, N, H_out, W_out]`` in x's dtype, channels-last in memory."""
-    b, c, h, width = x.shape
-    kh, kw = kernel_size
-    k_total = c * kh * kw
+    Returns ``[B, N, H_out, W_out]`` in x's dtype, channels-last in memory. The launch is the
+    custom operator ``torch.ops.qlip.real_conv2d``, which ``torch.compile`` keeps in its graph
+    (as :func:`qlip.quant.real_gemm.real_linear`)."""
+    k_total = x.shape[1] * kernel_size[0] * kernel_size[1]
     if k_total > MAX_K:
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_total}")
     packed = w.dtype == torch.uint8
     if w.shape[1] != ((k_total + 1) // 2 if packed else k_total):
         raise ValueError(f"weights {tuple(w.shape)} do not hold K = {k_total} codes a row")
-    h_out, w_out = h + 2 * padding[0] - kh + 1, width + 2 * padding[1] - kw + 1
+    return torch.ops.qlip.real_conv2d(x, table, choice, step if steps else choice, steps, integer,
+                                      offset, w, w_sum, w_zero, w_scale, bias, list(kernel_size),
+                                      list(padding))
+
+
+def _output_shape(x: torch.Tensor, n: int, kernel_size, padding) -> tuple[int, int, int, int]:
+    """``[B, H_out, W_out, N]``: the output as it lies in memory (channels-last)."""
+    b, _, h, width = x.shape
+    return (b, h + 2 * padding[0] - kernel_size[0] + 1, width + 2 * padding[1] - kernel_size[1] + 1,
+            n)
+
+
+@torch.library.custom_op("qlip::real_conv2d", mutates_args=())
+def _real_conv2d_op(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
+                    step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
+                    w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor,
+                    w_scale: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
+                    padding: list[int]) -> torch.Tensor:
+    b, c, h, width = x.shape
+    kh, kw = kernel_size
+    _, h_out, w_out, n = shape = _output_shape(x, w.shape[0], kernel_size, padding)
     xl = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C] (a view for a channels-last x)
-    n = w.shape[0]
-    out = torch.empty(b, h_out, w_out, n, device=x.device, dtype=x.dtype)
-    operands = (xl, w, out, table, choice, step if steps else choice, integer, offset, w_sum,
+    out = torch.empty(shape, device=x.device, dtype=x.dtype)
+    operands = (xl, w, out, table.contiguous(), choice, step, integer, offset, w_sum,
                 w_zero, w_scale, bias if bias is not None else w_scale, b, h, width, c, n, h_out,
                 w_out, steps, w.stride(0))
+    packed = w.dtype == torch.uint8
     flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], HAS_STEPS=bool(steps),
                  HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, PACKED=packed)
     if packed:
@@ -187,3 +207,9 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     else:
         launch(_real_conv_kernel, _conv_tuned, TILES, b * h_out * w_out, n, operands, flags)
     return out.permute(0, 3, 1, 2)
+
+
+@_real_conv2d_op.register_fake
+def _(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
+      kernel_size, padding):
+    return x.new_empty(_output_shape(x, w.shape[0], kernel_size, padding)).permute(0, 3, 1, 2)

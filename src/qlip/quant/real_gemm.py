@@ -256,21 +256,36 @@ if triton is not None:
 def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
     """``x [..., K]`` through the layer: one launch, integer or float math by the option that
     ``choice`` names (see the module doc); returns ``[..., N]`` in x's dtype. ``w`` is int8
-    ``[N, K]`` codes, or uint8 ``[N, ceil(K/2)]`` packed 4-bit codes (:func:`pack_rows`)."""
-    lead, k_dim = x.shape[:-1], x.shape[-1]
+    ``[N, K]`` codes, or uint8 ``[N, ceil(K/2)]`` packed 4-bit codes (:func:`pack_rows`).
+
+    The launch is the custom operator ``torch.ops.qlip.real_linear``, so that ``torch.compile``
+    keeps it in its graph (an opaque call, its output's shape from a fake implementation) and
+    fuses what lies around it, instead of breaking the graph or falling back to the simulation."""
+    k_dim = x.shape[-1]
     if k_dim > MAX_K:
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_dim}")
+    if w.dtype == torch.uint8 and w.shape[1] != (k_dim + 1) // 2:
+        raise ValueError(f"packed weights {tuple(w.shape)} do not hold K = {k_dim} codes a row")
+    return torch.ops.qlip.real_linear(x, table, choice, step if steps else choice, steps, integer,
+                                      offset, w, w_sum, w_zero, w_scale, bias)
+
+
+@torch.library.custom_op("qlip::real_linear", mutates_args=())
+def _real_linear_op(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
+                    step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
+                    w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor,
+                    w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    lead, k_dim = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_dim)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
+    table = table.contiguous()  # (a compiled graph may hand over a strided slice)
     m, n = x2.shape[0], w.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    operands = (x2, w, out, table, choice, step if steps else choice, integer, offset, w_sum,
+    operands = (x2, w, out, table, choice, step, integer, offset, w_sum,
                 w_zero, w_scale, bias if bias is not None else w_scale, m, n, k_dim, steps,
                 x2.stride(0), w.stride(0), out.stride(0))
     packed = w.dtype == torch.uint8
-    if packed and w.shape[1] != (k_dim + 1) // 2:
-        raise ValueError(f"packed weights {tuple(w.shape)} do not hold K = {k_dim} codes a row")
     flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                  PACKED=packed)
     if packed:
@@ -278,3 +293,8 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     else:
         launch(_real_linear_kernel, _real_linear_tuned, TILES, m, n, operands, flags)
     return out.reshape(*lead, n)
+
+
+@_real_linear_op.register_fake
+def _(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
