@@ -399,7 +399,8 @@ def summarise(results: dict) -> None:
     if base_compiled and "compiled" in layers and "compiled" in v["bf16"]:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
     base_graph = v["bf16"].get("compiled_graph", {}).get("median_ms")
-    for name in ("w4a8_layers", "w4a8_attention", "w4a8_attention_fused", "bank"):
+    for name in ("w4a8_layers", "w4a8_layers_real", "w4a8_layers_real_packed", "w4a8_attention",
+                 "w4a8_attention_fused", "bank"):
         # by the compiled step's GPU time (bank: A8, attention quantized)
         if base_graph and "compiled_graph" in v.get(name, {}):
             targets[f"compiled_graph_{name}_vs_bf16"] = (
