@@ -1,26 +1,41 @@
 #!/usr/bin/env bash
 # Issue 14's measurements on one GPU, in one call, nothing else on the device:
-#   bash benchmarks/speed_suite.sh OUT [STEPS="tests step mixed memory"]
+#   bash benchmarks/speed_suite.sh OUT [STEPS="tests step real mixed memory"]
 # tests   the Triton kernels' tests on CUDA (first tile, conftest's QLIP_AUTOTUNE=0; the tuned
 #         launch in test_kernel_autotune.py)                   -> OUT/kernel_tests.txt
 # step    benchmarks/sd14_unet_step.py at BATCH (default 8), ARCH (sd14), VARIANTS (bf16 in both
-#         layouts, simulated W4A8 ± attention, the fused attention, real int8 and packed),
-#         compiled unless COMPILE=0                            -> OUT/unet_step.<arch>.b<batch>.json
+#         layouts, simulated W4A8 ± attention, the fused attention), compiled unless COMPILE=0
+#                                                              -> OUT/unet_step.<arch>.b<batch>.json
+# real    the same for REAL_VARIANTS (bf16 in both layouts again, for ratios within the run; real
+#         int8 and packed, eager and compiled)         -> OUT/unet_step.<arch>.b<batch>.real.json
+#         Apart from the step: on an H100 at batch 8 (eleventh session) the real variants had
+#         not finished compiling after 360 s (their kernels autotune a tile for every layer
+#         shape on first use, then Inductor compiles; which took the time is not known), and
+#         the variants wait for each other before they measure, so nothing of the step was
+#         measured. Each variant now waits at most half the step's limit for the others
+#         (--barrier-s).
 #         (each variant's finished phases also in OUT/unet_step.<arch>.b<batch>.parts/: a step
 #         cut by its limit keeps its eager and CUDA-graph times there, marked "partial"; the
 #         limit's SIGTERM stops every variant process, so nothing of it runs into the next step)
 # mixed   benchmarks/mixed_latency.py: latency against FAB under mixed real execution
 #                                                              -> OUT/mixed_latency.{json,png}
 # memory  benchmarks/weight_memory.py --device cuda            -> OUT/weight_memory.json
-# Each step writes straight into OUT with its own time limit (T_TESTS, T_STEP, T_MIXED,
+# Each step writes straight into OUT with its own time limit (T_TESTS, T_STEP, T_REAL, T_MIXED,
 # T_MEMORY seconds), so a step cut by its limit leaves what it printed and the steps after it
 # still run. OUT/suite.txt lists each step's exit code and seconds.
 set -uo pipefail
-out=${1:?output folder}; steps=${2:-tests step mixed memory}
+out=${1:?output folder}; steps=${2:-tests step real mixed memory}
 batch=${BATCH:-8}; arch=${ARCH:-sd14}
-variants=${VARIANTS:-bf16,bf16_channels_last,w4a8_layers,w4a8_layers_real,w4a8_layers_real_packed,w4a8_attention,w4a8_attention_fused}
+variants=${VARIANTS:-bf16,bf16_channels_last,w4a8_layers,w4a8_attention,w4a8_attention_fused}
+real_variants=${REAL_VARIANTS:-bf16,bf16_channels_last,w4a8_layers_real,w4a8_layers_real_packed}
 here=$(dirname "$0")
 mkdir -p "$out"
+unet_step() {  # unet_step NAME LIMIT VARIANTS SUFFIX
+    step "$1" "$2" "$out/unet_step.$arch.b$batch$4.txt" \
+        python3 "$here/sd14_unet_step.py" --arch "$arch" --batch "$batch" --eager-rounds 2 \
+        --rounds 2 --variants "$3" --barrier-s $(($2 / 2)) $([ "${COMPILE:-1}" = 0 ] && echo --no-compile) \
+        --out "$out/unet_step.$arch.b$batch$4.json"
+}
 step() {  # step NAME LIMIT LOG COMMAND...
     local name=$1 limit=$2 log=$3 start=$SECONDS code; shift 3
     timeout "$limit" "$@" > "$log" 2>&1; code=$?
@@ -32,15 +47,13 @@ for s in $steps; do
                    -p no:cacheprovider "$here/../tests/engine/test_real_gemm.py" \
                    "$here/../tests/engine/test_real_conv.py" "$here/../tests/engine/test_kernel_autotune.py" \
                    "$here/../tests/engine/test_fused_attention.py" "$here/../tests/engine/test_fused_quantize.py" ;;
-        step) step step "${T_STEP:-330}" "$out/unet_step.$arch.b$batch.txt" \
-                  python3 "$here/sd14_unet_step.py" --arch "$arch" --batch "$batch" --eager-rounds 2 \
-                  --rounds 2 --variants "$variants" $([ "${COMPILE:-1}" = 0 ] && echo --no-compile) \
-                  --out "$out/unet_step.$arch.b$batch.json" ;;
+        step) unet_step step "${T_STEP:-330}" "$variants" "" ;;
+        real) unet_step real "${T_REAL:-420}" "$real_variants" .real ;;
         mixed) step mixed "${T_MIXED:-120}" "$out/mixed_latency.txt" \
                    python3 "$here/mixed_latency.py" --out "$out/mixed_latency.json" ;;
         memory) step memory "${T_MEMORY:-120}" "$out/weight_memory.txt" \
                     python3 "$here/weight_memory.py" --device cuda --out "$out/weight_memory.json" ;;
-        *) echo "unknown step $s (tests step mixed memory)" >&2; exit 2 ;;
+        *) echo "unknown step $s (tests step real mixed memory)" >&2; exit 2 ;;
     esac
 done
 cat "$out/suite.txt"
