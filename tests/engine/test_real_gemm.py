@@ -295,8 +295,9 @@ def test_launch_takes_the_first_tile_unless_autotuning_is_on(monkeypatch):
 def test_the_real_kernels_are_operators_with_the_shapes_a_compiled_graph_needs():
     """torch.compile traces the kernels as custom operators: their fake implementations give the
     output's shape, dtype and layout (a Linear's ``[..., N]``; a conv's channels-last
-    ``[B, N, H_out, W_out]``) without running anything, and the checks before the launch still
-    refuse what the kernel cannot take."""
+    ``[B, N, H_out, W_out]``) without running anything, and the checks before the launch (in
+    the functions that choose the operator or the direct launch) still refuse what the kernel
+    cannot take."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from qlip.quant import real_conv as rc
@@ -310,18 +311,22 @@ def test_the_real_kernels_are_operators_with_the_shapes_a_compiled_graph_needs()
         one = torch.zeros(1, dtype=torch.long)
         x = torch.empty(2, 5, 72, dtype=torch.bfloat16)
         for w in (torch.empty(40, 72, dtype=torch.int8), torch.empty(40, 36, dtype=torch.uint8)):
-            out = rg.real_linear(x, torch.empty(4, 3), one, one, 0, integer, offset, w, w_sum,
-                                 w_zero, w_scale, bias)
+            out = torch.ops.qlip.real_linear(x, torch.empty(4, 3), one, one, 0, integer, offset,
+                                             w, w_sum, w_zero, w_scale, bias)
             assert out.shape == (2, 5, 40) and out.dtype == torch.bfloat16
         with pytest.raises(ValueError, match="do not hold K = 72"):
             rg.real_linear(x, torch.empty(4, 3), one, one, 0, integer, offset,
                            torch.empty(40, 35, dtype=torch.uint8), w_sum, w_zero, w_scale, bias)
         image = torch.empty(2, 8, 6, 5)
-        out = rc.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
-                             torch.empty(40, 72, dtype=torch.int8), w_sum, w_zero, w_scale, None,
-                             kernel_size=(3, 3), padding=(1, 0))
+        out = torch.ops.qlip.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
+                                         torch.empty(40, 72, dtype=torch.int8), w_sum, w_zero,
+                                         w_scale, None, [3, 3], [1, 0])
         assert out.shape == (2, 40, 6, 3)
         assert out.is_contiguous(memory_format=torch.channels_last)  # as the kernel writes it
+        with pytest.raises(ValueError, match="do not hold K = 72"):
+            rc.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
+                           torch.empty(40, 71, dtype=torch.int8), w_sum, w_zero, w_scale, None,
+                           kernel_size=(3, 3), padding=(1, 0))
     schema = str(torch.ops.qlip.real_linear.default._schema)
     assert "Tensor? bias" in schema and "SymInt steps" in schema
 

@@ -163,18 +163,18 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
                 kernel_size: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
     """``x [B, C, H, W]`` through the KH×KW convolution (stride 1): one launch, integer or float
     math by the option ``choice`` names; ``w`` the ``[N, C·KH·KW]`` codes (int8, or packed uint8).
-    Returns ``[B, N, H_out, W_out]`` in x's dtype, channels-last in memory. The launch is the
-    custom operator ``torch.ops.qlip.real_conv2d``, which ``torch.compile`` keeps in its graph
-    (as :func:`qlip.quant.real_gemm.real_linear`)."""
+    Returns ``[B, N, H_out, W_out]`` in x's dtype, channels-last in memory. Under
+    ``torch.compile`` the launch is the custom operator ``torch.ops.qlip.real_conv2d``, which the
+    compiled graph keeps (as :func:`qlip.quant.real_gemm.real_linear`)."""
     k_total = x.shape[1] * kernel_size[0] * kernel_size[1]
     if k_total > MAX_K:
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_total}")
     packed = w.dtype == torch.uint8
     if w.shape[1] != ((k_total + 1) // 2 if packed else k_total):
         raise ValueError(f"weights {tuple(w.shape)} do not hold K = {k_total} codes a row")
-    return torch.ops.qlip.real_conv2d(x, table, choice, step if steps else choice, steps, integer,
-                                      offset, w, w_sum, w_zero, w_scale, bias, list(kernel_size),
-                                      list(padding))
+    run = torch.ops.qlip.real_conv2d if torch.compiler.is_compiling() else _launch_conv2d
+    return run(x, table, choice, step if steps else choice, steps, integer, offset, w, w_sum,
+               w_zero, w_scale, bias, list(kernel_size), list(padding))
 
 
 def _output_shape(x: torch.Tensor, n: int, kernel_size, padding) -> tuple[int, int, int, int]:
@@ -184,12 +184,11 @@ def _output_shape(x: torch.Tensor, n: int, kernel_size, padding) -> tuple[int, i
             n)
 
 
-@torch.library.custom_op("qlip::real_conv2d", mutates_args=())
-def _real_conv2d_op(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
-                    step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
-                    w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor,
-                    w_scale: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
-                    padding: list[int]) -> torch.Tensor:
+def _launch_conv2d(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
+                   step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
+                   w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor,
+                   w_scale: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
+                   padding: list[int]) -> torch.Tensor:
     b, c, h, width = x.shape
     kh, kw = kernel_size
     _, h_out, w_out, n = shape = _output_shape(x, w.shape[0], kernel_size, padding)
@@ -207,6 +206,11 @@ def _real_conv2d_op(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
     else:
         launch(_real_conv_kernel, _conv_tuned, TILES, b * h_out * w_out, n, operands, flags)
     return out.permute(0, 3, 1, 2)
+
+
+# the operator, for compiled graphs; eager calls launch directly (the dispatcher's Python
+# custom-op path adds host time to every call of a host-bound eager step)
+_real_conv2d_op = torch.library.custom_op("qlip::real_conv2d", mutates_args=())(_launch_conv2d)
 
 
 @_real_conv2d_op.register_fake

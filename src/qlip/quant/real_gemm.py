@@ -258,23 +258,24 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     ``choice`` names (see the module doc); returns ``[..., N]`` in x's dtype. ``w`` is int8
     ``[N, K]`` codes, or uint8 ``[N, ceil(K/2)]`` packed 4-bit codes (:func:`pack_rows`).
 
-    The launch is the custom operator ``torch.ops.qlip.real_linear``, so that ``torch.compile``
-    keeps it in its graph (an opaque call, its output's shape from a fake implementation) and
-    fuses what lies around it, instead of breaking the graph or falling back to the simulation."""
+    Under ``torch.compile`` the launch is the custom operator ``torch.ops.qlip.real_linear``, so
+    that the compiled graph keeps it (an opaque call, its output's shape from a fake
+    implementation) and fuses what lies around it, instead of breaking the graph or falling back
+    to the simulation. Eager calls launch directly."""
     k_dim = x.shape[-1]
     if k_dim > MAX_K:
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_dim}")
     if w.dtype == torch.uint8 and w.shape[1] != (k_dim + 1) // 2:
         raise ValueError(f"packed weights {tuple(w.shape)} do not hold K = {k_dim} codes a row")
-    return torch.ops.qlip.real_linear(x, table, choice, step if steps else choice, steps, integer,
-                                      offset, w, w_sum, w_zero, w_scale, bias)
+    run = torch.ops.qlip.real_linear if torch.compiler.is_compiling() else _launch_linear
+    return run(x, table, choice, step if steps else choice, steps, integer, offset, w, w_sum,
+               w_zero, w_scale, bias)
 
 
-@torch.library.custom_op("qlip::real_linear", mutates_args=())
-def _real_linear_op(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
-                    step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
-                    w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor,
-                    w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _launch_linear(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
+                   step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
+                   w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor,
+                   w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     lead, k_dim = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_dim)
     if x2.stride(1) != 1:
@@ -293,6 +294,11 @@ def _real_linear_op(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
     else:
         launch(_real_linear_kernel, _real_linear_tuned, TILES, m, n, operands, flags)
     return out.reshape(*lead, n)
+
+
+# the operator, for compiled graphs; eager calls launch directly (the dispatcher's Python
+# custom-op path adds host time to every call of a host-bound eager step)
+_real_linear_op = torch.library.custom_op("qlip::real_linear", mutates_args=())(_launch_linear)
 
 
 @_real_linear_op.register_fake
