@@ -1,14 +1,16 @@
 """Latency against FAB under mixed real execution (issue 14: "under QLIP, latency falls as FAB
-falls"): one SD 1.4 UNet-architecture step (random weights, bf16, batch 2, 64×64 latents) at
-W4 with the bank {8, 16}, its Linear layers and stride-1 convs run for real
-(``qlip.nn.use_real_execution``: int8 math at A8, bf16 math at A16, chosen on the device), and a share f of the units at 8 bits, the
-rest at 16, for f = 0, 0.25, 0.5, 0.75, 1. The units at 8 bits are a seeded random draw, and
+falls"): one SD 1.4 UNet-architecture step (random weights, bf16, ``--batch`` images, default 2,
+64×64 latents) at W4 with the bank {8, 16}, its Linear layers and stride-1 convs run for real
+(``qlip.nn.use_real_execution``: int8 math at A8, bf16 math at A16, chosen on the device), and
+a share f of the units at 8 bits, the rest at 16, for f = 0, 0.25, 0.5, 0.75, 1. The units at 8 bits are a seeded random draw, and
 each share's draw contains the one before it.
 
 Each assignment is timed by CUDA-graph replay (GPU work only; the bits are data, so one captured
 graph per assignment is the same graph with other table values) and by eager calls. The same is
 measured with the simulation (real execution off) for comparison. The downsamplers (strided
-convs) stay simulated in both. Writes the JSON and ``mixed_latency.png`` (latency against FAB).
+convs) stay simulated in both. ``--compile`` adds the real model compiled once (the real kernels
+are custom operators in its graph), run at every share under ``fail_on_recompile``: one graph for
+every assignment. Writes the JSON and ``mixed_latency.png`` (latency against FAB).
 
     python benchmarks/mixed_latency.py --out benchmarks/results/mixed_latency.h200.json
     python benchmarks/mixed_latency.py --device cpu --tiny --out /tmp/mixed.json   # a smoke run
@@ -40,22 +42,23 @@ SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def model(args):
+    b = args.batch
     if args.tiny:
         import tempfile
 
         unet = build_tiny_pipeline(Path(tempfile.mkdtemp())).unet.to(args.device)
         size, context = unet.config.sample_size, unet.config.cross_attention_dim
-        shape, ctx = (2, unet.config.in_channels, size, size), (2, 8, context)
+        shape, ctx = (b, unet.config.in_channels, size, size), (b, 8, context)
     else:
         unet = build_sd14_unet(args.device, torch.bfloat16)
-        shape, ctx = (2, 4, 64, 64), (2, 77, 768)
+        shape, ctx = (b, 4, 64, 64), (b, 77, 768)
     dtype = next(unet.parameters()).dtype
     g = torch.Generator(args.device).manual_seed(0)
     x = torch.randn(*shape, generator=g, device=args.device, dtype=dtype)
     c = torch.randn(*ctx, generator=g, device=args.device, dtype=dtype)
-    t = torch.tensor([500, 500], device=args.device)
+    t = torch.full((b,), 500, device=args.device)
     units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, abits_options=(8, 16)))
-    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(2, dtype=torch.long)),
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(b, dtype=torch.long)),
                  progress=False)
     return unet, quant_units(unet), (x, t, c)
 
@@ -100,14 +103,45 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=2, help="images in the step")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the compiled real model (one torch.compile serving every "
+                             "share, recompiles forbidden), timed as the eager one")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.batch < 1:
+        raise SystemExit("--batch takes at least 1")
     unet, units, (x, t, c) = model(args)
     real_layers = use_real_execution(unet)
 
     def step():
         return unet(x, t, encoder_hidden_states=c).sample
 
+    compiled = None
+    if args.compile:  # compiled once, before any timing; every share then runs this graph
+        compiled = torch.compile(unet.forward)
+        start = time.perf_counter()
+        with torch.no_grad():
+            compiled(x, t, encoder_hidden_states=c)
+        compile_s = time.perf_counter() - start
+
+    def compiled_step():
+        return compiled(x, t, encoder_hidden_states=c).sample
+
+    compiled_times = {}
+    if compiled is not None:  # first, while the model is as compiled (switching real execution
+        # off and on would change what the graph's guards check, and recompile)
+        for share, bits in assignments(units, args.seed).items():
+            for name, unit in units.items():
+                if name in bits:
+                    unit.set_bits(bits[name])
+            with torch.compiler.set_stance("fail_on_recompile"):
+                times = {"real_compiled_ms": median_ms(compiled_step, args.device, args.warmup,
+                                                       args.iters)}
+                if args.device == "cuda":
+                    times["real_compiled_graph_ms"] = graph_replay(
+                        compiled_step, args.warmup, args.iters)["median_ms"]
+            compiled_times[share] = times
     rows = []
     for share, bits in assignments(units, args.seed).items():
         for name, unit in units.items():
@@ -119,21 +153,30 @@ def main() -> None:
             row[f"{mode}_eager_ms"] = median_ms(step, args.device, args.warmup, args.iters)
             if args.device == "cuda":
                 row[f"{mode}_graph_ms"] = graph_replay(step, args.warmup, args.iters)["median_ms"]
+        row.update(compiled_times.get(share, {}))
         rows.append(row)
         print(row, flush=True)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "torch": torch.__version__, "tiny": args.tiny, "real_linear_layers": real_layers,
-              "bank": [8, 16], "rows": rows}
+              "torch": torch.__version__, "tiny": args.tiny, "batch": args.batch,
+              "real_linear_layers": real_layers, "bank": [8, 16], "rows": rows}
+    if compiled is not None:
+        result["compile_s"] = compile_s
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     mode = "graph" if args.device == "cuda" else "eager"
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     for kind, style in (("real", "o-"), ("simulated", "s--")):
         ax.plot([r["fab"] for r in rows], [r[f"{kind}_{mode}_ms"] for r in rows], style,
-                label=f"{kind} ({real_layers} Linear layers real)" if kind == "real" else kind)
+                label=(f"{kind} ({real_layers} layers real)" if args.device == "cuda" else
+                       f"{kind} ({real_layers} layers switched; they run real on CUDA only)")
+                if kind == "real" else kind)
+    if compiled is not None:
+        key = "real_compiled_graph_ms" if args.device == "cuda" else "real_compiled_ms"
+        ax.plot([r["fab"] for r in rows], [r[key] for r in rows], "^-", label="real, compiled")
     ax.set_xlabel("FAB (share of units at A8, the rest A16)")
     ax.set_ylabel(f"step latency, ms ({mode})")
-    ax.set_title(f"W4 bank {{8,16}}: latency against FAB ({result['device']})", fontsize=9)
+    ax.set_title(f"W4 bank {{8,16}}, batch {args.batch}: latency against FAB "
+                 f"({result['device']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(args.out.with_name("mixed_latency.png"), dpi=110)
