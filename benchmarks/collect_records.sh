@@ -8,6 +8,9 @@
 # here).
 # A call returns at most 8 files of at most 16 MB, 64 MB in all (the device README): bring
 # more over several calls while the machine is warm.
+# records.tgz is written whole (a temporary file, then renamed), so a call may collect every few
+# minutes in the background and a time limit that cuts it still returns the last whole one:
+#   (while sleep 120; do bash benchmarks/collect_records.sh RUN "$OUT/c" > /dev/null; done) &
 # FEATURES="eval_a eval_b ...": those evals' features.safetensors (with metrics.json and
 # settings.json) in one DEST/features.tgz, in 15 MB parts where larger: what `qlip compare`
 # needs to pair two evals here once the device machine is gone (3-4 evals fit one call).
@@ -22,7 +25,7 @@ mkdir -p "$dest"
 find "$run" -type f -size -2M -not -path '*/images/*' \( -name '*.json' -o -name '*.txt' \
     -o -name '*.md' -o -name '*.csv' -o -name '*.png' -o -name '*.jsonl' \
     -o -name qlip.safetensors \) -print0 \
-    | tar czf "$dest/records.tgz" --null -T -
+    | tar czf "$dest/records.tgz.part" --null -T - && mv "$dest/records.tgz.part" "$dest/records.tgz"
 split_large() {  # the device returns files of at most 16 MB: a larger file travels in 15 MB
     # parts (unpack with `cat NAME.tgz.part-* | tar xzf -`)
     if [ "$(stat -c %s "$1")" -gt 15728640 ]; then split -b 15M "$1" "$1.part-" && rm "$1"; fi
