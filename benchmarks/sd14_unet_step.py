@@ -238,19 +238,21 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
     # Eager steps are bound by the host, whose speed drifts between minutes (bf16 eager read
     # 34 ms and 47 ms in two runs of the same code): the variants measure eager in rounds taking
     # turns in a rotated order, so that a ratio compares steps timed within seconds of each other.
-    rounds = []
+    rounds, late = [], 0
     for r in range(args.eager_rounds):
-        with _Turn(args, r):
+        with _Turn(args, r) as turn:
             rounds.append(timed(step, args.warmup if r == 0 else 2, args.iters))
+        late += turn.late
     times = [t for one in rounds for t in one["times"]]
     out["eager"] = {"median_ms": statistics.median(times), "min_ms": min(times),
                     "iters": len(times), "round_medians_ms": [one["median_ms"] for one in rounds],
-                    "times": times}
+                    "times": times, "rounds_out_of_turn": late}
     save(out | {"partial": "eager only"})
     # the rest in one more turn of the same order: nothing else runs while it is timed (run 4's
     # graph times, taken under a lock while other variants were still in their eager rounds,
     # read 36.6 ms for W4A8 layers against 17.9 ms alone)
-    with _Turn(args, args.eager_rounds):
+    with _Turn(args, args.eager_rounds) as turn:
+        out["rest_out_of_turn"] = turn.late
         out["graph"] = graph_replay(step, args.warmup, args.iters)
         save(out | {"partial": "eager and CUDA graph only"})
         if compiled is not None:
@@ -354,13 +356,17 @@ def _barrier(args) -> None:
 class _Turn:
     """Round ``r`` of the eager measurement: variant ``index`` of ``processes`` waits until the
     shared counter reaches its place in the round's order (rotated by one each round), measures,
-    then passes the counter on. A variant that is gone (crashed) stops the wait after
-    ``--barrier-s``."""
+    then passes the counter on. A turn whose variant has not compiled yet (no ready marker) is
+    skipped, not waited for: a slow compile (the real kernels' autotuning held every variant for
+    minutes on an H100) does not stop the others. The skipped variant then measures when it is
+    ready, out of turn (``late`` is True: other variants may be measuring beside it). A variant
+    that is gone (crashed) stops the wait after ``--barrier-s``."""
 
     def __init__(self, args, r: int):
         self.path = Path(args.sync_dir) / "turn" if args.sync_dir else None
         self.args = args
         self.place = r * args.processes + (args.index + r) % args.processes
+        self.late = False
 
     def _read(self) -> int:
         try:
@@ -368,18 +374,31 @@ class _Turn:
         except (FileNotFoundError, ValueError):
             return 0
 
+    def _advance(self, value: int) -> None:
+        tmp = self.path.with_suffix(f".{self.args.index}")
+        tmp.write_text(str(max(self._read(), value)))
+        os.replace(tmp, self.path)
+
+    def _variant_at(self, count: int) -> str:
+        """The variant whose turn the counter's value ``count`` is."""
+        r, slot = divmod(count, self.args.processes)
+        return self.args.variants.split(",")[(slot - r) % self.args.processes]
+
     def __enter__(self):
         if self.path is None:
-            return
+            return self
         deadline = time.time() + self.args.barrier_s
-        while self._read() < self.place and time.time() < deadline:
+        self.late = self._read() > self.place
+        while (count := self._read()) < self.place and time.time() < deadline:
+            if not (self.path.parent / f"ready-{self._variant_at(count)}").exists():
+                self._advance(count + 1)  # still compiling: its turn is skipped
+                continue
             time.sleep(0.01)
+        return self
 
     def __exit__(self, *exc):
         if self.path is not None:
-            tmp = self.path.with_suffix(f".{self.args.index}")
-            tmp.write_text(str(max(self._read(), self.place + 1)))
-            os.replace(tmp, self.path)
+            self._advance(self.place + 1)
 
 
 def summarise(results: dict) -> None:
@@ -483,6 +502,7 @@ def main() -> None:
         part = sync / f"{name}.json"
         cmd = [sys.executable, __file__, "--variant", name, "--out", str(part), "--sync-dir", str(sync),
                "--processes", str(len(names)), "--index", str(index),
+               "--variants", args.variants, "--barrier-s", str(args.barrier_s),
                "--eager-rounds", str(args.eager_rounds), "--warmup", str(args.warmup),
                "--iters", str(args.iters), "--rounds", str(args.rounds), "--arch", args.arch,
                "--batch", str(args.batch)] + ([] if args.compile else ["--no-compile"])

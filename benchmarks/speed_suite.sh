@@ -12,8 +12,8 @@
 #         not finished compiling after 360 s (their kernels autotune a tile for every layer
 #         shape on first use, then Inductor compiles; which took the time is not known), and
 #         the variants wait for each other before they measure, so nothing of the step was
-#         measured. Each variant now waits at most half the step's limit for the others
-#         (--barrier-s).
+#         measured. Each variant now waits at most half the step's limit for the others to
+#         compile (--barrier-s), and a turn whose variant is still compiling is skipped.
 #         (each variant's finished phases also in OUT/unet_step.<arch>.b<batch>.parts/: a step
 #         cut by its limit keeps its eager and CUDA-graph times there, marked "partial"; the
 #         limit's SIGTERM stops every variant process, so nothing of it runs into the next step)
