@@ -30,7 +30,7 @@ from qlip.methods.rtn import quantize_rtn
 from qlip.nn import QuantConfig, use_real_execution
 from qlip.pipeline import prepare_unet
 from qlip.quant import fused_quantize
-from qlip.testing import build_tiny_pipeline
+from qlip.testing import build_tiny_pipeline, step_at_bits
 
 
 def inputs(unet, batch: int, seed: int, device: str):
@@ -60,10 +60,7 @@ def main() -> None:
     real = use_real_execution(unet)
 
     def run(fn, bits):
-        for unit in units.values():
-            unit.set_bits(bits)
-        with torch.no_grad():
-            return fn(x, t, encoder_hidden_states=c).sample
+        return step_at_bits(fn, units, bits, x, t, c)
 
     eager = {bits: run(unet, bits) for bits in (4, 8, 16)}
     compiled = torch.compile(unet.forward)

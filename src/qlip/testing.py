@@ -149,6 +149,15 @@ def unet_step_inputs(unet, batch: int, device: str = "cpu", dtype: torch.dtype =
     return x, t, c, kwargs
 
 
+def step_at_bits(forward, units, bits, x, t, context) -> torch.Tensor:
+    """One step of ``forward`` (a UNet or its compiled forward) with every unit of ``units`` (a
+    name -> unit mapping) at ``bits``, without gradients: the output's ``sample``."""
+    for unit in units.values():
+        unit.set_bits(bits)
+    with torch.no_grad():
+        return forward(x, t, encoder_hidden_states=context).sample
+
+
 def build_sd14_unet(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """The SD 1.4 UNet architecture with seeded random weights, in eval mode, frozen."""
     return build_unet("sd14", device, dtype, seed)

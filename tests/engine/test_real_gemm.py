@@ -337,6 +337,7 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
     custom operator in the traced graph (no graph break), the compiled model gives the eager
     real model's output at every option, and changing the bits recompiles nothing."""
     from qlip.nn import QuantConfig, use_real_execution
+    from qlip.testing import step_at_bits
 
     from ..conftest import kernel_unet
 
@@ -350,10 +351,7 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
         return gm.forward
 
     def run(fn, bits):
-        for unit in units.values():
-            unit.set_bits(bits)
-        with torch.no_grad():
-            return fn(x, t, encoder_hidden_states=c).sample
+        return step_at_bits(fn, units, bits, x, t, c)
 
     eager = {bits: run(unet, bits) for bits in (4, 8, 16)}
     torch._dynamo.reset()
