@@ -10,7 +10,7 @@ and whether anything recompiled.
         --out /tmp/real_compile.json           # the kernels under Triton's interpreter, on a CPU
 
 On the CPU (2 cores, Triton 3.9's interpreter, torch 2.13, eleventh session) the first call took
-109 s cold (18 s with Inductor's on-disk caches warm); the compiled outputs equalled the eager real model's at A4 and A8 and were 4.5e-5 from it
+109 s cold (18-24 s with Inductor's on-disk caches warm); the compiled outputs equalled the eager real model's at A4 and A8 and were 4.5e-5 from it
 at A16, with no recompilation.
 """
 
