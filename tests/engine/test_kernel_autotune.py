@@ -20,7 +20,27 @@ pytestmark = pytest.mark.skipif(
 def _one_tile(kernel, keys, **tile):
     import triton
 
-    return triton.autotune([triton.Config(tile, num_warps=4, num_stages=2)], key=keys)(kernel)
+    from qlip.quant.fused_quantize import tuner
+
+    return tuner([triton.Config(tile, num_warps=4, num_stages=2)], keys)(kernel)
+
+
+def test_the_tuner_times_each_tile_briefly(monkeypatch):
+    """Each tile is timed with the project's short warm-up and repeats (Triton's defaults,
+    25 + 100 ms a tile, add about 47 s per real variant of the SD 1.4 UNet)."""
+    import inspect
+
+    import triton
+
+    from qlip.quant import fused_quantize as fq
+
+    if "do_bench" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip(f"Triton {triton.__version__}'s autotune takes no do_bench: its defaults time")
+    seen = []
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda call, **kw: seen.append(kw) or [1.0, 1.0, 1.0])
+    assert rg._real_linear_tuned.do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8))
+    assert seen == [dict(warmup=fq.TUNE_WARMUP_MS, rep=fq.TUNE_REP_MS, quantiles=(0.5, 0.2, 0.8))]
 
 
 def test_autotuned_attention_launch_equals_the_reference(monkeypatch):

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .fused_quantize import fixed_tile, triton
+from .fused_quantize import fixed_tile, triton, tuner
 
 UNIFORM, LOG2 = 0, 1
 TINY = torch.finfo(torch.float32).tiny
@@ -199,7 +199,7 @@ if triton is not None:
     def _tuned(kernel):
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=stages)
                    for m, n, w, stages in ATTENTION_TILES]
-        return triton.autotune(configs=configs, key=["N", "M", "D", "LOWP"])(kernel)
+        return tuner(configs, ["N", "M", "D", "LOWP"])(kernel)
 
     _stats_tuned, _output_tuned = _tuned(_stats_kernel), _tuned(_output_kernel)
 

@@ -22,6 +22,7 @@ from a gathered row in one kernel.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -48,6 +49,23 @@ def fixed_tile() -> bool:
     flag combination, which costs minutes for a few milliseconds saved: right for a long run,
     not for a test suite (the tests set it) or a short script."""
     return interpreted() or os.environ.get("QLIP_AUTOTUNE", "1") == "0"
+
+
+# Autotuning times each tile of a shape with triton.testing.do_bench: by default 25 ms of warm-up
+# and 100 ms of repeats per tile. The SD 1.4 UNet has 47 distinct real GEMM/conv shapes, so that
+# is about 47 s of timing per real variant. These kernels take from microseconds to about a
+# millisecond, so 5 + 25 ms still averages tens to thousands of launches per tile.
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 25
+
+
+def tuner(configs, key: list[str]):
+    """``triton.autotune`` over ``configs``, timed once per value of the ``key`` arguments with
+    :data:`TUNE_WARMUP_MS`/:data:`TUNE_REP_MS` (where this Triton takes a ``do_bench``)."""
+    options = {}
+    if "do_bench" in inspect.signature(triton.autotune).parameters:
+        options["do_bench"] = lambda call, quantiles: triton.testing.do_bench(
+            call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+    return triton.autotune(configs=configs, key=key, **options)
 
 
 def available(x: torch.Tensor) -> bool:

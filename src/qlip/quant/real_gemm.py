@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_quantize import fixed_tile, triton
+from .fused_quantize import fixed_tile, triton, tuner
 
 if triton is not None:
     import triton.language as tl
@@ -231,7 +231,7 @@ def autotuned(kernel, tiles, key: list[str]):
     stages), timed once per value of the ``key`` arguments."""
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
                              num_stages=stages) for m, n, k, w, stages in tiles]
-    return triton.autotune(configs=configs, key=key)(kernel)
+    return tuner(configs, key)(kernel)
 
 
 def launch(kernel, tuned, tiles, m: int, n: int, operands, flags) -> None:
