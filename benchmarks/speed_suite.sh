@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14's measurements on one GPU, in one call, nothing else on the device:
-#   bash benchmarks/speed_suite.sh OUT [STEPS="tests step real mixed memory"]
+#   bash benchmarks/speed_suite.sh OUT [STEPS="tests compile step real mixed memory"]
 # tests   the Triton kernels' tests on CUDA (first tile, conftest's QLIP_AUTOTUNE=0; the tuned
 #         launch in test_kernel_autotune.py)                   -> OUT/kernel_tests.txt
 # step    benchmarks/sd14_unet_step.py at BATCH (default 8), ARCH (sd14), VARIANTS (bf16 in both
@@ -17,14 +17,17 @@
 #         (each variant's finished phases also in OUT/unet_step.<arch>.b<batch>.parts/: a step
 #         cut by its limit keeps its eager and CUDA-graph times there, marked "partial"; the
 #         limit's SIGTERM stops every variant process, so nothing of it runs into the next step)
+# compile benchmarks/real_compile_check.py: Inductor on the tiny UNet with every layer real (how
+#         long the compile takes on this GPU; the compiled outputs against the eager real model)
+#                                                              -> OUT/real_compile.json
 # mixed   benchmarks/mixed_latency.py: latency against FAB under mixed real execution
 #                                                              -> OUT/mixed_latency.{json,png}
 # memory  benchmarks/weight_memory.py --device cuda            -> OUT/weight_memory.json
-# Each step writes straight into OUT with its own time limit (T_TESTS, T_STEP, T_REAL, T_MIXED,
-# T_MEMORY seconds), so a step cut by its limit leaves what it printed and the steps after it
+# Each step writes straight into OUT with its own time limit (T_TESTS, T_STEP, T_REAL, T_COMPILE,
+# T_MIXED, T_MEMORY seconds), so a step cut by its limit leaves what it printed and the steps after it
 # still run. OUT/suite.txt lists each step's exit code and seconds.
 set -uo pipefail
-out=${1:?output folder}; steps=${2:-tests step real mixed memory}
+out=${1:?output folder}; steps=${2:-tests compile step real mixed memory}
 batch=${BATCH:-8}; arch=${ARCH:-sd14}
 variants=${VARIANTS:-bf16,bf16_channels_last,w4a8_layers,w4a8_attention,w4a8_attention_fused}
 real_variants=${REAL_VARIANTS:-bf16,bf16_channels_last,w4a8_layers_real,w4a8_layers_real_packed}
@@ -49,11 +52,13 @@ for s in $steps; do
                    "$here/../tests/engine/test_fused_attention.py" "$here/../tests/engine/test_fused_quantize.py" ;;
         step) unet_step step "${T_STEP:-330}" "$variants" "" ;;
         real) unet_step real "${T_REAL:-420}" "$real_variants" .real ;;
+        compile) step compile "${T_COMPILE:-240}" "$out/real_compile.txt" \
+                     python3 "$here/real_compile_check.py" --out "$out/real_compile.json" ;;
         mixed) step mixed "${T_MIXED:-120}" "$out/mixed_latency.txt" \
                    python3 "$here/mixed_latency.py" --out "$out/mixed_latency.json" ;;
         memory) step memory "${T_MEMORY:-120}" "$out/weight_memory.txt" \
                     python3 "$here/weight_memory.py" --device cuda --out "$out/weight_memory.json" ;;
-        *) echo "unknown step $s (tests step real mixed memory)" >&2; exit 2 ;;
+        *) echo "unknown step $s (tests step real compile mixed memory)" >&2; exit 2 ;;
     esac
 done
 cat "$out/suite.txt"
