@@ -64,7 +64,7 @@ def analyse(policy: dict, random: dict, damage_run: dict, resamples: int, seed: 
     extra = fab - random["score.fab"]
     gain = policy["score.psnr_vs_reference"] - random["score.psnr_vs_reference"]
     edges = np.quantile(extra, [0, 0.25, 0.5, 0.75, 1])
-    quarter = np.clip(np.searchsorted(edges[1:-1], extra, side="right"), 0, 3)  # 0 … 3
+    quarter = np.searchsorted(edges[1:-1], extra, side="right")  # 0 … 3
     quartiles = []
     for i in range(4):
         mean = mean_interval(gain[quarter == i], resamples, seed)

@@ -28,12 +28,11 @@ from qlip.qlip_training.figures import (
     QLIPFiguresConfig,
     fab,
     fab_by_batch_size,
-    fab_by_quality,
     predicted_quality,
     requested_bits,
 )
 from qlip.qlip_training.plots import bit_shares, unet_order
-from qlip.qlip_training.reach import REACH_QUALITIES, reach
+from qlip.qlip_training.reach import REACH_QUALITIES, q2b_fab, reach
 
 PROMPTS = ["a red circle", "two blue squares at the top left", "a star", "a big green star"]
 
@@ -86,7 +85,7 @@ def test_q2b_map_gives_each_prompt_its_own_fab(qlip_folder, _tiny_pipeline_templ
     quality = predicted_quality(pipe, policy, PROMPTS, batch_size=3)
     assert quality.shape == (len(PROMPTS),) and len(set(np.round(quality, 6))) > 1
     want = fab(requested_bits(pipe, policy, PROMPTS, batch_size=3), units, dynamic)
-    np.testing.assert_allclose(fab_by_quality(policy, units, dynamic, quality), want)
+    np.testing.assert_allclose(q2b_fab(policy.modules.q2b, units, dynamic, quality), want)
 
 
 def test_fab_by_batch_size_in_max_mode_by_hand():
@@ -182,7 +181,7 @@ def test_reach_is_q2b_map_at_the_label_range(qlip_folder, _tiny_pipeline_templat
     dynamic = list(dynamic_units(units))
     q2b = policy.modules.q2b
     got = reach(q2b, units, dynamic)
-    want = fab_by_quality(policy, units, dynamic, np.array(REACH_QUALITIES))
+    want = q2b_fab(q2b, units, dynamic, np.array(REACH_QUALITIES))
     np.testing.assert_allclose(list(got["fab_at_quality"].values()), want)
     assert list(got["fab_at_quality"]) == ["0", "0.25", "0.5", "0.75", "1"]
     assert got["fab_span"] == pytest.approx(want.max() - want.min()) and got["fab_span"] > 0.1

@@ -90,13 +90,6 @@ def predicted_quality(pipe, policy: QLIPPolicy, prompts: list[str], batch_size: 
     return planned(pipe, policy, prompts, batch_size)[1]
 
 
-def fab_by_quality(policy: QLIPPolicy, units: dict[str, QuantUnit], dynamic: list[str],
-                   qualities: np.ndarray) -> np.ndarray:
-    """``[Q]`` the FAB Q2B gives a prompt of each predicted quality (its argmax bits at every
-    step, as :func:`requested_bits`), whatever the prompt: Q2B's learned map."""
-    return q2b_fab(policy.modules.q2b, units, dynamic, qualities)
-
-
 def fab_by_batch_size(bits: np.ndarray, units: dict[str, QuantUnit], dynamic: list[str],
                       sizes: tuple[int, ...]) -> dict[int, float]:
     """Mean FAB per image in ``max`` mode for each batch size: ``bits [N, S, U]`` (each prompt
@@ -208,8 +201,9 @@ def _direction(policy, units, dynamic, heldout, series, levels, path, name) -> d
     low, high = float(heldout.min()), float(heldout.max())
     pad = max(0.25 * (high - low), 0.05)
     grid = np.linspace(low - pad, high + pad, 41)
-    curve = fab_by_quality(policy, units, dynamic, grid)
-    span = fab_by_quality(policy, units, dynamic, np.array([low, high]))
+    q2b = policy.modules.q2b
+    curve = q2b_fab(q2b, units, dynamic, grid)
+    span = q2b_fab(q2b, units, dynamic, np.array([low, high]))
     plot_q2b_direction(grid, curve, heldout, by_level, path,
                        f"{name}: the direction Q2B learned")
     slope = float(span[1] - span[0])

@@ -45,9 +45,10 @@ def interpreted() -> bool:
 def fixed_tile() -> bool:
     """Whether the autotuned kernels (real GEMM and convolution, fused attention) launch with
     their first tile instead of timing every tile once per shape: under the interpreter, which
-    cannot time, and with ``QLIP_AUTOTUNE=0``. Tuning compiles every tile of every shape and
-    flag combination, which costs minutes for a few milliseconds saved: right for a long run,
-    not for a test suite (the tests set it) or a short script."""
+    cannot time, and with ``QLIP_AUTOTUNE=0``. Tuning compiles every tile for each flag
+    combination and times every tile on each new shape, which costs minutes for a few
+    milliseconds saved: right for a long run, not for a test suite (the tests set it) or a short
+    script."""
     return interpreted() or os.environ.get("QLIP_AUTOTUNE", "1") == "0"
 
 
