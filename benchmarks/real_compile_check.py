@@ -62,7 +62,14 @@ def main() -> None:
     def run(fn, bits):
         return step_at_bits(fn, units, bits, x, t, c)
 
+    start = time.perf_counter()
     eager = {bits: run(unet, bits) for bits in (4, 8, 16)}
+    # the kernels' first calls: Triton compiles every tile (for each flag combination) and times
+    # it on each layer shape, unless QLIP_AUTOTUNE=0; Inductor comes after
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    eager_first_s = time.perf_counter() - start
+    print(f"eager real calls (autotune included): {eager_first_s:.1f} s", flush=True)
     compiled = torch.compile(unet.forward)
     start = time.perf_counter()
     run(compiled, 4)
@@ -75,7 +82,8 @@ def main() -> None:
     except RuntimeError as err:  # the stance raises on a recompile
         recompiled = f"{type(err).__name__}: {str(err)[:300]}"
     out = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-           "torch": torch.__version__, "real_layers": real, "first_call_s": first_call_s,
+           "torch": torch.__version__, "real_layers": real, "autotune": not fused_quantize.fixed_tile(),
+           "eager_first_calls_s": eager_first_s, "first_call_s": first_call_s,
            "max_abs_compiled_vs_eager_real": diffs, "recompiled": recompiled}
     print(json.dumps(out, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -209,8 +209,15 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
         out["kernel_vs_pytorch"] = {"equal": bool(torch.equal(one, ops)),
                                     "max_abs": float((one.float() - ops.float()).abs().max())}
     if variant.startswith("w4a8_layers_real"):  # real Linear layers against the simulation
+        start = time.perf_counter()
         with torch.no_grad():
             real = step().float()
+        torch.cuda.synchronize()
+        # the first real call compiles every kernel's tiles and times them on each layer shape
+        # (Triton's autotune), before Inductor sees the model
+        out["first_eager_s"] = time.perf_counter() - start
+        save(out | {"partial": "first eager call only"})
+        with torch.no_grad():
             out["real_linear_layers"] = use_real_execution(unet, False)
             simulated = step().float()
             use_real_execution(unet, True)
@@ -226,6 +233,7 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
                 compiled(x, t, encoder_hidden_states=c, **kw)
             torch.cuda.synchronize()
             out["first_compile_s"] = time.perf_counter() - start
+            save(out | {"partial": "compiled, nothing timed"})
             if variant.startswith("w4a8_layers_real"):  # the real kernels stay in the graph
                 with torch.no_grad():
                     got = compiled(x, t, encoder_hidden_states=c, **kw).sample.float()

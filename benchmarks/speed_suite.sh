@@ -8,12 +8,11 @@
 #                                                              -> OUT/unet_step.<arch>.b<batch>.json
 # real    the same for REAL_VARIANTS (bf16 in both layouts again, for ratios within the run; real
 #         int8 and packed, eager and compiled)         -> OUT/unet_step.<arch>.b<batch>.real.json
-#         Apart from the step: on an H100 at batch 8 (eleventh session) the real variants had
-#         not finished compiling after 360 s (their kernels autotune a tile for every layer
-#         shape on first use, then Inductor compiles; which took the time is not known), and
-#         the variants wait for each other before they measure, so nothing of the step was
-#         measured. Each variant now waits at most half the step's limit for the others to
-#         compile (--barrier-s), and a turn whose variant is still compiling is skipped.
+#         Apart from the step: on an H100 at batch 8 the real variants' first eager call took
+#         423 and 442 s (twelfth session): Triton compiling the conv kernel's tiles, its 3×3
+#         taps unrolled (6-44 s a tile). The taps are now one loop (about 2 s a tile). Each
+#         variant waits at most half the step's limit for the others to compile (--barrier-s),
+#         and a turn whose variant is still compiling is skipped.
 #         (each variant's finished phases also in OUT/unet_step.<arch>.b<batch>.parts/: a step
 #         cut by its limit keeps its eager and CUDA-graph times there, marked "partial"; the
 #         limit's SIGTERM stops every variant process, so nothing of it runs into the next step)

@@ -120,6 +120,28 @@ def test_packed_weights_give_the_same_outputs_in_a_quarter_of_the_bytes(
     assert packed.device == plain.device and packed.dtype == plain.dtype
 
 
+def test_a_packed_model_compiles_into_one_graph(tiny_pipe, tmp_path, _tiny_pipeline_template):
+    """A packed layer dequantizes its codes in every forward without reading the device (its
+    quantizers were checked when it was packed): a host read there would break the graph, as it
+    did for the SD 1.4 UNet's stride-2 convs on an H100."""
+    plain, packed = _w4_model(tiny_pipe, tmp_path, _tiny_pipeline_template)
+    compiled = torch.compile(packed, backend="eager", fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():  # fullgraph=True raises on a graph break
+        assert torch.equal(compiled(x, 10, encoder_hidden_states=c).sample,
+                           plain(x, 10, encoder_hidden_states=c).sample)
+
+
+def test_packing_refuses_an_uncalibrated_quantizer(tiny_pipe, tmp_path, _tiny_pipeline_template):
+    plain, _ = _w4_model(tiny_pipe, tmp_path, _tiny_pipeline_template)
+    layer = next(m for m in plain.modules() if isinstance(m, QuantLayer) and m.wbits == 4)
+    layer.weight_quantizers[0].calibrated.zero_()
+    with pytest.raises(RuntimeError, match="never calibrated"):
+        layer.pack_weights()
+    assert not layer.packed
+
+
 def test_a_packed_model_saves_the_same_folder_and_refuses_calibration(
         tiny_pipe, tmp_path, _tiny_pipeline_template):
     from qlip.pipeline.saving import QuantizedInfo, read_state, save_quantized

@@ -127,6 +127,8 @@ class QuantLayer(QuantUnit):
         if codes is None or any(q.ste for q in self.weight_quantizers):
             raise ValueError("pack_weights() needs the layer's weights fixed to integer codes "
                              "(a calibrated, loaded model); calibrate or load it first")
+        for quantizer in self.weight_quantizers:
+            quantizer.check_calibrated()
         weight = self._parameters["weight"]
         self._code_shapes = [tuple(c.shape) for c in codes]
         for i, c in enumerate(codes):
@@ -168,10 +170,9 @@ class QuantLayer(QuantUnit):
         codes = self.weight_codes()
         if codes is None or any(q.ste for q in self.weight_quantizers):
             parts = [q(w) for q, w in zip(self.weight_quantizers, self.weight_slices())]
-        else:
-            parts = [
-                q.dequantize(c, self.weight.dtype) for q, c in zip(self.weight_quantizers, codes)
-            ]
+        else:  # a packed layer dequantizes in every forward: checked once, when packed
+            parts = [q.dequantize(c, self.weight.dtype, check=not self.packed)
+                     for q, c in zip(self.weight_quantizers, codes)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def quantized_weight(self) -> torch.Tensor:

@@ -85,6 +85,17 @@ if triton is not None:
         return inside, ((image * H + hi) * W + wi) * C
 
     @triton.jit
+    def _step(i, n_cb, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Step ``i`` of the reduction: its tap ``(kh, kw)`` and first channel. The taps run in
+        one loop rather than unrolled (``tl.static_range``): unrolled, the nine taps of a 3×3
+        kernel made nine pipelined loops in each branch, and Triton took 6-44 s to compile each
+        tile for sm_90 (about 25 s on average, 8 tiles, for every flag combination), which made
+        the first call of a real UNet last about 7 minutes on an H100."""
+        tap = i // n_cb
+        kh = tap // KW
+        return kh, tap - kh * KW, (i - tap * n_cb) * BLOCK_K
+
+    @triton.jit
     def _real_conv_kernel(x_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
                           integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
                           B, H, W, C, N, H_OUT, W_OUT, steps, stride_wn,
@@ -106,27 +117,27 @@ if triton is not None:
         w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
         dtype = out_ptr.dtype.element_ty
         k_total = C * KH * KW
+        n_cb = tl.cdiv(C, BLOCK_K)  # channel blocks of a tap
         if tl.load(integer_ptr + choice) != 0:
             o_a = tl.load(offset_ptr + choice).to(tl.float32)
             z_a = -low - o_a  # a padded tap's int8 value (its code is 0)
             acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
             a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
-            for kh in tl.static_range(KH):
-                for kw in tl.static_range(KW):
-                    inside, pixel = _tap(image, ho, wo, m_ok1, kh - PH, kw - PW, H, W, C)
-                    for c0 in range(0, C, BLOCK_K):
-                        c_ok = (c0 + offs_c) < C
-                        real = m_ok1[:, None] & c_ok[None, :]  # taps of the reduction
-                        load_ok = inside[:, None] & c_ok[None, :]
-                        x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :], mask=load_ok,
-                                    other=0.0)
-                        code = grid_codes(x, scale, low, high)
-                        a = tl.where(load_ok, code - low - o_a, tl.where(real, z_a, 0.0))
-                        a = a.to(tl.int8)
-                        k_idx = (c0 + offs_c) * (KH * KW) + kh * KW + kw
-                        w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
-                        acc_i += tl.dot(a, w, out_dtype=tl.int32)
-                        a_sum += tl.sum(a.to(tl.int32), axis=1)
+            for i in range(0, KH * KW * n_cb):  # one loop over (tap, channel block)
+                kh, kw, c0 = _step(i, n_cb, KW, BLOCK_K)
+                inside, pixel = _tap(image, ho, wo, m_ok1, kh - PH, kw - PW, H, W, C)
+                c_ok = (c0 + offs_c) < C
+                real = m_ok1[:, None] & c_ok[None, :]  # taps of the reduction
+                load_ok = inside[:, None] & c_ok[None, :]
+                x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :], mask=load_ok,
+                            other=0.0)
+                code = grid_codes(x, scale, low, high)
+                a = tl.where(load_ok, code - low - o_a, tl.where(real, z_a, 0.0))
+                a = a.to(tl.int8)
+                k_idx = (c0 + offs_c) * (KH * KW) + kh * KW + kw
+                w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
+                acc_i += tl.dot(a, w, out_dtype=tl.int32)
+                a_sum += tl.sum(a.to(tl.int32), axis=1)
             z_i = z_a.to(tl.int32)
             w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
             exact = (acc_i - w_zero[None, :] * a_sum[:, None] - z_i * w_sum[None, :]
@@ -134,20 +145,19 @@ if triton is not None:
             out = exact.to(tl.float32) * (scale * w_scale[None, :])
         else:  # A16/A32: the unquantized input, zeros padded, times the dequantized weights
             acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for kh in tl.static_range(KH):
-                for kw in tl.static_range(KW):
-                    inside, pixel = _tap(image, ho, wo, m_ok1, kh - PH, kw - PW, H, W, C)
-                    for c0 in range(0, C, BLOCK_K):
-                        c_ok = (c0 + offs_c) < C
-                        x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :],
-                                    mask=inside[:, None] & c_ok[None, :], other=0.0)
-                        k_idx = (c0 + offs_c) * (KH * KW) + kh * KW + kw
-                        w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
-                        weight = (w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :]
-                        if IEEE:
-                            acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
-                        else:
-                            acc_f += tl.dot(x.to(dtype), weight.to(dtype))
+            for i in range(0, KH * KW * n_cb):
+                kh, kw, c0 = _step(i, n_cb, KW, BLOCK_K)
+                inside, pixel = _tap(image, ho, wo, m_ok1, kh - PH, kw - PW, H, W, C)
+                c_ok = (c0 + offs_c) < C
+                x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :],
+                            mask=inside[:, None] & c_ok[None, :], other=0.0)
+                k_idx = (c0 + offs_c) * (KH * KW) + kh * KW + kw
+                w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
+                weight = (w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :]
+                if IEEE:
+                    acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
+                else:
+                    acc_f += tl.dot(x.to(dtype), weight.to(dtype))
             out = acc_f
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]

@@ -138,8 +138,13 @@ class UniformQuantizer(nn.Module):
         scale, zero = self._grid(x)
         return torch.clamp(torch.round(x / scale) + zero, 0, 2**self.bits - 1)
 
-    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        self.check_calibrated()
+    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32, *,
+                   check: bool = True) -> torch.Tensor:
+        """``(codes - z)·Δ`` in ``dtype``. ``check=False`` skips :meth:`check_calibrated` (a
+        read of the device) where the caller checked once before, as a packed layer's forward
+        does."""
+        if check:
+            self.check_calibrated()
         scale, zero = self._grid(codes, dtype)
         return (codes.to(dtype) - zero) * scale
 
