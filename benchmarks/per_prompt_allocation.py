@@ -6,7 +6,7 @@ prompts and seeds (``features.safetensors``):
   minus its PSNR to FP, so that higher means more damaged;
 - the policy's per-prompt FAB against that damage: Spearman's ρ with a 95% bootstrap interval,
   overall and per caption richness level;
-- against a random policy with the policy's own proportions (``--random``, drawn per prompt, so
+- against a random policy with the policy's own proportions (``--random``, optional; drawn per prompt, so
   its per-prompt FAB barely varies): per quartile of the policy's extra bits per prompt, the
   mean PSNR gain, with a 95% bootstrap interval (``qlip.metrics.bootstrap``'s, as ``qlip eval``'s). A policy that reads the prompt well gains where it adds bits and loses little
   where it takes them away.
@@ -51,7 +51,13 @@ def mean_interval(values: np.ndarray, resamples: int, seed: int) -> Interval:
                     weighted_means(resample_counts(len(values), resamples, seed), values))
 
 
-def analyse(policy: dict, random: dict, damage_run: dict, resamples: int, seed: int) -> dict:
+def _rho_or_none(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's ρ, or None where it is undefined (a constant input): JSON has no NaN."""
+    return None if np.ptp(x) == 0 or np.ptp(y) == 0 else srocc(x, y)
+
+
+def analyse(policy: dict, random: dict | None, damage_run: dict, resamples: int,
+            seed: int) -> dict:
     fab, damage = policy["score.fab"], -damage_run["score.psnr_vs_reference"]
     richness = policy["group.richness"]
     rho = spearman_interval(fab, damage, resamples, seed)
@@ -60,7 +66,13 @@ def analyse(policy: dict, random: dict, damage_run: dict, resamples: int, seed: 
         m = richness == level
         levels[int(level)] = {"images": int(m.sum()), "mean_fab": float(fab[m].mean()),
                               "mean_psnr_prompt_free_db": float(-damage[m].mean()),
-                              "spearman_fab_damage": srocc(fab[m], damage[m])}
+                              "spearman_fab_damage": _rho_or_none(fab[m], damage[m])}
+    out = {"images": len(fab), "fab_std": {"policy": float(fab.std())},
+           "spearman_fab_damage": {"rho": rho.estimate, "interval": rho.to_list(),
+                                   "resamples": resamples},
+           "by_richness": levels}
+    if random is None:  # no control with the policy's proportions: where the bits go only
+        return out
     extra = fab - random["score.fab"]
     gain = policy["score.psnr_vs_reference"] - random["score.psnr_vs_reference"]
     edges = np.quantile(extra, [0, 0.25, 0.5, 0.75, 1])
@@ -71,24 +83,25 @@ def analyse(policy: dict, random: dict, damage_run: dict, resamples: int, seed: 
         quartiles.append({"extra_fab": [float(edges[i]), float(edges[i + 1])],
                           "images": int((quarter == i).sum()),
                           "mean_psnr_gain_db": mean.estimate, "interval": mean.to_list()})
-    return {"images": len(fab),
-            "fab_std": {"policy": float(fab.std()), "random": float(random["score.fab"].std())},
-            "spearman_fab_damage": {"rho": rho.estimate, "interval": rho.to_list(),
-                                    "resamples": resamples},
-            "by_richness": levels, "gain_over_random_by_extra_bits": quartiles,
-            "mean_psnr_gain_over_random_db": float(gain.mean())}
+    out["fab_std"]["random"] = float(random["score.fab"].std())
+    return out | {"gain_over_random_by_extra_bits": quartiles,
+                  "mean_psnr_gain_over_random_db": float(gain.mean())}
 
 
 def markdown(name: str, result: dict) -> str:
-    s = result["spearman_fab_damage"]
+    s, std = result["spearman_fab_damage"], result["fab_std"]
+    random = f" (random {std['random']:.4f})" if "random" in std else ""
     lines = [f"**{name}** ({result['images']} prompts): Spearman ρ(per-prompt FAB, damage) "
              f"{s['rho']:+.3f} [{s['interval'][0]:+.3f}, {s['interval'][1]:+.3f}]; per-prompt FAB "
-             f"std {result['fab_std']['policy']:.4f} (random {result['fab_std']['random']:.4f})",
+             f"std {std['policy']:.4f}{random}",
              "", "| richness | mean FAB | PSNR to FP at prompt-free bits (dB) | ρ(FAB, damage) |",
              "|---:|---:|---:|---:|"]
     for level, row in result["by_richness"].items():
+        rho = row["spearman_fab_damage"]  # None where every prompt of the level got one FAB
         lines.append(f"| {level} | {row['mean_fab']:.3f} | {row['mean_psnr_prompt_free_db']:.2f} | "
-                     f"{row['spearman_fab_damage']:+.3f} |")
+                     f"{'– (one FAB)' if rho is None else f'{rho:+.3f}'} |")
+    if "gain_over_random_by_extra_bits" not in result:
+        return "\n".join(lines)
     lines += ["", "| extra bits over random (quartile) | prompts | mean PSNR gain over random (dB) |",
               "|---|---:|---|"]
     for q in result["gain_over_random_by_extra_bits"]:
@@ -103,8 +116,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("policy", type=Path, help="the prompt-driven policy's eval folder")
-    parser.add_argument("--random", type=Path, required=True,
-                        help="the eval of random bits with the policy's proportions")
+    parser.add_argument("--random", type=Path,
+                        help="the eval of random bits with the policy's proportions (without "
+                             "it, the report has no gains over random)")
     parser.add_argument("--damage", type=Path, required=True,
                         help="an eval at prompt-free bits (e.g. the timestep-only control)")
     parser.add_argument("--name", help="the policy's name in the report (default: its folder)")
@@ -112,14 +126,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON file for the figures")
     args = parser.parse_args()
-    runs = {folder: scores(folder) for folder in (args.policy, args.random, args.damage)}
-    for other in (args.random, args.damage):  # the same prompts and seeds, image by image
+    others = [f for f in (args.random, args.damage) if f is not None]
+    runs = {folder: scores(folder) for folder in (args.policy, *others)}
+    for other in others:  # the same prompts and seeds, image by image
         try:
             check_same_images(args.policy, other, len(runs[args.policy]["score.fab"]),
                               len(runs[other]["score.fab"]))
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(str(err)) from None
-    result = analyse(runs[args.policy], runs[args.random], runs[args.damage], args.resamples,
+    result = analyse(runs[args.policy], runs.get(args.random), runs[args.damage], args.resamples,
                      args.seed)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -9,8 +9,8 @@
 # real    the same for REAL_VARIANTS (bf16 in both layouts again, for ratios within the run; real
 #         int8 and packed, eager and compiled)         -> OUT/unet_step.<arch>.b<batch>.real.json
 #         Apart from the step: on an H100 at batch 8 the real variants' first eager call took
-#         423 and 442 s (twelfth session): Triton compiling the conv kernel's tiles, its 3×3
-#         taps unrolled (6-44 s a tile). The taps are now one loop (about 2 s a tile). Each
+#         423 and 442 s (twelfth session), most likely Triton compiling the conv kernel's tiles, its 3×3
+#         taps unrolled (8-49 s a tile on a 2-core CPU). The taps are now one loop (about 2 s a tile). Each
 #         variant waits at most half the step's limit for the others to compile (--barrier-s),
 #         and a turn whose variant is still compiling is skipped.
 #         (each variant's finished phases also in OUT/unet_step.<arch>.b<batch>.parts/: a step

@@ -43,6 +43,30 @@ def test_the_tuner_times_each_tile_briefly(monkeypatch):
     assert seen == [dict(warmup=fq.TUNE_WARMUP_MS, rep=fq.TUNE_REP_MS, quantiles=(0.5, 0.2, 0.8))]
 
 
+def test_the_tuner_keeps_its_choices_on_disk(monkeypatch):
+    """Where Triton's autotune can cache its results, the tuner asks it to: a second process
+    then reads each shape's tile instead of compiling and timing every tile again."""
+    import functools
+    import inspect
+
+    import triton
+
+    from qlip.quant import fused_quantize as fq
+
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip(f"Triton {triton.__version__}'s autotune cannot cache its results")
+    seen = {}
+
+    @functools.wraps(triton.autotune)  # (the tuner reads its signature)
+    def recording(**kw):
+        seen.update(kw)
+        return lambda fn: fn
+
+    monkeypatch.setattr(triton, "autotune", recording)
+    fq.tuner([triton.Config({"BLOCK_M": 32})], ["M"])
+    assert seen["cache_results"] is True and seen["key"] == ["M"]
+
+
 def test_autotuned_attention_launch_equals_the_reference(monkeypatch):
     keys = ["N", "M", "D", "LOWP"]
     monkeypatch.setattr(fa, "_stats_tuned", _one_tile(fa._stats_kernel, keys, BLOCK_M=32,

@@ -61,11 +61,17 @@ TUNE_WARMUP_MS, TUNE_REP_MS = 5, 25
 
 def tuner(configs, key: list[str]):
     """``triton.autotune`` over ``configs``, timed once per value of the ``key`` arguments with
-    :data:`TUNE_WARMUP_MS`/:data:`TUNE_REP_MS` (where this Triton takes a ``do_bench``)."""
+    :data:`TUNE_WARMUP_MS`/:data:`TUNE_REP_MS` (where this Triton takes a ``do_bench``), its
+    choices kept in Triton's on-disk cache (where it takes ``cache_results``): a later process
+    on the same GPU and Triton reads each shape's tile instead of compiling and timing all of
+    them, so a model's first call costs minutes once per machine, not once per process."""
     options = {}
-    if "do_bench" in inspect.signature(triton.autotune).parameters:
+    params = inspect.signature(triton.autotune).parameters
+    if "do_bench" in params:
         options["do_bench"] = lambda call, quantiles: triton.testing.do_bench(
             call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+    if "cache_results" in params:
+        options["cache_results"] = True
     return triton.autotune(configs=configs, key=key, **options)
 
 

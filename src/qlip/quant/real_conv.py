@@ -88,9 +88,9 @@ if triton is not None:
     def _step(i, n_cb, KW: tl.constexpr, BLOCK_K: tl.constexpr):
         """Step ``i`` of the reduction: its tap ``(kh, kw)`` and first channel. The taps run in
         one loop rather than unrolled (``tl.static_range``): unrolled, the nine taps of a 3×3
-        kernel made nine pipelined loops in each branch, and Triton took 6-44 s to compile each
-        tile for sm_90 (about 25 s on average, 8 tiles, for every flag combination), which made
-        the first call of a real UNet last about 7 minutes on an H100."""
+        kernel made nine pipelined loops in each branch, and Triton took 8-49 s to compile each
+        tile for sm_90 on a 2-core CPU (207 s for the 8 tiles, for every flag combination;
+        2 s a tile now); the SD 1.4 UNet's first real call lasted about 7 minutes on an H100."""
         tap = i // n_cb
         kh = tap // KW
         return kh, tap - kh * KW, (i - tap * n_cb) * BLOCK_K
