@@ -22,11 +22,14 @@
 # mixed   benchmarks/mixed_latency.py: latency against FAB under mixed real execution
 #                                                              -> OUT/mixed_latency.{json,png}
 # memory  benchmarks/weight_memory.py --device cuda            -> OUT/weight_memory.json
+# profile benchmarks/step_profile.py: each PROFILE_VARIANTS' compiled step's GPU time by kind of
+#         kernel (GEMM, conv, attention, layout, quantizers, real kernels, Inductor's, the rest)
+#                                                              -> OUT/step_profile.json
 # Each step writes straight into OUT with its own time limit (T_TESTS, T_STEP, T_REAL, T_COMPILE,
-# T_MIXED, T_MEMORY seconds), so a step cut by its limit leaves what it printed and the steps after it
+# T_MIXED, T_MEMORY, T_PROFILE seconds), so a step cut by its limit leaves what it printed and the steps after it
 # still run. OUT/suite.txt lists each step's exit code and seconds.
 set -uo pipefail
-out=${1:?output folder}; steps=${2:-tests compile step real mixed memory}
+out=${1:?output folder}; steps=${2:-tests compile step real mixed memory profile}
 batch=${BATCH:-8}; arch=${ARCH:-sd14}
 variants=${VARIANTS:-bf16,bf16_channels_last,w4a8_layers,w4a8_attention,w4a8_attention_fused}
 real_variants=${REAL_VARIANTS:-bf16,bf16_channels_last,w4a8_layers_real,w4a8_layers_real_packed}
@@ -57,7 +60,11 @@ for s in $steps; do
                    python3 "$here/mixed_latency.py" --out "$out/mixed_latency.json" ;;
         memory) step memory "${T_MEMORY:-120}" "$out/weight_memory.txt" \
                     python3 "$here/weight_memory.py" --device cuda --out "$out/weight_memory.json" ;;
-        *) echo "unknown step $s (tests step real compile mixed memory)" >&2; exit 2 ;;
+        profile) step profile "${T_PROFILE:-300}" "$out/step_profile.txt" \
+                     python3 "$here/step_profile.py" --arch "$arch" --batch "$batch" --variants \
+                     "${PROFILE_VARIANTS:-bf16_channels_last,w4a8_layers,w4a8_layers_real}" \
+                     --out "$out/step_profile.json" ;;
+        *) echo "unknown step $s (tests step real compile mixed memory profile)" >&2; exit 2 ;;
     esac
 done
 cat "$out/suite.txt"

@@ -2,27 +2,17 @@
 a variant still compiling must not hold the others (on an H100 the real variants' first calls
 ran past the step's time limit and nothing was measured)."""
 
-import importlib.util
-import sys
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from ..conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def step_module():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("sd14_unet_step", BENCHMARKS / "sd14_unet_step.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_benchmark("sd14_unet_step")
 
 
 def _args(folder, index, barrier_s=30.0):

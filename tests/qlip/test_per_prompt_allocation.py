@@ -1,7 +1,6 @@
 """benchmarks/per_prompt_allocation.py: where a policy's bits go prompt by prompt, with or without
 a random control of the policy's proportions beside it (the ablation rows have none)."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,15 +9,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "per_prompt_allocation.py"
+from ..conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def allocation():
-    spec = importlib.util.spec_from_file_location("per_prompt_allocation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("per_prompt_allocation")
 
 
 def _run(folder: Path, fab, psnr, richness, prompts) -> Path:
