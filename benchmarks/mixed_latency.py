@@ -74,6 +74,12 @@ def assignments(units, seed: int) -> dict[float, dict[str, int]]:
     return out
 
 
+def apply(units, bits: dict[str, int]) -> None:
+    """Set each unit that ``bits`` names (one of :func:`assignments`) to its bits."""
+    for name, b in bits.items():
+        units[name].set_bits(b)
+
+
 def fab(units, bits: dict[str, int]) -> float:
     """The MAC-unweighted FAB of the Linear/Conv units (fixed ones at their own bits)."""
     layers = [(n, u) for n, u in units.items() if u.fab_member]
@@ -133,9 +139,7 @@ def main() -> None:
     if compiled is not None:  # first, while the model is as compiled (switching real execution
         # off and on would change what the graph's guards check, and recompile)
         for share, bits in plan.items():
-            for name, unit in units.items():
-                if name in bits:
-                    unit.set_bits(bits[name])
+            apply(units, bits)
             with torch.compiler.set_stance("fail_on_recompile"):
                 times = {"real_compiled_ms": median_ms(compiled_step, args.device, args.warmup,
                                                        args.iters)}
@@ -145,9 +149,7 @@ def main() -> None:
             compiled_times[share] = times
     rows = []
     for share, bits in plan.items():
-        for name, unit in units.items():
-            if name in bits:
-                unit.set_bits(bits[name])
+        apply(units, bits)
         row = {"share_at_8": share, "fab": fab(units, bits)}
         for mode, on in (("real", True), ("simulated", False)):
             use_real_execution(unet, on)
