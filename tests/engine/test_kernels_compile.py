@@ -21,40 +21,47 @@ def _fake_quantize(per_image: bool):
         {"HAS_STEPS": True, "HAS_BYPASS": True, "PER_IMAGE": per_image, "BLOCK_SIZE": 1024})
 
 
-def _real_linear(tile, packed=False):
+def _real_linear(tile, packed=False, pre=True):
     block_m, block_n, block_k = tile[:3]
     return lambda dt: (
         rg._real_linear_kernel,
-        {"x_ptr": f"*{dt}", "w_ptr": "*u8" if packed else "*i8", "out_ptr": f"*{dt}",
-         "table_ptr": f"*{dt}",
+        {"x_ptr": f"*{dt}", "a_ptr": "*i8", "w_ptr": "*u8" if packed else "*i8",
+         "out_ptr": f"*{dt}", "table_ptr": f"*{dt}",
          "choice_ptr": "*i64", "step_ptr": "*i64", "integer_ptr": "*i32", "offset_ptr": "*i32",
          "w_sum_ptr": "*i32", "w_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
         {"HAS_STEPS": True, "HAS_BIAS": True, "IEEE": dt == "fp32", "BLOCK_M": block_m,
-         "BLOCK_N": block_n, "BLOCK_K": block_k, "PACKED": packed})
+         "BLOCK_N": block_n, "BLOCK_K": block_k, "PACKED": packed, "PRE": pre})
 
 
-def _real_conv(tile, packed=False):
+def _real_conv(tile, packed=False, tap_major=True, pre=True):
     block_m, block_n, block_k = tile[:3]
     return lambda dt: (
         rc._real_conv_kernel,
-        {"x_ptr": f"*{dt}", "w_ptr": "*u8" if packed else "*i8", "out_ptr": f"*{dt}",
-         "table_ptr": f"*{dt}", "choice_ptr": "*i64", "step_ptr": "*i64", "integer_ptr": "*i32",
-         "offset_ptr": "*i32", "w_sum_ptr": "*i32", "w_zero_ptr": "*i32", "w_scale_ptr": "*fp32",
-         "bias_ptr": f"*{dt}"},
+        {"x_ptr": f"*{dt}", "a_ptr": "*i8", "w_ptr": "*u8" if packed else "*i8",
+         "out_ptr": f"*{dt}", "table_ptr": f"*{dt}", "choice_ptr": "*i64", "step_ptr": "*i64",
+         "integer_ptr": "*i32", "offset_ptr": "*i32", "w_sum_ptr": "*i32", "w_zero_ptr": "*i32",
+         "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
         {"KH": 3, "KW": 3, "PH": 1, "PW": 1, "HAS_STEPS": True, "HAS_BIAS": True,
-         "IEEE": dt == "fp32", "PACKED": packed, "BLOCK_M": block_m, "BLOCK_N": block_n,
-         "BLOCK_K": block_k})
+         "IEEE": dt == "fp32", "PACKED": packed, "TAP_MAJOR": tap_major, "PRE": pre,
+         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k})
 
 
 CASES = {
     "fake_quantize": _fake_quantize(False),
     "fake_quantize_per_image": _fake_quantize(True),
+    "int8_codes": lambda dt: (
+        rg._int8_codes_kernel,
+        {"x_ptr": f"*{dt}", "a_ptr": "*i8", "table_ptr": f"*{dt}", "choice_ptr": "*i64",
+         "step_ptr": "*i64", "integer_ptr": "*i32", "offset_ptr": "*i32"},
+        {"HAS_STEPS": True, "BLOCK": rg.CODES_BLOCK}),
     "real_linear": _real_linear(rg.TILES[0]),
+    "real_linear_codes_in_tiles": _real_linear(rg.TILES[0], pre=False),
     "real_linear_long_k": _real_linear((128, 128, 128)),  # the autotune tile with the longest K
     "real_linear_packed": _real_linear(rg.PACKED_TILES[0], packed=True),
     "real_linear_packed_long_k": _real_linear((128, 128, 128), packed=True),
     "real_conv": _real_conv(rg.TILES[0]),
-    "real_conv_packed": _real_conv((128, 128, 64), packed=True),
+    "real_conv_weight_order_codes_in_tiles": _real_conv(rg.TILES[0], tap_major=False, pre=False),
+    "real_conv_packed": _real_conv((128, 128, 64), packed=True, tap_major=False),
     "attention_stats": lambda dt: (
         fa._stats_kernel,
         {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "m_ptr": "*fp32", "l_ptr": "*fp32",

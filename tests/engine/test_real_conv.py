@@ -23,22 +23,29 @@ OFFSET = torch.tensor([0, 128, 0, 0], dtype=torch.int32)
 
 @needs_kernel
 @pytest.mark.parametrize("packed", [False, True], ids=["int8", "packed"])
+@pytest.mark.parametrize("tap_major", [False, True], ids=["weight_order", "tap_major"])
+@pytest.mark.parametrize("pre", [True, False], ids=["codes_first", "codes_in_tiles"])
 @pytest.mark.parametrize("kernel,padding", [((3, 3), (1, 1)), ((3, 3), (0, 0)), ((1, 3), (0, 1))])
-def test_conv_options_give_the_exact_product_of_the_quantized_operands(kernel, padding, packed):
+def test_conv_options_give_the_exact_product_of_the_quantized_operands(kernel, padding, packed,
+                                                                      tap_major, pre, monkeypatch):
+    monkeypatch.setattr(rg, "PREQUANTIZE", pre)  # the input's codes rounded once, or per tile
     device = kernel_device()
     g = torch.Generator().manual_seed(3)
     b, c, h, w, n = 2, 40, 5, 6, 24  # C not a multiple of the channel block, M not of the tile
     codes = torch.randint(0, 16, (n, c * kernel[0] * kernel[1]), generator=g)
     scale, zero = torch.rand(n, generator=g) * 0.05 + 0.01, torch.randint(4, 12, (n,)).float()
-    weights = rg.weight_operands(codes, scale, zero, 4,
-                                 packed=rg.pack_rows(codes) if packed else None)
+    rows = rc.tap_major_rows(codes, kernel) if tap_major else codes
+    assert torch.equal(rc.channel_major_rows(rows, kernel), codes) or not tap_major
+    weights = rg.weight_operands(rows, scale, zero, 4,
+                                 packed=rg.pack_rows(rows) if packed else None)
     x, bias = torch.randn(b, c, h, w, generator=g), torch.randn(n, generator=g)
     weight = ((codes.double() - zero.double()[:, None]) * scale.double()[:, None]).reshape(
         n, c, *kernel)
     for choice in range(len(TABLE)):
         args = [t.to(device) for t in (x, TABLE, torch.tensor([choice]), torch.zeros(1).long())]
         args += [0] + [t.to(device) for t in (INTEGER, OFFSET, *weights, bias)]
-        got = rc.real_conv2d(*args, kernel_size=kernel, padding=padding).cpu().double()
+        got = rc.real_conv2d(*args, kernel_size=kernel, padding=padding,
+                             tap_major=tap_major).cpu().double()
         delta, low, high = TABLE[choice].tolist()
         xq = (torch.div(x, delta).round().clamp(low, high) * delta).double() if INTEGER[choice] \
             else x.double()
@@ -46,7 +53,7 @@ def test_conv_options_give_the_exact_product_of_the_quantized_operands(kernel, p
         assert got.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-5), choice
         again = rc.reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args],
-                             kernel, padding).double()
+                             kernel, padding, tap_major).double()
         assert torch.allclose(got, again, rtol=1e-6, atol=1e-5), choice
 
 

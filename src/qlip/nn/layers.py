@@ -208,6 +208,7 @@ class QuantLayer(QuantUnit):
 
     # -- real execution (eager GPU inference) ---------------------------------------------------
     _real: tuple | None = None  # use_real(): the integer operands of real execution
+    _real_tap_major = False  # use_real(): a conv's codes in _real are tap-major (real_conv)
 
     def real_kind(self) -> str | None:
         """How this layer runs for real: ``"gemm"`` (one GEMM over its input's last dim: a
@@ -234,8 +235,14 @@ class QuantLayer(QuantUnit):
         codes = codes[0].flatten(1)  # [N, K]: a conv's K is C·KH·KW, in its weight's order
         scale, zero = self.weight_quantizers[0].params()
         integer, offset = real_gemm.int8_offsets(self.options)
-        operands = (integer, offset, *real_gemm.weight_operands(
-            codes, scale, zero, self.wbits, packed=self._packed_rows(codes)))
+        weights = real_gemm.weight_operands(codes, scale, zero, self.wbits,
+                                            packed=self._packed_rows(codes))
+        # an implicit-GEMM conv's int8 codes tap-major: each tap's channels contiguous (a packed
+        # layer reads its own bytes, in the weight's order)
+        self._real_tap_major = self.real_kind() == "conv" and not self.packed
+        if self._real_tap_major:
+            weights = (real_conv.tap_major_rows(weights[0], self.kernel_size), *weights[1:])
+        operands = (integer, offset, *weights)
         self._real = tuple(t.to(self.weight.device) for t in operands)
         return True
 
@@ -270,9 +277,10 @@ class QuantLayer(QuantUnit):
                 return None
         step = self._shared_step if self._shared_step is not None else self._buffers["_step"]
         stack = bank._modules["stack"]
-        return (run or real_gemm.real_linear)(x, stack._flat_table(x.dtype), choice, step,
-                                              stack.num_steps or 0, *real,
-                                              self._parameters.get("bias"))
+        if run is None:  # (not `run or ...`: torch 2.11's Dynamo cannot take a bound method's
+            run = real_gemm.real_linear  # truth value and broke the graph at every real conv)
+        return run(x, stack._flat_table(x.dtype), choice, step, stack.num_steps or 0, *real,
+                   self._parameters.get("bias"))
 
 
 def _placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -347,7 +355,8 @@ class QuantConv2d(QuantLayer):
 
     def _run_real_conv(self, x, *args):
         return real_conv.real_conv2d(x, *args, kernel_size=self.kernel_size,
-                                     padding=self._real_padding())
+                                     padding=self._real_padding(),
+                                     tap_major=self._real_tap_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
         if self._real is not None:

@@ -5,9 +5,16 @@ integer bracket as :mod:`qlip.quant.real_gemm`'s Linear layers.
 The GEMM's rows are the output pixels (``M = B·H_out·W_out``), its columns the output channels
 and its reduction the ``K = C·KH·KW`` taps, walked tap by tap (``kh, kw``) and, within a tap, over
 blocks of input channels. The input is read channels-last (``[B, H, W, C]``): a tap's block of
-channels is contiguous. The weights stay in the layer's own order, codes ``[N, K]`` with
-``k = c·KH·KW + kh·KW + kw`` (``weight.flatten(1)``), as int8 or as the packed 4-bit bytes of
-:func:`qlip.quant.real_gemm.pack_rows` (for an even K, a packed layer's own bytes).
+channels is contiguous. The weight codes ``[N, K]`` come in one of two orders:
+
+- the layer's own, ``k = c·KH·KW + kh·KW + kw`` (``weight.flatten(1)``): a tap's channels lie
+  KH·KW codes apart, so each weight tile is a strided gather;
+- tap-major (``tap_major=True``, :func:`tap_major_rows`), ``k = (kh·KW + kw)·C + c``: a tap's
+  channels are contiguous, as the input's are. Real execution keeps its int8 codes this way (a
+  copy it makes anyway).
+
+Either as int8 or as the packed 4-bit bytes of :func:`qlip.quant.real_gemm.pack_rows` (for an
+even K, a packed layer's own bytes, in the layer's order: no second copy of the weights).
 
 **Padding, exactly.** The simulation quantizes the input, then pads it with zeros. A padded tap
 is a zero of the quantized input: its code is 0, so its int8 value is ``a = z_a`` (``a − z_a =
@@ -25,8 +32,9 @@ from __future__ import annotations
 
 import torch
 
+from . import real_gemm
 from .fused_quantize import triton
-from .real_gemm import MAX_K, PACKED_TILES, TILES, autotuned, launch
+from .real_gemm import MAX_K, PACKED_TILES, TILES, autotuned, int8_codes, launch
 
 if triton is not None:
     import triton.language as tl
@@ -37,15 +45,33 @@ if triton is not None:
 # one is at least 32 channels, what a tap's int8 product needs.
 
 
+def tap_major_rows(codes: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """``codes [N, C·KH·KW]`` in the weight's own order -> ``[N, KH·KW·C]``, tap-major (a tap's
+    channels contiguous); :func:`channel_major_rows` undoes it."""
+    n, k = codes.shape
+    kh, kw = kernel_size
+    return codes.reshape(n, k // (kh * kw), kh, kw).permute(0, 2, 3, 1).reshape(n, k).contiguous()
+
+
+def channel_major_rows(codes: torch.Tensor, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """The inverse of :func:`tap_major_rows`."""
+    n, k = codes.shape
+    kh, kw = kernel_size
+    return codes.reshape(n, kh, kw, k // (kh * kw)).permute(0, 3, 1, 2).reshape(n, k).contiguous()
+
+
 def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-              kernel_size: tuple[int, int], padding: tuple[int, int]):
+              kernel_size: tuple[int, int], padding: tuple[int, int], tap_major: bool = False):
     """What the kernel computes, in PyTorch float64: ``x [B, C, H, W]``; ``w`` the ``[N, K]``
-    codes (int8, or packed uint8); returns ``[B, N, H_out, W_out]`` in x's dtype."""
+    codes (int8, or packed uint8; tap-major where ``tap_major``); returns
+    ``[B, N, H_out, W_out]`` in x's dtype."""
     from .real_gemm import unpack_rows
 
     k_total = x.shape[1] * kernel_size[0] * kernel_size[1]
     if w.dtype == torch.uint8:
         w = unpack_rows(w, k_total)
+    if tap_major:
+        w = channel_major_rows(w, kernel_size)
     k = int(choice.reshape(-1)[0])
     row = k * steps + int(step.reshape(-1)[0]) if steps else k
     scale, low, high = (table[row, i] for i in range(3))
@@ -96,13 +122,22 @@ if triton is not None:
         return kh, tap - kh * KW, (i - tap * n_cb) * BLOCK_K
 
     @triton.jit
-    def _real_conv_kernel(x_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
+    def _k_index(c, kh, kw, C, KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr):
+        """Where channels ``c`` of tap ``(kh, kw)`` lie in a weight row."""
+        if TAP_MAJOR:
+            k = (kh * KW + kw) * C + c
+        else:
+            k = c * (KH * KW) + kh * KW + kw
+        return k
+
+    @triton.jit
+    def _real_conv_kernel(x_ptr, a_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
                           integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
                           B, H, W, C, N, H_OUT, W_OUT, steps, stride_wn,
                           KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                           HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                          PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          PACKED: tl.constexpr, TAP_MAJOR: tl.constexpr, PRE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
         offs_c = tl.arange(0, BLOCK_K)
@@ -129,12 +164,17 @@ if triton is not None:
                 c_ok = (c0 + offs_c) < C
                 real = m_ok1[:, None] & c_ok[None, :]  # taps of the reduction
                 load_ok = inside[:, None] & c_ok[None, :]
-                x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :], mask=load_ok,
-                            other=0.0)
-                code = grid_codes(x, scale, low, high)
-                a = tl.where(load_ok, code - low - o_a, tl.where(real, z_a, 0.0))
-                a = a.to(tl.int8)
-                k_idx = (c0 + offs_c) * (KH * KW) + kh * KW + kw
+                if PRE:  # the input's int8 codes, rounded once by real_gemm.int8_codes
+                    a = tl.load(a_ptr + pixel[:, None] + c0 + offs_c[None, :], mask=load_ok,
+                                other=0).to(tl.int32)
+                    a = tl.where(load_ok, a, tl.where(real, z_a.to(tl.int32), 0)).to(tl.int8)
+                else:
+                    x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :], mask=load_ok,
+                                other=0.0)
+                    code = grid_codes(x, scale, low, high)
+                    a = tl.where(load_ok, code - low - o_a, tl.where(real, z_a, 0.0))
+                    a = a.to(tl.int8)
+                k_idx = _k_index(c0 + offs_c, kh, kw, C, KH, KW, TAP_MAJOR)
                 w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
                 acc_i += tl.dot(a, w, out_dtype=tl.int32)
                 a_sum += tl.sum(a.to(tl.int32), axis=1)
@@ -151,7 +191,7 @@ if triton is not None:
                 c_ok = (c0 + offs_c) < C
                 x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :],
                             mask=inside[:, None] & c_ok[None, :], other=0.0)
-                k_idx = (c0 + offs_c) * (KH * KW) + kh * KW + kw
+                k_idx = _k_index(c0 + offs_c, kh, kw, C, KH, KW, TAP_MAJOR)
                 w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
                 weight = (w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :]
                 if IEEE:
@@ -164,15 +204,17 @@ if triton is not None:
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(dtype),
                  mask=m_ok1[:, None] & n_ok)
 
-    _CONV_KEY = ["B", "H", "W", "C", "N", "KH", "KW", "IEEE"]
+    _CONV_KEY = ["B", "H", "W", "C", "N", "KH", "KW", "IEEE", "TAP_MAJOR", "PRE"]
     _conv_tuned = autotuned(_real_conv_kernel, TILES, _CONV_KEY)
     _packed_conv_tuned = autotuned(_real_conv_kernel, PACKED_TILES, _CONV_KEY)
 
 
 def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-                kernel_size: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+                kernel_size: tuple[int, int], padding: tuple[int, int],
+                tap_major: bool = False) -> torch.Tensor:
     """``x [B, C, H, W]`` through the KH×KW convolution (stride 1): one launch, integer or float
-    math by the option ``choice`` names; ``w`` the ``[N, C·KH·KW]`` codes (int8, or packed uint8).
+    math by the option ``choice`` names; ``w`` the ``[N, C·KH·KW]`` codes (int8, or packed uint8),
+    in the weight's own order or tap-major (``tap_major``, :func:`tap_major_rows`).
     Returns ``[B, N, H_out, W_out]`` in x's dtype, channels-last in memory. Under
     ``torch.compile`` the launch is the custom operator ``torch.ops.qlip.real_conv2d``, which the
     compiled graph keeps (as :func:`qlip.quant.real_gemm.real_linear`)."""
@@ -184,7 +226,7 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
         raise ValueError(f"weights {tuple(w.shape)} do not hold K = {k_total} codes a row")
     run = torch.ops.qlip.real_conv2d if torch.compiler.is_compiling() else _launch_conv2d
     return run(x, table, choice, step if steps else choice, steps, integer, offset, w, w_sum,
-               w_zero, w_scale, bias, list(kernel_size), list(padding))
+               w_zero, w_scale, bias, list(kernel_size), list(padding), tap_major)
 
 
 def _output_shape(x: torch.Tensor, n: int, kernel_size, padding) -> tuple[int, int, int, int]:
@@ -198,18 +240,22 @@ def _launch_conv2d(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
                    step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
                    w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor,
                    w_scale: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
-                   padding: list[int]) -> torch.Tensor:
+                   padding: list[int], tap_major: bool) -> torch.Tensor:
     b, c, h, width = x.shape
     kh, kw = kernel_size
     _, h_out, w_out, n = shape = _output_shape(x, w.shape[0], kernel_size, padding)
     xl = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C] (a view for a channels-last x)
     out = torch.empty(shape, device=x.device, dtype=x.dtype)
-    operands = (xl, w, out, table.contiguous(), choice, step, integer, offset, w_sum,
+    table = table.contiguous()
+    pre = real_gemm.PREQUANTIZE
+    a = int8_codes(xl, table, choice, step, steps, integer, offset) if pre else xl
+    operands = (xl, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_zero, w_scale, bias if bias is not None else w_scale, b, h, width, c, n, h_out,
                 w_out, steps, w.stride(0))
     packed = w.dtype == torch.uint8
     flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], HAS_STEPS=bool(steps),
-                 HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, PACKED=packed)
+                 HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, PACKED=packed,
+                 TAP_MAJOR=tap_major, PRE=pre)
     if packed:
         launch(_real_conv_kernel, _packed_conv_tuned, PACKED_TILES, b * h_out * w_out, n,
                operands, flags)
@@ -225,5 +271,5 @@ _real_conv2d_op = torch.library.custom_op("qlip::real_conv2d", mutates_args=())(
 
 @_real_conv2d_op.register_fake
 def _(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-      kernel_size, padding):
+      kernel_size, padding, tap_major):
     return x.new_empty(_output_shape(x, w.shape[0], kernel_size, padding)).permute(0, 3, 1, 2)

@@ -1,0 +1,204 @@
+"""Each real layer of a UNet step timed alone against the bf16 layer it replaces: which layer shapes
+make real W4A8 slower than the best bf16 (issue 14).
+
+The UNet (``--arch``, random weights, bf16, W4A8 RTN as ``sd14_unet_step.py`` builds
+``w4a8_layers_real``, ``--packed`` for the packed 4-bit codes) runs one eager step with every real
+layer's input recorded. Layers of the same kind and shapes share a row. Each row is timed with CUDA
+events (median of ``--iters`` calls after ``--warmup``; the first call tunes the tile):
+
+- ``real``: the layer's real kernel (``qlip.quant.real_gemm`` / ``real_conv``), its own input;
+- ``real_codes_in_tiles``: the same kernel with every tile rounding its own activation codes
+  (``real_gemm.PREQUANTIZE`` off) instead of one launch rounding them once per call;
+- ``real_weight_order`` (3×3 convs of int8 codes): the same kernel reading the codes in the
+  weight's own order, a strided gather per tap, instead of tap-major;
+- ``bf16``: ``F.linear`` / ``F.conv2d`` in bf16 on the same shapes, convolutions channels-last
+  (input and weight), as the best bf16 step runs them;
+- ``simulated``: the same layer with real execution off (fake quantization, then bf16 math).
+
+Each row also records the largest difference between the two ways of rounding the codes (0: the
+same integers) and the real output's largest difference from the simulated one, relative to the
+latter's largest value. The totals weight each row by how many layers share it: the GPU time a step spends in these
+layers each way, by kind (Linear, 1×1 conv, 3×3 conv).
+
+    python benchmarks/real_layer_speed.py --batch 8 --out OUT/real_layer_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+WAYS = ("real", "real_codes_in_tiles", "real_weight_order", "bf16", "simulated")
+
+
+def layer_kind(layer) -> str:
+    """``linear``, ``conv1x1`` or ``conv3x3`` (any other KH×KW: ``conv{KH}x{KW}``)."""
+    if layer.kind == "linear":
+        return "linear"
+    kh, kw = layer.kernel_size
+    return f"conv{kh}x{kw}"
+
+
+def record_inputs(unet, run) -> dict:
+    """Run ``run()`` once with a hook on every layer switched to real execution; returns
+    ``{key: {"kind", "input", "weight", "count", "layer", "x"}}`` keyed by kind and shapes (the
+    first layer of each key and a copy of its input)."""
+    rows: dict = {}
+    handles = []
+
+    def hook(layer, args, _out):
+        x = args[0]
+        key = (layer_kind(layer), tuple(x.shape), tuple(layer.weight.shape))
+        if key in rows:
+            rows[key]["count"] += 1
+        else:
+            rows[key] = {"kind": key[0], "input": list(key[1]), "weight": list(key[2]),
+                         "count": 1, "layer": layer, "x": x.detach().clone()}
+
+    for module in unet.modules():
+        if getattr(module, "_real", None) is not None:
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def codes_in_tiles(call):
+    """``call`` with every tile rounding its own activation codes (``real_gemm.PREQUANTIZE``
+    off) instead of one launch rounding them once per call, as before the thirteenth session."""
+    from qlip.quant import real_gemm
+
+    def run():
+        real_gemm.PREQUANTIZE = False
+        try:
+            return call()
+        finally:
+            real_gemm.PREQUANTIZE = True
+
+    return run
+
+
+def weight_order(layer, call):
+    """``call`` with the conv's int8 codes read in the weight's own order (``k = c·KH·KW + tap``,
+    a strided gather per tap) instead of tap-major, as before the thirteenth session."""
+    from qlip.quant.real_conv import channel_major_rows
+
+    tap_major = layer._real
+    own = (*tap_major[:2], channel_major_rows(tap_major[2], layer.kernel_size), *tap_major[3:])
+
+    def run():
+        layer._real, layer._real_tap_major = own, False
+        try:
+            return call()
+        finally:
+            layer._real, layer._real_tap_major = tap_major, True
+
+    return run
+
+
+def bf16_call(row):
+    """The bf16 layer of the row's shapes (random weights; convolutions channels-last)."""
+    x, layer = row["x"], row["layer"]
+    weight = torch.randn(row["weight"], device=x.device, dtype=x.dtype) * 0.02
+    bias = torch.zeros(row["weight"][0], device=x.device, dtype=x.dtype)
+    if row["kind"] == "linear":
+        return lambda: F.linear(x, weight, bias)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    wc = weight.contiguous(memory_format=torch.channels_last)
+    return lambda: F.conv2d(xc, wc, bias, 1, layer.padding)
+
+
+def totals(rows: list[dict]) -> dict:
+    """ms a step per kind and overall, each way (a row's median times its count; the overall
+    total of the ways every row has)."""
+    out: dict = defaultdict(lambda: defaultdict(float))
+    for row in rows:
+        for way in WAYS:
+            if way in row:
+                out[row["kind"]][way] += row[way] * row["count"]
+                if way != "real_weight_order":
+                    out["all"][way] += row[way] * row["count"]
+    return {k: dict(v) for k, v in out.items()}
+
+
+def tiles_chosen() -> dict:
+    """The tile triton.autotune chose for each key it timed, per kernel (what the rows ran)."""
+    from qlip.quant import real_conv, real_gemm
+
+    tuners = {"linear": real_gemm._real_linear_tuned, "linear_packed": real_gemm._packed_linear_tuned,
+              "conv": real_conv._conv_tuned, "conv_packed": real_conv._packed_conv_tuned}
+    return {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+            for name, tuner in tuners.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=("sd14", "sdxl"), default="sd14")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--packed", action="store_true", help="the packed 4-bit codes")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("real_layer_speed.py times CUDA kernels: run it on a GPU")
+    from sd14_unet_step import build, inputs, timed  # (benchmarks/ is on the path as a script)
+
+    from qlip.nn import use_real_execution
+
+    variant = "w4a8_layers_real_packed" if args.packed else "w4a8_layers_real"
+    unet, _ = build(variant, args)
+    x, t, c, kw = inputs(unet, args)
+    recorded = record_inputs(unet, lambda: unet(x, t, encoder_hidden_states=c, **kw))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows, result = [], {}
+    for row in recorded.values():
+        layer, inp = row["layer"], row["x"]
+        use_real_execution(layer, True)
+        call = functools.partial(layer, inp)  # the real kernel or the simulation, as switched
+        row["real"] = timed(call, args.warmup, args.iters)["median_ms"]
+        row["real_codes_in_tiles"] = timed(codes_in_tiles(call), args.warmup,
+                                           args.iters)["median_ms"]
+        if layer._real_tap_major:  # the same conv with its codes in the weight's own order
+            row["real_weight_order"] = timed(weight_order(layer, call), args.warmup,
+                                             args.iters)["median_ms"]
+        row["bf16"] = timed(bf16_call(row), args.warmup, args.iters)["median_ms"]
+        with torch.no_grad():
+            real, in_tiles = call(), codes_in_tiles(call)()
+        use_real_execution(layer, False)
+        row["simulated"] = timed(call, args.warmup, args.iters)["median_ms"]
+        with torch.no_grad():
+            simulated = call().float()
+        use_real_execution(layer, True)
+        # the two ways of rounding the codes give the same integers: the same output, bit for
+        # bit; the simulation (bf16 math) is near
+        row["codes_in_tiles_max_diff"] = float((real - in_tiles).abs().max())
+        row["vs_simulated_rel"] = float((real.float() - simulated).abs().max()
+                                        / simulated.abs().max())
+        rows.append({k: v for k, v in row.items() if k not in ("layer", "x")})
+        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "arch": args.arch, "batch": args.batch, "variant": variant, "rows": rows,
+                  "rows_recorded": len(recorded), "totals_ms": totals(rows),
+                  "tiles_chosen": tiles_chosen()}
+        args.out.write_text(json.dumps(result, indent=1))  # after each row: a cut run keeps them
+        print(f"{row['kind']:8} x{row['count']:2} in {row['input']} w {row['weight']}: " + ", ".join(
+            f"{way} {row[way]:.3f} ms" for way in WAYS if way in row)
+              + f"; codes-in-tiles diff {row['codes_in_tiles_max_diff']:.3g}, vs simulated "
+              f"{row['vs_simulated_rel']:.3g}", flush=True)
+    for kind, ways in result["totals_ms"].items():
+        print(f"{kind}: " + ", ".join(f"{w} {ms:.2f} ms" for w, ms in ways.items())
+              + f"; real / bf16 {ways['real'] / ways['bf16']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""benchmarks/real_layer_speed.py groups a UNet's real layers by kind and shapes (the timing itself
+needs a GPU), and its totals weight each row by how many layers share it."""
+
+import pytest
+import torch
+
+from ..conftest import load_benchmark, unet_inputs
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("real_layer_speed")
+
+
+def test_every_real_layer_falls_in_one_row(bench, tiny_pipe):
+    from qlip.methods.calib_data import CalibrationSet
+    from qlip.methods.rtn import quantize_rtn
+    from qlip.nn import QuantConfig, use_real_execution
+    from qlip.pipeline import prepare_unet
+
+    unet = tiny_pipe.unet
+    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8))
+    x, t, c = unet_inputs(unet, 2, seed=1)
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(2, dtype=torch.long)),
+                 progress=False)
+    switched = use_real_execution(unet)
+    rows = bench.record_inputs(unet, lambda: unet(x, t, encoder_hidden_states=c))
+    assert sum(r["count"] for r in rows.values()) == switched > 0
+    assert {r["kind"] for r in rows.values()} == {"linear", "conv1x1", "conv3x3"}
+    for r in rows.values():  # each row's layer and input have the row's shapes
+        assert list(r["x"].shape) == r["input"] and list(r["layer"].weight.shape) == r["weight"]
+        assert r["kind"] == bench.layer_kind(r["layer"])
+        # int8 3×3 convs keep their codes tap-major; the weight-order call reads them as before
+        assert r["layer"]._real_tap_major == (r["kind"] == "conv3x3")
+    assert all(not m._forward_hooks for m in unet.modules())  # the hooks are gone
+
+
+def test_totals_weight_rows_by_their_count(bench):
+    rows = [{"kind": "linear", "count": 3, "real": 1.0, "bf16": 0.5, "simulated": 2.0},
+            {"kind": "conv3x3", "count": 2, "real": 4.0, "bf16": 1.0, "simulated": 3.0,
+             "real_weight_order": 5.0}]
+    got = bench.totals(rows)
+    assert got["linear"] == {"real": 3.0, "bf16": 1.5, "simulated": 6.0}
+    assert got["conv3x3"] == {"real": 8.0, "real_weight_order": 10.0, "bf16": 2.0, "simulated": 6.0}
+    assert got["all"] == {"real": 11.0, "bf16": 3.5, "simulated": 12.0}
