@@ -11,9 +11,11 @@
 # records.tgz is written whole (a temporary file, then renamed), so a call may collect every few
 # minutes in the background and a time limit that cuts it still returns the last whole one:
 #   (while sleep 120; do bash benchmarks/collect_records.sh RUN "$OUT/c" > /dev/null; done) &
-# FEATURES="eval_a eval_b ...": those evals' features.safetensors (with metrics.json and
-# settings.json) in one DEST/features.tgz, in 15 MB parts where larger: what `qlip compare`
-# needs to pair two evals here once the device machine is gone (3-4 evals fit one call).
+# FEATURES="eval_a eval_b ...": those evals' features.safetensors (with metrics.json,
+# settings.json and, for a quantized policy's eval, bits.safetensors) in one DEST/features.tgz,
+# in 15 MB parts where larger: what `qlip compare` needs to pair two evals here once the device
+# machine is gone (3-4 evals fit one call), and what a random-matched control draws its bits from
+# (`--bits-from`; without it the thirteenth session had to evaluate a QLIP row again).
 # MODELS=1: each quantized model (a folder with quant_config.json: its state, qlip.json and
 # qlip.safetensors, not its calibration capture or reconstruction checkpoints) and each eval's features.safetensors,
 # one tarball per folder (the device returns files of at most 16 MB). Unpacked here under the
@@ -33,7 +35,7 @@ split_large() {  # the device returns files of at most 16 MB: a larger file trav
 if [ -n "${FEATURES:-}" ]; then
     files=()
     for name in $FEATURES; do
-        for f in features.safetensors metrics.json settings.json; do
+        for f in features.safetensors metrics.json settings.json bits.safetensors; do
             [ -f "$run/$name/$f" ] && files+=("$run/$name/$f")
         done
         [ -f "$run/$name/features.safetensors" ] || echo "FEATURES: $run/$name has none" >&2
@@ -44,8 +46,8 @@ if [ "${MODELS:-0}" = 1 ]; then
     for folder in "$run"/*/; do
         folder=${folder%/}
         files=()
-        for f in quant_config.json quant_state.safetensors qlip.json \
-                 qlip.safetensors features.safetensors settings.json metrics.json generated.jsonl; do
+        for f in quant_config.json quant_state.safetensors qlip.json qlip.safetensors \
+                 features.safetensors bits.safetensors settings.json metrics.json generated.jsonl; do
             [ -f "$folder/$f" ] && files+=("$folder/$f")
         done
         [ -f "$folder/quant_config.json" ] || [ -f "$folder/features.safetensors" ] || continue
