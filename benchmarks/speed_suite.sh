@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14's measurements on one GPU, in one call, nothing else on the device:
-#   bash benchmarks/speed_suite.sh OUT [STEPS="tests compile step real mixed memory"]
+#   bash benchmarks/speed_suite.sh OUT [STEPS="tests compile step real mixed memory profile layers"]
 # tests   the Triton kernels' tests on CUDA (first tile, conftest's QLIP_AUTOTUNE=0; the tuned
 #         launch in test_kernel_autotune.py)                   -> OUT/kernel_tests.txt
 # step    benchmarks/sd14_unet_step.py at BATCH (default 8), ARCH (sd14), VARIANTS (bf16 in both
@@ -25,11 +25,14 @@
 # profile benchmarks/step_profile.py: each PROFILE_VARIANTS' compiled step's GPU time by kind of
 #         kernel (GEMM, conv, attention, layout, quantizers, real kernels, Inductor's, the rest)
 #                                                              -> OUT/step_profile.json
+# layers  benchmarks/real_layer_speed.py: every real layer shape of the UNet at BATCH timed alone,
+#         real (codes rounded once, conv codes tap-major), real with the codes rounded in the tiles,
+#         the conv in the weight's order, bf16 and simulated       -> OUT/real_layer_speed.json
 # Each step writes straight into OUT with its own time limit (T_TESTS, T_STEP, T_REAL, T_COMPILE,
 # T_MIXED, T_MEMORY, T_PROFILE seconds), so a step cut by its limit leaves what it printed and the steps after it
 # still run. OUT/suite.txt lists each step's exit code and seconds.
 set -uo pipefail
-out=${1:?output folder}; steps=${2:-tests compile step real mixed memory profile}
+out=${1:?output folder}; steps=${2:-tests compile step real mixed memory profile layers}
 batch=${BATCH:-8}; arch=${ARCH:-sd14}
 variants=${VARIANTS:-bf16,bf16_channels_last,w4a8_layers,w4a8_attention,w4a8_attention_fused}
 real_variants=${REAL_VARIANTS:-bf16,bf16_channels_last,w4a8_layers_real,w4a8_layers_real_packed}
@@ -64,7 +67,10 @@ for s in $steps; do
                      python3 "$here/step_profile.py" --arch "$arch" --batch "$batch" --variants \
                      "${PROFILE_VARIANTS:-bf16_channels_last,w4a8_layers,w4a8_layers_real}" \
                      --out "$out/step_profile.json" ;;
-        *) echo "unknown step $s (tests step real compile mixed memory profile)" >&2; exit 2 ;;
+        layers) step layers "${T_LAYERS:-240}" "$out/real_layer_speed.txt" \
+                    python3 "$here/real_layer_speed.py" --arch "$arch" --batch "$batch" \
+                    --out "$out/real_layer_speed.json" ;;
+        *) echo "unknown step $s (tests step real compile mixed memory profile layers)" >&2; exit 2 ;;
     esac
 done
 cat "$out/suite.txt"

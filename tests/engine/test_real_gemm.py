@@ -161,8 +161,9 @@ def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
         if bits > 8 or not real.is_cuda:  # float math, or the interpreter's exact rounding
             assert off < 1e-4, bits
         else:  # on CUDA an early A8 code flip carries through the rest of an image (see above):
-            # an H200 gave 0.0034 at A8, one image within 1e-7 and the other off by about 1e-2,
-            # against the 0.0145 that A8 moves this UNet from A32 (measured on the CPU). So the
+            # an H200 gave 0.0034 at A8, the printed differences within 1e-7 in one image and
+            # about 1e-2 in the other, against the 0.0145 that A8 moves this UNet from A32
+            # (measured on the CPU). So the
             # real UNet must stay nearer the simulation at its bits than half of what the
             # quantization moves (a kernel that skipped the quantization would be that far)
             moved = (simulated - unquantized).abs().mean()

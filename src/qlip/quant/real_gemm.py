@@ -14,9 +14,10 @@ recompilation.
 **Two launches a layer.** An element-wise kernel first rounds the layer's input to its int8
 codes, once per call (:func:`int8_codes`; it writes nothing where the option runs in float
 math); the GEMM then reads those bytes. Rounding inside the GEMM's tiles instead
-(``PREQUANTIZE = False``) repeats the exact division for every tile of output channels, N /
-BLOCK_N times over, and on an H200 that made the real SD 1.4 step 5.7× slower than bf16
-(thirteenth session).
+(``PREQUANTIZE = False``, the only way before the thirteenth session) repeats the exact division
+for every tile of output channels, N / BLOCK_N times over: by count, more CUDA-core work than
+the int8 MMA it feeds. That real SD 1.4 step ran 5.7× slower than bf16 on an H200; how much of it
+the rounding took is not measured yet (``benchmarks/real_layer_speed.py`` times both ways).
 
 **The integer path, exactly.** With the activation code ``c = clamp(round(x/Δ), −z, 2^b−1−z)``
 (the simulation's ``x̂ = c·Δ``) held as int8 ``a = c + z − o_a`` and the weight code ``w_c``
@@ -278,7 +279,7 @@ def launch(kernel, tuned, tiles, m: int, n: int, operands, flags) -> None:
 # Where the integer path's activation codes come from: True, one element-wise launch rounds the
 # layer's input to int8 codes once per call (:func:`int8_codes`) and the GEMM reads those bytes;
 # False, every tile of the GEMM rounds its own block of x, once for each tile of output
-# channels (N / BLOCK_N times over: the exact division alone then outweighs the int8 MMA).
+# channels (N / BLOCK_N times over; by count, more work than the int8 MMA it feeds).
 PREQUANTIZE = True
 CODES_BLOCK = 1024  # elements a program of the codes kernel rounds
 
