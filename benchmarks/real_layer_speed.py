@@ -30,6 +30,7 @@ import functools
 import json
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -73,37 +74,13 @@ def record_inputs(unet, run) -> dict:
     return rows
 
 
-def codes_in_tiles(call):
-    """``call`` with every tile rounding its own activation codes (``real_gemm.PREQUANTIZE``
-    off) instead of one launch rounding them once per call, as before the thirteenth session."""
-    from qlip.quant import real_gemm
-
-    def run():
-        real_gemm.PREQUANTIZE = False
-        try:
-            return call()
-        finally:
-            real_gemm.PREQUANTIZE = True
-
-    return run
-
-
-def weight_order(layer, call):
-    """``call`` with the conv's int8 codes read in the weight's own order (``k = c·KH·KW + tap``,
-    a strided gather per tap) instead of tap-major, as before the thirteenth session."""
+def channel_major_operands(layer) -> tuple:
+    """The conv's real operands with its int8 codes in the weight's own order (``k = c·KH·KW +
+    tap``, a strided gather per tap) instead of tap-major, as before the thirteenth session."""
     from qlip.quant.real_conv import channel_major_rows
 
-    tap_major = layer._real
-    own = (*tap_major[:2], channel_major_rows(tap_major[2], layer.kernel_size), *tap_major[3:])
-
-    def run():
-        layer._real, layer._real_tap_major = own, False
-        try:
-            return call()
-        finally:
-            layer._real, layer._real_tap_major = tap_major, True
-
-    return run
+    ops = layer._real
+    return (*ops[:2], channel_major_rows(ops[2], layer.kernel_size), *ops[3:])
 
 
 def bf16_call(row):
@@ -155,6 +132,7 @@ def main() -> None:
     from sd14_unet_step import build, inputs, timed  # (benchmarks/ is on the path as a script)
 
     from qlip.nn import use_real_execution
+    from qlip.quant import real_gemm
 
     variant = "w4a8_layers_real_packed" if args.packed else "w4a8_layers_real"
     unet, _ = build(variant, args)
@@ -164,17 +142,20 @@ def main() -> None:
     rows, result = [], {}
     for row in recorded.values():
         layer, inp = row["layer"], row["x"]
-        use_real_execution(layer, True)
         call = functools.partial(layer, inp)  # the real kernel or the simulation, as switched
-        row["real"] = timed(call, args.warmup, args.iters)["median_ms"]
-        row["real_codes_in_tiles"] = timed(codes_in_tiles(call), args.warmup,
-                                           args.iters)["median_ms"]
-        if layer._real_tap_major:  # the same conv with its codes in the weight's own order
-            row["real_weight_order"] = timed(weight_order(layer, call), args.warmup,
-                                             args.iters)["median_ms"]
-        row["bf16"] = timed(bf16_call(row), args.warmup, args.iters)["median_ms"]
         with torch.no_grad():
-            real, in_tiles = call(), codes_in_tiles(call)()
+            real = call()
+        row["real"] = timed(call, args.warmup, args.iters)["median_ms"]
+        # every tile rounding its own codes, as before the thirteenth session
+        with mock.patch.object(real_gemm, "PREQUANTIZE", False):
+            row["real_codes_in_tiles"] = timed(call, args.warmup, args.iters)["median_ms"]
+            with torch.no_grad():
+                in_tiles = call()
+        if layer._real_tap_major:  # the same conv with its codes in the weight's own order
+            with mock.patch.multiple(layer, _real=channel_major_operands(layer),
+                                     _real_tap_major=False):
+                row["real_weight_order"] = timed(call, args.warmup, args.iters)["median_ms"]
+        row["bf16"] = timed(bf16_call(row), args.warmup, args.iters)["median_ms"]
         use_real_execution(layer, False)
         row["simulated"] = timed(call, args.warmup, args.iters)["median_ms"]
         with torch.no_grad():
