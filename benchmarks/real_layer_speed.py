@@ -11,13 +11,16 @@ events (median of ``--iters`` calls after ``--warmup``; the first call tunes the
   (``real_gemm.PREQUANTIZE`` off) instead of one launch rounding them once per call;
 - ``real_weight_order`` (3×3 convs of int8 codes): the same kernel reading the codes in the
   weight's own order, a strided gather per tap, instead of tap-major;
+- ``real_row_sums`` (int8 codes): the same kernel taking the full zero-point bracket, which sums
+  every activation tile's rows on the CUDA cores (as before the fourteenth session, and as 8-bit
+  weights still do), instead of centered weights that need no row sums;
 - ``bf16``: ``F.linear`` / ``F.conv2d`` in bf16 on the same shapes, convolutions channels-last
   (input and weight), as the best bf16 step runs them;
 - ``simulated``: the same layer with real execution off (fake quantization, then bf16 math).
 
-Each row also records the largest difference between the two ways of rounding the codes (0: the
-same integers) and the real output's largest difference from the simulated one, relative to the
-latter's largest value. The totals weight each row by how many layers share it: the GPU time a step spends in these
+Each row also records the largest difference between the two ways of rounding the codes and
+between the two zero-point brackets (0: the same integers), and the real output's largest
+difference from the simulated one, relative to the latter's largest value. The totals weight each row by how many layers share it: the GPU time a step spends in these
 layers each way, by kind (Linear, 1×1 conv, 3×3 conv).
 
     python benchmarks/real_layer_speed.py --batch 8 --out OUT/real_layer_speed.json
@@ -35,7 +38,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-WAYS = ("real", "real_codes_in_tiles", "real_weight_order", "bf16", "simulated")
+WAYS = ("real", "real_codes_in_tiles", "real_weight_order", "real_row_sums", "bf16", "simulated")
+PARTIAL = ("real_weight_order", "real_row_sums")  # ways only some rows have
 
 
 def layer_kind(layer) -> str:
@@ -83,6 +87,14 @@ def channel_major_operands(layer) -> tuple:
     return (*ops[:2], channel_major_rows(ops[2], layer.kernel_size), *ops[3:])
 
 
+def row_sum_operands(layer) -> tuple:
+    """The layer's real operands in the full zero-point bracket (``real_gemm.zero_mode`` 2):
+    its centered int8 codes with zero points of 0, so that the kernel sums the activations'
+    rows again; the same integers, the same output."""
+    integer, offset, w, w_sum, _, w_scale = layer._real
+    return (integer, offset, w, w_sum, torch.zeros_like(w_sum), w_scale)
+
+
 def bf16_call(row):
     """The bf16 layer of the row's shapes (random weights; convolutions channels-last)."""
     x, layer = row["x"], row["layer"]
@@ -103,7 +115,7 @@ def totals(rows: list[dict]) -> dict:
         for way in WAYS:
             if way in row:
                 out[row["kind"]][way] += row[way] * row["count"]
-                if way != "real_weight_order":
+                if way not in PARTIAL:
                     out["all"][way] += row[way] * row["count"]
     return {k: dict(v) for k, v in out.items()}
 
@@ -155,14 +167,19 @@ def main() -> None:
             with mock.patch.multiple(layer, _real=channel_major_operands(layer),
                                      _real_tap_major=False):
                 row["real_weight_order"] = timed(call, args.warmup, args.iters)["median_ms"]
+        if layer._real[4] is None:  # centered codes: the same layer with the row sums
+            with mock.patch.object(layer, "_real", row_sum_operands(layer)):
+                row["real_row_sums"] = timed(call, args.warmup, args.iters)["median_ms"]
+                with torch.no_grad():
+                    row["row_sums_max_diff"] = float((call() - real).abs().max())
         row["bf16"] = timed(bf16_call(row), args.warmup, args.iters)["median_ms"]
         use_real_execution(layer, False)
         row["simulated"] = timed(call, args.warmup, args.iters)["median_ms"]
         with torch.no_grad():
             simulated = call().float()
         use_real_execution(layer, True)
-        # the two ways of rounding the codes give the same integers: the same output, bit for
-        # bit; the simulation (bf16 math) is near
+        # the two ways of rounding the codes, and the two brackets, give the same integers: the
+        # same output, bit for bit; the simulation (bf16 math) is near
         row["codes_in_tiles_max_diff"] = float((real - in_tiles).abs().max())
         row["vs_simulated_rel"] = float((real.float() - simulated).abs().max()
                                         / simulated.abs().max())

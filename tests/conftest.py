@@ -83,6 +83,12 @@ def load_benchmark(name: str):
     return module
 
 
+def on(t, device):
+    """``t`` on ``device``; None stays None (a real layer's centered weights have no zero
+    points)."""
+    return None if t is None else t.to(device)
+
+
 def kernel_device() -> str | None:
     """Where qlip's Triton kernels can run: "cuda", the CPU under TRITON_INTERPRET=1, or None."""
     from qlip.quant.fused_quantize import triton

@@ -11,7 +11,7 @@ import torch
 from qlip.quant import fused_attention as fa
 from qlip.quant import real_gemm as rg
 
-from ..conftest import kernel_device
+from ..conftest import kernel_device, on
 
 pytestmark = pytest.mark.skipif(
     kernel_device() is None, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
@@ -93,7 +93,7 @@ def test_autotuned_real_linear_launch_equals_the_reference(monkeypatch):
     g = torch.Generator().manual_seed(1)
     n, k, m = 24, 70, 13
     codes = torch.randint(0, 16, (n, k), generator=g)
-    w, w_sum, w_zero, w_scale = (t.to(device) for t in rg.weight_operands(
+    w, w_sum, w_zero, w_scale = (on(t, device) for t in rg.weight_operands(
         codes, torch.rand(n, generator=g) * 0.1, torch.full((n,), 8.0), 4))
     integer, offset = (t.to(device) for t in rg.int8_offsets((4, 8, 16)))
     x = torch.randn(m, k, generator=g).to(device)
@@ -116,7 +116,7 @@ def test_autotuned_real_conv_launch_equals_the_reference(monkeypatch):
     device = kernel_device()
     g = torch.Generator().manual_seed(2)
     codes = torch.randint(0, 16, (12, 20 * 9), generator=g)
-    w, w_sum, w_zero, w_scale = (t.to(device) for t in rg.weight_operands(
+    w, w_sum, w_zero, w_scale = (on(t, device) for t in rg.weight_operands(
         codes, torch.rand(12, generator=g) * 0.1, torch.full((12,), 8.0), 4))
     integer, offset = (t.to(device) for t in rg.int8_offsets((4, 8, 16)))
     x = torch.randn(2, 20, 5, 5, generator=g).to(device)

@@ -21,8 +21,10 @@ def _fake_quantize(per_image: bool):
         {"HAS_STEPS": True, "HAS_BYPASS": True, "PER_IMAGE": per_image, "BLOCK_SIZE": 1024})
 
 
-def _real_linear(tile, packed=False, pre=True):
+def _real_linear(tile, packed=False, pre=True, zero=None):
+    """``zero``: real_gemm.zero_mode (default: 1 packed, 0 centered int8 codes)."""
     block_m, block_n, block_k = tile[:3]
+    zero = int(packed) if zero is None else zero
     return lambda dt: (
         rg._real_linear_kernel,
         {"x_ptr": f"*{dt}", "a_ptr": "*i8", "w_ptr": "*u8" if packed else "*i8",
@@ -30,11 +32,12 @@ def _real_linear(tile, packed=False, pre=True):
          "choice_ptr": "*i64", "step_ptr": "*i64", "integer_ptr": "*i32", "offset_ptr": "*i32",
          "w_sum_ptr": "*i32", "w_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
         {"HAS_STEPS": True, "HAS_BIAS": True, "IEEE": dt == "fp32", "BLOCK_M": block_m,
-         "BLOCK_N": block_n, "BLOCK_K": block_k, "PACKED": packed, "PRE": pre})
+         "BLOCK_N": block_n, "BLOCK_K": block_k, "PACKED": packed, "PRE": pre, "ZERO": zero})
 
 
-def _real_conv(tile, packed=False, tap_major=True, pre=True):
+def _real_conv(tile, packed=False, tap_major=True, pre=True, zero=None):
     block_m, block_n, block_k = tile[:3]
+    zero = int(packed) if zero is None else zero
     return lambda dt: (
         rc._real_conv_kernel,
         {"x_ptr": f"*{dt}", "a_ptr": "*i8", "w_ptr": "*u8" if packed else "*i8",
@@ -43,7 +46,7 @@ def _real_conv(tile, packed=False, tap_major=True, pre=True):
          "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
         {"KH": 3, "KW": 3, "PH": 1, "PW": 1, "HAS_STEPS": True, "HAS_BIAS": True,
          "IEEE": dt == "fp32", "PACKED": packed, "TAP_MAJOR": tap_major, "PRE": pre,
-         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k})
+         "ZERO": zero, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k})
 
 
 CASES = {
@@ -56,12 +59,14 @@ CASES = {
         {"HAS_STEPS": True, "BLOCK": rg.CODES_BLOCK}),
     "real_linear": _real_linear(rg.TILES[0]),
     "real_linear_codes_in_tiles": _real_linear(rg.TILES[0], pre=False),
+    "real_linear_row_sums": _real_linear(rg.TILES[0], zero=2),  # 8-bit weights' full bracket
     "real_linear_long_k": _real_linear((128, 128, 128)),  # the autotune tile with the longest K
-    "real_linear_packed": _real_linear(rg.PACKED_TILES[0], packed=True),
+    "real_linear_packed": _real_linear(rg.TILES[0], packed=True),
     "real_linear_packed_long_k": _real_linear((128, 128, 128), packed=True),
     "real_conv": _real_conv(rg.TILES[0]),
     "real_conv_weight_order_codes_in_tiles": _real_conv(rg.TILES[0], tap_major=False, pre=False),
     "real_conv_packed": _real_conv((128, 128, 64), packed=True, tap_major=False),
+    "real_conv_row_sums": _real_conv(rg.TILES[0], zero=2),
     "attention_stats": lambda dt: (
         fa._stats_kernel,
         {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "m_ptr": "*fp32", "l_ptr": "*fp32",

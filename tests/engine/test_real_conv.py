@@ -9,7 +9,7 @@ import torch
 from qlip.quant import real_conv as rc
 from qlip.quant import real_gemm as rg
 
-from ..conftest import kernel_device
+from ..conftest import kernel_device, on
 
 needs_kernel = pytest.mark.skipif(
     kernel_device() is None, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
@@ -43,7 +43,7 @@ def test_conv_options_give_the_exact_product_of_the_quantized_operands(kernel, p
         n, c, *kernel)
     for choice in range(len(TABLE)):
         args = [t.to(device) for t in (x, TABLE, torch.tensor([choice]), torch.zeros(1).long())]
-        args += [0] + [t.to(device) for t in (INTEGER, OFFSET, *weights, bias)]
+        args += [0] + [on(t, device) for t in (INTEGER, OFFSET, *weights, bias)]
         got = rc.real_conv2d(*args, kernel_size=kernel, padding=padding,
                              tap_major=tap_major).cpu().double()
         delta, low, high = TABLE[choice].tolist()
@@ -67,7 +67,7 @@ def test_per_step_rows_and_the_refusals():
     x = torch.randn(1, 16, 4, 4, generator=g)
     for step in range(3):  # option 0 at step s is row s
         args = [t.to(device) for t in (x, table, torch.tensor([0]), torch.tensor([step]))]
-        args += [3] + [t.to(device) for t in (INTEGER[:1], OFFSET[:1], *weights)] + [None]
+        args += [3] + [on(t, device) for t in (INTEGER[:1], OFFSET[:1], *weights)] + [None]
         got = rc.real_conv2d(*args, kernel_size=(3, 3), padding=(1, 1)).cpu()
         want = rc.reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args],
                             (3, 3), (1, 1))

@@ -10,7 +10,7 @@ from qlip.quant import real_gemm as rg
 from qlip.quant.stacked import StackedUniform
 from qlip.quant.uniform import UniformQuantizer
 
-from ..conftest import kernel_device
+from ..conftest import kernel_device, on
 
 needs_kernel = pytest.mark.skipif(
     kernel_device() is None, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
@@ -42,13 +42,23 @@ def _simulated_exact(x, acts, choice, step, weights):
     return xq.double() @ wq.T
 
 
-def test_weight_operands_shift_8_bit_codes_into_int8():
+def test_weight_operands_center_codes_below_8_bits_and_shift_8_bit_ones_into_int8():
     codes = torch.tensor([[0.0, 255.0, 128.0]])
     w, w_sum, zero, scale = rg.weight_operands(codes, torch.tensor([0.5]), torch.tensor([130.0]), 8)
     assert w.tolist() == [[-128, 127, 0]] and w_sum.tolist() == [-1] and zero.tolist() == [2]
-    w4, _, zero4, _ = rg.weight_operands(torch.tensor([[0.0, 15.0]]), torch.ones(1),
-                                         torch.tensor([7.0]), 4)
-    assert w4.tolist() == [[0, 15]] and zero4.tolist() == [7]  # below 8 bits: no shift
+    assert rg.zero_mode(w, zero) == 2  # the full bracket, with the activations' row sums
+    four = torch.tensor([[0.0, 15.0, 9.0]])
+    w4, sum4, zero4, _ = rg.weight_operands(four, torch.ones(1), torch.tensor([7.0]), 4)
+    assert w4.dtype == torch.int8 and w4.tolist() == [[-7, 8, 2]] and sum4.tolist() == [3]
+    assert zero4 is None and rg.zero_mode(w4, zero4) == 0  # centered: no zero point left
+    packed = rg.pack_rows(four)
+    wp, sump, zerop, _ = rg.weight_operands(four, torch.ones(1), torch.tensor([7.0]), 4, packed)
+    assert wp.data_ptr() == packed.data_ptr()  # the packed bytes themselves, no copy
+    assert sump.tolist() == [3] and zerop.tolist() == [7] and rg.zero_mode(wp, zerop) == 1
+    # a zero point whose centered codes leave int8: the full bracket, unpacked
+    w7, _, zero7, _ = rg.weight_operands(torch.tensor([[0.0, 127.0]]), torch.ones(1),
+                                         torch.tensor([-20.0]), 7)
+    assert w7.tolist() == [[0, 127]] and zero7.tolist() == [-20] and rg.zero_mode(w7, zero7) == 2
     with pytest.raises(ValueError, match="at most 8 bits"):
         rg.weight_operands(codes, torch.ones(1), torch.zeros(1), 16)
     integer, offset = rg.int8_offsets((4, 8, 16, 32))
@@ -77,7 +87,7 @@ def test_integer_options_give_the_exact_product_of_the_quantized_operands(wbits,
         for step in range(steps or 1):
             c, s = torch.tensor([choice]), torch.tensor([step])
             args = [t.to(device) for t in (x, table, c, s)] + [steps or 0] + [
-                t.to(device) for t in (integer, offset, w, w_sum, w_zero, w_scale, bias)]
+                on(t, device) for t in (integer, offset, w, w_sum, w_zero, w_scale, bias)]
             got = rg.real_linear(*args).cpu().double()
             if OPTIONS[choice] <= 8:  # the simulation's operands, exactly: one fp32 rounding
                 want = _simulated_exact(x, acts, choice, step, weights) + bias.double()
@@ -203,7 +213,8 @@ def test_rows_pack_two_codes_a_byte_and_unpack():
 @pytest.mark.parametrize("k", [72, 71], ids=["even_k", "odd_k"])
 def test_packed_weights_give_the_int8_codes_product(k, pre, monkeypatch):
     """The packed path multiplies the same integer codes: bit for bit the int8 path's output at
-    integer options, the same float math at A16."""
+    integer options, the same float math at A16. So does the full bracket (uncentered codes,
+    the zero point's terms with the activations' row sums), which 8-bit weights take."""
     monkeypatch.setattr(rg, "PREQUANTIZE", pre)
     device = kernel_device()
     g = torch.Generator().manual_seed(7)
@@ -212,6 +223,7 @@ def test_packed_weights_give_the_int8_codes_product(k, pre, monkeypatch):
     plain = rg.weight_operands(codes, scale, zero, 4)
     packed = rg.weight_operands(codes, scale, zero, 4, packed=rg.pack_rows(codes))
     assert packed[0].shape == (40, (k + 1) // 2) and torch.equal(packed[1], plain[1])
+    full = (codes.to(torch.int8), codes.sum(1).int(), zero.int(), scale)  # zero_mode 2
     acts = StackedUniform(OPTIONS, num_steps=None)
     for bits in OPTIONS[:-1]:
         acts.slot_view(bits).calibrate(torch.randn(4000, generator=g) + 0.4)
@@ -221,10 +233,11 @@ def test_packed_weights_give_the_int8_codes_product(k, pre, monkeypatch):
     for choice in range(len(OPTIONS)):
         head = [t.to(device) for t in (x, table, torch.tensor([choice]), torch.tensor([0]))] + [0]
         ints = [t.to(device) for t in (integer, offset)]
-        got = rg.real_linear(*head, *ints, *(t.to(device) for t in packed), bias.to(device))
-        want = rg.real_linear(*head, *ints, *(t.to(device) for t in plain), bias.to(device))
+        got = rg.real_linear(*head, *ints, *(on(t, device) for t in packed), bias.to(device))
+        want = rg.real_linear(*head, *ints, *(on(t, device) for t in plain), bias.to(device))
+        bracket = rg.real_linear(*head, *ints, *(on(t, device) for t in full), bias.to(device))
         if OPTIONS[choice] <= 8:
-            assert torch.equal(got, want), choice
+            assert torch.equal(got, want) and torch.equal(bracket, want), choice
         else:
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), choice
         again = rg.reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in head],

@@ -17,6 +17,7 @@ def test_every_real_layer_falls_in_one_row(bench, tiny_pipe):
     from qlip.methods.rtn import quantize_rtn
     from qlip.nn import QuantConfig, use_real_execution
     from qlip.pipeline import prepare_unet
+    from qlip.quant import real_gemm as rg
 
     unet = tiny_pipe.unet
     units = prepare_unet(unet, QuantConfig(wbits=4, abits=8))
@@ -32,14 +33,21 @@ def test_every_real_layer_falls_in_one_row(bench, tiny_pipe):
         assert r["kind"] == bench.layer_kind(r["layer"])
         # int8 3×3 convs keep their codes tap-major; the weight-order call reads them as before
         assert r["layer"]._real_tap_major == (r["kind"] == "conv3x3")
+        # W4 codes come centered (no zero points); the row-sum call takes the full bracket
+        # on the same codes, with zero points of 0
+        real, summed = r["layer"]._real, bench.row_sum_operands(r["layer"])
+        assert real[4] is None and rg.zero_mode(real[2], real[4]) == 0
+        assert summed[2] is real[2] and rg.zero_mode(summed[2], summed[4]) == 2
+        assert not summed[4].any()
     assert all(not m._forward_hooks for m in unet.modules())  # the hooks are gone
 
 
 def test_totals_weight_rows_by_their_count(bench):
     rows = [{"kind": "linear", "count": 3, "real": 1.0, "bf16": 0.5, "simulated": 2.0},
             {"kind": "conv3x3", "count": 2, "real": 4.0, "bf16": 1.0, "simulated": 3.0,
-             "real_weight_order": 5.0}]
+             "real_weight_order": 5.0, "real_row_sums": 4.5}]
     got = bench.totals(rows)
     assert got["linear"] == {"real": 3.0, "bf16": 1.5, "simulated": 6.0}
-    assert got["conv3x3"] == {"real": 8.0, "real_weight_order": 10.0, "bf16": 2.0, "simulated": 6.0}
+    assert got["conv3x3"] == {"real": 8.0, "real_weight_order": 10.0, "real_row_sums": 9.0,
+                              "bf16": 2.0, "simulated": 6.0}
     assert got["all"] == {"real": 11.0, "bf16": 3.5, "simulated": 12.0}

@@ -243,7 +243,7 @@ class QuantLayer(QuantUnit):
         if self._real_tap_major:
             weights = (real_conv.tap_major_rows(weights[0], self.kernel_size), *weights[1:])
         operands = (integer, offset, *weights)
-        self._real = tuple(t.to(self.weight.device) for t in operands)
+        self._real = tuple(None if t is None else t.to(self.weight.device) for t in operands)
         return True
 
     def _packed_rows(self, codes: torch.Tensor) -> torch.Tensor | None:

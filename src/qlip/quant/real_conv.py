@@ -34,14 +34,15 @@ import torch
 
 from . import real_gemm
 from .fused_quantize import triton
-from .real_gemm import MAX_K, PACKED_TILES, TILES, autotuned, int8_codes, launch
+from .real_gemm import MAX_K, TILES, autotuned, int8_codes, launch, zero_mode
 
 if triton is not None:
     import triton.language as tl
 
     from .fused_quantize import grid_codes, load_grid
+    from .real_gemm import _float_weight
 
-# The channel block of a tap is the GEMM tiles' BLOCK_K (real_gemm.TILES, PACKED_TILES): every
+# The channel block of a tap is the GEMM tiles' BLOCK_K (real_gemm.TILES): every
 # one is at least 32 channels, what a tap's int8 product needs.
 
 
@@ -75,6 +76,8 @@ def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, 
     k = int(choice.reshape(-1)[0])
     row = k * steps + int(step.reshape(-1)[0]) if steps else k
     scale, low, high = (table[row, i] for i in range(3))
+    if w_zero is None:  # centered codes
+        w_zero = w.new_zeros(w.shape[0], dtype=torch.int32)
     weight = ((w.double() - w_zero.double()[:, None]) * w_scale.double()[:, None]).reshape(
         w.shape[0], x.shape[1], *kernel_size)
     if int(integer[k]):
@@ -90,14 +93,16 @@ def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, 
 if triton is not None:
 
     @triton.jit
-    def _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, k_ok, PACKED: tl.constexpr):
+    def _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, k_ok, w_zero, PACKED: tl.constexpr):
         """The weight codes at taps ``k_idx`` (``[BLOCK_C]``) of columns ``offs_n``: ``[BLOCK_C,
-        BLOCK_N]`` int8 (packed: the nibble of byte ``k // 2`` that ``k % 2`` names)."""
+        BLOCK_N]`` int8 (packed: the nibble of byte ``k // 2`` that ``k % 2`` names, centered,
+        ``− z_w``; 0 off the matrix)."""
         mask = n_ok & k_ok[:, None]
         if PACKED:
             b = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k_idx // 2)[:, None], mask=mask,
                         other=0)
-            w = ((b >> ((k_idx % 2) * 4).to(tl.uint8)[:, None]) & 15).to(tl.int8)
+            nibble = ((b >> ((k_idx % 2) * 4).to(tl.uint8)[:, None]) & 15).to(tl.int32)
+            w = tl.where(mask, nibble - w_zero[None, :], 0).to(tl.int8)
         else:
             w = tl.load(w_ptr + offs_n[None, :] * stride_wn + k_idx[:, None], mask=mask, other=0)
         return w
@@ -137,7 +142,8 @@ if triton is not None:
                           KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                           HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                           PACKED: tl.constexpr, TAP_MAJOR: tl.constexpr, PRE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          ZERO: tl.constexpr = 2):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
         offs_c = tl.arange(0, BLOCK_K)
@@ -148,7 +154,10 @@ if triton is not None:
         wo = offs_m % W_OUT
         n_ok = offs_n[None, :] < N
         choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
-        w_zero = tl.load(w_zero_ptr + offs_n, mask=offs_n < N, other=0)
+        if ZERO != 0:  # (real_gemm.zero_mode: 0 centered codes, 1 packed, 2 the full bracket)
+            w_zero = tl.load(w_zero_ptr + offs_n, mask=offs_n < N, other=0)
+        else:
+            w_zero = tl.zeros([BLOCK_N], dtype=tl.int32)
         w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
         dtype = out_ptr.dtype.element_ty
         k_total = C * KH * KW
@@ -175,13 +184,17 @@ if triton is not None:
                     a = tl.where(load_ok, code - low - o_a, tl.where(real, z_a, 0.0))
                     a = a.to(tl.int8)
                 k_idx = _k_index(c0 + offs_c, kh, kw, C, KH, KW, TAP_MAJOR)
-                w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
+                w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, w_zero, PACKED)
                 acc_i += tl.dot(a, w, out_dtype=tl.int32)
-                a_sum += tl.sum(a.to(tl.int32), axis=1)
+                if ZERO == 2:  # the weights' zero point meets the codes' row sums
+                    a_sum += tl.sum(a.to(tl.int32), axis=1)
             z_i = z_a.to(tl.int32)
             w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
-            exact = (acc_i - w_zero[None, :] * a_sum[:, None] - z_i * w_sum[None, :]
-                     + k_total * z_i * w_zero[None, :])
+            if ZERO == 2:
+                exact = (acc_i - w_zero[None, :] * a_sum[:, None] - z_i * w_sum[None, :]
+                         + k_total * z_i * w_zero[None, :])
+            else:  # centered weights: Σ a·w − z_a·Σ_k w
+                exact = acc_i - z_i * w_sum[None, :]
             out = exact.to(tl.float32) * (scale * w_scale[None, :])
         else:  # A16/A32: the unquantized input, zeros padded, times the dequantized weights
             acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -192,8 +205,8 @@ if triton is not None:
                 x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :],
                             mask=inside[:, None] & c_ok[None, :], other=0.0)
                 k_idx = _k_index(c0 + offs_c, kh, kw, C, KH, KW, TAP_MAJOR)
-                w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, PACKED)
-                weight = (w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :]
+                w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, w_zero, PACKED)
+                weight = _float_weight(w, w_zero, w_scale, ZERO)
                 if IEEE:
                     acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
                 else:
@@ -204,9 +217,9 @@ if triton is not None:
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(dtype),
                  mask=m_ok1[:, None] & n_ok)
 
-    _CONV_KEY = ["B", "H", "W", "C", "N", "KH", "KW", "IEEE", "TAP_MAJOR", "PRE"]
+    _CONV_KEY = ["B", "H", "W", "C", "N", "KH", "KW", "IEEE", "TAP_MAJOR", "PRE", "ZERO"]
     _conv_tuned = autotuned(_real_conv_kernel, TILES, _CONV_KEY)
-    _packed_conv_tuned = autotuned(_real_conv_kernel, PACKED_TILES, _CONV_KEY)
+    _packed_conv_tuned = autotuned(_real_conv_kernel, TILES, _CONV_KEY)
 
 
 def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
@@ -238,7 +251,7 @@ def _output_shape(x: torch.Tensor, n: int, kernel_size, padding) -> tuple[int, i
 
 def _launch_conv2d(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
                    step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
-                   w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor,
+                   w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor | None,
                    w_scale: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
                    padding: list[int], tap_major: bool) -> torch.Tensor:
     b, c, h, width = x.shape
@@ -250,14 +263,15 @@ def _launch_conv2d(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
     pre = real_gemm.PREQUANTIZE
     a = int8_codes(xl, table, choice, step, steps, integer, offset) if pre else xl
     operands = (xl, a, w, out, table, choice, step, integer, offset, w_sum,
-                w_zero, w_scale, bias if bias is not None else w_scale, b, h, width, c, n, h_out,
-                w_out, steps, w.stride(0))
+                w_scale if w_zero is None else w_zero, w_scale,
+                bias if bias is not None else w_scale, b, h, width, c, n, h_out, w_out, steps,
+                w.stride(0))
     packed = w.dtype == torch.uint8
     flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], HAS_STEPS=bool(steps),
                  HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, PACKED=packed,
-                 TAP_MAJOR=tap_major, PRE=pre)
+                 TAP_MAJOR=tap_major, PRE=pre, ZERO=zero_mode(w, w_zero))
     if packed:
-        launch(_real_conv_kernel, _packed_conv_tuned, PACKED_TILES, b * h_out * w_out, n,
+        launch(_real_conv_kernel, _packed_conv_tuned, TILES, b * h_out * w_out, n,
                operands, flags)
     else:
         launch(_real_conv_kernel, _conv_tuned, TILES, b * h_out * w_out, n, operands, flags)

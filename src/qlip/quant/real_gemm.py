@@ -33,11 +33,19 @@ than the simulation's own floating-point GEMM. The activation codes are the simu
 bit for bit: the quotient is rounded to x's dtype as ``torch.div`` does, then rounded half to
 even. The tests check both against a float64 computation.
 
+**Centered weights: no row sums.** Weight codes of at most 7 bits are held centered,
+``w = w_c − z_w`` (within ±127, so int8), and ``z'_w = 0``: the bracket is ``Σ a·w − z_a·Σ_k w``,
+its last term a constant per output channel. The activations' row sums ``Σ_k a``, which the
+int8 tile would otherwise reduce on the CUDA cores at every step of K, drop out, and the tile
+feeds the tensor cores only. 8-bit weight codes (``w_c − z_w`` up to ±255) keep the full
+bracket (:func:`zero_mode`).
+
 **Packed 4-bit weights.** Weight codes of at most 4 bits may come packed two per byte along K
 (:func:`pack_rows`: code ``2j`` of a row in the low nibble of byte ``j``, ``2j + 1`` in the high
 one; for an even K that is exactly the flat packing of :mod:`qlip.quant.packing`, so a packed
-layer's own bytes serve, viewed ``[N, K/2]``). The kernel then multiplies the even-K activation
-codes with the low nibbles and the odd-K ones with the high nibbles: the same integer bracket,
+layer's own bytes serve, viewed ``[N, K/2]``). The kernel interleaves each tile's low and high
+nibbles back into K order in registers (``tl.interleave``) and centers them there (``− z_w``),
+so the activation codes are read contiguously, as for int8 weights: the same integer bracket,
 no int8 copy of the weights in memory.
 
 Written by hand: PyTorch's int8 GEMM (``torch._int_mm``) takes integer inputs only, so the
@@ -93,11 +101,21 @@ def unpack_rows(packed: torch.Tensor, k: int) -> torch.Tensor:
 
 def weight_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                     packed: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The weight side, once per layer: the codes (int8 ``[N, K]``, or ``packed``, the uint8
-    ``[N, ceil(K/2)]`` of :func:`pack_rows`, for at most 4 bits), their row sums ``[N]`` (int32),
-    the shifted zero points ``z_w − o_w`` ``[N]`` (int32) and the scales ``[N]`` (fp32), for
-    ``codes`` ``[N, K]`` in ``[0, 2^bits − 1]`` with per-output-channel ``scale``/``zero``."""
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The weight side, once per layer, for ``codes`` ``[N, K]`` in ``[0, 2^bits − 1]`` with
+    per-output-channel ``scale``/``zero``: ``(w, w_sum, w_zero, w_scale)``, the scales ``[N]``
+    fp32 and, by :func:`zero_mode`,
+
+    - at most 7 bits: ``w = w_c − z_w`` centered, int8 ``[N, K]``; ``w_zero`` None; ``w_sum`` its
+      row sums ``[N]`` (int32);
+    - ``packed`` (the uint8 ``[N, ceil(K/2)]`` of :func:`pack_rows`, at most 4 bits): ``w`` those
+      bytes; ``w_zero = z_w`` ``[N]`` (int32), which the kernel subtracts from each nibble;
+      ``w_sum`` the centered codes' row sums;
+    - 8 bits: ``w = w_c − o_w`` (int8), ``w_zero = z_w − o_w``, ``w_sum`` the row sums of ``w``:
+      the kernel adds the zero point's terms with the activations' row sums.
+
+    A zero point whose centered codes leave int8 (outside the codes' range) falls back to the
+    8-bit form, unpacked."""
     if bits > 8:
         raise ValueError(f"integer execution needs weights of at most 8 bits; got W{bits}")
     if packed is not None and (bits > 4 or packed.dtype != torch.uint8
@@ -105,12 +123,26 @@ def weight_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         raise ValueError(f"packed weights are [N, ceil(K/2)] uint8 codes of at most 4 bits; got "
                          f"{tuple(packed.shape)} {packed.dtype} for W{bits} codes "
                          f"{tuple(codes.shape)}")
+    scale = scale.reshape(-1).float().contiguous()
+    zero = zero.reshape(-1).round().to(torch.int32)
+    centered = codes.to(torch.int32) - zero[:, None]
+    if bits <= 7 and centered.numel() and int(centered.abs().max()) <= 127:  # (once, on setup)
+        w_sum = centered.sum(1)
+        if packed is not None:
+            return packed.contiguous(), w_sum, zero.contiguous(), scale
+        return centered.to(torch.int8).contiguous(), w_sum, None, scale
     offset = 128 if bits == 8 else 0
     w = (codes.to(torch.int32) - offset).to(torch.int8).contiguous()
-    zero = zero.reshape(-1).round().to(torch.int32) - offset
-    w_sum = w.to(torch.int32).sum(1)
-    return (w if packed is None else packed.contiguous(), w_sum, zero.contiguous(),
-            scale.reshape(-1).float().contiguous())
+    return w, w.to(torch.int32).sum(1), (zero - offset).contiguous(), scale
+
+
+def zero_mode(w: torch.Tensor, w_zero: torch.Tensor | None) -> int:
+    """How a kernel treats the weights' zero points (:func:`weight_operands`): 0, the codes come
+    centered; 1, packed nibbles it centers in registers; 2, the full bracket, with the
+    activations' row sums."""
+    if w_zero is None:
+        return 0
+    return 1 if w.dtype == torch.uint8 else 2
 
 
 def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
@@ -118,6 +150,8 @@ def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, 
     ``[M, K]``; ``table`` ``[K·T, 3]`` in x's dtype; ``choice``/``step`` ``[1]`` long."""
     if w.dtype == torch.uint8:  # packed 4-bit codes
         w = unpack_rows(w, x.shape[-1])
+    if w_zero is None:  # centered codes
+        w_zero = w.new_zeros(w.shape[0], dtype=torch.int32)
     k = int(choice.reshape(-1)[0])
     row = k * steps + int(step.reshape(-1)[0]) if steps else k
     scale, low, high = (table[row, i] for i in range(3))
@@ -165,18 +199,34 @@ if triton is not None:
         return a
 
     @triton.jit
-    def _float_part(x_ptr, offs_m, stride_xm, offs_k, m_ok, K, w, w_zero, w_scale, dtype,
-                    IEEE: tl.constexpr):
-        """x's columns ``offs_k`` times the dequantized weight codes ``w`` (``[len(offs_k), N]``),
-        in float math: IEEE fp32 for fp32 layers (TF32 would round the inputs), else x's dtype."""
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_ok & (offs_k[None, :] < K), other=0.0)
-        weight = (w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :]
-        if IEEE:
-            part = tl.dot(x.to(tl.float32), weight, input_precision="ieee")
+    def _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, w_zero,
+                      PACKED: tl.constexpr, ZERO: tl.constexpr):
+        """The weight codes at K offsets ``start + offs_k`` of columns ``offs_n``,
+        ``[BLOCK_K, BLOCK_N]`` int8 (0 off the matrix): as stored, or (packed) the nibbles of
+        bytes ``start/2 + offs_j`` put back in K order and centered (``− z_w``)."""
+        n_ok = offs_n[None, :] < N
+        if PACKED:  # bytes [BLOCK_N, BLOCK_K/2]; interleaved: low nibble at 2j, high at 2j + 1
+            j_ok = (start // 2 + offs_j) < (K + 1) // 2
+            b = tl.load(w_ptr + offs_n[:, None] * stride_wn + start // 2 + offs_j[None, :],
+                        mask=(offs_n[:, None] < N) & j_ok[None, :], other=0)
+            w = tl.trans(tl.interleave(b & 15, b >> 4)).to(tl.int32)
+            if ZERO != 0:
+                w = w - w_zero[None, :]
+            w = tl.where(n_ok & ((start + offs_k) < K)[:, None], w, 0).to(tl.int8)
         else:
-            part = tl.dot(x.to(dtype), weight.to(dtype))
-        return part
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
+                        mask=n_ok & ((start + offs_k) < K)[:, None], other=0)
+        return w
+
+    @triton.jit
+    def _float_weight(w, w_zero, w_scale, ZERO: tl.constexpr):
+        """A block of :func:`_weight_block` dequantized (fp32): its codes, minus the zero point
+        where they are not centered yet, times the scales."""
+        if ZERO == 2:
+            weight = (w.to(tl.int32) - w_zero[None, :]).to(tl.float32) * w_scale[None, :]
+        else:
+            weight = w.to(tl.float32) * w_scale[None, :]
+        return weight
 
     @triton.jit
     def _real_linear_kernel(x_ptr, a_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
@@ -184,13 +234,17 @@ if triton is not None:
                             M, N, K, steps, stride_xm, stride_wn, stride_om,
                             HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            PACKED: tl.constexpr = False, PRE: tl.constexpr = False):
+                            PACKED: tl.constexpr = False, PRE: tl.constexpr = False,
+                            ZERO: tl.constexpr = 2):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         offs_j = tl.arange(0, BLOCK_K // 2)  # packed: byte j of a tile holds K offsets 2j, 2j + 1
         choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
-        w_zero = tl.load(w_zero_ptr + offs_n, mask=offs_n < N, other=0)
+        if ZERO != 0:
+            w_zero = tl.load(w_zero_ptr + offs_n, mask=offs_n < N, other=0)
+        else:
+            w_zero = tl.zeros([BLOCK_N], dtype=tl.int32)
         w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
         dtype = out_ptr.dtype.element_ty
         m_ok = offs_m[:, None] < M
@@ -202,48 +256,33 @@ if triton is not None:
             # wants every name both branches assign to have one type)
             a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
             for start in range(0, K, BLOCK_K):
-                if PACKED:  # even K offsets times the low nibbles, odd ones times the high
-                    a_even = _codes_at(x_ptr, a_ptr, offs_m, stride_xm, start + 2 * offs_j, m_ok,
-                                       K, scale, low, high, o_a, PRE)
-                    a_odd = _codes_at(x_ptr, a_ptr, offs_m, stride_xm, start + 2 * offs_j + 1,
-                                      m_ok, K, scale, low, high, o_a, PRE)
-                    j_ok = (start // 2 + offs_j) < (K + 1) // 2
-                    b = tl.load(w_ptr + offs_n[None, :] * stride_wn + start // 2 + offs_j[:, None],
-                                mask=n_ok & j_ok[:, None], other=0)  # [BLOCK_K/2, BLOCK_N]
-                    acc_i += tl.dot(a_even, (b & 15).to(tl.int8), out_dtype=tl.int32)
-                    acc_i += tl.dot(a_odd, (b >> 4).to(tl.int8), out_dtype=tl.int32)
-                    a_sum += tl.sum(a_even.to(tl.int32), axis=1) + tl.sum(a_odd.to(tl.int32),
-                                                                          axis=1)
-                else:
-                    a = _codes_at(x_ptr, a_ptr, offs_m, stride_xm, start + offs_k, m_ok, K, scale,
-                                  low, high, o_a, PRE)
-                    k_ok = (start + offs_k) < K
-                    w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
-                                mask=n_ok & k_ok[:, None], other=0)  # [BLOCK_K, BLOCK_N]
-                    acc_i += tl.dot(a, w, out_dtype=tl.int32)
+                a = _codes_at(x_ptr, a_ptr, offs_m, stride_xm, start + offs_k, m_ok, K, scale,
+                              low, high, o_a, PRE)
+                w = _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, w_zero,
+                                  PACKED, ZERO)
+                acc_i += tl.dot(a, w, out_dtype=tl.int32)
+                if ZERO == 2:  # the weights' zero point meets the activations' row sums
                     a_sum += tl.sum(a.to(tl.int32), axis=1)
             z_a = (-low - o_a).to(tl.int32)  # a − c: −low = z is an integer
             w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
-            exact = (acc_i - w_zero[None, :] * a_sum[:, None] - z_a * w_sum[None, :]
-                     + K * z_a * w_zero[None, :])
+            if ZERO == 2:
+                exact = (acc_i - w_zero[None, :] * a_sum[:, None] - z_a * w_sum[None, :]
+                         + K * z_a * w_zero[None, :])
+            else:  # centered weights: Σ a·w − z_a·Σ_k w
+                exact = acc_i - z_a * w_sum[None, :]
             out = exact.to(tl.float32) * (scale * w_scale[None, :])
         else:  # A16/A32: the layer in float math, x as it is
             acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for start in range(0, K, BLOCK_K):
-                if PACKED:
-                    j_ok = (start // 2 + offs_j) < (K + 1) // 2
-                    b = tl.load(w_ptr + offs_n[None, :] * stride_wn + start // 2 + offs_j[:, None],
-                                mask=n_ok & j_ok[:, None], other=0)
-                    acc_f += _float_part(x_ptr, offs_m, stride_xm, start + 2 * offs_j, m_ok, K,
-                                         b & 15, w_zero, w_scale, dtype, IEEE)
-                    acc_f += _float_part(x_ptr, offs_m, stride_xm, start + 2 * offs_j + 1, m_ok,
-                                         K, b >> 4, w_zero, w_scale, dtype, IEEE)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + start + offs_k[None, :],
+                            mask=m_ok & ((start + offs_k) < K)[None, :], other=0.0)
+                w = _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, w_zero,
+                                  PACKED, ZERO)
+                weight = _float_weight(w, w_zero, w_scale, ZERO)
+                if IEEE:  # fp32 layers: TF32 would round the inputs
+                    acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
                 else:
-                    k_ok = (start + offs_k) < K
-                    w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
-                                mask=n_ok & k_ok[:, None], other=0)
-                    acc_f += _float_part(x_ptr, offs_m, stride_xm, start + offs_k, m_ok, K, w,
-                                         w_zero, w_scale, dtype, IEEE)
+                    acc_f += tl.dot(x.to(dtype), weight.to(dtype))
             out = acc_f
         if HAS_BIAS:
             out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -251,8 +290,6 @@ if triton is not None:
                  mask=m_ok & n_ok)
 
 
-# packed weights: tiles whose K half (one nibble each) is still a full int8 MMA step (≥ 32)
-PACKED_TILES = [tile for tile in TILES if tile[2] >= 64]
 
 
 def autotuned(kernel, tiles, key: list[str]):
@@ -298,9 +335,9 @@ def int8_codes(x: torch.Tensor, table, choice, step, steps: int, integer, offset
 
 
 if triton is not None:
-    _LINEAR_KEY = ["M", "N", "K", "IEEE", "PRE"]
+    _LINEAR_KEY = ["M", "N", "K", "IEEE", "PRE", "ZERO"]
     _real_linear_tuned = autotuned(_real_linear_kernel, TILES, _LINEAR_KEY)
-    _packed_linear_tuned = autotuned(_real_linear_kernel, PACKED_TILES, _LINEAR_KEY)
+    _packed_linear_tuned = autotuned(_real_linear_kernel, TILES, _LINEAR_KEY)
 
 
 def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
@@ -324,7 +361,7 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
 
 def _launch_linear(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
                    step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
-                   w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor,
+                   w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor | None,
                    w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     lead, k_dim = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_dim)
@@ -335,13 +372,14 @@ def _launch_linear(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     a = int8_codes(x2, table, choice, step, steps, integer, offset) if PREQUANTIZE else x2
     operands = (x2, a, w, out, table, choice, step, integer, offset, w_sum,
-                w_zero, w_scale, bias if bias is not None else w_scale, m, n, k_dim, steps,
+                w_scale if w_zero is None else w_zero, w_scale,
+                bias if bias is not None else w_scale, m, n, k_dim, steps,
                 x2.stride(0), w.stride(0), out.stride(0))
     packed = w.dtype == torch.uint8
     flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                 PACKED=packed, PRE=PREQUANTIZE)
+                 PACKED=packed, PRE=PREQUANTIZE, ZERO=zero_mode(w, w_zero))
     if packed:
-        launch(_real_linear_kernel, _packed_linear_tuned, PACKED_TILES, m, n, operands, flags)
+        launch(_real_linear_kernel, _packed_linear_tuned, TILES, m, n, operands, flags)
     else:
         launch(_real_linear_kernel, _real_linear_tuned, TILES, m, n, operands, flags)
     return out.reshape(*lead, n)
