@@ -290,8 +290,6 @@ if triton is not None:
                  mask=m_ok & n_ok)
 
 
-
-
 def autotuned(kernel, tiles, key: list[str]):
     """``kernel`` under triton.autotune over ``tiles`` (BLOCK_M, BLOCK_N, BLOCK_K, warps,
     stages), timed once per value of the ``key`` arguments."""
