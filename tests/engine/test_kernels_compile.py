@@ -57,6 +57,11 @@ CASES = {
         {"x_ptr": f"*{dt}", "a_ptr": "*i8", "table_ptr": f"*{dt}", "choice_ptr": "*i64",
          "step_ptr": "*i64", "integer_ptr": "*i32", "offset_ptr": "*i32"},
         {"HAS_STEPS": True, "BLOCK": rg.CODES_BLOCK}),
+    "padded_codes": lambda dt: (
+        rc._padded_codes_kernel,
+        {"x_ptr": f"*{dt}", "a_ptr": "*i8", "table_ptr": f"*{dt}", "choice_ptr": "*i64",
+         "step_ptr": "*i64", "integer_ptr": "*i32", "offset_ptr": "*i32"},
+        {"PH": 1, "PW": 1, "HAS_STEPS": True, "BLOCK": rc.CODES_BLOCK}),
     "real_linear": _real_linear(rg.TILES[0]),
     "real_linear_codes_in_tiles": _real_linear(rg.TILES[0], pre=False),
     "real_linear_row_sums": _real_linear(rg.TILES[0], zero=2),  # 8-bit weights' full bracket

@@ -19,7 +19,11 @@ even K, a packed layer's own bytes, in the layer's order: no second copy of the 
 **Padding, exactly.** The simulation quantizes the input, then pads it with zeros. A padded tap
 is a zero of the quantized input: its code is 0, so its int8 value is ``a = z_a`` (``a − z_a =
 0``) and it adds nothing to the bracket, whatever the grid's range; it still counts in the row's
-sum of codes, as every real tap does. So at options of at most 8 bits the output is the exact
+sum of codes, as every real tap does. The input's int8 codes are written once per call already
+padded (:func:`padded_codes`, ``[B, H + 2·PH, W + 2·PW, C]``, the border holding
+``a = z_a``): the GEMM's loop then reads every tap as a plain block of memory, masked only at the
+matrix's edges, with no per-element choice between a pixel and the padding, so its tiles can
+go from memory to the tensor cores without passing through registers. So at options of at most 8 bits the output is the exact
 product of the simulation's quantized operands, rounded once to fp32, as for a Linear layer. At
 A16/A32 the unquantized input (zeros padded) times the dequantized weights, in float math.
 
@@ -34,7 +38,7 @@ import torch
 
 from . import real_gemm
 from .fused_quantize import triton
-from .real_gemm import MAX_K, TILES, autotuned, int8_codes, launch, zero_mode
+from .real_gemm import MAX_K, TILES, autotuned, launch, zero_mode
 
 if triton is not None:
     import triton.language as tl
@@ -91,6 +95,30 @@ def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, 
 
 
 if triton is not None:
+
+    @triton.jit
+    def _padded_codes_kernel(x_ptr, a_ptr, table_ptr, choice_ptr, step_ptr, integer_ptr,
+                             offset_ptr, n, H, W, C, steps, PH: tl.constexpr, PW: tl.constexpr,
+                             HAS_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+        """The int8 codes ``a = c − low − o_a`` of an NHWC ``x`` into ``[B, H + 2·PH, W + 2·PW,
+        C]`` (``n`` elements), the border the code 0, ``a = z_a`` (the simulation pads its
+        quantized input with exact zeros, on the grid or not); nothing where the chosen option
+        runs in float math."""
+        choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
+        if tl.load(integer_ptr + choice) != 0:
+            o_a = tl.load(offset_ptr + choice).to(tl.float32)
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n
+            c = offs % C
+            pixel = offs // C
+            wp = pixel % (W + 2 * PW)
+            hp = (pixel // (W + 2 * PW)) % (H + 2 * PH)
+            image = pixel // ((W + 2 * PW) * (H + 2 * PH))
+            h, w = hp - PH, wp - PW
+            inside = mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            x = tl.load(x_ptr + ((image * H + h) * W + w) * C + c, mask=inside, other=0.0)
+            code = tl.where(inside, grid_codes(x, scale, low, high), 0.0)  # (0 even off the
+            tl.store(a_ptr + offs, (code - low - o_a).to(tl.int8), mask=mask)  # grid's range)
 
     @triton.jit
     def _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, k_ok, w_zero, PACKED: tl.constexpr):
@@ -169,15 +197,15 @@ if triton is not None:
             a_sum = tl.zeros([BLOCK_M], dtype=tl.int32)
             for i in range(0, KH * KW * n_cb):  # one loop over (tap, channel block)
                 kh, kw, c0 = _step(i, n_cb, KW, BLOCK_K)
-                inside, pixel = _tap(image, ho, wo, m_ok1, kh - PH, kw - PW, H, W, C)
                 c_ok = (c0 + offs_c) < C
                 real = m_ok1[:, None] & c_ok[None, :]  # taps of the reduction
-                load_ok = inside[:, None] & c_ok[None, :]
-                if PRE:  # the input's int8 codes, rounded once by real_gemm.int8_codes
-                    a = tl.load(a_ptr + pixel[:, None] + c0 + offs_c[None, :], mask=load_ok,
-                                other=0).to(tl.int32)
-                    a = tl.where(load_ok, a, tl.where(real, z_a.to(tl.int32), 0)).to(tl.int8)
-                else:
+                if PRE:  # the input's int8 codes, rounded and padded once (padded_codes)
+                    padded = ((image * (H + 2 * PH) + ho + kh) * (W + 2 * PW) + wo + kw) * C
+                    a = tl.load(a_ptr + padded[:, None] + c0 + offs_c[None, :], mask=real,
+                                other=0)
+                else:  # rounded here; a padded tap (outside the image) is the code of 0
+                    inside, pixel = _tap(image, ho, wo, m_ok1, kh - PH, kw - PW, H, W, C)
+                    load_ok = inside[:, None] & c_ok[None, :]
                     x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :], mask=load_ok,
                                 other=0.0)
                     code = grid_codes(x, scale, low, high)
@@ -242,6 +270,25 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
                w_zero, w_scale, bias, list(kernel_size), list(padding), tap_major)
 
 
+CODES_BLOCK = 1024  # elements a program of the padded codes kernel writes
+
+
+def padded_codes(xl: torch.Tensor, table, choice, step, steps: int, integer, offset,
+                 padding: tuple[int, int]) -> torch.Tensor:
+    """The int8 codes of an NHWC ``xl`` ``[B, H, W, C]`` at the option ``choice`` names, padded:
+    ``[B, H + 2·PH, W + 2·PW, C]``, the border holding the code 0 (``a = z_a``). One launch;
+    left unwritten where the option runs in float math (the conv then reads ``xl``)."""
+    b, h, w, c = xl.shape
+    ph, pw = padding
+    a = torch.empty(b, h + 2 * ph, w + 2 * pw, c, device=xl.device, dtype=torch.int8)
+    n = a.numel()
+    if n:
+        _padded_codes_kernel[(triton.cdiv(n, CODES_BLOCK),)](
+            xl, a, table, choice, step, integer, offset, n, h, w, c, steps, PH=ph, PW=pw,
+            HAS_STEPS=bool(steps), BLOCK=CODES_BLOCK)
+    return a
+
+
 def _output_shape(x: torch.Tensor, n: int, kernel_size, padding) -> tuple[int, int, int, int]:
     """``[B, H_out, W_out, N]``: the output as it lies in memory (channels-last)."""
     b, _, h, width = x.shape
@@ -261,7 +308,7 @@ def _launch_conv2d(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
     out = torch.empty(shape, device=x.device, dtype=x.dtype)
     table = table.contiguous()
     pre = real_gemm.PREQUANTIZE
-    a = int8_codes(xl, table, choice, step, steps, integer, offset) if pre else xl
+    a = padded_codes(xl, table, choice, step, steps, integer, offset, padding) if pre else xl
     operands = (xl, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
                 bias if bias is not None else w_scale, b, h, width, c, n, h_out, w_out, steps,
