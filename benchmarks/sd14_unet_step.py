@@ -1,7 +1,7 @@
 """One denoising step of a published UNet architecture (``--arch sd14``: Stable Diffusion 1.4,
 64×64 latents, context 77×768; ``--arch sdxl``: SDXL base, 128×128 latents, context 77×2048 and
 the added text/time conditioning), with random weights, bf16, ``--batch`` images (default 2, one
-guidance pair): bf16 (``bf16_channels_last``: the channels-last layout cuDNN prefers) against
+guidance pair), timed and with its peak GPU memory (``memory_mib``): bf16 (``bf16_channels_last``: the channels-last layout cuDNN prefers) against
 simulated W4A8 (layers only; layers + attention, materialised or fused:
 ``w4a8_attention_fused`` runs softmax·V through qlip.quant.fused_attention's Triton kernel;
 ``w4a8_layers_pytorch`` without the one-launch quantizer; ``w4a8_layers_real`` with the Linear
@@ -190,7 +190,9 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
     def step():
         return unet(x, t, encoder_hidden_states=c, **kw).sample
 
-    out: dict = {}
+    # GPU memory (MiB, this variant's process): what the model and the step's inputs hold, then
+    # the peak while its eager and its compiled steps are timed (weights plus activations)
+    out: dict = {"memory_mib": {"model": torch.cuda.memory_allocated() / 2**20}}
     if variant == "w4a8_attention_fused":  # the same model materialised, for the difference
         with torch.no_grad():
             fused = step().float()
@@ -247,6 +249,7 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
     # 34 ms and 47 ms in two runs of the same code): the variants measure eager in rounds taking
     # turns in a rotated order, so that a ratio compares steps timed within seconds of each other.
     rounds, late = [], 0
+    torch.cuda.reset_peak_memory_stats()
     for r in range(args.eager_rounds):
         with _Turn(args, r) as turn:
             rounds.append(timed(step, args.warmup if r == 0 else 2, args.iters))
@@ -255,6 +258,7 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
     out["eager"] = {"median_ms": statistics.median(times), "min_ms": min(times),
                     "iters": len(times), "round_medians_ms": [one["median_ms"] for one in rounds],
                     "times": times, "rounds_out_of_turn": late}
+    out["memory_mib"]["eager_peak"] = torch.cuda.max_memory_allocated() / 2**20
     save(out | {"partial": "eager only"})
     # the rest in one more turn of the same order: nothing else runs while it is timed (run 4's
     # graph times, taken under a lock while other variants were still in their eager rounds,
@@ -264,8 +268,10 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
         out["graph"] = graph_replay(step, args.warmup, args.iters)
         save(out | {"partial": "eager and CUDA graph only"})
         if compiled is not None:
+            torch.cuda.reset_peak_memory_stats()
             out["compiled"] = timed(lambda: compiled(x, t, encoder_hidden_states=c, **kw),
                                     args.warmup, args.iters)
+            out["memory_mib"]["compiled_peak"] = torch.cuda.max_memory_allocated() / 2**20
         if variant == "bank" and compiled is not None:
             out.update(bits_changing(unet, units, compiled, (x, t, c, kw), args))
         if compiled is not None:  # last: a failed capture cannot spoil the rest
@@ -410,9 +416,16 @@ class _Turn:
 
 
 def summarise(results: dict) -> None:
+    """``results["targets"]``: each variant's ratios to bf16 (``bf16``, else
+    ``bf16_channels_last``, in the same mode) and to the best bf16 of any layout and mode, and its
+    peak memory against bf16's; printed with a table of the median times."""
     v = results["variants"]
-    base_eager = v["bf16"]["eager"]["median_ms"]
-    base_compiled = v["bf16"].get("compiled", {}).get("median_ms")
+    base_name = next((n for n in ("bf16", "bf16_channels_last") if n in v), None)
+    if base_name is None:
+        raise KeyError("bf16 or bf16_channels_last")
+    base = v[base_name]
+    base_eager = base["eager"]["median_ms"]
+    base_compiled = base.get("compiled", {}).get("median_ms")
     rows = []
     for name, data in v.items():
         for mode in ("eager", "graph", "compiled", "compiled_graph", "compiled_fixed_controller",
@@ -423,9 +436,9 @@ def summarise(results: dict) -> None:
                 rows.append((name, mode, data[mode]["median_ms"]))
     targets = {}
     layers = v.get("w4a8_layers", {})
-    if base_compiled and "compiled" in layers and "compiled" in v["bf16"]:
+    if base_compiled and "compiled" in layers:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
-    base_graph = v["bf16"].get("compiled_graph", {}).get("median_ms")
+    base_graph = base.get("compiled_graph", {}).get("median_ms")
     for name in ("w4a8_layers", "w4a8_layers_real", "w4a8_layers_real_packed", "w4a8_attention",
                  "w4a8_attention_fused", "bank"):
         # by the compiled step's GPU time (bank: A8, attention quantized)
@@ -444,6 +457,13 @@ def summarise(results: dict) -> None:
                           default=None)
             if fastest and not name.startswith("bf16"):
                 targets[f"fastest_{name}_vs_best_bf16"] = fastest / best[0]
+    # peak GPU memory of each variant's eager and compiled step against the bf16 baseline's
+    for name, data in v.items():
+        for phase in ("eager_peak", "compiled_peak"):
+            mine, theirs = (d.get("memory_mib", {}).get(phase) for d in (data, base))
+            if mine and theirs and name != base_name:
+                targets[f"{phase}_memory_{name}_vs_bf16"] = mine / theirs
+    targets["bf16_baseline"] = base_name
     if "eager" in layers:
         targets["eager_w4a8_layers_vs_bf16"] = layers["eager"]["median_ms"] / base_eager
     if "eager" in v.get("w4a8_layers_pytorch", {}):  # the same without the one-launch quantizer

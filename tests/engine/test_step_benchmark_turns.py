@@ -51,3 +51,30 @@ def test_a_ready_variant_is_waited_for(step_module, tmp_path):
         assert not turn.late
     assert time.time() - start >= 0.5  # it waited its whole deadline
     assert Turn(_args(tmp_path, 0), 0)._read() == 2  # and passed the counter on after its turn
+
+
+def _timed(ms):
+    return {"median_ms": ms}
+
+
+def test_the_summary_compares_with_channels_last_bf16_when_it_is_the_only_bf16(step_module, capsys):
+    """The real step runs beside bf16 channels-last alone: ratios (time and peak memory) are
+    then taken to it, and the best bf16 is its fastest mode."""
+    results = {"variants": {
+        "bf16_channels_last": {"eager": _timed(30.0), "graph": _timed(27.0),
+                               "compiled": _timed(20.0), "compiled_graph": _timed(18.0),
+                               "memory_mib": {"eager_peak": 2000.0, "compiled_peak": 1600.0}},
+        "w4a8_layers_real": {"eager": _timed(90.0), "graph": _timed(81.0),
+                             "compiled": _timed(60.0), "compiled_graph": _timed(54.0),
+                             "memory_mib": {"eager_peak": 1000.0, "compiled_peak": 1200.0}}}}
+    step_module.summarise(results)
+    got = results["targets"]
+    assert got["bf16_baseline"] == "bf16_channels_last"
+    assert got["best_bf16"] == {"median_ms": 18.0, "what": "bf16_channels_last compiled_graph"}
+    assert got["fastest_w4a8_layers_real_vs_best_bf16"] == pytest.approx(3.0)
+    assert got["compiled_graph_w4a8_layers_real_vs_bf16"] == pytest.approx(3.0)
+    assert got["eager_peak_memory_w4a8_layers_real_vs_bf16"] == pytest.approx(0.5)
+    assert got["compiled_peak_memory_w4a8_layers_real_vs_bf16"] == pytest.approx(0.75)
+    assert "w4a8_layers_real" in capsys.readouterr().out
+    with pytest.raises(KeyError):  # no bf16 at all: nothing to compare with
+        step_module.summarise({"variants": {"w4a8_layers_real": results["variants"]["w4a8_layers_real"]}})
