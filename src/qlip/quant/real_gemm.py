@@ -311,8 +311,9 @@ def launch(kernel, tuned, tiles, m: int, n: int, operands, flags) -> None:
             *operands, **flags)
 
 
-# Where the integer path's activation codes come from: True, one element-wise launch rounds the
-# layer's input to int8 codes once per call (:func:`int8_codes`) and the GEMM reads those bytes;
+# Where the integer path's activation codes come from (Linear layers and convs alike): True, one
+# element-wise launch rounds the layer's input to int8 codes once per call (:func:`int8_codes`; a
+# conv's already padded, qlip.quant.real_conv.padded_codes) and the GEMM reads those bytes;
 # False, every tile of the GEMM rounds its own block of x, once for each tile of output
 # channels (N / BLOCK_N times over; by count, more work than the int8 MMA it feeds).
 PREQUANTIZE = True
