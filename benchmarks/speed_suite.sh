@@ -26,8 +26,9 @@
 #         kernel (GEMM, conv, attention, layout, quantizers, real kernels, Inductor's, the rest)
 #                                                              -> OUT/step_profile.json
 # layers  benchmarks/real_layer_speed.py: every real layer shape of the UNet at BATCH timed alone,
-#         real (codes rounded once, conv codes tap-major), real with the codes rounded in the tiles,
-#         the conv in the weight's order, bf16 and simulated       -> OUT/real_layer_speed.json
+#         real (codes rounded once, conv codes tap-major, no row sums), real with the codes rounded
+#         in the tiles, the conv in the weight's order, with the row sums (the full zero-point
+#         bracket), bf16 and simulated                             -> OUT/real_layer_speed.json
 # Each step writes straight into OUT with its own time limit (T_TESTS, T_STEP, T_REAL, T_COMPILE,
 # T_MIXED, T_MEMORY, T_PROFILE seconds), so a step cut by its limit leaves what it printed and the steps after it
 # still run. OUT/suite.txt lists each step's exit code and seconds.

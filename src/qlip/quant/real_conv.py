@@ -124,13 +124,14 @@ if triton is not None:
     def _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, k_ok, w_zero, PACKED: tl.constexpr):
         """The weight codes at taps ``k_idx`` (``[BLOCK_C]``) of columns ``offs_n``: ``[BLOCK_C,
         BLOCK_N]`` int8 (packed: the nibble of byte ``k // 2`` that ``k % 2`` names, centered,
-        ``− z_w``; 0 off the matrix)."""
+        ``− z_w``; off the matrix ``−z_w``, which meets activations of 0 or columns the store
+        drops)."""
         mask = n_ok & k_ok[:, None]
         if PACKED:
             b = tl.load(w_ptr + offs_n[None, :] * stride_wn + (k_idx // 2)[:, None], mask=mask,
                         other=0)
             nibble = ((b >> ((k_idx % 2) * 4).to(tl.uint8)[:, None]) & 15).to(tl.int32)
-            w = tl.where(mask, nibble - w_zero[None, :], 0).to(tl.int8)
+            w = (nibble - w_zero[None, :]).to(tl.int8)
         else:
             w = tl.load(w_ptr + offs_n[None, :] * stride_wn + k_idx[:, None], mask=mask, other=0)
         return w

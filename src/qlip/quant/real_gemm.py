@@ -202,9 +202,10 @@ if triton is not None:
     def _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, w_zero,
                       PACKED: tl.constexpr, ZERO: tl.constexpr):
         """The weight codes at K offsets ``start + offs_k`` of columns ``offs_n``,
-        ``[BLOCK_K, BLOCK_N]`` int8 (0 off the matrix): as stored, or (packed) the nibbles of
-        bytes ``start/2 + offs_j`` put back in K order and centered (``− z_w``)."""
-        n_ok = offs_n[None, :] < N
+        ``[BLOCK_K, BLOCK_N]`` int8: as stored, or (packed) the nibbles of bytes
+        ``start/2 + offs_j`` put back in K order and centered (``− z_w``). Off the matrix a
+        packed block holds ``−z_w``, not 0: it meets activations of 0 there (K past its end),
+        or lands in columns the store drops (N past its end)."""
         if PACKED:  # bytes [BLOCK_N, BLOCK_K/2]; interleaved: low nibble at 2j, high at 2j + 1
             j_ok = (start // 2 + offs_j) < (K + 1) // 2
             b = tl.load(w_ptr + offs_n[:, None] * stride_wn + start // 2 + offs_j[None, :],
@@ -212,10 +213,10 @@ if triton is not None:
             w = tl.trans(tl.interleave(b & 15, b >> 4)).to(tl.int32)
             if ZERO != 0:
                 w = w - w_zero[None, :]
-            w = tl.where(n_ok & ((start + offs_k) < K)[:, None], w, 0).to(tl.int8)
+            w = w.to(tl.int8)
         else:
             w = tl.load(w_ptr + offs_n[None, :] * stride_wn + start + offs_k[:, None],
-                        mask=n_ok & ((start + offs_k) < K)[:, None], other=0)
+                        mask=(offs_n[None, :] < N) & ((start + offs_k) < K)[:, None], other=0)
         return w
 
     @triton.jit
