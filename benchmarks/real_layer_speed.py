@@ -24,6 +24,9 @@ difference from the simulated one, relative to the latter's largest value. The t
 layers each way, by kind (Linear, 1×1 conv, 3×3 conv).
 
     python benchmarks/real_layer_speed.py --batch 8 --out OUT/real_layer_speed.json
+
+``--extra-ways none`` times ``real``, ``bf16`` and ``simulated`` alone: on a fresh GPU machine
+each other way first compiles its own kernel variant (eight tiles for each kind of layer).
 """
 
 from __future__ import annotations
@@ -40,6 +43,20 @@ import torch.nn.functional as F
 
 WAYS = ("real", "real_codes_in_tiles", "real_weight_order", "real_row_sums", "bf16", "simulated")
 PARTIAL = ("real_weight_order", "real_row_sums")  # ways only some rows have
+EXTRA = ("real_codes_in_tiles", "real_weight_order", "real_row_sums")  # --extra-ways may skip them
+
+
+def extra_ways(text: str) -> tuple[str, ...]:
+    """``--extra-ways``: a comma list of :data:`EXTRA` (``all``, ``none``); each one timed costs
+    its kernel variant's compilation on a fresh GPU machine (8 tiles each)."""
+    if text in ("all", "none"):
+        return EXTRA if text == "all" else ()
+    ways = tuple(w for w in text.split(",") if w)
+    unknown = sorted(set(ways) - set(EXTRA))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown ways {unknown}: choose among {', '.join(EXTRA)}"
+                                         ", or all, or none")
+    return ways
 
 
 def layer_kind(layer) -> str:
@@ -137,6 +154,9 @@ def main() -> None:
     parser.add_argument("--packed", action="store_true", help="the packed 4-bit codes")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--extra-ways", type=extra_ways, default=EXTRA,
+                        help="besides real, bf16 and simulated: " + ", ".join(EXTRA)
+                        + " (comma list; all, the default, or none)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -159,15 +179,19 @@ def main() -> None:
             real = call()
         row["real"] = timed(call, args.warmup, args.iters)["median_ms"]
         # every tile rounding its own codes, as before the thirteenth session
-        with mock.patch.object(real_gemm, "PREQUANTIZE", False):
-            row["real_codes_in_tiles"] = timed(call, args.warmup, args.iters)["median_ms"]
-            with torch.no_grad():
-                in_tiles = call()
-        if layer._real_tap_major:  # the same conv with its codes in the weight's own order
+        if "real_codes_in_tiles" in args.extra_ways:
+            with mock.patch.object(real_gemm, "PREQUANTIZE", False):
+                row["real_codes_in_tiles"] = timed(call, args.warmup, args.iters)["median_ms"]
+                with torch.no_grad():
+                    # the two ways of rounding the codes give the same integers: the same output
+                    row["codes_in_tiles_max_diff"] = float((real - call()).abs().max())
+        # the same conv with its codes in the weight's own order
+        if layer._real_tap_major and "real_weight_order" in args.extra_ways:
             with mock.patch.multiple(layer, _real=channel_major_operands(layer),
                                      _real_tap_major=False):
                 row["real_weight_order"] = timed(call, args.warmup, args.iters)["median_ms"]
-        if layer._real[4] is None:  # centered codes: the same layer with the row sums
+        # centered codes: the same layer with the row sums
+        if layer._real[4] is None and "real_row_sums" in args.extra_ways:
             with mock.patch.object(layer, "_real", row_sum_operands(layer)):
                 row["real_row_sums"] = timed(call, args.warmup, args.iters)["median_ms"]
                 with torch.no_grad():
@@ -178,9 +202,7 @@ def main() -> None:
         with torch.no_grad():
             simulated = call().float()
         use_real_execution(layer, True)
-        # the two ways of rounding the codes, and the two brackets, give the same integers: the
-        # same output, bit for bit; the simulation (bf16 math) is near
-        row["codes_in_tiles_max_diff"] = float((real - in_tiles).abs().max())
+        # the two brackets give the same integers too; the simulation (bf16 math) is near
         row["vs_simulated_rel"] = float((real.float() - simulated).abs().max()
                                         / simulated.abs().max())
         rows.append({k: v for k, v in row.items() if k not in ("layer", "x")})
@@ -191,8 +213,9 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1))  # after each row: a cut run keeps them
         print(f"{row['kind']:8} x{row['count']:2} in {row['input']} w {row['weight']}: " + ", ".join(
             f"{way} {row[way]:.3f} ms" for way in WAYS if way in row)
-              + f"; codes-in-tiles diff {row['codes_in_tiles_max_diff']:.3g}, vs simulated "
-              f"{row['vs_simulated_rel']:.3g}", flush=True)
+              + "".join(f"; {k} {row[k]:.3g}" for k in ("codes_in_tiles_max_diff",
+                                                          "row_sums_max_diff") if k in row)
+              + f"; vs simulated {row['vs_simulated_rel']:.3g}", flush=True)
     for kind, ways in result["totals_ms"].items():
         print(f"{kind}: " + ", ".join(f"{w} {ms:.2f} ms" for w, ms in ways.items())
               + f"; real / bf16 {ways['real'] / ways['bf16']:.2f}")

@@ -29,6 +29,7 @@
 #         real (codes rounded once, conv codes tap-major, no row sums), real with the codes rounded
 #         in the tiles, the conv in the weight's order, with the row sums (the full zero-point
 #         bracket), bf16 and simulated                             -> OUT/real_layer_speed.json
+#         (LAYER_WAYS: its --extra-ways, default all; none times real, bf16 and simulated only)
 # Each step writes straight into OUT with its own time limit (T_TESTS, T_STEP, T_REAL, T_COMPILE,
 # T_MIXED, T_MEMORY, T_PROFILE seconds), so a step cut by its limit leaves what it printed and the steps after it
 # still run. OUT/suite.txt lists each step's exit code and seconds.
@@ -70,7 +71,7 @@ for s in $steps; do
                      --out "$out/step_profile.json" ;;
         layers) step layers "${T_LAYERS:-240}" "$out/real_layer_speed.txt" \
                     python3 "$here/real_layer_speed.py" --arch "$arch" --batch "$batch" \
-                    --out "$out/real_layer_speed.json" ;;
+                    --extra-ways "${LAYER_WAYS:-all}" --out "$out/real_layer_speed.json" ;;
         *) echo "unknown step $s (tests step real compile mixed memory profile layers)" >&2; exit 2 ;;
     esac
 done

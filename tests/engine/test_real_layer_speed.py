@@ -1,6 +1,8 @@
 """benchmarks/real_layer_speed.py groups a UNet's real layers by kind and shapes (the timing itself
 needs a GPU), and its totals weight each row by how many layers share it."""
 
+import argparse
+
 import pytest
 import torch
 
@@ -51,3 +53,11 @@ def test_totals_weight_rows_by_their_count(bench):
     assert got["conv3x3"] == {"real": 8.0, "real_weight_order": 10.0, "real_row_sums": 9.0,
                               "bf16": 2.0, "simulated": 6.0}
     assert got["all"] == {"real": 11.0, "bf16": 3.5, "simulated": 12.0}
+
+
+def test_extra_ways_are_chosen_by_name(bench):
+    assert bench.extra_ways("all") == bench.EXTRA and bench.extra_ways("none") == ()
+    assert bench.extra_ways("real_row_sums,real_weight_order") == ("real_row_sums",
+                                                                  "real_weight_order")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown ways.*real_row_sum"):
+        bench.extra_ways("real_row_sum")
