@@ -13,7 +13,8 @@ reads the machine code:
 - ``wgmma``: Hopper's warpgroup MMA instructions (SASS ``IGMMA`` for int8, ``HGMMA`` for the
   bf16 path), ``mma``: the older ``IMMA``/``HMMA``;
 - ``cp_async``: ``LDGSTS`` (global → shared copies the software pipeline issues ahead);
-- ``ldl``/``stl``: local-memory loads and stores (spills).
+- ``ldl``/``stl``: local-memory loads and stores (spills);
+- ``byte_loads``: global loads of one byte (``LDG…U8``): a tile read a byte at a time.
 
     python benchmarks/kernel_resources.py --out OUT/kernel_resources.json
     python benchmarks/kernel_resources.py --divisible N,K --out OUT/c_not_16.json  # C = 4, say
@@ -35,7 +36,7 @@ from pathlib import Path
 POINTERS = {"x_ptr": None, "out_ptr": None, "table_ptr": None, "bias_ptr": None, "a_ptr": "i8",
             "choice_ptr": "i64", "step_ptr": "i64", "integer_ptr": "i32", "offset_ptr": "i32",
             "w_sum_ptr": "i32", "w_zero_ptr": "i32", "w_scale_ptr": "fp32"}
-DIMENSIONS = ("N", "K", "C", "H", "W", "H_OUT", "W_OUT", "stride_xm", "stride_wn", "stride_om")
+DIMENSIONS = ("N", "K", "KB", "C", "H", "W", "H_OUT", "W_OUT", "stride_xm", "stride_wn", "stride_om")
 SASS_OPS = {"wgmma": ("IGMMA", "HGMMA"), "mma": ("IMMA", "HMMA"), "cp_async": ("LDGSTS",),
             "ldl": ("LDL",), "stl": ("STL",)}
 
@@ -47,6 +48,8 @@ def sass_summary(resources: str, sass: str) -> dict:
                              sass, re.M))
     out = {"regs": int(usage.get("REG", 0)), "stack": int(usage.get("STACK", 0))}
     out.update({name: sum(ops[o] for o in codes) for name, codes in SASS_OPS.items()})
+    # single-byte loads from global memory: a tile read one byte at a time, not 16 (cp.async)
+    out["byte_loads"] = len(re.findall(r"\bLDG(?:\.[A-Z0-9_]+)*\.U8\b", sass))
     out["instructions"] = sum(ops.values())
     return out
 
@@ -129,11 +132,11 @@ def main() -> None:
                                     "divisible": sorted(divisible), "rows": rows}, indent=1))
     print(f"Triton {triton.__version__}, sm_90; multiples of 16: {', '.join(sorted(divisible))}")
     print(f"{'kernel':14} {'tile (M, N, K, warps, stages)':30} {'regs':>4} {'spill B':>7} "
-          f"{'smem KB':>7} {'wgmma':>5} {'mma':>4} {'cp.async':>8} {'LDL+STL':>7}")
+          f"{'smem KB':>7} {'wgmma':>5} {'mma':>4} {'cp.async':>8} {'LDL+STL':>7} {'LDG.U8':>6}")
     for r in rows:
         print(f"{r['kernel']:14} {str(tuple(r['tile'])):30} {r['regs']:>4} {r['stack']:>7} "
               f"{r['smem'] / 1024:>7.0f} {r['wgmma']:>5} {r['mma']:>4} {r['cp_async']:>8} "
-              f"{r['ldl'] + r['stl']:>7}")
+              f"{r['ldl'] + r['stl']:>7} {r['byte_loads']:>6}")
 
 
 if __name__ == "__main__":

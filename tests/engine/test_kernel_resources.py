@@ -14,10 +14,12 @@ def test_the_report_counts_registers_spills_and_hopper_instructions():
         "        /*0130*/                   STL [R1+0x8], R5 ;",
         "        /*0140*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;",
         "        /*0150*/                   IMMA.16816.S8.S8 R4, R8, R12, R4 ;",
+        "        /*0160*/              @P1 LDG.E.U8 R9, desc[UR6][R10.64] ;",
+        "        /*0170*/                   LDG.E.U16 R11, desc[UR6][R12.64] ;",
     ])
     got = bench.sass_summary(resources, sass)
     assert got == {"regs": 255, "stack": 512, "wgmma": 2, "mma": 1, "cp_async": 1, "ldl": 1,
-                   "stl": 1, "instructions": 6}
+                   "stl": 1, "byte_loads": 1, "instructions": 8}
     tile = (128, 64, 64, 4, 3)
     assert bench.constants("conv_packed", tile) == {
         "HAS_STEPS": True, "HAS_BIAS": True, "IEEE": False, "PACKED": True, "PRE": True,

@@ -199,7 +199,7 @@ if triton is not None:
         return a
 
     @triton.jit
-    def _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, w_zero,
+    def _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, KB, w_zero,
                       PACKED: tl.constexpr, ZERO: tl.constexpr):
         """The weight codes at K offsets ``start + offs_k`` of columns ``offs_n``,
         ``[BLOCK_K, BLOCK_N]`` int8: as stored, or (packed) the nibbles of bytes
@@ -207,7 +207,8 @@ if triton is not None:
         packed block holds ``−z_w``, not 0: it meets activations of 0 there (K past its end),
         or lands in columns the store drops (N past its end)."""
         if PACKED:  # bytes [BLOCK_N, BLOCK_K/2]; interleaved: low nibble at 2j, high at 2j + 1
-            j_ok = (start // 2 + offs_j) < (K + 1) // 2
+            j_ok = (start // 2 + offs_j) < KB  # (KB = ceil(K/2), an argument: a multiple of
+            # 16 there lets the launcher specialise it and the bytes load 16 at a time)
             b = tl.load(w_ptr + offs_n[:, None] * stride_wn + start // 2 + offs_j[None, :],
                         mask=(offs_n[:, None] < N) & j_ok[None, :], other=0)
             w = tl.trans(tl.interleave(b & 15, b >> 4)).to(tl.int32)
@@ -232,7 +233,7 @@ if triton is not None:
     @triton.jit
     def _real_linear_kernel(x_ptr, a_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
                             integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
-                            M, N, K, steps, stride_xm, stride_wn, stride_om,
+                            M, N, K, KB, steps, stride_xm, stride_wn, stride_om,
                             HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             PACKED: tl.constexpr = False, PRE: tl.constexpr = False,
@@ -259,8 +260,8 @@ if triton is not None:
             for start in range(0, K, BLOCK_K):
                 a = _codes_at(x_ptr, a_ptr, offs_m, stride_xm, start + offs_k, m_ok, K, scale,
                               low, high, o_a, PRE)
-                w = _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, w_zero,
-                                  PACKED, ZERO)
+                w = _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, KB,
+                                  w_zero, PACKED, ZERO)
                 acc_i += tl.dot(a, w, out_dtype=tl.int32)
                 if ZERO == 2:  # the weights' zero point meets the activations' row sums
                     a_sum += tl.sum(a.to(tl.int32), axis=1)
@@ -277,8 +278,8 @@ if triton is not None:
             for start in range(0, K, BLOCK_K):
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + start + offs_k[None, :],
                             mask=m_ok & ((start + offs_k) < K)[None, :], other=0.0)
-                w = _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, w_zero,
-                                  PACKED, ZERO)
+                w = _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, KB,
+                                  w_zero, PACKED, ZERO)
                 weight = _float_weight(w, w_zero, w_scale, ZERO)
                 if IEEE:  # fp32 layers: TF32 would round the inputs
                     acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
@@ -373,7 +374,7 @@ def _launch_linear(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
     a = int8_codes(x2, table, choice, step, steps, integer, offset) if PREQUANTIZE else x2
     operands = (x2, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
-                bias if bias is not None else w_scale, m, n, k_dim, steps,
+                bias if bias is not None else w_scale, m, n, k_dim, (k_dim + 1) // 2, steps,
                 x2.stride(0), w.stride(0), out.stride(0))
     packed = w.dtype == torch.uint8
     flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
