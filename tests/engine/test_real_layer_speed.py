@@ -61,4 +61,3 @@ def test_extra_ways_are_chosen_by_name(bench):
                                                                   "real_weight_order")
     with pytest.raises(argparse.ArgumentTypeError, match="unknown ways.*real_row_sum"):
         bench.extra_ways("real_row_sum")
-

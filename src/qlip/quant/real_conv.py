@@ -23,9 +23,10 @@ sum of codes, as every real tap does. The input's int8 codes are written once pe
 padded (:func:`padded_codes`, ``[B, H + 2·PH, W + 2·PW, C]``, the border holding
 ``a = z_a``): the GEMM's loop then reads every tap as a plain block of memory, masked only at the
 matrix's edges, with no per-element choice between a pixel and the padding, so its tiles can
-go from memory to the tensor cores without passing through registers. So at options of at most 8 bits the output is the exact
-product of the simulation's quantized operands, rounded once to fp32, as for a Linear layer. At
-A16/A32 the unquantized input (zeros padded) times the dequantized weights, in float math.
+go from memory to the tensor cores without passing through registers. So at options of at most
+8 bits the output is the exact product of the simulation's quantized operands, rounded once to
+fp32, as for a Linear layer. At A16/A32 the unquantized input (zeros padded) times the
+dequantized weights, in float math.
 
 Written by hand: cuDNN's int8 convolutions take integer tensors only (the quantization, the zero
 points and the choice of integer or float math would be separate launches with a host branch),
