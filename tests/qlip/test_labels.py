@@ -147,3 +147,35 @@ def test_the_criteria_labels_on_a_users_model_need_no_real_images(tmp_path):
     images = torch.rand(2, 3, 8, 8)
     measured = label_source(config, pipe, None).measure(images, ["a", "b"])
     assert set(measured) == {"complexity"}  # no feature network, no scorer
+
+
+def test_a_cached_t2q_is_named_by_its_labels_inputs_not_by_the_scores_last_bits(tmp_path):
+    """GIQA's scores come from a PCA and a GMM fitted on multi-threaded BLAS, whose last bits
+    may change between runs (the fifteenth session's ablations on the H100 refused a T2Q for
+    that): the cache is named by the features the scores were computed from."""
+    from qlip.pipeline.cache import tensor_digest
+    from qlip.qlip_training.job import TrainQLIPConfig
+    from qlip.qlip_training.labels import label_inputs
+    from qlip.qlip_training.t2q_stage import fit_t2q
+
+    config = TrainQLIPConfig(stop_after="t2q", work_dir=str(tmp_path), progress=False)
+    config.t2q.iters, config.t2q.progress = 5, False
+    real = torch.from_numpy(REAL).float()
+    data = {"features": torch.randn(40, 3, generator=torch.Generator().manual_seed(1)),
+            "image_text": torch.rand(40)}
+    pooled = torch.randn(40, 8, generator=torch.Generator().manual_seed(2))
+    inputs = label_inputs(config.labels, data, real)
+    assert sorted(inputs) == ["features", "real"]  # GIQA reads neither image_text nor lengths
+    raw = torch.from_numpy(raw_scores(config.labels, data, real))
+    lines = []
+    fit_t2q(tmp_path / "t2q", pooled, raw, normalized_labels(raw.numpy()),
+            tensor_digest(inputs), config, lines.append)
+    nudged = raw * (1 + 1e-12)  # the same inputs, scores that differ in their last bits
+    assert not torch.equal(nudged, raw)
+    fit_t2q(tmp_path / "t2q", pooled, nudged, normalized_labels(nudged.numpy()),
+            tensor_digest(inputs), config, lines.append)
+    assert lines[-1] == f"T2Q: reusing {tmp_path / 't2q'}"
+    other = label_inputs(config.labels, {**data, "features": data["features"] + 1}, real)
+    with pytest.raises(ValueError, match="made from other inputs"):
+        fit_t2q(tmp_path / "t2q", pooled, raw, normalized_labels(raw.numpy()),
+                tensor_digest(other), config, lines.append)

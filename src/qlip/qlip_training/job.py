@@ -32,7 +32,7 @@ from ..pipeline.cache import ChunkStore, claim, digest, file_digest, tensor_dige
 from ..pipeline.prompts import check_prompts, prompt_lengths, truncation_note
 from ..pipeline.qlip_data import FPRunConfig, generate_t2q_data, prompt_sensitivity, trajectory_data
 from ..pipeline.saving import CONFIG_FILE, STATE_FILE, fingerprint, read_config
-from .labels import LabelConfig, normalized_labels, raw_scores
+from .labels import LabelConfig, label_inputs, normalized_labels, raw_scores
 from .reach import reach
 from .sources import MEASURED, LabelSource, complexity_source, folder_source, reference_source
 from .t2q_stage import T2QResult, fit_t2q
@@ -261,13 +261,15 @@ class _Stages:
                                self.sampling, self.base, self.config.redo_stale)
 
 
-def _raw_scores(stages: _Stages, pipe, texts, data, source) -> torch.Tensor:
+def _raw_scores(stages: _Stages, pipe, texts, data, source) -> tuple[torch.Tensor, str]:
+    """The label's raw scores, and the digest of what they were computed from."""
     labels = stages.config.labels
     real = stages.timed("real features", stages.real_features, source) if labels.needs_real else None
     sens = stages.timed("sensitivity", stages.sensitivity, pipe, texts) \
         if labels.label == "sensitivity" else None
     lengths = prompt_lengths(pipe, texts) if labels.label == "length" else None
-    return torch.from_numpy(raw_scores(labels, data, real, sens, lengths))
+    inputs = tensor_digest(label_inputs(labels, data, real, sens, lengths))
+    return torch.from_numpy(raw_scores(labels, data, real, sens, lengths)), inputs
 
 
 @dataclass
@@ -406,9 +408,10 @@ def _prepare(config: TrainQLIPConfig, facts: ModelFacts, texts: list[str], world
         data = stages.timed("t2q data", stages.t2q_data, pipe, texts, source)
         if done("t2q_data"):
             return None
-        raw = _raw_scores(stages, pipe, texts, data, source)
+        raw, inputs = _raw_scores(stages, pipe, texts, data, source)
         fitted = stages.timed("t2q", fit_t2q, config.work / f"t2q_{config.labels.label}",
-                              data["pooled"], raw, normalized_labels(raw.numpy()), config, log)
+                              data["pooled"], raw, normalized_labels(raw.numpy()), inputs,
+                              config, log)
         if done("t2q"):
             return None
         pooled = data["pooled"]

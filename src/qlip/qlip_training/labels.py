@@ -54,6 +54,20 @@ class LabelConfig:
         return {"label": self.label, **{k: getattr(self, k) for k in keys}}
 
 
+def label_inputs(config: LabelConfig, data: dict[str, torch.Tensor],
+                 real: torch.Tensor | None = None, sensitivity: torch.Tensor | None = None,
+                 lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The tensors :func:`raw_scores` reads for ``config``'s label. Caches fingerprint these, not
+    the scores: a fitted scorer (GIQA's PCA and GMM, the realism score's neighbours) runs on
+    multi-threaded BLAS, whose last bits can change from one run to the next."""
+    wanted = {"giqa": ("features", "real"), "giqa_knn": ("features", "real"),
+              "realism": ("features", "real"), "image_text": ("image_text",),
+              "complexity": ("complexity",), "length": ("lengths",),
+              "sensitivity": ("sensitivity",)}[config.label]
+    given = {**data, "real": real, "sensitivity": sensitivity, "lengths": lengths}
+    return {k: given[k] for k in wanted if given.get(k) is not None}
+
+
 def raw_scores(config: LabelConfig, data: dict[str, torch.Tensor],
                real: torch.Tensor | None = None, sensitivity: torch.Tensor | None = None,
                lengths: torch.Tensor | None = None) -> np.ndarray:

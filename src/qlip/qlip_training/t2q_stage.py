@@ -1,6 +1,7 @@
 """The T2Q stage of `qlip train-qlip`: a seeded split of the N prompts into training and held-out
 prompts, T2Q trained on the first (MSE), its SROCC and PLCC against the labels of the second;
-cached with its fingerprint (the labels' raw scores, the embeddings, the T2Q settings)."""
+cached with its fingerprint (what the labels' raw scores were computed from, the embeddings, the
+T2Q settings)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,15 @@ def split(count: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Te
 
 
 def fit_t2q(folder: Path, pooled: torch.Tensor, raw: torch.Tensor, labels: torch.Tensor,
-            config, log=print) -> T2QResult:
-    """Train (or reload) T2Q on ``pooled [N, C]`` → ``labels [N]``; ``config`` a TrainQLIPConfig."""
+            inputs: str, config, log=print) -> T2QResult:
+    """Train (or reload) T2Q on ``pooled [N, C]`` → ``labels [N]``; ``config`` a TrainQLIPConfig.
+    ``inputs``: the digest of what the raw scores were computed from (``labels.label_inputs``),
+    which names them in the cache's fingerprint: the scores themselves may differ in their last
+    bits from run to run."""
     t2q_config = {k: v for k, v in asdict(config.t2q).items() if k != "progress"}
     fingerprint = {"labels": config.labels.fingerprint(), "t2q": t2q_config,
                    "holdout": config.t2q_holdout,
-                   "data": tensor_digest({"pooled": pooled, "raw": raw})}
+                   "data": tensor_digest({"pooled": pooled}), "label_inputs": inputs}
     if claim(folder, fingerprint, config.redo_stale, "T2Q") and (folder / METRICS_FILE).is_file():
         log(f"T2Q: reusing {folder}")
         model = T2Q(pooled.shape[1], config.t2q.hidden)
