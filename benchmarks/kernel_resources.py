@@ -18,6 +18,7 @@ reads the machine code:
 
     python benchmarks/kernel_resources.py --out OUT/kernel_resources.json
     python benchmarks/kernel_resources.py --divisible N,K --out OUT/c_not_16.json  # C = 4, say
+    python benchmarks/kernel_resources.py --tiles "128,128,128,8,4 128,256,128,8,3" --out OUT/t.json
 """
 
 from __future__ import annotations
@@ -99,11 +100,28 @@ def read_cubin(cubin: bytes) -> dict:
     return sass_summary(*texts)
 
 
+def tiles_arg(text: str) -> list[tuple[int, ...]]:
+    """``--tiles``: "M,N,K,warps,stages ..." → tiles; each a power of two but the stages."""
+    tiles = []
+    for item in text.split():
+        parts = item.split(",")
+        if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"{item!r}: give BLOCK_M,BLOCK_N,BLOCK_K,warps,stages")
+        tile = tuple(int(p) for p in parts)
+        if any(v & (v - 1) for v in tile[:4]):
+            raise argparse.ArgumentTypeError(f"{item!r}: blocks and warps are powers of two")
+        tiles.append(tile)
+    return tiles
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", default="linear,linear_packed,conv,conv_packed")
     parser.add_argument("--divisible", default=",".join(DIMENSIONS),
                         help="integer arguments the launcher sees as multiples of 16")
+    parser.add_argument("--tiles", type=tiles_arg, default=None,
+                        help="candidate tiles instead of real_gemm.TILES: space-separated "
+                        "BLOCK_M,BLOCK_N,BLOCK_K,warps,stages")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     kernels = args.kernels.split(",")
@@ -122,7 +140,7 @@ def main() -> None:
 
     divisible = {d for d in args.divisible.split(",") if d}
     rows = []
-    pairs = [(kernel, tile) for kernel in kernels for tile in real_gemm.TILES]
+    pairs = [(kernel, tile) for kernel in kernels for tile in args.tiles or real_gemm.TILES]
     for kernel, tile in tqdm(pairs, desc="tiles", leave=False):
         compiled, seconds = compile_tile(kernel, tile, divisible)
         rows.append({"kernel": kernel, "tile": list(tile), "compile_s": round(seconds, 2),

@@ -99,9 +99,12 @@ class _Batch:  # what begin() reads of a prompt batch
 
 def inputs(unet, args, seed: int = 0):
     """One step's ``(x, t, context, kwargs)`` for ``--batch`` images on the GPU, bf16; the latents
-    channels-last where the UNet is."""
+    channels-last where the UNet is (its first conv's weight, or its int8 codes' source where
+    the weight was packed away)."""
     x, t, c, kwargs = unet_step_inputs(unet, args.batch, "cuda", torch.bfloat16, seed)
-    if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+    weight = unet.conv_in.weight
+    if 0 not in weight.stride() and weight.is_contiguous(memory_format=torch.channels_last) \
+            or getattr(unet, "qlip_bench_channels_last", False):
         x = x.contiguous(memory_format=torch.channels_last)
     return x, t, c, kwargs
 
@@ -123,12 +126,23 @@ def timed(call, warmup: int, iters: int) -> dict:
             "times": times}
 
 
+def channels_last(variant: str, args) -> bool:
+    """Whether ``variant`` runs channels-last: ``bf16_channels_last``, and the real variants
+    unless ``--real-channels-first`` (the real convs read and write NHWC; a channels-first model
+    copies every conv's input to NHWC inside the kernel's operator: 2.5 ms of a 28.9 ms compiled
+    step on an H100, the sixteenth session)."""
+    if variant == "bf16_channels_last":
+        return True
+    return variant.startswith("w4a8_layers_real") and not getattr(args, "real_channels_first",
+                                                                  False)
+
+
 def build(variant: str, args):
     unet = build_unet(args.arch, "cuda", torch.bfloat16)
-    if variant == "bf16":
+    if channels_last(variant, args):  # before quantizing: a packed weight's placeholder is
+        unet = unet.to(memory_format=torch.channels_last)  # not copied into a layout
+    if variant in ("bf16", "bf16_channels_last"):
         return unet, {}
-    if variant == "bf16_channels_last":
-        return unet.to(memory_format=torch.channels_last), {}
     options = BANK if variant == "bank" else (8,)
     config = QuantConfig(wbits=4, abits=8, abits_options=options,
                          quantize_attention=not variant.startswith("w4a8_layers"))
@@ -146,6 +160,7 @@ def build(variant: str, args):
         if variant.endswith("_packed"):  # on the packed 4-bit codes themselves
             pack_weights(unet)
         use_real_execution(unet, True)
+    unet.qlip_bench_channels_last = channels_last(variant, args)  # (read by inputs())
     return unet, quant_units(unet)
 
 
@@ -193,7 +208,8 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
 
     # GPU memory (MiB, this variant's process): what the model and the step's inputs hold, then
     # the peak while its eager and its compiled steps are timed (weights plus activations)
-    out: dict = {"memory_mib": {"model": torch.cuda.memory_allocated() / 2**20}}
+    out: dict = {"memory_mib": {"model": torch.cuda.memory_allocated() / 2**20},
+                 "channels_last": channels_last(variant, args)}
     if variant == "w4a8_attention_fused":  # the same model materialised, for the difference
         with torch.no_grad():
             fused = step().float()
@@ -509,6 +525,9 @@ def main() -> None:
     parser.add_argument("--eager-rounds", type=int, default=5,
                         help="eager rounds, variants taking turns (iters steps each)")
     parser.add_argument("--barrier-s", type=float, default=420.0)
+    parser.add_argument("--real-channels-first", action="store_true",
+                        help="run the real variants channels-first (as before the sixteenth "
+                        "session), not channels-last")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="eager and CUDA-graph variants only (minutes less)")
     args = parser.parse_args()
@@ -534,7 +553,8 @@ def main() -> None:
                "--variants", args.variants, "--barrier-s", str(args.barrier_s),
                "--eager-rounds", str(args.eager_rounds), "--warmup", str(args.warmup),
                "--iters", str(args.iters), "--rounds", str(args.rounds), "--arch", args.arch,
-               "--batch", str(args.batch)] + ([] if args.compile else ["--no-compile"])
+               "--batch", str(args.batch)] + ([] if args.compile else ["--no-compile"]) + (
+               ["--real-channels-first"] if args.real_channels_first else [])
         procs[name] = (subprocess.Popen(cmd, env=os.environ.copy()), part)
 
     def stop(signum, frame):  # a time limit's SIGTERM: no variant may keep the GPU busy after it

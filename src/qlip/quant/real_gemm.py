@@ -300,14 +300,21 @@ def autotuned(kernel, tiles, key: list[str]):
     return tuner(configs, key)(kernel)
 
 
+# A tile (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) every launch takes instead of autotune's
+# choice; None: autotune's. For benchmarks/real_tile_sweep.py, which times each tile by itself.
+FORCE_TILE: tuple[int, int, int, int, int] | None = None
+
+
 def launch(kernel, tuned, tiles, m: int, n: int, operands, flags) -> None:
     """A kernel over an ``m × n`` output in BLOCK_M × BLOCK_N programs: the tile autotune found
     fastest for this shape (``tuned``, timed on its first call), or ``tiles[0]`` where
-    :func:`~qlip.quant.fused_quantize.fixed_tile` (the interpreter, ``QLIP_AUTOTUNE=0``)."""
-    if fixed_tile():
-        block_m, block_n, block_k = tiles[0][:3]
+    :func:`~qlip.quant.fused_quantize.fixed_tile` (the interpreter, ``QLIP_AUTOTUNE=0``), or
+    :data:`FORCE_TILE` where set."""
+    if fixed_tile() or FORCE_TILE is not None:
+        block_m, block_n, block_k, warps, stages = FORCE_TILE or tiles[0]
+        extra = {} if FORCE_TILE is None else {"num_warps": warps, "num_stages": stages}
         kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+            *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **extra)
     else:
         tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
             *operands, **flags)
@@ -320,6 +327,7 @@ def launch(kernel, tuned, tiles, m: int, n: int, operands, flags) -> None:
 # channels (N / BLOCK_N times over; by count, more work than the int8 MMA it feeds).
 PREQUANTIZE = True
 CODES_BLOCK = 1024  # elements a program of the codes kernel rounds
+CODES_WARPS = 4  # its warps (benchmarks/real_tile_sweep.py times other choices)
 
 
 def int8_codes(x: torch.Tensor, table, choice, step, steps: int, integer, offset) -> torch.Tensor:
@@ -331,7 +339,7 @@ def int8_codes(x: torch.Tensor, table, choice, step, steps: int, integer, offset
     if n:  # (a grid of 0 programs is refused)
         _int8_codes_kernel[(triton.cdiv(n, CODES_BLOCK),)](
             x, a, table, choice, step, integer, offset, n, steps, HAS_STEPS=bool(steps),
-            BLOCK=CODES_BLOCK)
+            BLOCK=CODES_BLOCK, num_warps=CODES_WARPS)
     return a
 
 

@@ -1,0 +1,160 @@
+"""Every tile of the real kernels timed by itself on the UNet's largest shapes, beside the bf16
+layer, and the codes kernel at other block sizes (issue 14): whether the tile list holds what
+the int8 tensor cores want, measured instead of guessed.
+
+Autotune keeps one tile per shape and records nothing of the others; here each candidate
+(``qlip.quant.real_gemm.TILES`` and ``--extra-tiles``) runs alone through
+``real_gemm.FORCE_TILE`` on one layer (random W4 codes, A8, bf16 input, int8 codes rounded
+once: the step's path), timed with ``triton.testing.do_bench`` (median ms). Each row also times
+the same layer in bf16 (``F.linear``; ``F.conv2d`` channels-last), and the codes kernel alone.
+A tile that cannot launch (shared memory) is recorded as such.
+
+    python benchmarks/real_tile_sweep.py --out OUT/real_tile_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# (kind, M or (B, C, H, W), N, K or 3×3): the step's heaviest Linear and conv shapes at batch 8
+LINEARS = [(32768, 320, 320), (32768, 2560, 320), (32768, 320, 1280), (8192, 5120, 640),
+           (8192, 640, 2560), (2048, 10240, 1280)]
+CONVS = [((8, 320, 64, 64), 320), ((8, 640, 32, 32), 640), ((8, 1280, 16, 16), 1280),
+         ((8, 1280, 32, 32), 1280)]
+EXTRA_TILES = "128,128,128,8,4 128,256,128,8,3 128,256,64,8,4 128,64,128,4,4"
+CODES = [(1024, 4), (2048, 4), (4096, 8), (8192, 8)]  # (block, warps) of the codes kernel
+
+
+def tiles_arg(text: str) -> list[tuple[int, ...]]:
+    tiles = []
+    for item in text.split():
+        parts = item.split(",")
+        if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"{item!r}: give BLOCK_M,BLOCK_N,BLOCK_K,warps,stages")
+        tiles.append(tuple(int(p) for p in parts))
+    return tiles
+
+
+def operands(n: int, k: int, device: str, seed: int = 0):
+    """A W4A8 layer's real operands: ``(table, choice, step, steps, integer, offset, w, w_sum,
+    w_zero, w_scale, bias)`` (per-tensor A8 grid, centered int8 W4 codes)."""
+    from qlip.quant import real_gemm
+    from qlip.quant.stacked import StackedUniform
+
+    g = torch.Generator().manual_seed(seed)
+    acts = StackedUniform((8,))
+    acts.slot_view(8).calibrate(torch.randn(4096, generator=g))
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    w = real_gemm.weight_operands(codes, torch.rand(n, generator=g) * 0.01 + 1e-3,
+                                  torch.full((n,), 8.0), 4)
+    integer, offset = real_gemm.int8_offsets((8,))
+    choice = torch.zeros(1, dtype=torch.long)
+    table = acts.to(device)._flat_table(torch.bfloat16)
+    bias = torch.randn(n, generator=g)
+    side = [t.to(device) if t is not None else None for t in (integer, offset, *w)]
+    return (table, choice.to(device), choice.to(device), 0, *side,
+            bias.to(device, torch.bfloat16))
+
+
+def bench(fn) -> float | str:
+    from triton.testing import do_bench
+
+    try:
+        return float(do_bench(fn, warmup=10, rep=40))
+    except Exception as error:  # (a tile over the shared memory: triton's OutOfResources)
+        return f"{type(error).__name__}: {str(error)[:120]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--extra-tiles", type=tiles_arg, default=tiles_arg(EXTRA_TILES))
+    parser.add_argument("--kinds", default="linear,conv,codes")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("real_tile_sweep.py times kernels on a CUDA GPU")
+    from tqdm import tqdm
+
+    from qlip.quant import real_conv, real_gemm
+
+    tiles = list(dict.fromkeys([*real_gemm.TILES, *args.extra_tiles]))
+    kinds = args.kinds.split(",")
+    rows = []
+    started = time.perf_counter()
+    out_path = args.out
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out_path.write_text(json.dumps({
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "tiles": [list(t) for t in tiles], "rows": rows,
+            "seconds": round(time.perf_counter() - started, 1)}, indent=1))
+
+    with torch.no_grad():
+        if "linear" in kinds:
+            for m, n, k in tqdm(LINEARS, desc="linear shapes"):
+                ops = operands(n, k, "cuda")
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+                row = {"kind": "linear", "shape": [m, n, k],
+                       "bf16": bench(partial(F.linear, x, weight, ops[-1])),
+                       "codes": bench(partial(real_gemm.int8_codes, x, *ops[:6])), "tiles": {}}
+                for tile in tiles:
+                    real_gemm.FORCE_TILE = tile
+                    row["tiles"][",".join(map(str, tile))] = bench(
+                        partial(real_gemm.real_linear, x, *ops))
+                real_gemm.FORCE_TILE = None
+                rows.append(row)
+                save()
+        if "conv" in kinds:
+            for (b, c, h, w), n in tqdm(CONVS, desc="conv shapes"):
+                ops = list(operands(n, c * 9, "cuda"))
+                ops[6] = real_conv.tap_major_rows(ops[6], (3, 3))  # as use_real keeps int8 codes
+                x = torch.randn(b, c, h, w, device="cuda", dtype=torch.bfloat16).to(
+                    memory_format=torch.channels_last)
+                weight = torch.randn(n, c, 3, 3, device="cuda", dtype=torch.bfloat16).to(
+                    memory_format=torch.channels_last)
+                row = {"kind": "conv3x3", "shape": [b, c, h, w, n],
+                       "bf16": bench(partial(F.conv2d, x, weight, ops[-1], padding=1)),
+                       "codes": bench(partial(real_conv.padded_codes, x.permute(0, 2, 3, 1),
+                                              *ops[:6], (1, 1))), "tiles": {}}
+                for tile in tiles:
+                    real_gemm.FORCE_TILE = tile
+                    row["tiles"][",".join(map(str, tile))] = bench(
+                        partial(real_conv.real_conv2d, x, *ops, kernel_size=(3, 3),
+                                padding=(1, 1), tap_major=True))
+                real_gemm.FORCE_TILE = None
+                rows.append(row)
+                save()
+        if "codes" in kinds:
+            x = torch.randn(32768, 1280, device="cuda", dtype=torch.bfloat16)
+            ops = operands(8, 8, "cuda")
+            row = {"kind": "codes", "shape": list(x.shape), "blocks": {}}
+            for block, warps in CODES:
+                real_gemm.CODES_BLOCK, real_gemm.CODES_WARPS = block, warps
+                row["blocks"][f"{block},{warps}"] = bench(partial(real_gemm.int8_codes, x, *ops[:6]))
+            real_gemm.CODES_BLOCK, real_gemm.CODES_WARPS = 1024, 4
+            # the bandwidth bound: read bf16, write int8
+            row["copy_bf16_ms"] = bench(x.clone)
+            rows.append(row)
+            save()
+    for r in rows:
+        if r["kind"] == "codes":
+            print(f"codes {r['shape']}: {r['blocks']} (bf16 clone {r['copy_bf16_ms']:.3f} ms)")
+            continue
+        timed = {t: v for t, v in r["tiles"].items() if isinstance(v, float)}
+        best = min(timed, key=timed.get) if timed else None
+        print(f"{r['kind']} {r['shape']}: bf16 {r['bf16']:.3f} ms, codes {r['codes']:.3f} ms, "
+              f"best tile {best} {timed.get(best, float('nan')):.3f} ms; "
+              + ", ".join(f"{t} {v:.3f}" for t, v in timed.items()))
+
+
+if __name__ == "__main__":
+    main()
