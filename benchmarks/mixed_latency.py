@@ -1,14 +1,13 @@
 """Latency against FAB under mixed real execution (issue 14: "under QLIP, latency falls as FAB
 falls"): one SD 1.4 UNet-architecture step (random weights, bf16, ``--batch`` images, default 2,
-64×64 latents) at W4 with the bank {8, 16}, its Linear layers and stride-1 convs run for real
+64×64 latents) at W4 with the bank {8, 16}, its Linear layers and convs run for real
 (``qlip.nn.use_real_execution``: int8 math at A8, bf16 math at A16, chosen on the device), and
-a share f of the units at 8 bits, the rest at 16, for f = 0, 0.25, 0.5, 0.75, 1. The units at 8 bits are a seeded random draw, and
-each share's draw contains the one before it.
+a share f of the units at 8 bits, the rest at 16, for f = 0, 0.25, 0.5, 0.75, 1. The units
+at 8 bits are a seeded random draw, and each share's draw contains the one before it.
 
 Each assignment is timed by CUDA-graph replay (GPU work only; the bits are data, so one captured
 graph per assignment is the same graph with other table values) and by eager calls. The same is
-measured with the simulation (real execution off) for comparison. The downsamplers (strided
-convs) stay simulated in both. ``--compile`` adds the real model compiled once (the real kernels
+measured with the simulation (real execution off) for comparison. ``--compile`` adds the real model compiled once (the real kernels
 are custom operators in its graph), run at every share under ``fail_on_recompile``: one graph for
 every assignment. Writes the JSON and ``mixed_latency.png`` (latency against FAB).
 

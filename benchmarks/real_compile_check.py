@@ -1,5 +1,5 @@
 """Does Inductor compile a UNet whose layers run for real, and does the compiled model follow the
-bits? The tests' tiny UNet at W4 with the bank A{4,8,16}, every Linear and stride-1 conv real
+bits? The tests' tiny UNet at W4 with the bank A{4,8,16}, every Linear and conv real
 (``qlip.nn.use_real_execution``; the kernels are the custom operators ``torch.ops.qlip.real_*``),
 compiled with ``torch.compile`` (Inductor) once; then each option under ``fail_on_recompile``
 against the eager real model. Writes the first call's seconds (the compile), the differences

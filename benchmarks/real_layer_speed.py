@@ -60,11 +60,14 @@ def extra_ways(text: str) -> tuple[str, ...]:
 
 
 def layer_kind(layer) -> str:
-    """``linear``, ``conv1x1`` or ``conv3x3`` (any other KH×KW: ``conv{KH}x{KW}``)."""
+    """``linear``, ``conv1x1`` or ``conv3x3`` (any other KH×KW: ``conv{KH}x{KW}``), strided
+    convs with their stride (the downsamplers: ``conv3x3s2``)."""
     if layer.kind == "linear":
         return "linear"
     kh, kw = layer.kernel_size
-    return f"conv{kh}x{kw}"
+    sh, sw = layer.stride
+    stride = "" if (sh, sw) == (1, 1) else f"s{sh}" if sh == sw else f"s{sh}x{sw}"
+    return f"conv{kh}x{kw}{stride}"
 
 
 def record_inputs(unet, run) -> dict:
@@ -121,7 +124,7 @@ def bf16_call(row):
         return lambda: F.linear(x, weight, bias)
     xc = x.contiguous(memory_format=torch.channels_last)
     wc = weight.contiguous(memory_format=torch.channels_last)
-    return lambda: F.conv2d(xc, wc, bias, 1, layer.padding)
+    return lambda: F.conv2d(xc, wc, bias, layer.stride, layer.padding)
 
 
 def totals(rows: list[dict]) -> dict:

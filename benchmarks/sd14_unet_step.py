@@ -5,7 +5,7 @@ guidance pair), timed and with its peak GPU memory (``memory_mib``): bf16
 (``bf16_channels_last``: the channels-last layout cuDNN prefers) against simulated W4A8 (layers
 only; layers + attention, materialised or fused: ``w4a8_attention_fused`` runs softmax·V through
 qlip.quant.fused_attention's Triton kernel; ``w4a8_layers_pytorch`` without the one-launch
-quantizer; ``w4a8_layers_real`` with the Linear layers and stride-1 convs in int8 math,
+quantizer; ``w4a8_layers_real`` with the Linear layers and convs in int8 math,
 qlip.quant.real_gemm/real_conv; ``w4a8_layers_real_packed`` the same on packed 4-bit weights,
 every layer's codes two a byte) and a W4A{8,16,32} bank whose every unit's bits change
 at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:

@@ -11,7 +11,7 @@ and measured:
 - the parts: the packed codes, the FP tensors of the layers left unquantized (norms, ...), and the
   quantizers' state (weight scales and zero points, activation tables);
 - that the packed model's output equals the unpacked one's for the same input;
-- on CUDA, the packed model with its Linear layers and stride-1 convs run for real
+- on CUDA, the packed model with its Linear layers and convs run for real
   (``qlip.nn.use_real_execution``: the int8 kernels read the packed bytes themselves) and the
   unpacked one run for real (which keeps an int8 copy of the codes): ``memory_allocated`` after one call each.
 

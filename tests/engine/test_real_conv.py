@@ -25,9 +25,14 @@ OFFSET = torch.tensor([0, 128, 0, 0], dtype=torch.int32)
 @pytest.mark.parametrize("packed", [False, True], ids=["int8", "packed"])
 @pytest.mark.parametrize("tap_major", [False, True], ids=["weight_order", "tap_major"])
 @pytest.mark.parametrize("pre", [True, False], ids=["codes_first", "codes_in_tiles"])
-@pytest.mark.parametrize("kernel,padding", [((3, 3), (1, 1)), ((3, 3), (0, 0)), ((1, 3), (0, 1))])
-def test_conv_options_give_the_exact_product_of_the_quantized_operands(kernel, padding, packed,
-                                                                      tap_major, pre, monkeypatch):
+@pytest.mark.parametrize("kernel,padding,stride", [((3, 3), (1, 1), (1, 1)),
+                                                   ((3, 3), (0, 0), (1, 1)),
+                                                   ((1, 3), (0, 1), (1, 1)),
+                                                   ((3, 3), (1, 1), (2, 2)),  # a downsampler
+                                                   ((1, 1), (0, 0), (2, 1))])
+def test_conv_options_give_the_exact_product_of_the_quantized_operands(kernel, padding, stride,
+                                                                      packed, tap_major, pre,
+                                                                      monkeypatch):
     monkeypatch.setattr(rg, "PREQUANTIZE", pre)  # the input's codes rounded once, or per tile
     device = kernel_device()
     g = torch.Generator().manual_seed(3)
@@ -44,16 +49,17 @@ def test_conv_options_give_the_exact_product_of_the_quantized_operands(kernel, p
     for choice in range(len(TABLE)):
         args = [t.to(device) for t in (x, TABLE, torch.tensor([choice]), torch.zeros(1).long())]
         args += [0] + [on(t, device) for t in (INTEGER, OFFSET, *weights, bias)]
-        got = rc.real_conv2d(*args, kernel_size=kernel, padding=padding,
-                             tap_major=tap_major).cpu().double()
+        got = rc.real_conv2d(*args, kernel_size=kernel, padding=padding, tap_major=tap_major,
+                             stride=stride).cpu().double()
         delta, low, high = TABLE[choice].tolist()
         xq = (torch.div(x, delta).round().clamp(low, high) * delta).double() if INTEGER[choice] \
             else x.double()
-        want = torch.nn.functional.conv2d(xq, weight, bias.double(), padding=padding)
+        want = torch.nn.functional.conv2d(xq, weight, bias.double(), stride=stride,
+                                          padding=padding)
         assert got.shape == want.shape
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-5), choice
         again = rc.reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args],
-                             kernel, padding, tap_major).double()
+                             kernel, padding, tap_major, stride).double()
         assert torch.allclose(got, again, rtol=1e-6, atol=1e-5), choice
 
 

@@ -111,8 +111,8 @@ def test_k_past_the_exact_int32_range_is_refused():
 
 @needs_kernel
 def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
-    """Every Linear and every conv of stride 1 runs for real at every option (1×1 convs as a
-    GEMM, 3×3 ones as an implicit GEMM). Each real layer gives, on the input it got, the
+    """Every Linear and every conv runs for real at every option (1×1 convs as a GEMM, 3×3
+    ones, the strided downsamplers too, as an implicit GEMM). Each real layer gives, on the input it got, the
     simulated layer's output up to fp32 rounding: at A4/A8 the exact product of the same
     quantized operands; at A16 and A32 the unquantized input times the dequantized weights (the
     simulation at A32, its bypass). The UNet's output follows the simulation's.
@@ -137,7 +137,7 @@ def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
     kernels = {m.kernel_size for m in real_layers if isinstance(m, QuantConv2d)}
     assert kernels == {(1, 1), (3, 3)}  # 1×1 convs as GEMMs, 3×3 as implicit GEMMs
     strided = [m for m in unet.modules() if isinstance(m, QuantConv2d) and m.stride != (1, 1)]
-    assert strided and all(m._real is None for m in strided)  # downsamplers stay simulated
+    assert strided and all(m in real_layers for m in strided)  # the downsamplers too
     seen = {}
     for layer in real_layers:
         layer.register_forward_hook(lambda m, args, out: seen.__setitem__(m, (args[0], out)))
@@ -353,9 +353,13 @@ def test_the_real_kernels_are_operators_with_the_shapes_a_compiled_graph_needs()
         image = torch.empty(2, 8, 6, 5)
         out = torch.ops.qlip.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
                                          torch.empty(40, 72, dtype=torch.int8), w_sum, w_zero,
-                                         w_scale, None, [3, 3], [1, 0], True)
+                                         w_scale, None, [3, 3], [1, 0], True, [1, 1])
         assert out.shape == (2, 40, 6, 3)
         assert out.is_contiguous(memory_format=torch.channels_last)  # as the kernel writes it
+        out = torch.ops.qlip.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
+                                         torch.empty(40, 72, dtype=torch.int8), w_sum, w_zero,
+                                         w_scale, None, [3, 3], [1, 1], True, [2, 2])
+        assert out.shape == (2, 40, 3, 3)  # a downsampler's: ⌊(6 + 2 − 3)/2⌋ + 1, ⌊(5 + 2 − 3)/2⌋ + 1
         with pytest.raises(ValueError, match="do not hold K = 72"):
             rc.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
                            torch.empty(40, 71, dtype=torch.int8), w_sum, w_zero, w_scale, None,

@@ -29,12 +29,13 @@ def test_every_real_layer_falls_in_one_row(bench, tiny_pipe):
     switched = use_real_execution(unet)
     rows = bench.record_inputs(unet, lambda: unet(x, t, encoder_hidden_states=c))
     assert sum(r["count"] for r in rows.values()) == switched > 0
-    assert {r["kind"] for r in rows.values()} == {"linear", "conv1x1", "conv3x3"}
+    # the downsamplers, 3×3 convs of stride 2, in rows of their own
+    assert {r["kind"] for r in rows.values()} == {"linear", "conv1x1", "conv3x3", "conv3x3s2"}
     for r in rows.values():  # each row's layer and input have the row's shapes
         assert list(r["x"].shape) == r["input"] and list(r["layer"].weight.shape) == r["weight"]
         assert r["kind"] == bench.layer_kind(r["layer"])
         # int8 3×3 convs keep their codes tap-major; the weight-order call reads them as before
-        assert r["layer"]._real_tap_major == (r["kind"] == "conv3x3")
+        assert r["layer"]._real_tap_major == r["kind"].startswith("conv3x3")
         # W4 codes come centered (no zero points); the row-sum call takes the full bracket
         # on the same codes, with zero points of 0
         real, summed = r["layer"]._real, bench.row_sum_operands(r["layer"])

@@ -212,13 +212,13 @@ class QuantLayer(QuantUnit):
 
     def real_kind(self) -> str | None:
         """How this layer runs for real: ``"gemm"`` (one GEMM over its input's last dim: a
-        Linear, a 1×1 conv), ``"conv"`` (an implicit GEMM: a KH×KW conv of stride 1), or None."""
+        Linear, a 1×1 conv of stride 1), ``"conv"`` (an implicit GEMM: any other conv), or None."""
         return "gemm"
 
     def use_real(self, on: bool = True) -> bool:
         """Run this layer for real (:mod:`qlip.quant.real_gemm`): integer math at options of at
         most 8 bits, float math above, chosen on the device, in eager inference on the GPU.
-        Needs a layer of a :meth:`real_kind` (a Linear, a conv of stride 1), weights of at most
+        Needs a layer of a :meth:`real_kind` (a Linear, a conv), weights of at most
         8 bits fixed to codes, one input part and a per-tensor uniform bank; returns False,
         changing nothing, for a layer that has not. Eager and compiled (the kernels are custom
         operators that ``torch.compile`` keeps in its graph); elsewhere (a per-image choice,
@@ -346,17 +346,16 @@ class QuantConv2d(QuantLayer):
         return tuple(self.padding) if not isinstance(self.padding, str) else None
 
     def real_kind(self) -> str | None:
-        if (self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1
-                or self._real_padding() is None):
+        if self.dilation != (1, 1) or self.groups != 1 or self._real_padding() is None:
             return None
-        if self.kernel_size == (1, 1) and self._real_padding() == (0, 0):
+        if self.kernel_size == (1, 1) and self._real_padding() == (0, 0) and self.stride == (1, 1):
             return "gemm"
-        return "conv"
+        return "conv"  # (any stride: the downsamplers' 3×3 convs of stride 2 too)
 
     def _run_real_conv(self, x, *args):
         return real_conv.real_conv2d(x, *args, kernel_size=self.kernel_size,
                                      padding=self._real_padding(),
-                                     tap_major=self._real_tap_major)
+                                     tap_major=self._real_tap_major, stride=self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
         if self._real is not None:

@@ -144,7 +144,7 @@ def use_fused_quantize(model: nn.Module, on: bool = True) -> int:
 
 def use_real_execution(model: nn.Module, on: bool = True) -> int:
     """Run every quantized layer of ``model`` that can for real (``QuantLayer.use_real``: the
-    Linear layers and the convolutions of stride 1, integer math at options of at most 8 bits,
-    chosen on the device, in eager GPU inference); returns how many were switched. Strided
-    convolutions (the downsamplers) stay simulated."""
+    Linear layers and the convolutions, strided ones included, integer math at options of at
+    most 8 bits, chosen on the device, in eager or compiled GPU inference); returns how many
+    were switched."""
     return sum(module.use_real(on) for module in model.modules() if isinstance(module, QuantLayer))

@@ -1,11 +1,13 @@
-"""Real low-precision execution of a quantized KH×KW convolution (stride 1, no dilation, one
+"""Real low-precision execution of a quantized KH×KW convolution (any stride, no dilation, one
 group), whose activation bits are data: an implicit GEMM in one Triton launch, the same
 integer bracket as :mod:`qlip.quant.real_gemm`'s Linear layers.
 
 The GEMM's rows are the output pixels (``M = B·H_out·W_out``), its columns the output channels
 and its reduction the ``K = C·KH·KW`` taps, walked tap by tap (``kh, kw``) and, within a tap, over
-blocks of input channels. The input is read channels-last (``[B, H, W, C]``): a tap's block of
-channels is contiguous. The weight codes ``[N, K]`` come in one of two orders:
+blocks of input channels. Output pixel ``(ho, wo)`` reads tap ``(kh, kw)`` at input row
+``ho·SH + kh − PH`` and column ``wo·SW + kw − PW`` (``SH, SW`` the stride: the UNet's
+downsamplers are 3×3 convs of stride 2). The input is read channels-last (``[B, H, W, C]``):
+a tap's block of channels is contiguous. The weight codes ``[N, K]`` come in one of two orders:
 
 - the layer's own, ``k = c·KH·KW + kh·KW + kw`` (``weight.flatten(1)``): a tap's channels lie
   KH·KW codes apart, so each weight tile is a strided gather;
@@ -67,7 +69,8 @@ def channel_major_rows(codes: torch.Tensor, kernel_size: tuple[int, int]) -> tor
 
 
 def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-              kernel_size: tuple[int, int], padding: tuple[int, int], tap_major: bool = False):
+              kernel_size: tuple[int, int], padding: tuple[int, int], tap_major: bool = False,
+              stride: tuple[int, int] = (1, 1)):
     """What the kernel computes, in PyTorch float64: ``x [B, C, H, W]``; ``w`` the ``[N, K]``
     codes (int8, or packed uint8; tap-major where ``tap_major``); returns
     ``[B, N, H_out, W_out]`` in x's dtype."""
@@ -89,7 +92,7 @@ def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, 
         xq = torch.div(x, scale).round_().clamp_(low, high).double() * scale.double()
     else:
         xq = x.double()
-    out = torch.nn.functional.conv2d(xq, weight, padding=padding)
+    out = torch.nn.functional.conv2d(xq, weight, stride=stride, padding=padding)
     if bias is not None:
         out = out + bias.double()[:, None, None]
     return out.to(x.dtype)
@@ -173,15 +176,15 @@ if triton is not None:
                           HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                           PACKED: tl.constexpr, TAP_MAJOR: tl.constexpr, PRE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          ZERO: tl.constexpr = 2):
+                          ZERO: tl.constexpr = 2, SH: tl.constexpr = 1, SW: tl.constexpr = 1):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
         offs_c = tl.arange(0, BLOCK_K)
         m_total = B * H_OUT * W_OUT
         m_ok1 = offs_m < m_total
         image = offs_m // (H_OUT * W_OUT)
-        ho = (offs_m // W_OUT) % H_OUT
-        wo = offs_m % W_OUT
+        ho = (offs_m // W_OUT) % H_OUT * SH  # the output pixel's first input row and column
+        wo = offs_m % W_OUT * SW
         n_ok = offs_n[None, :] < N
         choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
         if ZERO != 0:  # (real_gemm.zero_mode: 0 centered codes, 1 packed, 2 the full bracket)
@@ -247,15 +250,16 @@ if triton is not None:
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(dtype),
                  mask=m_ok1[:, None] & n_ok)
 
-    _CONV_KEY = ["B", "H", "W", "C", "N", "KH", "KW", "IEEE", "TAP_MAJOR", "PRE", "ZERO"]
+    _CONV_KEY = ["B", "H", "W", "C", "N", "H_OUT", "W_OUT", "KH", "KW", "IEEE", "TAP_MAJOR",
+                 "PRE", "ZERO"]  # (the output's size tells a stride from another)
     _conv_tuned = autotuned(_real_conv_kernel, TILES, _CONV_KEY)
     _packed_conv_tuned = autotuned(_real_conv_kernel, TILES, _CONV_KEY)
 
 
 def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
                 kernel_size: tuple[int, int], padding: tuple[int, int],
-                tap_major: bool = False) -> torch.Tensor:
-    """``x [B, C, H, W]`` through the KH×KW convolution (stride 1): one launch, integer or float
+                tap_major: bool = False, stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """``x [B, C, H, W]`` through the KH×KW convolution of ``stride``: one launch, integer or float
     math by the option ``choice`` names; ``w`` the ``[N, C·KH·KW]`` codes (int8, or packed uint8),
     in the weight's own order or tap-major (``tap_major``, :func:`tap_major_rows`).
     Returns ``[B, N, H_out, W_out]`` in x's dtype, channels-last in memory. Under
@@ -267,9 +271,11 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     packed = w.dtype == torch.uint8
     if w.shape[1] != ((k_total + 1) // 2 if packed else k_total):
         raise ValueError(f"weights {tuple(w.shape)} do not hold K = {k_total} codes a row")
+    if any(s < 1 for s in stride) or len(stride) != 2:
+        raise ValueError(f"stride must be two positive integers; got {tuple(stride)}")
     run = torch.ops.qlip.real_conv2d if torch.compiler.is_compiling() else _launch_conv2d
     return run(x, table, choice, step if steps else choice, steps, integer, offset, w, w_sum,
-               w_zero, w_scale, bias, list(kernel_size), list(padding), tap_major)
+               w_zero, w_scale, bias, list(kernel_size), list(padding), tap_major, list(stride))
 
 
 CODES_BLOCK = 1024  # elements a program of the padded codes kernel writes
@@ -291,21 +297,22 @@ def padded_codes(xl: torch.Tensor, table, choice, step, steps: int, integer, off
     return a
 
 
-def _output_shape(x: torch.Tensor, n: int, kernel_size, padding) -> tuple[int, int, int, int]:
+def _output_shape(x: torch.Tensor, n: int, kernel_size, padding,
+                  stride) -> tuple[int, int, int, int]:
     """``[B, H_out, W_out, N]``: the output as it lies in memory (channels-last)."""
     b, _, h, width = x.shape
-    return (b, h + 2 * padding[0] - kernel_size[0] + 1, width + 2 * padding[1] - kernel_size[1] + 1,
-            n)
+    return (b, (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1,
+            (width + 2 * padding[1] - kernel_size[1]) // stride[1] + 1, n)
 
 
 def _launch_conv2d(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
                    step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
                    w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor | None,
                    w_scale: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
-                   padding: list[int], tap_major: bool) -> torch.Tensor:
+                   padding: list[int], tap_major: bool, stride: list[int]) -> torch.Tensor:
     b, c, h, width = x.shape
     kh, kw = kernel_size
-    _, h_out, w_out, n = shape = _output_shape(x, w.shape[0], kernel_size, padding)
+    _, h_out, w_out, n = shape = _output_shape(x, w.shape[0], kernel_size, padding, stride)
     xl = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C] (a view for a channels-last x)
     out = torch.empty(shape, device=x.device, dtype=x.dtype)
     table = table.contiguous()
@@ -316,7 +323,8 @@ def _launch_conv2d(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
                 bias if bias is not None else w_scale, b, h, width, c, n, h_out, w_out, steps,
                 w.stride(0))
     packed = w.dtype == torch.uint8
-    flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], HAS_STEPS=bool(steps),
+    flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], SH=stride[0], SW=stride[1],
+                 HAS_STEPS=bool(steps),
                  HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, PACKED=packed,
                  TAP_MAJOR=tap_major, PRE=pre, ZERO=zero_mode(w, w_zero))
     if packed:
@@ -334,5 +342,6 @@ _real_conv2d_op = torch.library.custom_op("qlip::real_conv2d", mutates_args=())(
 
 @_real_conv2d_op.register_fake
 def _(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-      kernel_size, padding, tap_major):
-    return x.new_empty(_output_shape(x, w.shape[0], kernel_size, padding)).permute(0, 3, 1, 2)
+      kernel_size, padding, tap_major, stride):
+    return x.new_empty(_output_shape(x, w.shape[0], kernel_size, padding, stride)).permute(
+        0, 3, 1, 2)
