@@ -59,9 +59,9 @@ def constants(kernel: str, tile) -> dict:
     block = dict(BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
     common = dict(HAS_STEPS=True, HAS_BIAS=True, IEEE=False, PACKED=kernel.endswith("packed"),
                   PRE=True, ZERO=int(kernel.endswith("packed")))  # centered int8 / packed
-    if kernel.startswith("conv"):  # int8 codes tap-major, packed bytes in the weight's order,
-        # as QuantLayer.use_real keeps them
-        common.update(KH=3, KW=3, PH=1, PW=1, TAP_MAJOR=not common["PACKED"])
+    if kernel.startswith("conv"):  # codes tap-major, as QuantLayer.use_real keeps them (a
+        # packed conv's own bytes since the sixteenth session: pairs of channels, C even)
+        common.update(KH=3, KW=3, PH=1, PW=1, TAP_MAJOR=True, PAIRED=common["PACKED"])
     return common | block
 
 

@@ -23,7 +23,7 @@ def test_the_report_counts_registers_spills_and_hopper_instructions():
     tile = (128, 64, 64, 4, 3)
     assert bench.constants("conv_packed", tile) == {
         "HAS_STEPS": True, "HAS_BIAS": True, "IEEE": False, "PACKED": True, "PRE": True,
-        "ZERO": 1, "KH": 3, "KW": 3, "PH": 1, "PW": 1, "TAP_MAJOR": False,
+        "ZERO": 1, "KH": 3, "KW": 3, "PH": 1, "PW": 1, "TAP_MAJOR": True, "PAIRED": True,
         "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}
     assert bench.constants("linear", tile)["ZERO"] == 0 and "KH" not in bench.constants("linear", tile)
-    assert bench.constants("conv", tile)["TAP_MAJOR"]  # int8 codes tap-major, packed not
+    assert bench.constants("conv", tile)["TAP_MAJOR"] and not bench.constants("conv", tile)["PAIRED"]

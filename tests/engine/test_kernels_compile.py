@@ -35,7 +35,7 @@ def _real_linear(tile, packed=False, pre=True, zero=None):
          "BLOCK_N": block_n, "BLOCK_K": block_k, "PACKED": packed, "PRE": pre, "ZERO": zero})
 
 
-def _real_conv(tile, packed=False, tap_major=True, pre=True, zero=None):
+def _real_conv(tile, packed=False, tap_major=True, pre=True, zero=None, paired=False, stride=1):
     block_m, block_n, block_k = tile[:3]
     zero = int(packed) if zero is None else zero
     return lambda dt: (
@@ -46,7 +46,8 @@ def _real_conv(tile, packed=False, tap_major=True, pre=True, zero=None):
          "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
         {"KH": 3, "KW": 3, "PH": 1, "PW": 1, "HAS_STEPS": True, "HAS_BIAS": True,
          "IEEE": dt == "fp32", "PACKED": packed, "TAP_MAJOR": tap_major, "PRE": pre,
-         "ZERO": zero, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k})
+         "ZERO": zero, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+         "PAIRED": paired, "SH": stride, "SW": stride})
 
 
 CASES = {
@@ -70,7 +71,9 @@ CASES = {
     "real_linear_packed_long_k": _real_linear((128, 128, 128), packed=True),
     "real_conv": _real_conv(rg.TILES[0]),
     "real_conv_weight_order_codes_in_tiles": _real_conv(rg.TILES[0], tap_major=False, pre=False),
-    "real_conv_packed": _real_conv((128, 128, 64), packed=True, tap_major=False),
+    "real_conv_packed": _real_conv((128, 128, 64), packed=True, paired=True),  # as the model
+    "real_conv_packed_gather": _real_conv((128, 128, 64), packed=True, tap_major=False),
+    "real_conv_stride_2": _real_conv(rg.TILES[0], stride=2),  # the downsamplers
     "real_conv_row_sums": _real_conv(rg.TILES[0], zero=2),
     "attention_stats": lambda dt: (
         fa._stats_kernel,

@@ -22,6 +22,8 @@ OFFSET = torch.tensor([0, 128, 0, 0], dtype=torch.int32)
 
 
 @needs_kernel
+@pytest.mark.parametrize("c", [40, 13], ids=["c_even", "c_odd"])  # packed tap-major: whole
+# byte pairs a tap (read 16 at a time), or a gather by channel
 @pytest.mark.parametrize("packed", [False, True], ids=["int8", "packed"])
 @pytest.mark.parametrize("tap_major", [False, True], ids=["weight_order", "tap_major"])
 @pytest.mark.parametrize("pre", [True, False], ids=["codes_first", "codes_in_tiles"])
@@ -31,12 +33,12 @@ OFFSET = torch.tensor([0, 128, 0, 0], dtype=torch.int32)
                                                    ((3, 3), (1, 1), (2, 2)),  # a downsampler
                                                    ((1, 1), (0, 0), (2, 1))])
 def test_conv_options_give_the_exact_product_of_the_quantized_operands(kernel, padding, stride,
-                                                                      packed, tap_major, pre,
+                                                                      packed, tap_major, pre, c,
                                                                       monkeypatch):
     monkeypatch.setattr(rg, "PREQUANTIZE", pre)  # the input's codes rounded once, or per tile
     device = kernel_device()
     g = torch.Generator().manual_seed(3)
-    b, c, h, w, n = 2, 40, 5, 6, 24  # C not a multiple of the channel block, M not of the tile
+    b, h, w, n = 2, 5, 6, 24  # C not a multiple of the channel block, M not of the tile
     codes = torch.randint(0, 16, (n, c * kernel[0] * kernel[1]), generator=g)
     scale, zero = torch.rand(n, generator=g) * 0.05 + 0.01, torch.randint(4, 12, (n,)).float()
     rows = rc.tap_major_rows(codes, kernel) if tap_major else codes

@@ -247,8 +247,9 @@ def test_packed_weights_give_the_int8_codes_product(k, pre, monkeypatch):
 
 @needs_kernel
 def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
-    """pack_weights + real execution: the Linear layers read the packed buffer itself (no second
-    copy of the codes) and give the unpacked real model's output, at every option."""
+    """pack_weights + real execution: the layers read the packed buffer itself (no second copy
+    of the codes; a 3×3 conv's nibbles tap-major, as its kernel reads them) and give the
+    unpacked real model's output, at every option."""
     from qlip.nn import QuantConfig, QuantLayer, pack_weights, use_real_execution
 
     from ..conftest import kernel_unet
@@ -274,6 +275,8 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
         if layer.weight.shape[1] % 2 == 0:
             own = layer._buffers["weight_nibbles_0"]
             assert codes.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+        assert layer._real_tap_major == (layer.real_kind() == "conv"
+                                         and tuple(layer.kernel_size) != (1, 1))
     for bits in (4, 8, 16):
         for unit in units.values():
             unit.set_bits(bits)

@@ -105,8 +105,9 @@ class QuantLayer(QuantUnit):
         self.refresh_weight()
 
     def weight_codes(self) -> list[torch.Tensor] | None:
-        if self.packed:
-            return [unpack_nibbles(self._buffers[f"weight_nibbles_{i}"], shape)
+        if self.packed:  # (a conv's nibbles tap-major: [N, KH, KW, C], put back as [N, C, KH, KW])
+            return [self._from_nibble_order(unpack_nibbles(self._buffers[f"weight_nibbles_{i}"],
+                                                           self._to_nibble_order(shape)))
                     for i, shape in enumerate(self._code_shapes)]
         codes = [getattr(self, f"weight_codes_{i}", None) for i in range(len(self.splits))]
         return None if any(c is None for c in codes) else codes
@@ -133,11 +134,32 @@ class QuantLayer(QuantUnit):
         self._code_shapes = [tuple(c.shape) for c in codes]
         for i, c in enumerate(codes):
             del self._buffers[f"weight_codes_{i}"]
-            self.register_buffer(f"weight_nibbles_{i}", pack_nibbles(c.to(torch.uint8)))
+            self.register_buffer(f"weight_nibbles_{i}",
+                                 pack_nibbles(self._to_nibble_order(c).to(torch.uint8)))
         self._parameters["weight"] = _placeholder(weight.shape, weight.dtype, weight.device)
         self.packed = True
         self.refresh_weight()  # real execution, if on, now reads the packed bytes
         return True
+
+    # A packed conv's nibbles are tap-major, [N, KH, KW, C] (``real_conv.tap_major_rows``), the
+    # order its real kernel reads 16 bytes at a time; the files keep the layer's own order
+    # (pipeline.saving writes weight_codes()). Linear layers and 1×1 convs: the same order.
+    def _nibbles_tap_major(self) -> bool:
+        return self.kind == "conv2d" and tuple(self.kernel_size) != (1, 1)
+
+    def _to_nibble_order(self, value):
+        """Codes ``[N, C, KH, KW]`` (or their shape) as the nibbles hold them."""
+        if not self._nibbles_tap_major():
+            return value
+        if isinstance(value, torch.Tensor):
+            return value.permute(0, 2, 3, 1)
+        n, c, kh, kw = value
+        return (n, kh, kw, c)
+
+    def _from_nibble_order(self, codes: torch.Tensor) -> torch.Tensor:
+        # (contiguous: a channels-last weight would take other conv algorithms than the
+        # unpacked layer's, and give other float roundings)
+        return codes.permute(0, 3, 1, 2).contiguous() if self._nibbles_tap_major() else codes
 
     def _apply(self, fn, recurse: bool = True):
         if not self.packed:
@@ -237,24 +259,27 @@ class QuantLayer(QuantUnit):
         integer, offset = real_gemm.int8_offsets(self.options)
         weights = real_gemm.weight_operands(codes, scale, zero, self.wbits,
                                             packed=self._packed_rows(codes))
-        # an implicit-GEMM conv's int8 codes tap-major: each tap's channels contiguous (a packed
-        # layer reads its own bytes, in the weight's order)
-        self._real_tap_major = self.real_kind() == "conv" and not self.packed
-        if self._real_tap_major:
+        # an implicit-GEMM conv's codes tap-major: each tap's channels contiguous (int8: a copy
+        # made here; packed: the layer's own bytes, kept tap-major by pack_weights)
+        self._real_tap_major = self.real_kind() == "conv" and (
+            not self.packed or self._nibbles_tap_major())
+        if self._real_tap_major and not self.packed:
             weights = (real_conv.tap_major_rows(weights[0], self.kernel_size), *weights[1:])
         operands = (integer, offset, *weights)
         self._real = tuple(None if t is None else t.to(self.weight.device) for t in operands)
         return True
 
     def _packed_rows(self, codes: torch.Tensor) -> torch.Tensor | None:
-        """A packed layer's codes as real execution reads them, ``[N, ceil(K/2)]`` bytes: its
-        own packed buffer viewed by rows where K is even (no copy), packed again by rows where
-        K is odd; None for a layer that is not packed."""
+        """A packed layer's codes as real execution reads them, ``[N, ceil(K/2)]`` bytes (a
+        conv's tap-major): its own packed buffer viewed by rows where K is even (no copy),
+        packed again by rows where K is odd; None for a layer that is not packed."""
         if not self.packed:
             return None
         out_features, k = codes.shape
         if k % 2 == 0:
             return self._buffers["weight_nibbles_0"].view(out_features, k // 2)
+        if self._nibbles_tap_major():
+            codes = real_conv.tap_major_rows(codes, self.kernel_size)
         return real_gemm.pack_rows(codes)
 
     def _real_forward(self, x: torch.Tensor, run=None) -> torch.Tensor | None:

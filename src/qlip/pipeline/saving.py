@@ -65,8 +65,11 @@ def _unit_state(units: dict[str, QuantUnit]) -> dict[str, torch.Tensor]:
             if key in ("weight", "bias"):
                 continue  # the base model's own weights
             value = value.detach().contiguous().cpu()
-            if key.startswith("weight_nibbles_"):  # a layer packed in memory: the same layout
-                state[f"{name}.weight_codes_{key[len('weight_nibbles_'):]}{PACKED}"] = value
+            if key.startswith("weight_nibbles_"):  # a layer packed in memory, in the file's
+                # layout (a conv's nibbles are tap-major in memory: packed again in its order)
+                index = int(key[len("weight_nibbles_"):])
+                codes = unit.weight_codes()[index].contiguous().cpu()
+                state[f"{name}.weight_codes_{index}{PACKED}"] = pack_nibbles(codes)
                 continue
             # codes that fit 4 bits (W4 and below) go two a byte; lossless whatever the layer
             if (key.startswith("weight_codes_") and value.dtype == torch.uint8

@@ -13,10 +13,13 @@ a tap's block of channels is contiguous. The weight codes ``[N, K]`` come in one
   KH·KW codes apart, so each weight tile is a strided gather;
 - tap-major (``tap_major=True``, :func:`tap_major_rows`), ``k = (kh·KW + kw)·C + c``: a tap's
   channels are contiguous, as the input's are. Real execution keeps its int8 codes this way (a
-  copy it makes anyway).
+  copy it makes anyway), and a packed conv keeps its bytes this way in memory
+  (``QuantLayer.pack_weights``; files keep the layer's order).
 
 Either as int8 or as the packed 4-bit bytes of :func:`qlip.quant.real_gemm.pack_rows` (for an
-even K, a packed layer's own bytes, in the layer's order: no second copy of the weights).
+even K, a packed layer's own bytes: no second copy of the weights). Packed tap-major bytes of an
+even C hold whole pairs of a tap's channels, so a tile reads them 16 at a time, as the packed
+GEMM does; in any other case the kernel gathers each channel's byte.
 
 **Padding, exactly.** The simulation quantizes the input, then pads it with zeros. A padded tap
 is a zero of the quantized input: its code is 0, so its int8 value is ``a = z_a`` (``a − z_a =
@@ -47,7 +50,7 @@ if triton is not None:
     import triton.language as tl
 
     from .fused_quantize import grid_codes, load_grid
-    from .real_gemm import _float_weight
+    from .real_gemm import _float_weight, _weight_block
 
 # The channel block of a tap is the GEMM tiles' BLOCK_K (real_gemm.TILES): every
 # one is at least 32 channels, what a tap's int8 product needs.
@@ -141,6 +144,24 @@ if triton is not None:
         return w
 
     @triton.jit
+    def _conv_weights(w_ptr, offs_n, n_ok, N, stride_wn, kh, kw, c0, offs_c, offs_j, c_ok, C,
+                      k_total, KB, w_zero, KH: tl.constexpr, KW: tl.constexpr,
+                      PACKED: tl.constexpr, TAP_MAJOR: tl.constexpr, PAIRED: tl.constexpr,
+                      ZERO: tl.constexpr):
+        """The weight codes of channels ``c0 + offs_c`` of tap ``(kh, kw)``, ``[BLOCK_K,
+        BLOCK_N]`` int8. ``PAIRED`` (packed tap-major bytes, C even): the tap's channels are
+        whole bytes in a row, read as the packed GEMM reads its own (16 at a time, nibbles
+        interleaved back into K order); channels past C meet activation codes of 0. Else a
+        gather by channel (:func:`_weight_tile`)."""
+        if PAIRED:
+            w = _weight_block(w_ptr, offs_n, N, stride_wn, (kh * KW + kw) * C + c0, offs_c,
+                              offs_j, k_total, KB, w_zero, True, ZERO)
+        else:
+            k_idx = _k_index(c0 + offs_c, kh, kw, C, KH, KW, TAP_MAJOR)
+            w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, w_zero, PACKED)
+        return w
+
+    @triton.jit
     def _tap(image, ho, wo, m_ok, dh, dw, H, W, C):
         """Where a tap shifted by ``(dh, dw)`` reads each output pixel's input: whether inside
         the image (else a padded zero) and the offset of its channels in the NHWC input."""
@@ -171,15 +192,17 @@ if triton is not None:
     @triton.jit
     def _real_conv_kernel(x_ptr, a_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
                           integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
-                          B, H, W, C, N, H_OUT, W_OUT, steps, stride_wn,
+                          B, H, W, C, N, H_OUT, W_OUT, steps, stride_wn, KB,
                           KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                           HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                           PACKED: tl.constexpr, TAP_MAJOR: tl.constexpr, PRE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          ZERO: tl.constexpr = 2, SH: tl.constexpr = 1, SW: tl.constexpr = 1):
+                          ZERO: tl.constexpr = 2, SH: tl.constexpr = 1, SW: tl.constexpr = 1,
+                          PAIRED: tl.constexpr = False):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
         offs_c = tl.arange(0, BLOCK_K)
+        offs_j = tl.arange(0, BLOCK_K // 2)  # PAIRED: byte j of a tap's block, channels 2j, 2j + 1
         m_total = B * H_OUT * W_OUT
         m_ok1 = offs_m < m_total
         image = offs_m // (H_OUT * W_OUT)
@@ -216,8 +239,9 @@ if triton is not None:
                     code = grid_codes(x, scale, low, high)
                     a = tl.where(load_ok, code - low - o_a, tl.where(real, z_a, 0.0))
                     a = a.to(tl.int8)
-                k_idx = _k_index(c0 + offs_c, kh, kw, C, KH, KW, TAP_MAJOR)
-                w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, w_zero, PACKED)
+                w = _conv_weights(w_ptr, offs_n, n_ok, N, stride_wn, kh, kw, c0, offs_c, offs_j,
+                                  c_ok, C, k_total, KB, w_zero, KH, KW, PACKED, TAP_MAJOR, PAIRED,
+                                  ZERO)
                 acc_i += tl.dot(a, w, out_dtype=tl.int32)
                 if ZERO == 2:  # the weights' zero point meets the codes' row sums
                     a_sum += tl.sum(a.to(tl.int32), axis=1)
@@ -237,8 +261,9 @@ if triton is not None:
                 c_ok = (c0 + offs_c) < C
                 x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :],
                             mask=inside[:, None] & c_ok[None, :], other=0.0)
-                k_idx = _k_index(c0 + offs_c, kh, kw, C, KH, KW, TAP_MAJOR)
-                w = _weight_tile(w_ptr, offs_n, n_ok, stride_wn, k_idx, c_ok, w_zero, PACKED)
+                w = _conv_weights(w_ptr, offs_n, n_ok, N, stride_wn, kh, kw, c0, offs_c, offs_j,
+                                  c_ok, C, k_total, KB, w_zero, KH, KW, PACKED, TAP_MAJOR, PAIRED,
+                                  ZERO)
                 weight = _float_weight(w, w_zero, w_scale, ZERO)
                 if IEEE:
                     acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
@@ -321,12 +346,13 @@ def _launch_conv2d(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
     operands = (xl, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
                 bias if bias is not None else w_scale, b, h, width, c, n, h_out, w_out, steps,
-                w.stride(0))
+                w.stride(0), (c * kh * kw + 1) // 2)
     packed = w.dtype == torch.uint8
     flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], SH=stride[0], SW=stride[1],
-                 HAS_STEPS=bool(steps),
-                 HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, PACKED=packed,
-                 TAP_MAJOR=tap_major, PRE=pre, ZERO=zero_mode(w, w_zero))
+                 HAS_STEPS=bool(steps), HAS_BIAS=bias is not None,
+                 IEEE=x.dtype == torch.float32, PACKED=packed,
+                 TAP_MAJOR=tap_major, PRE=pre, ZERO=zero_mode(w, w_zero),
+                 PAIRED=packed and tap_major and c % 2 == 0)
     if packed:
         launch(_real_conv_kernel, _packed_conv_tuned, TILES, b * h_out * w_out, n,
                operands, flags)
