@@ -200,6 +200,10 @@ def graph_replay(step, warmup: int, iters: int, before=None) -> dict:
 def measure(variant: str, args, save=lambda out: None) -> dict:
     """One variant's measurements; ``save(out)`` gets what is measured so far after each phase,
     so that a run cut by its time limit keeps the phases it finished."""
+    if getattr(args, "codes_kernel", False):
+        from qlip.quant import real_gemm
+
+        real_gemm.CODES_IN_GRAPH = False
     unet, units = build(variant, args)
     x, t, c, kw = inputs(unet, args)
 
@@ -209,7 +213,8 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
     # GPU memory (MiB, this variant's process): what the model and the step's inputs hold, then
     # the peak while its eager and its compiled steps are timed (weights plus activations)
     out: dict = {"memory_mib": {"model": torch.cuda.memory_allocated() / 2**20},
-                 "channels_last": channels_last(variant, args)}
+                 "channels_last": channels_last(variant, args),
+                 "codes_in_graph": not getattr(args, "codes_kernel", False)}
     if variant == "w4a8_attention_fused":  # the same model materialised, for the difference
         with torch.no_grad():
             fused = step().float()
@@ -525,6 +530,10 @@ def main() -> None:
     parser.add_argument("--eager-rounds", type=int, default=5,
                         help="eager rounds, variants taking turns (iters steps each)")
     parser.add_argument("--barrier-s", type=float, default=420.0)
+    parser.add_argument("--codes-kernel", action="store_true",
+                        help="compiled real variants round their codes in the codes kernel "
+                        "inside the operator, as before the sixteenth session, not in PyTorch ops "
+                        "that Inductor fuses into the producer (real_gemm.CODES_IN_GRAPH)")
     parser.add_argument("--real-channels-first", action="store_true",
                         help="run the real variants channels-first (as before the sixteenth "
                         "session), not channels-last")
@@ -554,7 +563,8 @@ def main() -> None:
                "--eager-rounds", str(args.eager_rounds), "--warmup", str(args.warmup),
                "--iters", str(args.iters), "--rounds", str(args.rounds), "--arch", args.arch,
                "--batch", str(args.batch)] + ([] if args.compile else ["--no-compile"]) + (
-               ["--real-channels-first"] if args.real_channels_first else [])
+               ["--real-channels-first"] if args.real_channels_first else []) + (
+               ["--codes-kernel"] if args.codes_kernel else [])
         procs[name] = (subprocess.Popen(cmd, env=os.environ.copy()), part)
 
     def stop(signum, frame):  # a time limit's SIGTERM: no variant may keep the GPU busy after it

@@ -347,28 +347,28 @@ def test_the_real_kernels_are_operators_with_the_shapes_a_compiled_graph_needs()
         one = torch.zeros(1, dtype=torch.long)
         x = torch.empty(2, 5, 72, dtype=torch.bfloat16)
         for w in (torch.empty(40, 72, dtype=torch.int8), torch.empty(40, 36, dtype=torch.uint8)):
-            out = torch.ops.qlip.real_linear(x, torch.empty(4, 3), one, one, 0, integer, offset,
-                                             w, w_sum, w_zero, w_scale, bias)
+            out = torch.ops.qlip.real_linear(x, None, torch.empty(4, 3), one, one, 0, integer,
+                                             offset, w, w_sum, w_zero, w_scale, bias)
             assert out.shape == (2, 5, 40) and out.dtype == torch.bfloat16
         with pytest.raises(ValueError, match="do not hold K = 72"):
             rg.real_linear(x, torch.empty(4, 3), one, one, 0, integer, offset,
                            torch.empty(40, 35, dtype=torch.uint8), w_sum, w_zero, w_scale, bias)
         image = torch.empty(2, 8, 6, 5)
-        out = torch.ops.qlip.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
-                                         torch.empty(40, 72, dtype=torch.int8), w_sum, w_zero,
-                                         w_scale, None, [3, 3], [1, 0], True, [1, 1])
+        out = torch.ops.qlip.real_conv2d(image, None, torch.empty(4, 3), one, one, 0, integer,
+                                         offset, torch.empty(40, 72, dtype=torch.int8), w_sum,
+                                         w_zero, w_scale, None, [3, 3], [1, 0], True, [1, 1])
         assert out.shape == (2, 40, 6, 3)
         assert out.is_contiguous(memory_format=torch.channels_last)  # as the kernel writes it
-        out = torch.ops.qlip.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
-                                         torch.empty(40, 72, dtype=torch.int8), w_sum, w_zero,
-                                         w_scale, None, [3, 3], [1, 1], True, [2, 2])
-        assert out.shape == (2, 40, 3, 3)  # a downsampler's: ⌊(6 + 2 − 3)/2⌋ + 1, ⌊(5 + 2 − 3)/2⌋ + 1
+        out = torch.ops.qlip.real_conv2d(image, None, torch.empty(4, 3), one, one, 0, integer,
+                                         offset, torch.empty(40, 72, dtype=torch.int8), w_sum,
+                                         w_zero, w_scale, None, [3, 3], [1, 1], True, [2, 2])
+        assert out.shape == (2, 40, 3, 3)  # a downsampler's: ⌊(6+2−3)/2⌋ + 1, ⌊(5+2−3)/2⌋ + 1
         with pytest.raises(ValueError, match="do not hold K = 72"):
             rc.real_conv2d(image, torch.empty(4, 3), one, one, 0, integer, offset,
                            torch.empty(40, 71, dtype=torch.int8), w_sum, w_zero, w_scale, None,
                            kernel_size=(3, 3), padding=(1, 0))
     schema = str(torch.ops.qlip.real_linear.default._schema)
-    assert "Tensor? bias" in schema and "SymInt steps" in schema
+    assert "Tensor? a" in schema and "Tensor? bias" in schema and "SymInt steps" in schema
 
 
 @needs_kernel
@@ -398,9 +398,12 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
     compiled = torch.compile(unet.forward, backend=recording, fullgraph=True)
     first = run(compiled, 4)
     assert len(graphs) == 1
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    real_calls = [tt for tt in targets if "qlip.real_" in tt]
+    nodes = [n for n in graphs[0].graph.nodes if n.op == "call_function"]
+    real_calls = [n for n in nodes if "qlip.real_" in str(n.target)]
     assert len(real_calls) == switched > 0
+    # every real layer's int8 codes are PyTorch ops of the graph (rg.CODES_IN_GRAPH), for
+    # Inductor to fuse into the op that produces the layer's input
+    assert all(n.args[1] is not None for n in real_calls)
     assert torch.allclose(first, eager[4], rtol=1e-5, atol=1e-5)
     with torch.compiler.set_stance("fail_on_recompile"):
         for bits in (8, 16, 4):

@@ -298,9 +298,15 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
         raise ValueError(f"weights {tuple(w.shape)} do not hold K = {k_total} codes a row")
     if any(s < 1 for s in stride) or len(stride) != 2:
         raise ValueError(f"stride must be two positive integers; got {tuple(stride)}")
-    run = torch.ops.qlip.real_conv2d if torch.compiler.is_compiling() else _launch_conv2d
-    return run(x, table, choice, step if steps else choice, steps, integer, offset, w, w_sum,
-               w_zero, w_scale, bias, list(kernel_size), list(padding), tap_major, list(stride))
+    step = step if steps else choice
+    shape = (list(kernel_size), list(padding), tap_major, list(stride))
+    if not torch.compiler.is_compiling():
+        return _launch_conv2d(x, None, table, choice, step, steps, integer, offset, w, w_sum,
+                              w_zero, w_scale, bias, *shape)
+    a = (real_gemm.graph_codes(x.permute(0, 2, 3, 1), table, choice, step, steps, offset,
+                               tuple(padding)) if real_gemm.codes_in_graph() else None)
+    return torch.ops.qlip.real_conv2d(x, a, table, choice, step, steps, integer, offset, w,
+                                      w_sum, w_zero, w_scale, bias, *shape)
 
 
 CODES_BLOCK = 1024  # elements a program of the padded codes kernel writes
@@ -330,19 +336,27 @@ def _output_shape(x: torch.Tensor, n: int, kernel_size, padding,
             (width + 2 * padding[1] - kernel_size[1]) // stride[1] + 1, n)
 
 
-def _launch_conv2d(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
-                   step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
-                   w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor | None,
-                   w_scale: torch.Tensor, bias: torch.Tensor | None, kernel_size: list[int],
-                   padding: list[int], tap_major: bool, stride: list[int]) -> torch.Tensor:
+def _launch_conv2d(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
+                   choice: torch.Tensor, step: torch.Tensor, steps: int, integer: torch.Tensor,
+                   offset: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
+                   w_zero: torch.Tensor | None, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   kernel_size: list[int], padding: list[int], tap_major: bool,
+                   stride: list[int]) -> torch.Tensor:
+    """``a``: x's padded NHWC int8 codes (``real_gemm.graph_codes``, in a compiled graph), or
+    None: the padded codes kernel writes them here (where ``real_gemm.PREQUANTIZE``)."""
     b, c, h, width = x.shape
     kh, kw = kernel_size
     _, h_out, w_out, n = shape = _output_shape(x, w.shape[0], kernel_size, padding, stride)
     xl = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C] (a view for a channels-last x)
     out = torch.empty(shape, device=x.device, dtype=x.dtype)
     table = table.contiguous()
-    pre = real_gemm.PREQUANTIZE
-    a = padded_codes(xl, table, choice, step, steps, integer, offset, padding) if pre else xl
+    if a is not None:
+        a = a.contiguous()  # [B, H + 2·PH, W + 2·PW, C], as the kernel reads it
+    elif real_gemm.PREQUANTIZE:
+        a = padded_codes(xl, table, choice, step, steps, integer, offset, padding)
+    else:
+        a = xl
+    pre = a is not xl
     operands = (xl, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
                 bias if bias is not None else w_scale, b, h, width, c, n, h_out, w_out, steps,
@@ -367,7 +381,7 @@ _real_conv2d_op = torch.library.custom_op("qlip::real_conv2d", mutates_args=())(
 
 
 @_real_conv2d_op.register_fake
-def _(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
+def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
       kernel_size, padding, tap_major, stride):
     return x.new_empty(_output_shape(x, w.shape[0], kernel_size, padding, stride)).permute(
         0, 3, 1, 2)

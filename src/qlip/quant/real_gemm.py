@@ -328,6 +328,12 @@ def launch(kernel, tuned, tiles, m: int, n: int, operands, flags) -> None:
 PREQUANTIZE = True
 CODES_BLOCK = 1024  # elements a program of the codes kernel rounds
 CODES_WARPS = 4  # its warps (benchmarks/real_tile_sweep.py times other choices)
+# Under torch.compile, where the codes come from: True, PyTorch ops in the compiled graph
+# (:func:`graph_codes`, the simulation's own ops), which Inductor fuses into the kernel that
+# produces the layer's input; False, the codes kernel inside the operator, a pass of its own
+# over the input (3.0 ms of a 28.9 ms compiled SD 1.4 step at batch 8 on an H100, the
+# sixteenth session). Eager calls always launch the codes kernel.
+CODES_IN_GRAPH = True
 
 
 def int8_codes(x: torch.Tensor, table, choice, step, steps: int, integer, offset) -> torch.Tensor:
@@ -341,6 +347,27 @@ def int8_codes(x: torch.Tensor, table, choice, step, steps: int, integer, offset
             x, a, table, choice, step, integer, offset, n, steps, HAS_STEPS=bool(steps),
             BLOCK=CODES_BLOCK, num_warps=CODES_WARPS)
     return a
+
+
+def graph_codes(x: torch.Tensor, table, choice, step, steps: int, offset,
+                padding: tuple[int, int] | None = None) -> torch.Tensor:
+    """The int8 codes ``a = c − low − o_a`` of ``x`` in PyTorch ops, for a compiled graph to fuse
+    (:data:`CODES_IN_GRAPH`): ``c = clamp(round(x/Δ), low, high)`` as the simulation's
+    quantizer computes it (``StackedUniform._quantize``), so a compiled real layer takes the
+    compiled simulation's integers. ``padding`` ``(PH, PW)``: ``x`` is NHWC and the codes come
+    padded, the border the code 0 (``a = z_a``), as :func:`qlip.quant.real_conv.padded_codes`
+    writes them. Where the option runs in float math the values are unused."""
+    rows = choice * steps + step if steps else choice
+    scale, low, high = table.index_select(0, rows).unbind(1)
+    c = torch.div(x, scale).round_().clamp_(low, high)
+    if padding is not None:  # the simulation pads the quantized input with exact zeros
+        c = torch.nn.functional.pad(c, (0, 0, padding[1], padding[1], padding[0], padding[0]))
+    return (c - low - offset.index_select(0, choice).to(c.dtype)).to(torch.int8)
+
+
+def codes_in_graph() -> bool:
+    """Whether a real layer's codes are PyTorch ops of the graph being compiled."""
+    return CODES_IN_GRAPH and PREQUANTIZE and torch.compiler.is_compiling()
 
 
 if triton is not None:
@@ -363,30 +390,42 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_dim}")
     if w.dtype == torch.uint8 and w.shape[1] != (k_dim + 1) // 2:
         raise ValueError(f"packed weights {tuple(w.shape)} do not hold K = {k_dim} codes a row")
-    run = torch.ops.qlip.real_linear if torch.compiler.is_compiling() else _launch_linear
-    return run(x, table, choice, step if steps else choice, steps, integer, offset, w, w_sum,
-               w_zero, w_scale, bias)
+    step = step if steps else choice
+    if not torch.compiler.is_compiling():
+        return _launch_linear(x, None, table, choice, step, steps, integer, offset, w, w_sum,
+                              w_zero, w_scale, bias)
+    a = graph_codes(x, table, choice, step, steps, offset) if codes_in_graph() else None
+    return torch.ops.qlip.real_linear(x, a, table, choice, step, steps, integer, offset, w,
+                                      w_sum, w_zero, w_scale, bias)
 
 
-def _launch_linear(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor,
-                   step: torch.Tensor, steps: int, integer: torch.Tensor, offset: torch.Tensor,
-                   w: torch.Tensor, w_sum: torch.Tensor, w_zero: torch.Tensor | None,
-                   w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _launch_linear(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
+                   choice: torch.Tensor, step: torch.Tensor, steps: int, integer: torch.Tensor,
+                   offset: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
+                   w_zero: torch.Tensor | None, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``a``: x's int8 codes (:func:`graph_codes`, in a compiled graph), or None: the codes
+    kernel rounds them here (where :data:`PREQUANTIZE`)."""
     lead, k_dim = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_dim)
-    if x2.stride(1) != 1 or (PREQUANTIZE and not x2.is_contiguous()):
+    if x2.stride(1) != 1 or (PREQUANTIZE and a is None and not x2.is_contiguous()):
         x2 = x2.contiguous()
     table = table.contiguous()  # (a compiled graph may hand over a strided slice)
     m, n = x2.shape[0], w.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    a = int8_codes(x2, table, choice, step, steps, integer, offset) if PREQUANTIZE else x2
+    if a is not None:  # rows of K codes, one after the other, as the kernel reads them
+        a = a.reshape(-1, k_dim).contiguous()
+    elif PREQUANTIZE:
+        a = int8_codes(x2, table, choice, step, steps, integer, offset)
+    else:
+        a = x2
     operands = (x2, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
                 bias if bias is not None else w_scale, m, n, k_dim, (k_dim + 1) // 2, steps,
                 x2.stride(0), w.stride(0), out.stride(0))
     packed = w.dtype == torch.uint8
     flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                 PACKED=packed, PRE=PREQUANTIZE, ZERO=zero_mode(w, w_zero))
+                 PACKED=packed, PRE=a is not x2, ZERO=zero_mode(w, w_zero))
     if packed:
         launch(_real_linear_kernel, _packed_linear_tuned, TILES, m, n, operands, flags)
     else:
@@ -400,5 +439,5 @@ _real_linear_op = torch.library.custom_op("qlip::real_linear", mutates_args=())(
 
 
 @_real_linear_op.register_fake
-def _(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
+def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
     return x.new_empty(*x.shape[:-1], w.shape[0])
