@@ -107,6 +107,11 @@ def _add_generate(sub) -> None:
                    help="keep the weights of at most 4 bits as codes two per byte and free the FP "
                         "weights: the same images in less memory (each layer dequantizes at "
                         "every call)")
+    p.add_argument("--real-kernels", action="store_true",
+                   help="run the quantized layers in low-precision math on a CUDA GPU (Triton "
+                        "kernels: int8 at A8 and below, the option read on the device; the model "
+                        "channels-last): the simulation's quantized model, not faster than bf16 "
+                        "yet (docs/results/speed/)")
     p.add_argument("--steps", type=int_at_least("--steps", 1), default=25)
     p.add_argument("--guidance", type=finite_float("--guidance", 0), default=7.5)
     p.add_argument("--seed", type=int_at_least("--seed", 0), default=0,
@@ -232,7 +237,8 @@ def cmd_generate(args) -> int:
     prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     if not prompts:
         raise ValueError("no prompts given; pass PROMPT arguments or --prompt-file")
-    check_sampling_flags(args.quantized, args.abits, args.packed_weights)
+    check_sampling_flags(args.quantized, args.abits, args.packed_weights, args.real_kernels,
+                         device_name(args.device))
     if args.quantized:
         check_quantized_folder(args.quantized)
     from .pipeline.quantized_model import check_policy_inputs
@@ -246,7 +252,8 @@ def cmd_generate(args) -> int:
         if over:
             note(truncation_note(over, len(prompts), pipe.tokenizer.model_max_length))
         policy = load_for_sampling(pipe, args.quantized, args.abits, policy_config,
-                                   packed_weights=args.packed_weights)
+                                   packed_weights=args.packed_weights,
+                                   real_kernels=args.real_kernels)
         config = GenerationConfig(steps=args.steps, guidance=args.guidance,
                                   batch_size=args.batch_size, truncate=args.truncate,
                                   batch_mode=args.batch_mode, allow_empty=args.allow_empty_prompt,
@@ -254,7 +261,9 @@ def cmd_generate(args) -> int:
         seeds = [args.seed + i for i in range(len(prompts))]
         result = generate(pipe, prompts, seeds, policy, config)
         path = save_generation(result, out, {"model": args.model, "quantized": args.quantized,
-                                             "policy": policy.describe() if policy else "FP"})
+                                             "policy": policy.describe() if policy else "FP",
+                                             "execution": "real kernels" if args.real_kernels
+                                             else "simulated"})
     extra = " and bits.safetensors" if result.bits is not None else ""
     print(f"wrote {len(result.images)} images, report.json{extra} to {path.parent}")
     return 0

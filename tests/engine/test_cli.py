@@ -118,3 +118,12 @@ def test_quantized_folder_missing_or_abits_without_it(capsys, tiny_pipe_dir, tmp
                                   "cpu", "--out", str(tmp_path / "packed")],
                "--packed-weights needs --quantized")
         assert not (tmp_path / "packed").exists()  # refused before any work
+        _fails(capsys, command + ["--model", str(tiny_pipe_dir), "--real-kernels", "--device",
+                                  "cpu", "--out", str(tmp_path / "real")],
+               "--real-kernels needs --quantized")
+        # the kernels need a CUDA GPU: refused before the folder is even read
+        _fails(capsys, command + ["--model", str(tiny_pipe_dir), "--quantized",
+                                  str(tmp_path / "none"), "--real-kernels", "--device", "cpu",
+                                  "--out", str(tmp_path / "real")],
+               "--real-kernels runs Triton kernels on a CUDA GPU", "run without it")
+        assert not (tmp_path / "real").exists()

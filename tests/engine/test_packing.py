@@ -170,3 +170,28 @@ def test_w8_layers_are_not_packed_and_packing_needs_codes(tiny_pipe, tmp_path):
         del layer._buffers[f"weight_codes_{i}"]
     with pytest.raises(ValueError, match="fixed to integer codes"):
         layer.pack_weights()
+
+
+def test_real_kernels_make_a_loaded_model_channels_last_packed_and_real(
+        tiny_pipe, tmp_path, _tiny_pipeline_template):
+    """``--real-kernels`` (``prepare_real_kernels``): the layout first (a packed weight is a
+    placeholder no layout change may copy), then the codes two per byte, then every layer that
+    can switched to real execution, the packed 3×3 convs on their own tap-major bytes. On the
+    CPU the forward stays the simulation (the kernels need a GPU or the interpreter), so the
+    outputs equal the packed model's."""
+    from qlip.pipeline.quantized_model import prepare_real_kernels
+
+    plain, packed = _w4_model(tiny_pipe, tmp_path, _tiny_pipeline_template)
+    real = copy.deepcopy(plain)
+    switched = prepare_real_kernels(real, packed_weights=True)
+    layers = [m for m in real.modules() if isinstance(m, QuantLayer)]
+    assert switched == sum(m._real is not None for m in layers) > 0
+    assert all(m.packed and m.weight.untyped_storage().nbytes() == m.weight.element_size()
+               for m in layers)
+    convs = [m for m in layers if m.kind == "conv2d" and tuple(m.kernel_size) == (3, 3)
+             and m._real is not None]
+    assert convs and all(m._real_tap_major for m in convs)
+    for m in convs:  # the bytes real execution reads are the layer's own buffer
+        assert (m._real[2].untyped_storage().data_ptr()
+                == m._buffers["weight_nibbles_0"].untyped_storage().data_ptr())
+    assert torch.equal(_outputs(real), _outputs(packed))

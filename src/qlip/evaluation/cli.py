@@ -28,6 +28,11 @@ def add_eval_parser(sub) -> None:
                    help="keep the weights of at most 4 bits as codes two per byte and free the FP "
                         "weights: the same images in less memory (each layer dequantizes at "
                         "every call)")
+    p.add_argument("--real-kernels", action="store_true",
+                   help="run the quantized layers in low-precision math on a CUDA GPU (Triton "
+                        "kernels: int8 at A8 and below, the option read on the device; the model "
+                        "channels-last): the simulation's quantized model, not faster than bf16 "
+                        "yet (docs/results/speed/)")
     p.add_argument("--prompts", default=HELDOUT,
                    help="'heldout' (the reference world's evaluation set) or a file, one per line")
     p.add_argument("--num-images", type=int_at_least("--num-images", 1), default=1000)
@@ -120,11 +125,12 @@ def _evaluate(args, prompts, world: bool, device: str, shard: Shard, policy_conf
                                      args.lpips_weights))
     pipe = load_pipeline(args.model, device)
     policy = load_for_sampling(pipe, args.quantized, args.abits, policy_config,
-                               packed_weights=args.packed_weights)
+                               packed_weights=args.packed_weights, real_kernels=args.real_kernels)
     config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size,
                         seed=args.seed, steps=args.steps, guidance=args.guidance,
                         batch_mode=args.batch_mode, truncate=args.truncate,
-                        height=args.height, width=args.width)
+                        height=args.height, width=args.width,
+                        execution="real kernels" if args.real_kernels else "simulated")
     bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
                                 device=args.bootstrap_device or device)
     return run_evaluation(pipe, prompts, policy, config, args.out, measures,
@@ -143,7 +149,8 @@ def cmd_eval(args) -> int:
         check_reference_run(args.reference_run)
     if args.abits is not None:
         check_bits(args.abits, "--abits")
-    check_sampling_flags(args.quantized, args.abits, args.packed_weights)
+    check_sampling_flags(args.quantized, args.abits, args.packed_weights, args.real_kernels,
+                         _device(args.device))
     if args.quantized:
         check_quantized_folder(args.quantized)
     from ..cli_args import policy_config_from_args

@@ -53,6 +53,9 @@ class EvalConfig:
     truncate: bool = False  # cut prompts over the tokenizer's limit instead of refusing them
     height: int | None = None  # pixels; None: the pipeline's own resolution
     width: int | None = None
+    # how the quantized layers run: "simulated", or "real kernels" (--real-kernels); kept in
+    # settings.json, so a folder is not resumed the other way
+    execution: str = "simulated"
 
 
 @dataclass
@@ -85,7 +88,7 @@ def generate_missing(
         store.check_matches(i, prompt.text, seeds[i])
     store.check_settings({"steps": config.steps, "guidance": config.guidance,
                           "batch_mode": config.batch_mode, "height": config.height,
-                          "width": config.width,
+                          "width": config.width, "execution": config.execution,
                           "policy": policy.describe() if policy is not None else "full precision"},
                          write=shard.is_main)
     todo = store.missing(len(prompts))

@@ -7,10 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..methods.bit_assignment import load_assignment
 from ..methods.qlip import has_qlip, load_qlip
-from ..nn import pack_weights
+from ..nn import pack_weights, use_real_execution
 from ..policies import BitPolicy, FixedBits, PerLayerBits, QLIPPolicy, RandomMatchedBits
+from ..quant import fused_quantize
 from .cache import file_digest
 from .generate import load_generation_bits
 from .ptqd_sampling import apply_saved_correction
@@ -83,7 +86,7 @@ def check_policy_inputs(config: PolicyConfig, quantized: str | Path | None,
 
 def load_for_sampling(
     pipe, quantized: str | Path | None = None, abits: int | None = None,
-    policy: PolicyConfig | None = None, packed_weights: bool = False,
+    policy: PolicyConfig | None = None, packed_weights: bool = False, real_kernels: bool = False,
 ) -> BitPolicy | None:
     """Load the quantized model folder ``quantized`` onto ``pipe.unet`` (in place), wrap the
     scheduler with PTQD's correction when the folder holds PTQD statistics, and return the bit
@@ -92,18 +95,22 @@ def load_for_sampling(
     ``abits``). Without ``quantized`` the pipeline stays full precision and the policy is None.
     ``packed_weights`` keeps every layer's weights of at most 4 bits as codes two per byte and
     frees its FP weight (``qlip.nn.pack_weights``): the same images in less memory, each layer
-    dequantizing its weight at every call.
+    dequantizing its weight at every call. ``real_kernels`` runs the layers in low-precision
+    math (:func:`prepare_real_kernels`; a CUDA GPU with Triton).
 
     >>> policy = load_for_sampling(pipe, "runs/w4a8", abits=16)  # doctest: +SKIP
     >>> result = generate(pipe, ["a red circle"], seeds=[0], policy=policy)  # doctest: +SKIP
     """
-    check_sampling_flags(quantized, abits, packed_weights)
+    check_sampling_flags(quantized, abits, packed_weights, real_kernels,
+                         pipe.unet.device.type if real_kernels else None)
     policy = policy or PolicyConfig()
     check_policy_inputs(policy, quantized, abits)
     if not quantized:
         return None
     info = load_quantized(pipe.unet, quantized)
-    if packed_weights:
+    if real_kernels:
+        prepare_real_kernels(pipe.unet, packed_weights)
+    elif packed_weights:
         pack_weights(pipe.unet)
     apply_saved_correction(pipe, info.extra)
     if policy.policy == "random-matched":
@@ -115,12 +122,31 @@ def load_for_sampling(
     return saved_policy(pipe, quantized, info, abits)
 
 
-def check_sampling_flags(quantized, abits: int | None = None, packed_weights: bool = False) -> None:
-    """Refuse, before any work, sampling options that need a quantized model without one."""
-    if not quantized and (abits or packed_weights):
-        flag = "--abits" if abits else "--packed-weights"
+def check_sampling_flags(quantized, abits: int | None = None, packed_weights: bool = False,
+                         real_kernels: bool = False, device: str | None = None) -> None:
+    """Refuse, before any work, sampling options that need a quantized model without one, and
+    real kernels (``device``: the pipeline's, ``cpu`` or ``cuda``) where they cannot run."""
+    if not quantized and (abits or packed_weights or real_kernels):
+        flag = "--abits" if abits else "--packed-weights" if packed_weights else "--real-kernels"
         raise ValueError(f"{flag} needs --quantized DIR, a quantized model folder (made by "
                          "`qlip quantize`)")
+    if real_kernels and (fused_quantize.triton is None or not str(device).startswith("cuda")):
+        raise ValueError("--real-kernels runs Triton kernels on a CUDA GPU (this run: device "
+                         f"{device}, Triton {'missing' if fused_quantize.triton is None else 'installed'}); "
+                         "run without it: the simulation computes the same quantized model")
+
+
+def prepare_real_kernels(unet, packed_weights: bool = False) -> int:
+    """Make a loaded quantized ``unet`` run its layers in low-precision math
+    (``qlip.nn.use_real_execution``: integer math at A8 and below, float math above, the option
+    read on the device): channels-last first, the layout its convolutions read and write, then, with
+    ``packed_weights``, the codes two per byte (the kernels read those bytes). Returns how many
+    layers run for real. A per-image choice (``--batch-mode per_image`` with images at other
+    bits) runs those layers in the simulation."""
+    unet.to(memory_format=torch.channels_last)  # (before packing: a packed weight is a placeholder)
+    if packed_weights:
+        pack_weights(unet)
+    return use_real_execution(unet)
 
 
 def saved_policy(pipe, quantized: str | Path | None, info: QuantizedInfo, abits: int | None = None
