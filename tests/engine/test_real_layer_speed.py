@@ -62,3 +62,18 @@ def test_extra_ways_are_chosen_by_name(bench):
                                                                   "real_weight_order")
     with pytest.raises(argparse.ArgumentTypeError, match="unknown ways.*real_row_sum"):
         bench.extra_ways("real_row_sum")
+
+
+def test_graph_timing_spreads_a_replay_over_its_calls(bench):
+    """The default timing: GRAPH_REPEAT calls in one captured graph, each replay's time divided
+    by them (the host's launches not counted)."""
+    calls = []
+
+    def fake_graph_replay(step, warmup, iters):  # what sd14_unet_step.graph_replay returns
+        step()
+        return {"median_ms": 5.0, "min_ms": 4.0, "iters": iters, "times": [5.0] * iters}
+
+    got = bench.replayed(lambda: calls.append(1), 2, 7, fake_graph_replay)
+    assert len(calls) == bench.GRAPH_REPEAT
+    assert got == {"median_ms": 5.0 / bench.GRAPH_REPEAT, "min_ms": 4.0 / bench.GRAPH_REPEAT,
+                   "iters": 7}
