@@ -377,18 +377,22 @@ class QuantConv2d(QuantLayer):
             return "gemm"
         return "conv"  # (any stride: the downsamplers' 3×3 convs of stride 2 too)
 
+    # The real kernels read x as NHWC. Asked for here, in the graph, a channels-first input's
+    # layout change is a copy in eager (as the kernel's operator would make), and under
+    # torch.compile a layout Inductor gives the kernel that produces x, with no copy of its own.
     def _run_real_conv(self, x, *args):
-        return real_conv.real_conv2d(x, *args, kernel_size=self.kernel_size,
-                                     padding=self._real_padding(),
+        return real_conv.real_conv2d(x.contiguous(memory_format=torch.channels_last), *args,
+                                     kernel_size=self.kernel_size, padding=self._real_padding(),
                                      tap_major=self._real_tap_major, stride=self.stride)
+
+    def _run_real_gemm(self, x, *args):  # one GEMM over the channels of x seen as [B, H, W, C]
+        x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return real_gemm.real_linear(x, *args).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
         if self._real is not None:
-            if self.real_kind() == "gemm":  # one GEMM over the channels (x seen channels-last: a view where it is)
-                real = self._real_forward(x.permute(0, 2, 3, 1))
-                real = None if real is None else real.permute(0, 3, 1, 2)
-            else:  # an implicit GEMM (qlip.quant.real_conv)
-                real = self._real_forward(x, self._run_real_conv)
+            run = self._run_real_gemm if self.real_kind() == "gemm" else self._run_real_conv
+            real = self._real_forward(x, run)
             if real is not None:
                 return real  # [B, C_out, H, W], channels-last in memory
         if self.act_groups > 1 and not self.act_banks[0].passes_through():
