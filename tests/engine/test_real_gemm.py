@@ -112,9 +112,9 @@ def test_k_past_the_exact_int32_range_is_refused():
 @needs_kernel
 def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
     """Every Linear and every conv runs for real at every option (1×1 convs as a GEMM, 3×3
-    ones, the strided downsamplers too, as an implicit GEMM). Each real layer gives, on the input it got, the
-    simulated layer's output up to fp32 rounding: at A4/A8 the exact product of the same
-    quantized operands; at A16 and A32 the unquantized input times the dequantized weights (the
+    ones, the strided downsamplers too, as an implicit GEMM; a split-input conv as one product
+    per part, added). Each real layer gives, on the input it got, the simulated layer's output
+    up to fp32 rounding: at A4/A8 the exact product of the same quantized operands; at A16 and A32 the unquantized input times the dequantized weights (the
     simulation at A32, its bypass). The UNet's output follows the simulation's.
 
     Checked layer by layer because the UNet's output is not a fair test on CUDA: there the
@@ -138,6 +138,9 @@ def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
     assert kernels == {(1, 1), (3, 3)}  # 1×1 convs as GEMMs, 3×3 as implicit GEMMs
     strided = [m for m in unet.modules() if isinstance(m, QuantConv2d) and m.stride != (1, 1)]
     assert strided and all(m in real_layers for m in strided)  # the downsamplers too
+    split = [m for m in unet.modules() if isinstance(m, QuantConv2d) and len(m.splits) > 1]
+    assert split and all(m in real_layers for m in split)  # and the split-input convs, a
+    # product per part (the up blocks' cat([h, skip]), each part its own grid)
     seen = {}
     for layer in real_layers:
         layer.register_forward_hook(lambda m, args, out: seen.__setitem__(m, (args[0], out)))
@@ -156,7 +159,8 @@ def test_a_unet_with_real_layers_follows_the_bits(tiny_pipe, monkeypatch):
         calls.clear()
         seen.clear()
         real = run(bits)
-        assert len(calls) == switched  # every switched layer ran for real, at every option
+        # every switched layer ran for real, at every option (a launch per input part)
+        assert len(calls) == sum(len(m.splits) for m in real_layers)
         got = dict(seen)
         use_real_execution(unet, False)
         for unit in units.values():  # above 8 bits real layers take their input unquantized
@@ -272,9 +276,10 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
     for layer in (m for m in linears if m.packed):
         codes = layer._real[2]
         assert codes.dtype == torch.uint8  # the packed kernel, on the layer's own storage
-        if layer.weight.shape[1] % 2 == 0:
-            own = layer._buffers["weight_nibbles_0"]
-            assert codes.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+        for index, part in enumerate(layer._real_parts):  # each input part's own bytes
+            if layer.weight_codes()[index].flatten(1).shape[1] % 2 == 0:
+                own = layer._buffers[f"weight_nibbles_{index}"]
+                assert part[2].untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
         assert layer._real_tap_major == (layer.real_kind() == "conv"
                                          and tuple(layer.kernel_size) != (1, 1))
     for bits in (4, 8, 16):
@@ -283,7 +288,7 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
         calls.clear()
         with torch.no_grad():
             got = unet(x, t, encoder_hidden_states=c).sample
-        assert len(calls) == switched
+        assert len(calls) == sum(len(m.splits) for m in linears)  # a launch per input part
         if bits <= 8:  # the same integers, the same fp32 scaling
             assert torch.equal(got, outputs[bits]), bits
         else:  # float math, on a GPU perhaps summed in another order (the packed kernel tunes
@@ -400,7 +405,8 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
     assert len(graphs) == 1
     nodes = [n for n in graphs[0].graph.nodes if n.op == "call_function"]
     real_calls = [n for n in nodes if "qlip.real_" in str(n.target)]
-    assert len(real_calls) == switched > 0
+    parts = sum(len(m.splits) for m in unet.modules() if getattr(m, "_real", None) is not None)
+    assert len(real_calls) == parts > switched > 0  # a call per input part
     # every real layer's int8 codes are PyTorch ops of the graph (rg.CODES_IN_GRAPH), for
     # Inductor to fuse into the op that produces the layer's input
     assert all(n.args[1] is not None for n in real_calls)

@@ -229,7 +229,8 @@ class QuantLayer(QuantUnit):
         return f"w{self.wbits}{self.bits_label()}{split}"
 
     # -- real execution (eager GPU inference) ---------------------------------------------------
-    _real: tuple | None = None  # use_real(): the integer operands of real execution
+    _real: tuple | None = None  # use_real(): the integer operands of real execution (part 0)
+    _real_parts: tuple | None = None  # use_real(): every input part's operands
     _real_tap_major = False  # use_real(): a conv's codes in _real are tap-major (real_conv)
 
     def real_kind(self) -> str | None:
@@ -240,59 +241,67 @@ class QuantLayer(QuantUnit):
     def use_real(self, on: bool = True) -> bool:
         """Run this layer for real (:mod:`qlip.quant.real_gemm`): integer math at options of at
         most 8 bits, float math above, chosen on the device, in eager inference on the GPU.
-        Needs a layer of a :meth:`real_kind` (a Linear, a conv), weights of at most
-        8 bits fixed to codes, one input part and a per-tensor uniform bank; returns False,
-        changing nothing, for a layer that has not. Eager and compiled (the kernels are custom
-        operators that ``torch.compile`` keeps in its graph); elsewhere (a per-image choice,
-        gradients, the CPU) the simulation runs."""
+        Needs a layer of a :meth:`real_kind` (a Linear, a conv), weights of at most 8 bits fixed
+        to codes and per-tensor uniform banks; returns False, changing nothing, for a layer that
+        has not. A layer of several input parts (Q-Diffusion's shortcut splitting: each part its
+        own activation grid and weight grid) runs one product per part and adds them. Eager and
+        compiled (the kernels are custom operators that ``torch.compile`` keeps in its graph);
+        elsewhere (a per-image choice, gradients, the CPU) the simulation runs."""
         if not on:
-            self._real = None
+            self._real = self._real_parts = None
             return True
         codes = self.weight_codes()
-        bank = self.act_banks[0]
+        banks = [self.act_banks[i] for i in range(len(self.splits))]
         if (self.real_kind() is None or is_bypass(self.wbits) or self.wbits > 8
-                or codes is None or len(self.splits) != 1 or bank.kind != "uniform"
+                or codes is None or any(bank.kind != "uniform" for bank in banks)
                 or self.weight[0].numel() > real_gemm.MAX_K):
             return False
-        codes = codes[0].flatten(1)  # [N, K]: a conv's K is C·KH·KW, in its weight's order
-        scale, zero = self.weight_quantizers[0].params()
         integer, offset = real_gemm.int8_offsets(self.options)
-        weights = real_gemm.weight_operands(codes, scale, zero, self.wbits,
-                                            packed=self._packed_rows(codes))
         # an implicit-GEMM conv's codes tap-major: each tap's channels contiguous (int8: a copy
         # made here; packed: the layer's own bytes, kept tap-major by pack_weights)
         self._real_tap_major = self.real_kind() == "conv" and (
             not self.packed or self._nibbles_tap_major())
-        if self._real_tap_major and not self.packed:
-            weights = (real_conv.tap_major_rows(weights[0], self.kernel_size), *weights[1:])
-        operands = (integer, offset, *weights)
-        self._real = tuple(None if t is None else t.to(self.weight.device) for t in operands)
+        parts = []
+        for index, part in enumerate(codes):
+            part = part.flatten(1)  # [N, K]: a conv's K is C·KH·KW, in its weight's order
+            scale, zero = self.weight_quantizers[index].params()
+            weights = real_gemm.weight_operands(part, scale, zero, self.wbits,
+                                                packed=self._packed_rows(part, index))
+            if self._real_tap_major and not self.packed:
+                weights = (real_conv.tap_major_rows(weights[0], self.kernel_size), *weights[1:])
+            parts.append(tuple(None if t is None else t.to(self.weight.device)
+                               for t in (integer, offset, *weights)))
+        self._real_parts = tuple(parts)
+        self._real = parts[0]
         return True
 
-    def _packed_rows(self, codes: torch.Tensor) -> torch.Tensor | None:
-        """A packed layer's codes as real execution reads them, ``[N, ceil(K/2)]`` bytes (a
-        conv's tap-major): its own packed buffer viewed by rows where K is even (no copy),
-        packed again by rows where K is odd; None for a layer that is not packed."""
+    def _packed_rows(self, codes: torch.Tensor, index: int = 0) -> torch.Tensor | None:
+        """A packed layer's codes of input part ``index`` as real execution reads them,
+        ``[N, ceil(K/2)]`` bytes (a conv's tap-major): its own packed buffer viewed by rows where
+        K is even (no copy), packed again by rows where K is odd; None for a layer that is not
+        packed."""
         if not self.packed:
             return None
         out_features, k = codes.shape
         if k % 2 == 0:
-            return self._buffers["weight_nibbles_0"].view(out_features, k // 2)
+            return self._buffers[f"weight_nibbles_{index}"].view(out_features, k // 2)
         if self._nibbles_tap_major():
             codes = real_conv.tap_major_rows(codes, self.kernel_size)
         return real_gemm.pack_rows(codes)
 
     def _real_forward(self, x: torch.Tensor, run=None) -> torch.Tensor | None:
         """``x`` through ``run`` (default :func:`qlip.quant.real_gemm.real_linear`, ``x [..., K]``)
-        with this layer's option, step and operands, or None where the simulation must run."""
+        with this layer's option, step and operands, or None where the simulation must run.
+        With several input parts, each part's product (its own grid and weights) is added; the
+        bias once."""
         real = self._real
         if real is None or torch.is_grad_enabled():
             return None
-        bank = self._modules["act_banks"]._modules["0"]
+        banks = self._modules["act_banks"]._modules
         table = self._table
         choice = self._buffers["_choice"] if table is None else table[self._row]
-        if (choice.shape != (1,) or choice.is_floating_point() or bank.observer is not None
-                or not bank.enabled or not fused_quantize.available(x)):
+        if (choice.shape != (1,) or choice.is_floating_point() or not fused_quantize.available(x)
+                or any(bank.observer is not None or not bank.enabled for bank in banks.values())):
             return None
         if real[0].device != x.device:  # moved since use_real(): rebuild from the moved buffers
             # (a copy would keep a second set of codes: a packed layer reads its own bytes)
@@ -301,11 +310,20 @@ class QuantLayer(QuantUnit):
             if real[0].device != x.device:  # the layer is elsewhere: the simulation says so
                 return None
         step = self._shared_step if self._shared_step is not None else self._buffers["_step"]
-        stack = bank._modules["stack"]
         if run is None:  # (not `run or ...`: torch 2.11's Dynamo cannot take a bound method's
             run = real_gemm.real_linear  # truth value and broke the graph at every real conv)
-        return run(x, stack._flat_table(x.dtype), choice, step, stack.num_steps or 0, *real,
-                   self._parameters.get("bias"))
+        bias = self._parameters.get("bias")
+        if len(self.splits) == 1:
+            stack = banks["0"]._modules["stack"]
+            return run(x, stack._flat_table(x.dtype), choice, step, stack.num_steps or 0, *real,
+                       bias)
+        out, start = None, 0
+        for index, (size, operands) in enumerate(zip(self.splits, self._real_parts)):
+            stack = banks[str(index)]._modules["stack"]
+            part = run(x.narrow(self.channel_dim, start, size), stack._flat_table(x.dtype),
+                       choice, step, stack.num_steps or 0, *operands, bias if index == 0 else None)
+            out, start = part if out is None else out + part, start + size
+        return out
 
 
 def _placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
