@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kernel_resources import tiles_arg  # (benchmarks/ is on the path when run as a script)
 
 # (kind, M or (B, C, H, W), N, K or 3×3): the step's heaviest Linear and conv shapes at batch 8
 LINEARS = [(32768, 320, 320), (32768, 2560, 320), (32768, 320, 1280), (8192, 5120, 640),
@@ -30,16 +31,6 @@ CONVS = [((8, 320, 64, 64), 320), ((8, 640, 32, 32), 640), ((8, 1280, 16, 16), 1
          ((8, 1280, 32, 32), 1280)]
 EXTRA_TILES = "128,128,128,8,4 128,256,128,8,3 128,256,64,8,4 128,64,128,4,4"
 CODES = [(1024, 4), (2048, 4), (4096, 8), (8192, 8)]  # (block, warps) of the codes kernel
-
-
-def tiles_arg(text: str) -> list[tuple[int, ...]]:
-    tiles = []
-    for item in text.split():
-        parts = item.split(",")
-        if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise argparse.ArgumentTypeError(f"{item!r}: give BLOCK_M,BLOCK_N,BLOCK_K,warps,stages")
-        tiles.append(tuple(int(p) for p in parts))
-    return tiles
 
 
 def operands(n: int, k: int, device: str, seed: int = 0):

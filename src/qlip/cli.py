@@ -9,6 +9,7 @@ from pathlib import Path
 from .cli_args import (
     DEFAULT_MODEL,
     SOFTMAX_FOLLOWS,
+    add_execution_args,
     add_model_args,
     add_policy_args,
     add_prompt_args,
@@ -103,15 +104,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt-file", help="file with one prompt per line (added to PROMPTS)")
     p.add_argument("--quantized", help="folder written by `qlip quantize`")
     p.add_argument("--abits", type=bits_arg("--abits"), help="activation bits (default: the model's)")
-    p.add_argument("--packed-weights", action="store_true",
-                   help="keep the weights of at most 4 bits as codes two per byte and free the FP "
-                        "weights: the same images in less memory (each layer dequantizes at "
-                        "every call)")
-    p.add_argument("--real-kernels", action="store_true",
-                   help="run the quantized layers in low-precision math on a CUDA GPU (Triton "
-                        "kernels: int8 at A8 and below, the option read on the device; the model "
-                        "channels-last): the simulation's quantized model, not faster than bf16 "
-                        "yet (docs/results/speed/)")
+    add_execution_args(p)
     p.add_argument("--steps", type=int_at_least("--steps", 1), default=25)
     p.add_argument("--guidance", type=finite_float("--guidance", 0), default=7.5)
     p.add_argument("--seed", type=int_at_least("--seed", 0), default=0,

@@ -173,6 +173,19 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
+def add_execution_args(p: argparse.ArgumentParser) -> None:
+    """How a quantized model's layers run when sampling (`qlip generate`, `qlip eval`)."""
+    p.add_argument("--packed-weights", action="store_true",
+                   help="keep the weights of at most 4 bits as codes two per byte and free the FP "
+                        "weights: the same images in less memory (each layer dequantizes at "
+                        "every call)")
+    p.add_argument("--real-kernels", action="store_true",
+                   help="run the quantized layers in low-precision math on a CUDA GPU (Triton "
+                        "kernels: int8 at A8 and below, the option read on the device; the model "
+                        "channels-last): the simulation's quantized model, not faster than bf16 "
+                        "yet (docs/results/speed/)")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model`` and ``--device``, as every command that loads a pipeline takes them."""
     p.add_argument("--model", default=DEFAULT_MODEL,

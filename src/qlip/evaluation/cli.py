@@ -16,6 +16,7 @@ HELDOUT = "heldout"
 
 
 def add_eval_parser(sub) -> None:
+    from ..cli_args import add_execution_args as _add_execution_args
     from ..cli_args import add_model_args as _add_model_args
     from ..cli_args import bits_arg as _bits
     from ..cli_args import finite_float, int_at_least, torch_device_name
@@ -24,15 +25,7 @@ def add_eval_parser(sub) -> None:
     _add_model_args(p)
     p.add_argument("--quantized", help="folder written by `qlip quantize`")
     p.add_argument("--abits", type=_bits("--abits"), help="activation bits (default: the model's)")
-    p.add_argument("--packed-weights", action="store_true",
-                   help="keep the weights of at most 4 bits as codes two per byte and free the FP "
-                        "weights: the same images in less memory (each layer dequantizes at "
-                        "every call)")
-    p.add_argument("--real-kernels", action="store_true",
-                   help="run the quantized layers in low-precision math on a CUDA GPU (Triton "
-                        "kernels: int8 at A8 and below, the option read on the device; the model "
-                        "channels-last): the simulation's quantized model, not faster than bf16 "
-                        "yet (docs/results/speed/)")
+    _add_execution_args(p)
     p.add_argument("--prompts", default=HELDOUT,
                    help="'heldout' (the reference world's evaluation set) or a file, one per line")
     p.add_argument("--num-images", type=int_at_least("--num-images", 1), default=1000)
