@@ -421,3 +421,28 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
                 assert (got - eager[bits]).abs().max() < 1e-3, bits
     assert len(graphs) == 1
     torch._dynamo.reset()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_codes_are_the_codes_kernels_integers(dtype):
+    """The codes a compiled graph computes in PyTorch ops (rg.graph_codes) are, run eagerly, the
+    codes kernels' integers: a Linear's, and a conv's padded NHWC codes (the border the code
+    0), at every integer option and per-step row."""
+    from qlip.quant import real_conv as rc
+
+    device = kernel_device()
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest)")
+    acts, *_ = _layer(4, steps=3)
+    table = acts._flat_table(dtype).to(device)
+    integer, offset = (t.to(device) for t in rg.int8_offsets(OPTIONS))
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 5, 6, 16, generator=g) * 3).to(dtype).to(device)  # NHWC
+    for choice in range(len(OPTIONS) - 1):  # the integer options
+        for step in range(3):
+            c, s = torch.tensor([choice], device=device), torch.tensor([step], device=device)
+            assert torch.equal(rg.graph_codes(x, table, c, s, 3, offset),
+                               rg.int8_codes(x, table, c, s, 3, integer, offset)), (choice, step)
+            assert torch.equal(rg.graph_codes(x, table, c, s, 3, offset, (1, 2)),
+                               rc.padded_codes(x, table, c, s, 3, integer, offset, (1, 2)))
