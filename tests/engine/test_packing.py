@@ -195,3 +195,12 @@ def test_real_kernels_make_a_loaded_model_channels_last_packed_and_real(
         assert (m._real[2].untyped_storage().data_ptr()
                 == m._buffers["weight_nibbles_0"].untyped_storage().data_ptr())
     assert torch.equal(_outputs(real), _outputs(packed))
+    # unpacked, real execution frees the simulation's dequantized weights (rebuilt on demand)
+    unpacked = copy.deepcopy(plain)
+    _outputs(unpacked)  # a simulated forward: every layer caches its dequantized weight
+    assert prepare_real_kernels(unpacked) == switched
+    assert all(m._qweight is None for m in unpacked.modules()
+               if isinstance(m, QuantLayer) and m._real is not None)
+    # (on the CPU the simulation runs again: the same outputs as the model made channels-last)
+    assert torch.equal(_outputs(unpacked),
+                       _outputs(copy.deepcopy(plain).to(memory_format=torch.channels_last)))

@@ -273,6 +273,7 @@ class QuantLayer(QuantUnit):
                                for t in (integer, offset, *weights)))
         self._real_parts = tuple(parts)
         self._real = parts[0]
+        self._qweight = None  # the simulation's dequantized weight, rebuilt if it runs again
         return True
 
     def _packed_rows(self, codes: torch.Tensor, index: int = 0) -> torch.Tensor | None:
