@@ -99,12 +99,9 @@ class _Batch:  # what begin() reads of a prompt batch
 
 def inputs(unet, args, seed: int = 0):
     """One step's ``(x, t, context, kwargs)`` for ``--batch`` images on the GPU, bf16; the latents
-    channels-last where the UNet is (its first conv's weight, or its int8 codes' source where
-    the weight was packed away)."""
+    channels-last where :func:`build` made the UNet so."""
     x, t, c, kwargs = unet_step_inputs(unet, args.batch, "cuda", torch.bfloat16, seed)
-    weight = unet.conv_in.weight
-    if 0 not in weight.stride() and weight.is_contiguous(memory_format=torch.channels_last) \
-            or getattr(unet, "qlip_bench_channels_last", False):
+    if getattr(unet, "qlip_bench_channels_last", False):
         x = x.contiguous(memory_format=torch.channels_last)
     return x, t, c, kwargs
 
@@ -141,6 +138,7 @@ def build(variant: str, args):
     unet = build_unet(args.arch, "cuda", torch.bfloat16)
     if channels_last(variant, args):  # before quantizing: a packed weight's placeholder is
         unet = unet.to(memory_format=torch.channels_last)  # not copied into a layout
+    unet.qlip_bench_channels_last = channels_last(variant, args)  # (read by inputs())
     if variant in ("bf16", "bf16_channels_last"):
         return unet, {}
     options = BANK if variant == "bank" else (8,)
@@ -160,7 +158,6 @@ def build(variant: str, args):
         if variant.endswith("_packed"):  # on the packed 4-bit codes themselves
             pack_weights(unet)
         use_real_execution(unet, True)
-    unet.qlip_bench_channels_last = channels_last(variant, args)  # (read by inputs())
     return unet, quant_units(unet)
 
 

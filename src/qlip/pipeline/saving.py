@@ -61,6 +61,7 @@ def fingerprint(unet: nn.Module) -> str:
 def _unit_state(units: dict[str, QuantUnit]) -> dict[str, torch.Tensor]:
     state = {}
     for name, unit in units.items():
+        codes = None  # a packed layer's codes, unpacked once
         for key, value in unit.state_dict().items():
             if key in ("weight", "bias"):
                 continue  # the base model's own weights
@@ -68,8 +69,9 @@ def _unit_state(units: dict[str, QuantUnit]) -> dict[str, torch.Tensor]:
             if key.startswith("weight_nibbles_"):  # a layer packed in memory, in the file's
                 # layout (a conv's nibbles are tap-major in memory: packed again in its order)
                 index = int(key[len("weight_nibbles_"):])
-                codes = unit.weight_codes()[index].contiguous().cpu()
-                state[f"{name}.weight_codes_{index}{PACKED}"] = pack_nibbles(codes)
+                codes = unit.weight_codes() if codes is None else codes
+                state[f"{name}.weight_codes_{index}{PACKED}"] = pack_nibbles(
+                    codes[index].contiguous().cpu())
                 continue
             # codes that fit 4 bits (W4 and below) go two a byte; lossless whatever the layer
             if (key.startswith("weight_codes_") and value.dtype == torch.uint8
