@@ -19,8 +19,8 @@
 # compile benchmarks/real_compile_check.py: Inductor on the tiny UNet with every layer real (how
 #         long the compile takes on this GPU; the compiled outputs against the eager real model)
 #                                                              -> OUT/real_compile.json
-# mixed   benchmarks/mixed_latency.py: latency against FAB under mixed real execution
-#                                                              -> OUT/mixed_latency.{json,png}
+# mixed   benchmarks/mixed_latency.py (MIXED_ARGS, e.g. "--batch 8 --compile"): latency against FAB
+#         under mixed real execution                           -> OUT/mixed_latency.{json,png}
 # memory  benchmarks/weight_memory.py --device cuda            -> OUT/weight_memory.json
 # profile benchmarks/step_profile.py: each PROFILE_VARIANTS' compiled step's GPU time by kind of
 #         kernel (GEMM, conv, attention, layout, quantizers, real kernels, Inductor's, the rest)
@@ -62,7 +62,7 @@ for s in $steps; do
         compile) step compile "${T_COMPILE:-240}" "$out/real_compile.txt" \
                      python3 "$here/real_compile_check.py" --out "$out/real_compile.json" ;;
         mixed) step mixed "${T_MIXED:-120}" "$out/mixed_latency.txt" \
-                   python3 "$here/mixed_latency.py" --out "$out/mixed_latency.json" ;;
+                   python3 "$here/mixed_latency.py" ${MIXED_ARGS:-} --out "$out/mixed_latency.json" ;;
         memory) step memory "${T_MEMORY:-120}" "$out/weight_memory.txt" \
                     python3 "$here/weight_memory.py" --device cuda --out "$out/weight_memory.json" ;;
         profile) step profile "${T_PROFILE:-300}" "$out/step_profile.txt" \
