@@ -5,6 +5,12 @@ falls"): one SD 1.4 UNet-architecture step (random weights, bf16, ``--batch`` im
 a share f of the units at 8 bits, the rest at 16, for f = 0, 0.25, 0.5, 0.75, 1. The units
 at 8 bits are a seeded random draw, and each share's draw contains the one before it.
 
+The model runs channels-last with its attention unquantized (the step benchmark's real
+variants), unless ``--channels-first`` or ``--attention`` (q, k, v and the probabilities
+fake-quantized at 8 bits, simulated: the sixteenth session's only run had it, which added
+about 23 ms to every share at batch 8 on an H100). With ``--compile`` on a GPU the same UNet in
+bf16, compiled and replayed from a CUDA graph, is timed first: the best bf16, for ratios.
+
 Each assignment is timed by CUDA-graph replay (GPU work only; the bits are data, so one captured
 graph per assignment is the same graph with other table values) and by eager calls. The same is
 measured with the simulation (real execution off) for comparison. ``--compile`` adds the real model compiled once (the real kernels
@@ -56,10 +62,28 @@ def model(args):
     x = torch.randn(*shape, generator=g, device=args.device, dtype=dtype)
     c = torch.randn(*ctx, generator=g, device=args.device, dtype=dtype)
     t = torch.full((b,), 500, device=args.device)
-    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, abits_options=(8, 16)))
+    if not args.channels_first:  # before quantizing (as sd14_unet_step.build)
+        unet = unet.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    bf16 = bf16_reference(unet, (x, t, c), args) if args.compile and args.device == "cuda" else None
+    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, abits_options=(8, 16),
+                                           quantize_attention=args.attention))
     quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(b, dtype=torch.long)),
                  progress=False)
-    return unet, quant_units(unet), (x, t, c)
+    return unet, quant_units(unet), (x, t, c), bf16
+
+
+def bf16_reference(unet, inputs, args) -> float:
+    """The unquantized UNet's step, compiled and replayed from a CUDA graph (median ms); the
+    compiled code is dropped afterwards, so that the quantized model compiles afresh."""
+    x, t, c = inputs
+    compiled = torch.compile(unet.forward)
+    with torch.no_grad():
+        compiled(x, t, encoder_hidden_states=c)
+    ms = graph_replay(lambda: compiled(x, t, encoder_hidden_states=c).sample, args.warmup,
+                      args.iters)["median_ms"]
+    torch._dynamo.reset()
+    return ms
 
 
 def assignments(units, seed: int) -> dict[float, dict[str, int]]:
@@ -112,11 +136,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also the compiled real model (one torch.compile serving every "
                              "share, recompiles forbidden), timed as the eager one")
+    parser.add_argument("--attention", action="store_true",
+                        help="also quantize attention (simulated: q, k, v and probabilities)")
+    parser.add_argument("--channels-first", action="store_true",
+                        help="run the model channels-first (the real convs then copy to NHWC)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.batch < 1:
         raise SystemExit("--batch takes at least 1")
-    unet, units, (x, t, c) = model(args)
+    unet, units, (x, t, c), bf16_ms = model(args)
     real_layers = use_real_execution(unet)
 
     def step():
@@ -160,9 +188,15 @@ def main() -> None:
         print(row, flush=True)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "tiny": args.tiny, "batch": args.batch,
-              "real_linear_layers": real_layers, "bank": [8, 16], "rows": rows}
+              "real_linear_layers": real_layers, "bank": [8, 16],
+              "attention_quantized": args.attention, "channels_last": not args.channels_first,
+              "rows": rows}
     if compiled is not None:
         result["compile_s"] = compile_s
+    if bf16_ms is not None:  # the best bf16, and each share's compiled real step against it
+        result["bf16_compiled_graph_ms"] = bf16_ms
+        for row in rows:
+            row["real_compiled_graph_vs_bf16"] = row["real_compiled_graph_ms"] / bf16_ms
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     mode = "graph" if args.device == "cuda" else "eager"
@@ -175,9 +209,12 @@ def main() -> None:
     if compiled is not None:
         key = "real_compiled_graph_ms" if args.device == "cuda" else "real_compiled_ms"
         ax.plot([r["fab"] for r in rows], [r[key] for r in rows], "^-", label="real, compiled")
+    if bf16_ms is not None:
+        ax.axhline(bf16_ms, color="0.3", ls=":", label="bf16, compiled (no quantization)")
     ax.set_xlabel("FAB (share of units at A8, the rest A16)")
     ax.set_ylabel(f"step latency, ms ({mode})")
-    ax.set_title(f"W4 bank {{8,16}}, batch {args.batch}: latency against FAB "
+    ax.set_title(f"W4 bank {{8,16}}, batch {args.batch}, attention "
+                 f"{'quantized' if args.attention else 'in bf16'}: latency against FAB "
                  f"({result['device']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -5,9 +5,11 @@ the int8 tensor cores want, measured instead of guessed.
 Autotune keeps one tile per shape and records nothing of the others; here each candidate
 (``qlip.quant.real_gemm.TILES`` and ``--extra-tiles``) runs alone through
 ``real_gemm.FORCE_TILE`` on one layer (random W4 codes, A8, bf16 input, int8 codes rounded
-once: the step's path), timed with ``triton.testing.do_bench`` (median ms). Each row also times
-the same layer in bf16 (``F.linear``; ``F.conv2d`` channels-last), and the codes kernel alone.
-A tile that cannot launch (shared memory) is recorded as such.
+once: the eager step's path), timed with ``triton.testing.do_bench`` (median ms). ``gemm_tiles``
+times the same launches given the codes, as a compiled step runs them (its graph computes the
+codes, fused into the kernel that produces the layer's input): the GEMM alone, to set beside
+bf16. Each row also times the same layer in bf16 (``F.linear``; ``F.conv2d`` channels-last), and
+the codes kernel alone. A tile that cannot launch (shared memory) is recorded as such.
 
     python benchmarks/real_tile_sweep.py --out OUT/real_tile_sweep.json
 """
@@ -96,11 +98,15 @@ def main() -> None:
                 weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
                 row = {"kind": "linear", "shape": [m, n, k],
                        "bf16": bench(partial(F.linear, x, weight, ops[-1])),
-                       "codes": bench(partial(real_gemm.int8_codes, x, *ops[:6])), "tiles": {}}
+                       "codes": bench(partial(real_gemm.int8_codes, x, *ops[:6])), "tiles": {},
+                       "gemm_tiles": {}}
+                codes = real_gemm.int8_codes(x, *ops[:6])
                 for tile in tiles:
                     real_gemm.FORCE_TILE = tile
-                    row["tiles"][",".join(map(str, tile))] = bench(
-                        partial(real_gemm.real_linear, x, *ops))
+                    name = ",".join(map(str, tile))
+                    row["tiles"][name] = bench(partial(real_gemm.real_linear, x, *ops))
+                    row["gemm_tiles"][name] = bench(partial(real_gemm._launch_linear, x, codes,
+                                                            *ops))
                 real_gemm.FORCE_TILE = None
                 rows.append(row)
                 save()
@@ -115,12 +121,16 @@ def main() -> None:
                 row = {"kind": "conv3x3", "shape": [b, c, h, w, n],
                        "bf16": bench(partial(F.conv2d, x, weight, ops[-1], padding=1)),
                        "codes": bench(partial(real_conv.padded_codes, x.permute(0, 2, 3, 1),
-                                              *ops[:6], (1, 1))), "tiles": {}}
+                                              *ops[:6], (1, 1))), "tiles": {}, "gemm_tiles": {}}
+                codes = real_conv.padded_codes(x.permute(0, 2, 3, 1), *ops[:6], (1, 1))
                 for tile in tiles:
                     real_gemm.FORCE_TILE = tile
-                    row["tiles"][",".join(map(str, tile))] = bench(
-                        partial(real_conv.real_conv2d, x, *ops, kernel_size=(3, 3),
-                                padding=(1, 1), tap_major=True))
+                    name = ",".join(map(str, tile))
+                    row["tiles"][name] = bench(partial(
+                        real_conv.real_conv2d, x, *ops, kernel_size=(3, 3), padding=(1, 1),
+                        tap_major=True))
+                    row["gemm_tiles"][name] = bench(partial(
+                        real_conv._launch_conv2d, x, codes, *ops, [3, 3], [1, 1], True, [1, 1]))
                 real_gemm.FORCE_TILE = None
                 rows.append(row)
                 save()
@@ -142,8 +152,11 @@ def main() -> None:
             continue
         timed = {t: v for t, v in r["tiles"].items() if isinstance(v, float)}
         best = min(timed, key=timed.get) if timed else None
+        gemm = {t: v for t, v in r["gemm_tiles"].items() if isinstance(v, float)}
+        best_gemm = min(gemm, key=gemm.get) if gemm else None
         print(f"{r['kind']} {r['shape']}: bf16 {r['bf16']:.3f} ms, codes {r['codes']:.3f} ms, "
-              f"best tile {best} {timed.get(best, float('nan')):.3f} ms; "
+              f"best tile {best} {timed.get(best, float('nan')):.3f} ms, GEMM alone "
+              f"{best_gemm} {gemm.get(best_gemm, float('nan')):.3f} ms; "
               + ", ".join(f"{t} {v:.3f}" for t, v in timed.items()))
 
 

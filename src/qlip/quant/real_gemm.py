@@ -70,8 +70,13 @@ MAX_K = 32768  # int32 accumulation stays exact up to this reduction length
 # on the GPU, keeping the fastest. One fixed 64×64×32 tile ran the SD 1.4 step's Linear layers
 # 2.2× slower than the simulation's bf16 GEMMs on an H200 (the eighth session); int8 tensor cores
 # want a longer K per tile. Under the interpreter (no timing) the kernel runs with TILES[0].
+# The list follows benchmarks/real_tile_sweep.py on an H100 (the seventeenth session, 10 of the
+# SD 1.4 step's heaviest shapes at batch 8, docs/results/speed/seventeenth_session/): every
+# shape's fastest tile is in it. 128×256×128 (3 stages) and 128×128×128 (4 stages) won 6 of
+# the 10 shapes, by up to 19% (the 3×3 conv at 1280 channels); 128×128×64 and 32×64×128 won
+# none and left.
 TILES = [(64, 64, 32, 4, 2), (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-         (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (32, 64, 128, 4, 4), (128, 256, 64, 8, 3)]
+         (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 64, 8, 3), (128, 256, 128, 8, 3)]
 
 
 def int8_offsets(options: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
