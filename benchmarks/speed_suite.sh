@@ -13,7 +13,8 @@
 #         taps unrolled (8-49 s a tile on a 2-core CPU). The taps are now one loop (about 2 s a tile). Each
 #         variant waits at most half the step's limit for the others to compile (--barrier-s),
 #         and a turn whose variant is still compiling is skipped.
-#         (each variant's finished phases also in OUT/unet_step.<arch>.b<batch>.parts/: a step
+#         (each variant's finished phases also in OUT/unet_step.<arch>.b<batch>.parts/, packed
+#         into OUT/parts.tgz when the suite ends: a step
 #         cut by its limit keeps its eager and CUDA-graph times there, marked "partial"; the
 #         limit's SIGTERM stops every variant process, so nothing of it runs into the next step)
 # compile benchmarks/real_compile_check.py: Inductor on the tiny UNet with every layer real (how
@@ -75,4 +76,12 @@ for s in $steps; do
         *) echo "unknown step $s (tests step real compile mixed memory profile layers)" >&2; exit 2 ;;
     esac
 done
+# A device call brings back at most 8 files: the steps' per-variant records (*.parts/, what a
+# step cut by its limit leaves) travel as one tarball (the seventeenth session lost a cut
+# step's records to that limit)
+parts=$(cd "$out" && ls -d ./*.parts 2>/dev/null)
+if [ -n "$parts" ]; then
+    # shellcheck disable=SC2086
+    (cd "$out" && tar czf parts.tgz $parts && rm -r $parts)
+fi
 cat "$out/suite.txt"

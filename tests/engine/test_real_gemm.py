@@ -410,6 +410,8 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
     # every real layer's int8 codes are PyTorch ops of the graph (rg.CODES_IN_GRAPH), for
     # Inductor to fuse into the op that produces the layer's input
     assert all(n.args[1] is not None for n in real_calls)
+    # A16 is float math: the kernel may read x, so every call gets x itself
+    assert all(n.args[-1] is True for n in real_calls)
     assert torch.allclose(first, eager[4], rtol=1e-5, atol=1e-5)
     with torch.compiler.set_stance("fail_on_recompile"):
         for bits in (8, 16, 4):
@@ -421,6 +423,66 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
                 assert (got - eager[bits]).abs().max() < 1e-3, bits
     assert len(graphs) == 1
     torch._dynamo.reset()
+
+
+@needs_kernel
+def test_a_compiled_integer_only_layer_hands_over_its_codes_and_not_its_input(tiny_pipe,
+                                                                               monkeypatch):
+    """Where every option of a layer is integer math (the bank {4, 8}), the kernel never reads x:
+    a compiled graph gives the operator x's codes and a one-element stand-in of x's shape
+    (every stride 0), so that x's only consumer is the codes ops and Inductor need not write it.
+    The outputs stay the eager real model's."""
+    from qlip.nn import QuantConfig, use_real_execution
+    from qlip.testing import step_at_bits
+
+    from ..conftest import kernel_unet
+
+    unet, units, _, (x, t, c) = kernel_unet(
+        tiny_pipe, monkeypatch, QuantConfig(wbits=4, abits=8, abits_options=(4, 8)))
+    assert use_real_execution(unet) > 0
+    graphs, seen = [], []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    from qlip.quant import real_conv as rc
+
+    def spy(original):  # what each launch hands the kernel as x (its first operand)
+        def launch(kernel, tuned, tiles, m, n, operands, flags):
+            x_in = operands[0]
+            seen.append((set(x_in.stride()), x_in.untyped_storage().nbytes(), flags["PRE"]))
+            return original(kernel, tuned, tiles, m, n, operands, flags)
+        return launch
+    monkeypatch.setattr(rg, "launch", spy(rg.launch))
+    monkeypatch.setattr(rc, "launch", spy(rc.launch))
+    eager = {bits: step_at_bits(unet, units, bits, x, t, c) for bits in (4, 8)}
+    assert seen and all(strides != {0} for strides, _, _ in seen)  # eager: x (the codes kernel's)
+    torch._dynamo.reset()
+    compiled = torch.compile(unet.forward, backend=recording, fullgraph=True)
+    seen.clear()
+    for bits in (4, 8):
+        got = step_at_bits(compiled, units, bits, x, t, c)
+        assert torch.allclose(got, eager[bits], rtol=1e-5, atol=1e-5), bits
+    real_calls = [n for n in graphs[0].graph.nodes
+                  if n.op == "call_function" and "qlip.real_" in str(n.target)]
+    assert real_calls and all(n.args[-1] is False for n in real_calls)
+    # the operators ran on the stand-in: one element of storage, every stride 0, codes given
+    assert len(seen) >= 2 * len(real_calls)
+    assert all(strides == {0} and nbytes <= 4 and pre for strides, nbytes, pre in seen)
+    torch._dynamo.reset()
+
+
+def test_an_unread_input_needs_its_codes():
+    """x may be left unread only where the codes come with it: the codes kernel would read x."""
+    from qlip.quant import real_conv as rc
+
+    x = torch.empty(2, 8)
+    with pytest.raises(ValueError, match="needs its codes"):
+        rg._launch_linear(rg.unread(x), None, *([None] * 11), False)
+    with pytest.raises(ValueError, match="needs its codes"):
+        rc._launch_conv2d(rg.unread(torch.empty(1, 2, 3, 3)), None, *([None] * 11), [3, 3],
+                          [1, 1], True, [1, 1], False)
 
 
 @needs_kernel

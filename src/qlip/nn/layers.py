@@ -232,6 +232,7 @@ class QuantLayer(QuantUnit):
     _real: tuple | None = None  # use_real(): the integer operands of real execution (part 0)
     _real_parts: tuple | None = None  # use_real(): every input part's operands
     _real_tap_major = False  # use_real(): a conv's codes in _real are tap-major (real_conv)
+    _real_integer_only = False  # use_real(): every option in integer math (x never read)
 
     def real_kind(self) -> str | None:
         """How this layer runs for real: ``"gemm"`` (one GEMM over its input's last dim: a
@@ -257,6 +258,7 @@ class QuantLayer(QuantUnit):
                 or self.weight[0].numel() > real_gemm.MAX_K):
             return False
         integer, offset = real_gemm.int8_offsets(self.options)
+        self._real_integer_only = bool(integer.all())  # (a CPU tensor here, not a forward)
         # an implicit-GEMM conv's codes tap-major: each tap's channels contiguous (int8: a copy
         # made here; packed: the layer's own bytes, kept tap-major by pack_weights)
         self._real_tap_major = self.real_kind() == "conv" and (
@@ -314,15 +316,17 @@ class QuantLayer(QuantUnit):
         if run is None:  # (not `run or ...`: torch 2.11's Dynamo cannot take a bound method's
             run = real_gemm.real_linear  # truth value and broke the graph at every real conv)
         bias = self._parameters.get("bias")
+        only = self._real_integer_only
         if len(self.splits) == 1:
             stack = banks["0"]._modules["stack"]
             return run(x, stack._flat_table(x.dtype), choice, step, stack.num_steps or 0, *real,
-                       bias)
+                       bias, integer_only=only)
         out, start = None, 0
         for index, (size, operands) in enumerate(zip(self.splits, self._real_parts)):
             stack = banks[str(index)]._modules["stack"]
             part = run(x.narrow(self.channel_dim, start, size), stack._flat_table(x.dtype),
-                       choice, step, stack.num_steps or 0, *operands, bias if index == 0 else None)
+                       choice, step, stack.num_steps or 0, *operands, bias if index == 0 else None,
+                       integer_only=only)
             out, start = part if out is None else out + part, start + size
         return out
 
@@ -399,14 +403,16 @@ class QuantConv2d(QuantLayer):
     # The real kernels read x as NHWC. Asked for here, in the graph, a channels-first input's
     # layout change is a copy in eager (as the kernel's operator would make), and under
     # torch.compile a layout Inductor gives the kernel that produces x, with no copy of its own.
-    def _run_real_conv(self, x, *args):
+    def _run_real_conv(self, x, *args, integer_only: bool = False):
         return real_conv.real_conv2d(x.contiguous(memory_format=torch.channels_last), *args,
                                      kernel_size=self.kernel_size, padding=self._real_padding(),
-                                     tap_major=self._real_tap_major, stride=self.stride)
+                                     tap_major=self._real_tap_major, stride=self.stride,
+                                     integer_only=integer_only)
 
-    def _run_real_gemm(self, x, *args):  # one GEMM over the channels of x seen as [B, H, W, C]
+    def _run_real_gemm(self, x, *args, integer_only: bool = False):  # one GEMM over the
+        # channels of x seen as [B, H, W, C]
         x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        return real_gemm.real_linear(x, *args).permute(0, 3, 1, 2)
+        return real_gemm.real_linear(x, *args, integer_only=integer_only).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
         if self._real is not None:

@@ -283,13 +283,15 @@ if triton is not None:
 
 def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
                 kernel_size: tuple[int, int], padding: tuple[int, int],
-                tap_major: bool = False, stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
+                tap_major: bool = False, stride: tuple[int, int] = (1, 1),
+                integer_only: bool = False) -> torch.Tensor:
     """``x [B, C, H, W]`` through the KH×KW convolution of ``stride``: one launch, integer or float
     math by the option ``choice`` names; ``w`` the ``[N, C·KH·KW]`` codes (int8, or packed uint8),
     in the weight's own order or tap-major (``tap_major``, :func:`tap_major_rows`).
     Returns ``[B, N, H_out, W_out]`` in x's dtype, channels-last in memory. Under
     ``torch.compile`` the launch is the custom operator ``torch.ops.qlip.real_conv2d``, which the
-    compiled graph keeps (as :func:`qlip.quant.real_gemm.real_linear`)."""
+    compiled graph keeps (as :func:`qlip.quant.real_gemm.real_linear`, ``integer_only``
+    too)."""
     k_total = x.shape[1] * kernel_size[0] * kernel_size[1]
     if k_total > MAX_K:
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_total}")
@@ -305,8 +307,10 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
                               w_zero, w_scale, bias, *shape)
     a = (real_gemm.graph_codes(x.permute(0, 2, 3, 1), table, choice, step, steps, offset,
                                tuple(padding)) if real_gemm.codes_in_graph() else None)
-    return torch.ops.qlip.real_conv2d(x, a, table, choice, step, steps, integer, offset, w,
-                                      w_sum, w_zero, w_scale, bias, *shape)
+    read = a is None or not integer_only
+    return torch.ops.qlip.real_conv2d(x if read else real_gemm.unread(x), a, table, choice,
+                                      step, steps, integer, offset, w, w_sum, w_zero, w_scale,
+                                      bias, *shape, read)
 
 
 CODES_BLOCK = 1024  # elements a program of the padded codes kernel writes
@@ -341,13 +345,18 @@ def _launch_conv2d(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
                    offset: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
                    w_zero: torch.Tensor | None, w_scale: torch.Tensor, bias: torch.Tensor | None,
                    kernel_size: list[int], padding: list[int], tap_major: bool,
-                   stride: list[int]) -> torch.Tensor:
+                   stride: list[int], x_read: bool = True) -> torch.Tensor:
     """``a``: x's padded NHWC int8 codes (``real_gemm.graph_codes``, in a compiled graph), or
-    None: the padded codes kernel writes them here (where ``real_gemm.PREQUANTIZE``)."""
+    None: the padded codes kernel writes them here (where ``real_gemm.PREQUANTIZE``).
+    ``x_read`` False (with ``a``): x is ``real_gemm.unread``, only its shape and dtype used."""
+    if not x_read and a is None:
+        raise ValueError("an unread x needs its codes (a)")
     b, c, h, width = x.shape
     kh, kw = kernel_size
     _, h_out, w_out, n = shape = _output_shape(x, w.shape[0], kernel_size, padding, stride)
-    xl = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C] (a view for a channels-last x)
+    xl = x.permute(0, 2, 3, 1)  # [B, H, W, C] (a view for a channels-last x)
+    if x_read:
+        xl = xl.contiguous()
     out = torch.empty(shape, device=x.device, dtype=x.dtype)
     table = table.contiguous()
     if a is not None:
@@ -382,6 +391,6 @@ _real_conv2d_op = torch.library.custom_op("qlip::real_conv2d", mutates_args=())(
 
 @_real_conv2d_op.register_fake
 def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-      kernel_size, padding, tap_major, stride):
+      kernel_size, padding, tap_major, stride, x_read=True):
     return x.new_empty(_output_shape(x, w.shape[0], kernel_size, padding, stride)).permute(
         0, 3, 1, 2)

@@ -381,7 +381,17 @@ if triton is not None:
     _packed_linear_tuned = autotuned(_real_linear_kernel, TILES, _LINEAR_KEY)
 
 
-def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
+def unread(x: torch.Tensor) -> torch.Tensor:
+    """A stand-in for an input the kernel will not read: x's shape and dtype over one element
+    (every stride 0). Passed to a compiled graph's real operator in x's place where only the
+    codes are read (a layer whose every option is integer math), it leaves x's only consumer
+    the graph's codes ops, so Inductor writes the int8 codes instead of x (2 bytes an element
+    fewer)."""
+    return x.new_empty(()).expand(x.shape)
+
+
+def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
+                integer_only: bool = False):
     """``x [..., K]`` through the layer: one launch, integer or float math by the option that
     ``choice`` names (see the module doc); returns ``[..., N]`` in x's dtype. ``w`` is int8
     ``[N, K]`` codes, or uint8 ``[N, ceil(K/2)]`` packed 4-bit codes (:func:`pack_rows`).
@@ -389,7 +399,9 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     Under ``torch.compile`` the launch is the custom operator ``torch.ops.qlip.real_linear``, so
     that the compiled graph keeps it (an opaque call, its output's shape from a fake
     implementation) and fuses what lies around it, instead of breaking the graph or falling back
-    to the simulation. Eager calls launch directly."""
+    to the simulation. Eager calls launch directly. ``integer_only``: every option of the
+    layer runs in integer math (at most 8 bits), so that the kernel reads only the codes, never
+    x: a compiled graph then hands the operator :func:`unread` instead of x."""
     k_dim = x.shape[-1]
     if k_dim > MAX_K:
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_dim}")
@@ -400,20 +412,25 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
         return _launch_linear(x, None, table, choice, step, steps, integer, offset, w, w_sum,
                               w_zero, w_scale, bias)
     a = graph_codes(x, table, choice, step, steps, offset) if codes_in_graph() else None
-    return torch.ops.qlip.real_linear(x, a, table, choice, step, steps, integer, offset, w,
-                                      w_sum, w_zero, w_scale, bias)
+    read = a is None or not integer_only
+    return torch.ops.qlip.real_linear(x if read else unread(x), a, table, choice, step, steps,
+                                      integer, offset, w, w_sum, w_zero, w_scale, bias, read)
 
 
 def _launch_linear(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
                    choice: torch.Tensor, step: torch.Tensor, steps: int, integer: torch.Tensor,
                    offset: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
                    w_zero: torch.Tensor | None, w_scale: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
+                   bias: torch.Tensor | None, x_read: bool = True) -> torch.Tensor:
     """``a``: x's int8 codes (:func:`graph_codes`, in a compiled graph), or None: the codes
-    kernel rounds them here (where :data:`PREQUANTIZE`)."""
+    kernel rounds them here (where :data:`PREQUANTIZE`). ``x_read`` False (with ``a``): x is
+    :func:`unread`, its shape and dtype all the kernel takes from it (no option of the layer
+    runs in float math)."""
+    if not x_read and a is None:
+        raise ValueError("an unread x needs its codes (a)")
     lead, k_dim = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_dim)
-    if x2.stride(1) != 1 or (PREQUANTIZE and a is None and not x2.is_contiguous()):
+    if x_read and (x2.stride(1) != 1 or (PREQUANTIZE and a is None and not x2.is_contiguous())):
         x2 = x2.contiguous()
     table = table.contiguous()  # (a compiled graph may hand over a strided slice)
     m, n = x2.shape[0], w.shape[0]
@@ -444,5 +461,6 @@ _real_linear_op = torch.library.custom_op("qlip::real_linear", mutates_args=())(
 
 
 @_real_linear_op.register_fake
-def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
+def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
+      x_read=True):
     return x.new_empty(*x.shape[:-1], w.shape[0])
