@@ -121,5 +121,5 @@ def kernel_unet(tiny_pipe, monkeypatch, config, spy: tuple | None = None):
     if spy is not None:
         module, name = spy
         original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a: calls.append(1) or original(*a))
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     return unet, units, calls, tuple(v.to(device) for v in unet_inputs(unet, 2, seed=2))
