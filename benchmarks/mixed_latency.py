@@ -7,7 +7,7 @@ at 8 bits are a seeded random draw, and each share's draw contains the one befor
 
 The model runs channels-last with its attention unquantized (the step benchmark's real
 variants), unless ``--channels-first`` or ``--attention`` (q, k, v and the probabilities
-fake-quantized at 8 bits, simulated: the sixteenth session's only run had it, which added
+fake-quantized at 8 bits, simulated: the seventeenth session's run had it, which added
 about 23 ms to every share at batch 8 on an H100). With ``--compile`` on a GPU the same UNet in
 bf16, compiled and replayed from a CUDA graph, is timed first: the best bf16, for ratios.
 
