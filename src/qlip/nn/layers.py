@@ -179,7 +179,7 @@ class QuantLayer(QuantUnit):
         """Drop the cached quantized weight (call after changing weight quantizers); real
         execution's integer operands are rebuilt from the new codes."""
         self._qweight = None
-        if getattr(self, "_real", None) is not None:
+        if getattr(self, "_real_parts", None) is not None:
             self.use_real(True)
 
     def refresh(self) -> None:
@@ -229,8 +229,12 @@ class QuantLayer(QuantUnit):
         return f"w{self.wbits}{self.bits_label()}{split}"
 
     # -- real execution (eager GPU inference) ---------------------------------------------------
-    _real: tuple | None = None  # use_real(): the integer operands of real execution (part 0)
-    _real_parts: tuple | None = None  # use_real(): every input part's operands
+    _real_parts: tuple | None = None  # use_real(): every input part's integer operands
+
+    @property
+    def _real(self) -> tuple | None:
+        """The first input part's operands of real execution (None: the layer is simulated)."""
+        return None if self._real_parts is None else self._real_parts[0]
     _real_tap_major = False  # use_real(): a conv's codes in _real are tap-major (real_conv)
     _real_integer_only = False  # use_real(): every option in integer math (x never read)
 
@@ -249,7 +253,7 @@ class QuantLayer(QuantUnit):
         compiled (the kernels are custom operators that ``torch.compile`` keeps in its graph);
         elsewhere (a per-image choice, gradients, the CPU) the simulation runs."""
         if not on:
-            self._real = self._real_parts = None
+            self._real_parts = None
             return True
         codes = self.weight_codes()
         banks = [self.act_banks[i] for i in range(len(self.splits))]
@@ -274,7 +278,6 @@ class QuantLayer(QuantUnit):
             parts.append(tuple(None if t is None else t.to(self.weight.device)
                                for t in (integer, offset, *weights)))
         self._real_parts = tuple(parts)
-        self._real = parts[0]
         self._qweight = None  # the simulation's dequantized weight, rebuilt if it runs again
         return True
 
@@ -297,8 +300,8 @@ class QuantLayer(QuantUnit):
         with this layer's option, step and operands, or None where the simulation must run.
         With several input parts, each part's product (its own grid and weights) is added; the
         bias once."""
-        real = self._real
-        if real is None or torch.is_grad_enabled():
+        parts = self._real_parts
+        if parts is None or torch.is_grad_enabled():
             return None
         banks = self._modules["act_banks"]._modules
         table = self._table
@@ -306,11 +309,11 @@ class QuantLayer(QuantUnit):
         if (choice.shape != (1,) or choice.is_floating_point() or not fused_quantize.available(x)
                 or any(bank.observer is not None or not bank.enabled for bank in banks.values())):
             return None
-        if real[0].device != x.device:  # moved since use_real(): rebuild from the moved buffers
-            # (a copy would keep a second set of codes: a packed layer reads its own bytes)
+        if parts[0][0].device != x.device:  # moved since use_real(): rebuild from the moved
+            # buffers (a copy would keep a second set of codes: a packed layer reads its own bytes)
             self.use_real(True)
-            real = self._real
-            if real[0].device != x.device:  # the layer is elsewhere: the simulation says so
+            parts = self._real_parts
+            if parts[0][0].device != x.device:  # the layer is elsewhere: the simulation says so
                 return None
         step = self._shared_step if self._shared_step is not None else self._buffers["_step"]
         if run is None:  # (not `run or ...`: torch 2.11's Dynamo cannot take a bound method's
@@ -319,10 +322,10 @@ class QuantLayer(QuantUnit):
         only = self._real_integer_only
         if len(self.splits) == 1:
             stack = banks["0"]._modules["stack"]
-            return run(x, stack._flat_table(x.dtype), choice, step, stack.num_steps or 0, *real,
-                       bias, integer_only=only)
+            return run(x, stack._flat_table(x.dtype), choice, step, stack.num_steps or 0,
+                       *parts[0], bias, integer_only=only)
         out, start = None, 0
-        for index, (size, operands) in enumerate(zip(self.splits, self._real_parts)):
+        for index, (size, operands) in enumerate(zip(self.splits, parts)):
             stack = banks[str(index)]._modules["stack"]
             part = run(x.narrow(self.channel_dim, start, size), stack._flat_table(x.dtype),
                        choice, step, stack.num_steps or 0, *operands, bias if index == 0 else None,
@@ -354,7 +357,7 @@ class QuantLinear(QuantLayer):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., C_in]
-        if self._real is not None:
+        if self._real_parts is not None:
             real = self._real_forward(x)
             if real is not None:
                 return real
@@ -415,7 +418,7 @@ class QuantConv2d(QuantLayer):
         return real_gemm.real_linear(x, *args, integer_only=integer_only).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
-        if self._real is not None:
+        if self._real_parts is not None:
             run = self._run_real_gemm if self.real_kind() == "gemm" else self._run_real_conv
             real = self._real_forward(x, run)
             if real is not None:
