@@ -502,11 +502,24 @@ def summarise(results: dict) -> None:
             targets["bits_changing_vs_same_mix_fixed"] = (
                 bank["compiled_bits_changing"]["median_ms"]
                 / bank["compiled_fixed_random_assignment"]["median_ms"])
+    # variants that measured beside others (still compiling when their turn came): their times
+    # and ratios are not quiet ones (the eighteenth session's first real step on a fresh H100
+    # read 51.9 ms out of turn, 25.2 ms in a quiet rerun on the warm machine)
+    late = {name: [what for what, flag in (("eager", data.get("eager", {}).get("rounds_out_of_turn")),
+                                           ("graph and compiled", data.get("rest_out_of_turn")))
+                   if flag]
+            for name, data in v.items()}
+    late = {name: whats for name, whats in late.items() if whats}
+    if late:
+        targets["timed_out_of_turn"] = late
     results["targets"] = targets
     print(f"{'variant':<16}{'mode':<28}{'median ms':>10}")
     for name, mode, ms in rows:
         print(f"{name:<16}{mode:<28}{ms:>10.2f}")
     print(json.dumps(targets, indent=2))
+    for name, whats in late.items():
+        print(f"WARNING: {name} was timed out of turn ({', '.join(whats)}), beside other "
+              "variants: do not report its times or ratios; rerun with warm caches")
 
 
 def main() -> None:
