@@ -36,8 +36,12 @@ from pathlib import Path
 # a pointer argument's element type, by name (the activations' dtype where None)
 POINTERS = {"x_ptr": None, "out_ptr": None, "table_ptr": None, "bias_ptr": None, "a_ptr": "i8",
             "choice_ptr": "i64", "step_ptr": "i64", "integer_ptr": "i32", "offset_ptr": "i32",
-            "w_sum_ptr": "i32", "w_zero_ptr": "i32", "w_scale_ptr": "fp32"}
-DIMENSIONS = ("N", "K", "KB", "C", "H", "W", "H_OUT", "W_OUT", "stride_xm", "stride_wn", "stride_om")
+            "w_sum_ptr": "i32", "w_zero_ptr": "i32", "w_scale_ptr": "fp32", "wf_ptr": None}
+DIMENSIONS = ("N", "K", "KB", "C", "H", "W", "H_OUT", "W_OUT", "stride_xm", "stride_wn", "stride_om",
+              "stride_fn")
+# the kernels this reads: int8 codes, packed codes, and int8 codes whose float options read
+# stored dequantized weights (``_float``: QLIP's A16 beside A8, real_gemm.float_weights)
+KERNELS = ("linear", "linear_packed", "linear_float", "conv", "conv_packed", "conv_float")
 SASS_OPS = {"wgmma": ("IGMMA", "HGMMA"), "mma": ("IMMA", "HMMA"), "cp_async": ("LDGSTS",),
             "ldl": ("LDL",), "stl": ("STL",)}
 
@@ -58,7 +62,8 @@ def sass_summary(resources: str, sass: str) -> dict:
 def constants(kernel: str, tile) -> dict:
     block = dict(BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
     common = dict(HAS_STEPS=True, HAS_BIAS=True, IEEE=False, PACKED=kernel.endswith("packed"),
-                  PRE=True, ZERO=int(kernel.endswith("packed")))  # centered int8 / packed
+                  PRE=True, ZERO=int(kernel.endswith("packed")),  # centered int8 / packed
+                  FLOAT_W=kernel.endswith("float"))
     if kernel.startswith("conv"):  # codes tap-major, as QuantLayer.use_real keeps them (a
         # packed conv's own bytes since the sixteenth session: pairs of channels, C even)
         common.update(KH=3, KW=3, PH=1, PW=1, TAP_MAJOR=True, PAIRED=common["PACKED"])
@@ -125,10 +130,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     kernels = args.kernels.split(",")
-    unknown = sorted(set(kernels) - {"linear", "linear_packed", "conv", "conv_packed"})
+    unknown = sorted(set(kernels) - set(KERNELS))
     if unknown:
-        raise SystemExit(f"--kernels: unknown {unknown}; choose among linear, linear_packed, "
-                         "conv, conv_packed")
+        raise SystemExit(f"--kernels: unknown {unknown}; choose among {', '.join(KERNELS)}")
     try:
         import triton
     except ImportError:

@@ -5,8 +5,10 @@ falls"): one SD 1.4 UNet-architecture step (random weights, bf16, ``--batch`` im
 a share f of the units at 8 bits, the rest at 16, for f = 0, 0.25, 0.5, 0.75, 1. The units
 at 8 bits are a seeded random draw, and each share's draw contains the one before it.
 
-The model runs channels-last with its attention unquantized (the step benchmark's real
-variants), unless ``--channels-first`` or ``--attention`` (q, k, v and the probabilities
+A16 layers read their dequantized weights, stored once (``--no-float-weights``: dequantized
+from the codes in every tile, as before the eighteenth session). The model runs channels-last
+with its attention unquantized (the step benchmark's real variants), unless
+``--channels-first`` or ``--attention`` (q, k, v and the probabilities
 fake-quantized at 8 bits, simulated: the seventeenth session's run had it, which added
 about 23 ms to every share at batch 8 on an H100). With ``--compile`` on a GPU the same UNet in
 bf16, compiled and replayed from a CUDA graph, is timed first: the best bf16, for ratios.
@@ -140,12 +142,16 @@ def main() -> None:
                         help="also quantize attention (simulated: q, k, v and probabilities)")
     parser.add_argument("--channels-first", action="store_true",
                         help="run the model channels-first (the real convs then copy to NHWC)")
+    parser.add_argument("--no-float-weights", dest="float_weights", action="store_false",
+                        help="A16 layers dequantize their codes in every tile instead of "
+                             "reading stored dequantized weights (before the eighteenth session)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.batch < 1:
         raise SystemExit("--batch takes at least 1")
     unet, units, (x, t, c), bf16_ms = model(args)
-    real_layers = use_real_execution(unet)
+    real_layers = use_real_execution(unet, float_weights=args.float_weights)
+    model_mib = torch.cuda.memory_allocated() / 2**20 if args.device == "cuda" else None
 
     def step():
         return unet(x, t, encoder_hidden_states=c).sample
@@ -183,7 +189,7 @@ def main() -> None:
         apply(units, bits)
         row = {"share_at_8": share, "fab": fab(units, bits)}
         for mode, on in (("real", True), ("simulated", False)):
-            use_real_execution(unet, on)
+            use_real_execution(unet, on, float_weights=args.float_weights)
             row[f"{mode}_eager_ms"] = median_ms(step, args.device, args.warmup, args.iters)
             if args.device == "cuda":
                 row[f"{mode}_graph_ms"] = graph_replay(step, args.warmup, args.iters)["median_ms"]
@@ -194,7 +200,7 @@ def main() -> None:
               "torch": torch.__version__, "tiny": args.tiny, "batch": args.batch,
               "real_linear_layers": real_layers, "bank": [8, 16],
               "attention_quantized": args.attention, "channels_last": not args.channels_first,
-              "rows": rows}
+              "float_weights": args.float_weights, "model_mib_real": model_mib, "rows": rows}
     if compiled is not None:
         result["compile_s"] = compile_s
     if bf16_ms is not None:  # the best bf16, and each share's compiled real step against it
@@ -218,7 +224,8 @@ def main() -> None:
     ax.set_xlabel("FAB (share of units at A8, the rest A16)")
     ax.set_ylabel(f"step latency, ms ({mode})")
     ax.set_title(f"W4 bank {{8,16}}, batch {args.batch}, attention "
-                 f"{'quantized' if args.attention else 'in bf16'}: latency against FAB "
+                 f"{'quantized' if args.attention else 'in bf16'}"
+                 f"{'' if args.float_weights else ', A16 dequantized in the tiles'}: latency against FAB "
                  f"({result['device']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -21,8 +21,9 @@ def _fake_quantize(per_image: bool):
         {"HAS_STEPS": True, "HAS_BYPASS": True, "PER_IMAGE": per_image, "BLOCK_SIZE": 1024})
 
 
-def _real_linear(tile, packed=False, pre=True, zero=None):
-    """``zero``: real_gemm.zero_mode (default: 1 packed, 0 centered int8 codes)."""
+def _real_linear(tile, packed=False, pre=True, zero=None, float_w=False):
+    """``zero``: real_gemm.zero_mode (default: 1 packed, 0 centered int8 codes); ``float_w``:
+    the float options read stored dequantized weights."""
     block_m, block_n, block_k = tile[:3]
     zero = int(packed) if zero is None else zero
     return lambda dt: (
@@ -30,12 +31,15 @@ def _real_linear(tile, packed=False, pre=True, zero=None):
         {"x_ptr": f"*{dt}", "a_ptr": "*i8", "w_ptr": "*u8" if packed else "*i8",
          "out_ptr": f"*{dt}", "table_ptr": f"*{dt}",
          "choice_ptr": "*i64", "step_ptr": "*i64", "integer_ptr": "*i32", "offset_ptr": "*i32",
-         "w_sum_ptr": "*i32", "w_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
+         "w_sum_ptr": "*i32", "w_zero_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}",
+         "wf_ptr": f"*{dt}"},
         {"HAS_STEPS": True, "HAS_BIAS": True, "IEEE": dt == "fp32", "BLOCK_M": block_m,
-         "BLOCK_N": block_n, "BLOCK_K": block_k, "PACKED": packed, "PRE": pre, "ZERO": zero})
+         "BLOCK_N": block_n, "BLOCK_K": block_k, "PACKED": packed, "PRE": pre, "ZERO": zero,
+         "FLOAT_W": float_w})
 
 
-def _real_conv(tile, packed=False, tap_major=True, pre=True, zero=None, paired=False, stride=1):
+def _real_conv(tile, packed=False, tap_major=True, pre=True, zero=None, paired=False, stride=1,
+               float_w=False):
     block_m, block_n, block_k = tile[:3]
     zero = int(packed) if zero is None else zero
     return lambda dt: (
@@ -43,11 +47,11 @@ def _real_conv(tile, packed=False, tap_major=True, pre=True, zero=None, paired=F
         {"x_ptr": f"*{dt}", "a_ptr": "*i8", "w_ptr": "*u8" if packed else "*i8",
          "out_ptr": f"*{dt}", "table_ptr": f"*{dt}", "choice_ptr": "*i64", "step_ptr": "*i64",
          "integer_ptr": "*i32", "offset_ptr": "*i32", "w_sum_ptr": "*i32", "w_zero_ptr": "*i32",
-         "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
+         "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}", "wf_ptr": f"*{dt}"},
         {"KH": 3, "KW": 3, "PH": 1, "PW": 1, "HAS_STEPS": True, "HAS_BIAS": True,
          "IEEE": dt == "fp32", "PACKED": packed, "TAP_MAJOR": tap_major, "PRE": pre,
          "ZERO": zero, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-         "PAIRED": paired, "SH": stride, "SW": stride})
+         "PAIRED": paired, "SH": stride, "SW": stride, "FLOAT_W": float_w})
 
 
 CASES = {
@@ -69,7 +73,9 @@ CASES = {
     "real_linear_long_k": _real_linear((128, 128, 128)),  # the autotune tile with the longest K
     "real_linear_packed": _real_linear(rg.TILES[0], packed=True),
     "real_linear_packed_long_k": _real_linear((128, 128, 128), packed=True),
+    "real_linear_float_weights": _real_linear((128, 128, 128), float_w=True),  # QLIP's A16
     "real_conv": _real_conv(rg.TILES[0]),
+    "real_conv_float_weights": _real_conv((128, 128, 128), float_w=True),
     "real_conv_weight_order_codes_in_tiles": _real_conv(rg.TILES[0], tap_major=False, pre=False),
     "real_conv_packed": _real_conv((128, 128, 64), packed=True, paired=True),  # as the model
     "real_conv_packed_gather": _real_conv((128, 128, 64), packed=True, tap_major=False),

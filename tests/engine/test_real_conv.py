@@ -83,3 +83,30 @@ def test_per_step_rows_and_the_refusals():
     with pytest.raises(ValueError, match="K = 144 codes"):
         rc.real_conv2d(*args[:7], weights[0][:, :10].to(device), *args[8:],
                        kernel_size=(3, 3), padding=(1, 1))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tap_major", [False, True], ids=["weight_order", "tap_major"])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
+def test_float_options_read_the_stored_float_weights_in_the_codes_order(tap_major, stride):
+    """A conv given its dequantized weights (``w_float``, in the codes' order: tap-major or the
+    weight's own) reads them at A16 instead of dequantizing each tile, to the same output; the
+    integer options give the same exact product as without them."""
+    device = kernel_device()
+    g = torch.Generator().manual_seed(6)
+    n, c, kernel = 24, 13, (3, 3)
+    codes = torch.randint(0, 16, (n, c * 9), generator=g)
+    rows = rc.tap_major_rows(codes, kernel) if tap_major else codes
+    weights = rg.weight_operands(rows, torch.rand(n, generator=g) * 0.05 + 0.01,
+                                 torch.randint(4, 12, (n,)).float(), 4)
+    w_float = rg.float_weights(weights[0], weights[2], weights[3], torch.float32)
+    x, bias = torch.randn(2, c, 5, 6, generator=g), torch.randn(n, generator=g)
+    for choice in range(len(TABLE)):
+        args = [t.to(device) for t in (x, TABLE, torch.tensor([choice]), torch.zeros(1).long())]
+        args += [0] + [on(t, device) for t in (INTEGER, OFFSET, *weights, bias)]
+        kw = dict(kernel_size=kernel, padding=(1, 1), tap_major=tap_major, stride=stride)
+        plain = rc.real_conv2d(*args, **kw).cpu()
+        stored = rc.real_conv2d(*args, **kw, w_float=w_float.to(device)).cpu()
+        assert torch.equal(stored, plain), choice
+    with pytest.raises(ValueError, match="w_float must be"):
+        rc.real_conv2d(*args, **kw, w_float=w_float.t().to(device))

@@ -410,8 +410,9 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
     # every real layer's int8 codes are PyTorch ops of the graph (rg.CODES_IN_GRAPH), for
     # Inductor to fuse into the op that produces the layer's input
     assert all(n.args[1] is not None for n in real_calls)
-    # A16 is float math: the kernel may read x, so every call gets x itself
-    assert all(n.args[-1] is True for n in real_calls)
+    # A16 is float math: the kernel may read x, so every call gets x itself (x_read), and the
+    # layer's dequantized weights (w_float, the last operand), which that math reads
+    assert all(n.args[-2] is True and n.args[-1] is not None for n in real_calls)
     assert torch.allclose(first, eager[4], rtol=1e-5, atol=1e-5)
     with torch.compiler.set_stance("fail_on_recompile"):
         for bits in (8, 16, 4):
@@ -466,7 +467,8 @@ def test_a_compiled_integer_only_layer_hands_over_its_codes_and_not_its_input(ti
         assert torch.allclose(got, eager[bits], rtol=1e-5, atol=1e-5), bits
     real_calls = [n for n in graphs[0].graph.nodes
                   if n.op == "call_function" and "qlip.real_" in str(n.target)]
-    assert real_calls and all(n.args[-1] is False for n in real_calls)
+    # x unread (x_read False), and no float weights kept (w_float, the last operand, None)
+    assert real_calls and all(n.args[-2] is False and n.args[-1] is None for n in real_calls)
     # the operators ran on the stand-in: one element of storage, every stride 0, codes given
     assert len(seen) >= 2 * len(real_calls)
     assert all(strides == {0} and nbytes <= 4 and pre for strides, nbytes, pre in seen)
@@ -508,3 +510,93 @@ def test_graph_codes_are_the_codes_kernels_integers(dtype):
                                rg.int8_codes(x, table, c, s, 3, integer, offset)), (choice, step)
             assert torch.equal(rg.graph_codes(x, table, c, s, 3, offset, (1, 2)),
                                rc.padded_codes(x, table, c, s, 3, integer, offset, (1, 2)))
+
+
+def test_float_weights_are_the_dequantized_codes_rounded_once_to_the_dtype():
+    """The copy a float option reads (real_gemm.float_weights): the codes less their zero point,
+    times the scale in fp32, then rounded once, as the kernels' float math dequantizes a tile."""
+    codes = torch.tensor([[0.0, 255.0, 128.0], [3.0, 4.0, 5.0]])
+    scale = torch.tensor([0.013, 0.5])
+    w, _, w_zero, w_scale = rg.weight_operands(codes, scale, torch.tensor([130.0, 4.0]), 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = rg.float_weights(w, w_zero, w_scale, dtype)
+        want = ((codes - torch.tensor([130.0, 4.0])[:, None]) * scale[:, None]).to(dtype)
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, want)
+    w4, _, zero4, scale4 = rg.weight_operands(codes[1:] - 3, scale[1:], torch.tensor([1.0]), 4)
+    assert zero4 is None  # centered codes: nothing left to subtract
+    assert rg.float_weights(w4, zero4, scale4, torch.float32).tolist() == [[-0.5, 0.0, 0.5]]
+    with pytest.raises(ValueError, match="packed"):
+        rg.float_weights(rg.pack_rows(codes[1:]), torch.tensor([4]), scale[1:], torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=(
+    pytest.mark.skipif(kernel_device() != "cuda", reason="Triton's interpreter misreads bf16")))],
+    ids=["fp32", "bf16"])
+@pytest.mark.parametrize("wbits", [4, 8])
+def test_float_options_read_the_stored_float_weights_to_the_same_output(wbits, dtype):
+    """Given the dequantized weights (``w_float``), the float options (A16) read them instead of
+    dequantizing the codes in each tile, to the same output; the integer options are untouched
+    (the same exact product). A copy of the wrong shape or dtype is refused before any work."""
+    device = kernel_device()
+    acts, (w, w_sum, w_zero, w_scale), _, bias = _layer(wbits)
+    integer, offset = rg.int8_offsets(OPTIONS)
+    x = (torch.randn(3, 23, 72, generator=torch.Generator().manual_seed(7)) + 0.4).to(dtype)
+    table = acts._flat_table(dtype)
+    w_float = rg.float_weights(w, w_zero, w_scale, dtype)
+    for choice in range(len(OPTIONS)):
+        args = [t.to(device) for t in (x, table, torch.tensor([choice]), torch.tensor([0]))] + [
+            0] + [on(t, device) for t in (integer, offset, w, w_sum, w_zero, w_scale,
+                                          bias.to(dtype))]
+        plain = rg.real_linear(*args).cpu()
+        stored = rg.real_linear(*args, w_float=w_float.to(device)).cpu()
+        assert torch.equal(stored, plain), OPTIONS[choice]
+    with pytest.raises(ValueError, match="w_float must be"):
+        rg.real_linear(*args, w_float=w_float[:, :10].to(device))
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(ValueError, match="w_float must be"):
+        rg.real_linear(*args, w_float=w_float.to(device, other))
+
+
+@pytest.mark.parametrize("options", [(8, 16), (4, 8)], ids=["a8_a16", "integer_only"])
+def test_real_layers_keep_float_weights_only_where_an_option_runs_in_float_math(tiny_pipe,
+                                                                               options):
+    """use_real: a layer with float options beside its integer ones (QLIP's A16 beside A8)
+    keeps its dequantized weights once, in the codes' order (a 3×3 conv's tap-major), equal to
+    the simulation's; a layer whose every option is integer math keeps none."""
+    from qlip.methods.calib_data import CalibrationSet
+    from qlip.methods.rtn import quantize_rtn
+    from qlip.nn import QuantConfig, QuantLayer, use_real_execution
+    from qlip.pipeline import prepare_unet
+    from qlip.quant import real_conv as rc
+
+    from ..conftest import unet_inputs
+
+    unet = tiny_pipe.unet
+    units = prepare_unet(unet, QuantConfig(wbits=4, abits=8, abits_options=options))
+    x, t, c = unet_inputs(unet, 4, seed=1)
+    quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(4, dtype=torch.long)),
+                 progress=False)
+    assert use_real_execution(unet) > 0
+    layers = [m for m in unet.modules() if isinstance(m, QuantLayer) and m._real is not None]
+    assert layers and all(len(m._real_float) == len(m._real_parts) for m in layers)
+    if options == (4, 8):
+        assert all(f is None for m in layers for f in m._real_float)
+        return
+    checked = 0
+    for m in layers:
+        assert all(f is not None and f.dtype == m.weight.dtype for f in m._real_float)
+        if len(m.splits) > 1:
+            continue
+        want = m.compute_quantized_weight().flatten(1)
+        if m._real_tap_major:
+            want = rc.tap_major_rows(want, m.kernel_size)
+        assert torch.equal(m._real_float[0], want), m
+        checked += 1
+    assert checked > 10
+    use_real_execution(unet, False)
+    assert all(m._real_float is None for m in layers)
+    # float_weights=False: the memory kept instead, also when a layer rebuilds its operands
+    use_real_execution(unet, float_weights=False)
+    layers[0].refresh_weight()
+    assert all(f is None for m in layers for f in m._real_float)

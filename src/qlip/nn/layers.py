@@ -235,6 +235,10 @@ class QuantLayer(QuantUnit):
     def _real(self) -> tuple | None:
         """The first input part's operands of real execution (None: the layer is simulated)."""
         return None if self._real_parts is None else self._real_parts[0]
+    # use_real(): per input part, the dequantized weights its float options read
+    # (real_gemm.float_weights), or None (every option integer math, or packed codes)
+    _real_float: tuple | None = None
+    _real_keep_float = True  # use_real(float_weights=...): whether to keep them
     _real_tap_major = False  # use_real(): a conv's codes in _real are tap-major (real_conv)
     _real_integer_only = False  # use_real(): every option in integer math (x never read)
 
@@ -243,7 +247,7 @@ class QuantLayer(QuantUnit):
         Linear, a 1×1 conv of stride 1), ``"conv"`` (an implicit GEMM: any other conv), or None."""
         return "gemm"
 
-    def use_real(self, on: bool = True) -> bool:
+    def use_real(self, on: bool = True, float_weights: bool | None = None) -> bool:
         """Run this layer for real (:mod:`qlip.quant.real_gemm`): integer math at options of at
         most 8 bits, float math above, chosen on the device, in eager inference on the GPU.
         Needs a layer of a :meth:`real_kind` (a Linear, a conv), weights of at most 8 bits fixed
@@ -251,9 +255,16 @@ class QuantLayer(QuantUnit):
         has not. A layer of several input parts (Q-Diffusion's shortcut splitting: each part its
         own activation grid and weight grid) runs one product per part and adds them. Eager and
         compiled (the kernels are custom operators that ``torch.compile`` keeps in its graph);
-        elsewhere (a per-image choice, gradients, the CPU) the simulation runs."""
+        elsewhere (a per-image choice, gradients, the CPU) the simulation runs.
+
+        ``float_weights`` (kept for later rebuilds where None; default True): a layer with
+        float options beside its integer ones keeps its dequantized weights for them
+        (:func:`qlip.quant.real_gemm.float_weights`, 2 bytes a bf16 weight), which its float
+        math then reads instead of dequantizing the codes in every tile; False saves that memory."""
+        if float_weights is not None:
+            self._real_keep_float = bool(float_weights)
         if not on:
-            self._real_parts = None
+            self._real_parts = self._real_float = None
             return True
         codes = self.weight_codes()
         banks = [self.act_banks[i] for i in range(len(self.splits))]
@@ -267,7 +278,7 @@ class QuantLayer(QuantUnit):
         # made here; packed: the layer's own bytes, kept tap-major by pack_weights)
         self._real_tap_major = self.real_kind() == "conv" and (
             not self.packed or self._nibbles_tap_major())
-        parts = []
+        parts, floats = [], []
         for index, part in enumerate(codes):
             part = part.flatten(1)  # [N, K]: a conv's K is C·KH·KW, in its weight's order
             scale, zero = self.weight_quantizers[index].params()
@@ -277,7 +288,13 @@ class QuantLayer(QuantUnit):
                 weights = (real_conv.tap_major_rows(weights[0], self.kernel_size), *weights[1:])
             parts.append(tuple(None if t is None else t.to(self.weight.device)
                                for t in (integer, offset, *weights)))
-        self._real_parts = tuple(parts)
+            # a float option (QLIP's A16 beside A8) reads its weights dequantized once, here,
+            # not in every tile; packed codes keep no such copy
+            w, _, w_zero, w_scale = parts[-1][2:]
+            floats.append(None if self._real_integer_only or self.packed
+                          or not self._real_keep_float else
+                          real_gemm.float_weights(w, w_zero, w_scale, self.weight.dtype))
+        self._real_parts, self._real_float = tuple(parts), tuple(floats)
         self._qweight = None  # the simulation's dequantized weight, rebuilt if it runs again
         return True
 
@@ -320,16 +337,19 @@ class QuantLayer(QuantUnit):
             run = real_gemm.real_linear  # truth value and broke the graph at every real conv)
         bias = self._parameters.get("bias")
         only = self._real_integer_only
+        # (the copy is in the layer's dtype: an input of another dtype dequantizes in the tiles)
+        floats = tuple(f if f is not None and f.dtype == x.dtype else None
+                       for f in self._real_float)
         if len(self.splits) == 1:
             stack = banks["0"]._modules["stack"]
             return run(x, stack._flat_table(x.dtype), choice, step, stack.num_steps or 0,
-                       *parts[0], bias, integer_only=only)
+                       *parts[0], bias, integer_only=only, w_float=floats[0])
         out, start = None, 0
-        for index, (size, operands) in enumerate(zip(self.splits, parts)):
+        for index, (size, operands, w_float) in enumerate(zip(self.splits, parts, floats)):
             stack = banks[str(index)]._modules["stack"]
             part = run(x.narrow(self.channel_dim, start, size), stack._flat_table(x.dtype),
                        choice, step, stack.num_steps or 0, *operands, bias if index == 0 else None,
-                       integer_only=only)
+                       integer_only=only, w_float=w_float)
             out, start = part if out is None else out + part, start + size
         return out
 
@@ -406,16 +426,17 @@ class QuantConv2d(QuantLayer):
     # The real kernels read x as NHWC. Asked for here, in the graph, a channels-first input's
     # layout change is a copy in eager (as the kernel's operator would make), and under
     # torch.compile a layout Inductor gives the kernel that produces x, with no copy of its own.
-    def _run_real_conv(self, x, *args, integer_only: bool = False):
+    def _run_real_conv(self, x, *args, integer_only: bool = False, w_float=None):
         return real_conv.real_conv2d(x.contiguous(memory_format=torch.channels_last), *args,
                                      kernel_size=self.kernel_size, padding=self._real_padding(),
                                      tap_major=self._real_tap_major, stride=self.stride,
-                                     integer_only=integer_only)
+                                     integer_only=integer_only, w_float=w_float)
 
-    def _run_real_gemm(self, x, *args, integer_only: bool = False):  # one GEMM over the
-        # channels of x seen as [B, H, W, C]
+    def _run_real_gemm(self, x, *args, integer_only: bool = False, w_float=None):  # one GEMM
+        # over the channels of x seen as [B, H, W, C]
         x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        return real_gemm.real_linear(x, *args, integer_only=integer_only).permute(0, 3, 1, 2)
+        return real_gemm.real_linear(x, *args, integer_only=integer_only,
+                                     w_float=w_float).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
         if self._real_parts is not None:

@@ -142,9 +142,11 @@ def use_fused_quantize(model: nn.Module, on: bool = True) -> int:
     return count
 
 
-def use_real_execution(model: nn.Module, on: bool = True) -> int:
+def use_real_execution(model: nn.Module, on: bool = True, float_weights: bool = True) -> int:
     """Run every quantized layer of ``model`` that can for real (``QuantLayer.use_real``: the
     Linear layers and the convolutions, strided ones included, integer math at options of at
     most 8 bits, chosen on the device, in eager or compiled GPU inference); returns how many
-    were switched."""
-    return sum(module.use_real(on) for module in model.modules() if isinstance(module, QuantLayer))
+    were switched. ``float_weights``: layers with float options beside integer ones (A16
+    beside A8) keep their dequantized weights for them, faster for more memory."""
+    return sum(module.use_real(on, float_weights) for module in model.modules()
+               if isinstance(module, QuantLayer))

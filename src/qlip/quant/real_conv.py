@@ -192,13 +192,13 @@ if triton is not None:
     @triton.jit
     def _real_conv_kernel(x_ptr, a_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
                           integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
-                          B, H, W, C, N, H_OUT, W_OUT, steps, stride_wn, KB,
+                          wf_ptr, B, H, W, C, N, H_OUT, W_OUT, steps, stride_wn, KB,
                           KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                           HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                           PACKED: tl.constexpr, TAP_MAJOR: tl.constexpr, PRE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           ZERO: tl.constexpr = 2, SH: tl.constexpr = 1, SW: tl.constexpr = 1,
-                          PAIRED: tl.constexpr = False):
+                          PAIRED: tl.constexpr = False, FLOAT_W: tl.constexpr = False):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
         offs_c = tl.arange(0, BLOCK_K)
@@ -261,10 +261,16 @@ if triton is not None:
                 c_ok = (c0 + offs_c) < C
                 x = tl.load(x_ptr + pixel[:, None] + c0 + offs_c[None, :],
                             mask=inside[:, None] & c_ok[None, :], other=0.0)
-                w = _conv_weights(w_ptr, offs_n, n_ok, N, stride_wn, kh, kw, c0, offs_c, offs_j,
-                                  c_ok, C, k_total, KB, w_zero, KH, KW, PACKED, TAP_MAJOR, PAIRED,
-                                  ZERO)
-                weight = _float_weight(w, w_zero, w_scale, ZERO)
+                if FLOAT_W:  # the dequantized weights, stored in the codes' order (tap-major
+                    # or the weight's own): from memory to the tensor cores, as cuDNN's bf16
+                    k_idx = _k_index(c0 + offs_c, kh, kw, C, KH, KW, TAP_MAJOR)
+                    weight = tl.load(wf_ptr + offs_n[None, :] * k_total + k_idx[:, None],
+                                     mask=n_ok & c_ok[:, None], other=0.0)
+                else:
+                    w = _conv_weights(w_ptr, offs_n, n_ok, N, stride_wn, kh, kw, c0, offs_c,
+                                      offs_j, c_ok, C, k_total, KB, w_zero, KH, KW, PACKED,
+                                      TAP_MAJOR, PAIRED, ZERO)
+                    weight = _float_weight(w, w_zero, w_scale, ZERO)
                 if IEEE:
                     acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
                 else:
@@ -276,7 +282,7 @@ if triton is not None:
                  mask=m_ok1[:, None] & n_ok)
 
     _CONV_KEY = ["B", "H", "W", "C", "N", "H_OUT", "W_OUT", "KH", "KW", "IEEE", "TAP_MAJOR",
-                 "PRE", "ZERO"]  # (the output's size tells a stride from another)
+                 "PRE", "ZERO", "FLOAT_W"]  # (the output's size tells a stride from another)
     _conv_tuned = autotuned(_real_conv_kernel, TILES, _CONV_KEY)
     _packed_conv_tuned = autotuned(_real_conv_kernel, TILES, _CONV_KEY)
 
@@ -284,14 +290,14 @@ if triton is not None:
 def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
                 kernel_size: tuple[int, int], padding: tuple[int, int],
                 tap_major: bool = False, stride: tuple[int, int] = (1, 1),
-                integer_only: bool = False) -> torch.Tensor:
+                integer_only: bool = False, w_float: torch.Tensor | None = None) -> torch.Tensor:
     """``x [B, C, H, W]`` through the KH×KW convolution of ``stride``: one launch, integer or float
     math by the option ``choice`` names; ``w`` the ``[N, C·KH·KW]`` codes (int8, or packed uint8),
     in the weight's own order or tap-major (``tap_major``, :func:`tap_major_rows`).
     Returns ``[B, N, H_out, W_out]`` in x's dtype, channels-last in memory. Under
     ``torch.compile`` the launch is the custom operator ``torch.ops.qlip.real_conv2d``, which the
-    compiled graph keeps (as :func:`qlip.quant.real_gemm.real_linear`, ``integer_only``
-    too)."""
+    compiled graph keeps (as :func:`qlip.quant.real_gemm.real_linear`, ``integer_only`` and
+    ``w_float`` too: here the dequantized weights in the codes' order, ``[N, K]``)."""
     k_total = x.shape[1] * kernel_size[0] * kernel_size[1]
     if k_total > MAX_K:
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_total}")
@@ -304,13 +310,13 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     shape = (list(kernel_size), list(padding), tap_major, list(stride))
     if not torch.compiler.is_compiling():
         return _launch_conv2d(x, None, table, choice, step, steps, integer, offset, w, w_sum,
-                              w_zero, w_scale, bias, *shape)
+                              w_zero, w_scale, bias, *shape, w_float=w_float)
     a = (real_gemm.graph_codes(x.permute(0, 2, 3, 1), table, choice, step, steps, offset,
                                tuple(padding)) if real_gemm.codes_in_graph() else None)
     read = a is None or not integer_only
     return torch.ops.qlip.real_conv2d(x if read else real_gemm.unread(x), a, table, choice,
                                       step, steps, integer, offset, w, w_sum, w_zero, w_scale,
-                                      bias, *shape, read)
+                                      bias, *shape, read, w_float)
 
 
 CODES_BLOCK = 1024  # elements a program of the padded codes kernel writes
@@ -345,12 +351,16 @@ def _launch_conv2d(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
                    offset: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
                    w_zero: torch.Tensor | None, w_scale: torch.Tensor, bias: torch.Tensor | None,
                    kernel_size: list[int], padding: list[int], tap_major: bool,
-                   stride: list[int], x_read: bool = True) -> torch.Tensor:
+                   stride: list[int], x_read: bool = True,
+                   w_float: torch.Tensor | None = None) -> torch.Tensor:
     """``a``: x's padded NHWC int8 codes (``real_gemm.graph_codes``, in a compiled graph), or
     None: the padded codes kernel writes them here (where ``real_gemm.PREQUANTIZE``).
-    ``x_read`` False (with ``a``): x is ``real_gemm.unread``, only its shape and dtype used."""
+    ``x_read`` False (with ``a``): x is ``real_gemm.unread``, only its shape and dtype used.
+    ``w_float``: see :func:`real_conv2d`."""
     if not x_read and a is None:
         raise ValueError("an unread x needs its codes (a)")
+    real_gemm.check_float_weights(w_float, w, x.shape[1] * kernel_size[0] * kernel_size[1],
+                                  x.dtype)
     b, c, h, width = x.shape
     kh, kw = kernel_size
     _, h_out, w_out, n = shape = _output_shape(x, w.shape[0], kernel_size, padding, stride)
@@ -368,14 +378,14 @@ def _launch_conv2d(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
     pre = a is not xl
     operands = (xl, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
-                bias if bias is not None else w_scale, b, h, width, c, n, h_out, w_out, steps,
-                w.stride(0), (c * kh * kw + 1) // 2)
+                bias if bias is not None else w_scale, w_float if w_float is not None else out,
+                b, h, width, c, n, h_out, w_out, steps, w.stride(0), (c * kh * kw + 1) // 2)
     packed = w.dtype == torch.uint8
     flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], SH=stride[0], SW=stride[1],
                  HAS_STEPS=bool(steps), HAS_BIAS=bias is not None,
                  IEEE=x.dtype == torch.float32, PACKED=packed,
                  TAP_MAJOR=tap_major, PRE=pre, ZERO=zero_mode(w, w_zero),
-                 PAIRED=packed and tap_major and c % 2 == 0)
+                 PAIRED=packed and tap_major and c % 2 == 0, FLOAT_W=w_float is not None)
     if packed:
         launch(_real_conv_kernel, _packed_conv_tuned, TILES, b * h_out * w_out, n,
                operands, flags)
@@ -391,6 +401,6 @@ _real_conv2d_op = torch.library.custom_op("qlip::real_conv2d", mutates_args=())(
 
 @_real_conv2d_op.register_fake
 def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-      kernel_size, padding, tap_major, stride, x_read=True):
+      kernel_size, padding, tap_major, stride, x_read=True, w_float=None):
     return x.new_empty(_output_shape(x, w.shape[0], kernel_size, padding, stride)).permute(
         0, 3, 1, 2)

@@ -150,6 +150,27 @@ def zero_mode(w: torch.Tensor, w_zero: torch.Tensor | None) -> int:
     return 1 if w.dtype == torch.uint8 else 2
 
 
+def float_weights(w: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weights ``(w_c − z_w)·s_w`` ``[N, K]`` in ``dtype``, from the int8
+    operands of :func:`weight_operands` (in their order: a conv's tap-major), as the kernels'
+    float math computes them in registers (the integer codes in fp32, times the fp32 scale,
+    rounded once to ``dtype``), so that the same values come from memory instead.
+
+    Kept by a layer with float options beside its integer ones (QLIP's A16 beside A8): a
+    kernel given them (``w_float``) reads them as a bf16 layer reads its weights, straight
+    into the tensor cores, where otherwise every tile of output rows dequantizes its block of
+    codes again on the CUDA cores. On an H100 a model whose every layer ran that float branch
+    took 41.4 ms a step against bf16's 19.3 ms (the eighteenth session). Packed codes keep no
+    such copy (their point is the memory)."""
+    if w.dtype == torch.uint8:
+        raise ValueError("packed codes keep no float copy of their weights")
+    codes = w.to(torch.int32)
+    if w_zero is not None:
+        codes = codes - w_zero[:, None]
+    return (codes.float() * w_scale.float()[:, None]).to(dtype).contiguous()
+
+
 def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
     """What the kernel computes, in PyTorch (float64 for the integer path's bracket): ``x``
     ``[M, K]``; ``table`` ``[K·T, 3]`` in x's dtype; ``choice``/``step`` ``[1]`` long."""
@@ -238,11 +259,12 @@ if triton is not None:
     @triton.jit
     def _real_linear_kernel(x_ptr, a_ptr, w_ptr, out_ptr, table_ptr, choice_ptr, step_ptr,
                             integer_ptr, offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr,
-                            M, N, K, KB, steps, stride_xm, stride_wn, stride_om,
+                            wf_ptr, M, N, K, KB, steps, stride_xm, stride_wn, stride_om,
+                            stride_fn,
                             HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             PACKED: tl.constexpr = False, PRE: tl.constexpr = False,
-                            ZERO: tl.constexpr = 2):
+                            ZERO: tl.constexpr = 2, FLOAT_W: tl.constexpr = False):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -283,9 +305,14 @@ if triton is not None:
             for start in range(0, K, BLOCK_K):
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + start + offs_k[None, :],
                             mask=m_ok & ((start + offs_k) < K)[None, :], other=0.0)
-                w = _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, KB,
-                                  w_zero, PACKED, ZERO)
-                weight = _float_weight(w, w_zero, w_scale, ZERO)
+                if FLOAT_W:  # the dequantized weights, stored (float_weights): from memory
+                    # to the tensor cores as a bf16 layer's
+                    weight = tl.load(wf_ptr + offs_n[None, :] * stride_fn + start + offs_k[:, None],
+                                     mask=n_ok & ((start + offs_k) < K)[:, None], other=0.0)
+                else:
+                    w = _weight_block(w_ptr, offs_n, N, stride_wn, start, offs_k, offs_j, K, KB,
+                                      w_zero, PACKED, ZERO)
+                    weight = _float_weight(w, w_zero, w_scale, ZERO)
                 if IEEE:  # fp32 layers: TF32 would round the inputs
                     acc_f += tl.dot(x.to(tl.float32), weight, input_precision="ieee")
                 else:
@@ -376,7 +403,9 @@ def codes_in_graph() -> bool:
 
 
 if triton is not None:
-    _LINEAR_KEY = ["M", "N", "K", "IEEE", "PRE", "ZERO"]
+    # (FLOAT_W in the key: its bf16 weight tiles take more shared memory, and 128×256×128
+    # does not fit with them, 288 KB on sm_90, where it fits without, 224 KB)
+    _LINEAR_KEY = ["M", "N", "K", "IEEE", "PRE", "ZERO", "FLOAT_W"]
     _real_linear_tuned = autotuned(_real_linear_kernel, TILES, _LINEAR_KEY)
     _packed_linear_tuned = autotuned(_real_linear_kernel, TILES, _LINEAR_KEY)
 
@@ -391,7 +420,7 @@ def unread(x: torch.Tensor) -> torch.Tensor:
 
 
 def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-                integer_only: bool = False):
+                integer_only: bool = False, w_float: torch.Tensor | None = None):
     """``x [..., K]`` through the layer: one launch, integer or float math by the option that
     ``choice`` names (see the module doc); returns ``[..., N]`` in x's dtype. ``w`` is int8
     ``[N, K]`` codes, or uint8 ``[N, ceil(K/2)]`` packed 4-bit codes (:func:`pack_rows`).
@@ -401,7 +430,9 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     implementation) and fuses what lies around it, instead of breaking the graph or falling back
     to the simulation. Eager calls launch directly. ``integer_only``: every option of the
     layer runs in integer math (at most 8 bits), so that the kernel reads only the codes, never
-    x: a compiled graph then hands the operator :func:`unread` instead of x."""
+    x: a compiled graph then hands the operator :func:`unread` instead of x. ``w_float``: the
+    dequantized weights (:func:`float_weights`, ``[N, K]`` in x's dtype), which the float math
+    of wider options then reads instead of dequantizing the codes in every tile."""
     k_dim = x.shape[-1]
     if k_dim > MAX_K:
         raise ValueError(f"integer execution accumulates K ≤ {MAX_K} exactly; got K = {k_dim}")
@@ -410,24 +441,27 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     step = step if steps else choice
     if not torch.compiler.is_compiling():
         return _launch_linear(x, None, table, choice, step, steps, integer, offset, w, w_sum,
-                              w_zero, w_scale, bias)
+                              w_zero, w_scale, bias, w_float=w_float)
     a = graph_codes(x, table, choice, step, steps, offset) if codes_in_graph() else None
     read = a is None or not integer_only
     return torch.ops.qlip.real_linear(x if read else unread(x), a, table, choice, step, steps,
-                                      integer, offset, w, w_sum, w_zero, w_scale, bias, read)
+                                      integer, offset, w, w_sum, w_zero, w_scale, bias, read,
+                                      w_float)
 
 
 def _launch_linear(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
                    choice: torch.Tensor, step: torch.Tensor, steps: int, integer: torch.Tensor,
                    offset: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
                    w_zero: torch.Tensor | None, w_scale: torch.Tensor,
-                   bias: torch.Tensor | None, x_read: bool = True) -> torch.Tensor:
+                   bias: torch.Tensor | None, x_read: bool = True,
+                   w_float: torch.Tensor | None = None) -> torch.Tensor:
     """``a``: x's int8 codes (:func:`graph_codes`, in a compiled graph), or None: the codes
     kernel rounds them here (where :data:`PREQUANTIZE`). ``x_read`` False (with ``a``): x is
     :func:`unread`, its shape and dtype all the kernel takes from it (no option of the layer
-    runs in float math)."""
+    runs in float math). ``w_float``: see :func:`real_linear`."""
     if not x_read and a is None:
         raise ValueError("an unread x needs its codes (a)")
+    check_float_weights(w_float, w, x.shape[-1], x.dtype)
     lead, k_dim = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k_dim)
     if x_read and (x2.stride(1) != 1 or (PREQUANTIZE and a is None and not x2.is_contiguous())):
@@ -443,11 +477,13 @@ def _launch_linear(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
         a = x2
     operands = (x2, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
-                bias if bias is not None else w_scale, m, n, k_dim, (k_dim + 1) // 2, steps,
-                x2.stride(0), w.stride(0), out.stride(0))
+                bias if bias is not None else w_scale, w_float if w_float is not None else out,
+                m, n, k_dim, (k_dim + 1) // 2, steps, x2.stride(0), w.stride(0), out.stride(0),
+                k_dim)
     packed = w.dtype == torch.uint8
     flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                 PACKED=packed, PRE=a is not x2, ZERO=zero_mode(w, w_zero))
+                 PACKED=packed, PRE=a is not x2, ZERO=zero_mode(w, w_zero),
+                 FLOAT_W=w_float is not None)
     if packed:
         launch(_real_linear_kernel, _packed_linear_tuned, TILES, m, n, operands, flags)
     else:
@@ -462,5 +498,19 @@ _real_linear_op = torch.library.custom_op("qlip::real_linear", mutates_args=())(
 
 @_real_linear_op.register_fake
 def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-      x_read=True):
+      x_read=True, w_float=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def check_float_weights(w_float: torch.Tensor | None, w: torch.Tensor, k: int,
+                        dtype: torch.dtype) -> None:
+    """``w_float``, where given, is the ``[N, K]`` contiguous copy :func:`float_weights` makes, in
+    the input's dtype, on its device."""
+    if w_float is None:
+        return
+    want = (w.shape[0], k)
+    if (tuple(w_float.shape) != want or w_float.dtype != dtype or not w_float.is_contiguous()
+            or w_float.device != w.device):
+        raise ValueError(f"w_float must be the contiguous {want} {dtype} weights of "
+                         f"real_gemm.float_weights on {w.device}; got {tuple(w_float.shape)} "
+                         f"{w_float.dtype} on {w_float.device}")
