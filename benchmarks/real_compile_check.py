@@ -16,7 +16,7 @@ at A16, with no recompilation. Sixteenth session, with the codes as PyTorch ops 
 layers): 81 s, the same equality at A4 and A8, 1.8e-6 at A16, no recompilation.
 
 ``--options 4,8`` takes an integer-only bank: the kernels never read x, and the compiled graph
-hands each operator its codes and a one-element stand-in of x (``real_gemm.unread``).
+hands each operator its codes and no x (None).
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ def test_the_report_counts_registers_spills_and_hopper_instructions():
     assert bench.constants("conv_packed", tile) == {
         "HAS_STEPS": True, "HAS_BIAS": True, "IEEE": False, "PACKED": True, "PRE": True,
         "ZERO": 1, "KH": 3, "KW": 3, "PH": 1, "PW": 1, "TAP_MAJOR": True, "PAIRED": True,
-        "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}
+        "FLOAT_W": False, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}
     assert bench.constants("linear", tile)["ZERO"] == 0 and "KH" not in bench.constants("linear", tile)
     assert bench.constants("conv", tile)["TAP_MAJOR"] and not bench.constants("conv", tile)["PAIRED"]
+    # the stored float weights of A16 beside A8: int8 codes (centered), FLOAT_W on
+    for kind in ("linear_float", "conv_float"):
+        consts = bench.constants(kind, tile)
+        assert consts["FLOAT_W"] and not consts["PACKED"] and consts["ZERO"] == 0, kind

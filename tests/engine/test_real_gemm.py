@@ -410,9 +410,9 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
     # every real layer's int8 codes are PyTorch ops of the graph (rg.CODES_IN_GRAPH), for
     # Inductor to fuse into the op that produces the layer's input
     assert all(n.args[1] is not None for n in real_calls)
-    # A16 is float math: the kernel may read x, so every call gets x itself (x_read), and the
-    # layer's dequantized weights (w_float, the last operand), which that math reads
-    assert all(n.args[-2] is True and n.args[-1] is not None for n in real_calls)
+    # A16 is float math: the kernel may read x, so every call gets x itself (its first operand),
+    # and the layer's dequantized weights (w_float, the last operand), which that math reads
+    assert all(n.args[0] is not None and n.args[-1] is not None for n in real_calls)
     assert torch.allclose(first, eager[4], rtol=1e-5, atol=1e-5)
     with torch.compiler.set_stance("fail_on_recompile"):
         for bits in (8, 16, 4):
@@ -430,9 +430,10 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
 def test_a_compiled_integer_only_layer_hands_over_its_codes_and_not_its_input(tiny_pipe,
                                                                                monkeypatch):
     """Where every option of a layer is integer math (the bank {4, 8}), the kernel never reads x:
-    a compiled graph gives the operator x's codes and a one-element stand-in of x's shape
-    (every stride 0), so that x's only consumer is the codes ops and Inductor need not write it.
-    The outputs stay the eager real model's."""
+    a compiled graph gives the operator x's codes and no x (None), so that x's only consumer is
+    the codes ops and Inductor need not write it. (A one-element stand-in of x's shape, the
+    seventeenth session's, cost a one-element kernel a layer under Inductor.) The kernel's x
+    pointer is then the output buffer, never read. The outputs stay the eager real model's."""
     from qlip.nn import QuantConfig, use_real_execution
     from qlip.testing import step_at_bits
 
@@ -451,14 +452,13 @@ def test_a_compiled_integer_only_layer_hands_over_its_codes_and_not_its_input(ti
 
     def spy(original):  # what each launch hands the kernel as x (its first operand)
         def launch(kernel, tuned, tiles, m, n, operands, flags):
-            x_in = operands[0]
-            seen.append((set(x_in.stride()), x_in.untyped_storage().nbytes(), flags["PRE"]))
+            seen.append((operands[0] is operands[3], flags["PRE"]))  # x pointer = the output's
             return original(kernel, tuned, tiles, m, n, operands, flags)
         return launch
     monkeypatch.setattr(rg, "launch", spy(rg.launch))
     monkeypatch.setattr(rc, "launch", spy(rc.launch))
     eager = {bits: step_at_bits(unet, units, bits, x, t, c) for bits in (4, 8)}
-    assert seen and all(strides != {0} for strides, _, _ in seen)  # eager: x (the codes kernel's)
+    assert seen and not any(is_out for is_out, _ in seen)  # eager: x (the codes kernel's)
     torch._dynamo.reset()
     compiled = torch.compile(unet.forward, backend=recording, fullgraph=True)
     seen.clear()
@@ -467,24 +467,48 @@ def test_a_compiled_integer_only_layer_hands_over_its_codes_and_not_its_input(ti
         assert torch.allclose(got, eager[bits], rtol=1e-5, atol=1e-5), bits
     real_calls = [n for n in graphs[0].graph.nodes
                   if n.op == "call_function" and "qlip.real_" in str(n.target)]
-    # x unread (x_read False), and no float weights kept (w_float, the last operand, None)
-    assert real_calls and all(n.args[-2] is False and n.args[-1] is None for n in real_calls)
-    # the operators ran on the stand-in: one element of storage, every stride 0, codes given
+    # no x (None), and no float weights kept (w_float, the last operand, None)
+    assert real_calls and all(n.args[0] is None and n.args[-1] is None for n in real_calls)
+    # the operators ran on the codes alone, the kernels' x pointer the output's
     assert len(seen) >= 2 * len(real_calls)
-    assert all(strides == {0} and nbytes <= 4 and pre for strides, nbytes, pre in seen)
+    assert all(is_out and pre for is_out, pre in seen)
     torch._dynamo.reset()
 
 
-def test_an_unread_input_needs_its_codes():
-    """x may be left unread only where the codes come with it: the codes kernel would read x."""
+def test_a_missing_input_needs_its_codes():
+    """x may be left out only where the codes come with it: the codes kernel would read x."""
     from qlip.quant import real_conv as rc
 
-    x = torch.empty(2, 8)
     with pytest.raises(ValueError, match="needs its codes"):
-        rg._launch_linear(rg.unread(x), None, *([None] * 11), False)
+        rg._launch_linear(None, None, *([None] * 11))
     with pytest.raises(ValueError, match="needs its codes"):
-        rc._launch_conv2d(rg.unread(torch.empty(1, 2, 3, 3)), None, *([None] * 11), [3, 3],
-                          [1, 1], True, [1, 1], False)
+        rc._launch_conv2d(None, None, *([None] * 11), [3, 3], [1, 1], True, [1, 1])
+
+
+def test_the_operators_shapes_come_from_the_codes_when_x_is_left_out():
+    """The fake implementations (what torch.compile traces) give the output of the codes alone
+    the shape and dtype x would give: a Linear's codes have x's shape; a conv's are padded NHWC."""
+    from qlip.quant import real_conv as rc
+
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        ft = torch.empty(2, 3, dtype=torch.bfloat16)  # the table, in x's dtype
+        fw = torch.empty(6, 8, dtype=torch.int8)
+        fx = torch.empty(2, 5, 8, dtype=torch.bfloat16)
+        fa = torch.empty(2, 5, 8, dtype=torch.int8)
+        rest = (None, None, 0, None, None, fw, None, None, None, None)
+        with_x = torch.ops.qlip.real_linear(fx, fa, ft, *rest)
+        alone = torch.ops.qlip.real_linear(None, fa, ft, *rest)
+        assert alone.shape == with_x.shape == (2, 5, 6) and alone.dtype == torch.bfloat16
+        image = torch.empty(2, 4, 7, 9, dtype=torch.bfloat16)
+        codes = torch.empty(2, 9, 11, 4, dtype=torch.int8)  # padded by (1, 1)
+        cw = torch.empty(6, 36, dtype=torch.int8)
+        conv = (ft, None, None, 0, None, None, cw, None, None, None, None, [3, 3], [1, 1], True)
+        for stride in ([1, 1], [2, 2]):
+            got = torch.ops.qlip.real_conv2d(None, codes, *conv, stride)
+            want = torch.ops.qlip.real_conv2d(image, codes, *conv, stride)
+            assert got.shape == want.shape and got.stride() == want.stride()
+            assert got.dtype == torch.bfloat16
+    assert rc._input_shape(None, torch.empty(2, 9, 11, 4), (1, 1)) == (2, 4, 7, 9)
 
 
 @needs_kernel

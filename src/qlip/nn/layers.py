@@ -337,9 +337,9 @@ class QuantLayer(QuantUnit):
             run = real_gemm.real_linear  # truth value and broke the graph at every real conv)
         bias = self._parameters.get("bias")
         only = self._real_integer_only
-        # (the copy is in the layer's dtype: an input of another dtype dequantizes in the tiles)
-        floats = tuple(f if f is not None and f.dtype == x.dtype else None
-                       for f in self._real_float)
+        floats = self._real_float
+        if floats[0] is not None and floats[0].dtype != x.dtype:  # (kept in the layer's dtype:
+            floats = (None,) * len(floats)  # an input of another dtype dequantizes in the tiles)
         if len(self.splits) == 1:
             stack = banks["0"]._modules["stack"]
             return run(x, stack._flat_table(x.dtype), choice, step, stack.num_steps or 0,

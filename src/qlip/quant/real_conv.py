@@ -313,10 +313,10 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
                               w_zero, w_scale, bias, *shape, w_float=w_float)
     a = (real_gemm.graph_codes(x.permute(0, 2, 3, 1), table, choice, step, steps, offset,
                                tuple(padding)) if real_gemm.codes_in_graph() else None)
-    read = a is None or not integer_only
-    return torch.ops.qlip.real_conv2d(x if read else real_gemm.unread(x), a, table, choice,
-                                      step, steps, integer, offset, w, w_sum, w_zero, w_scale,
-                                      bias, *shape, read, w_float)
+    read = a is None or not integer_only  # (not read: the codes alone, real_gemm.real_linear)
+    return torch.ops.qlip.real_conv2d(x if read else None, a, table, choice, step, steps,
+                                      integer, offset, w, w_sum, w_zero, w_scale, bias, *shape,
+                                      w_float)
 
 
 CODES_BLOCK = 1024  # elements a program of the padded codes kernel writes
@@ -338,36 +338,45 @@ def padded_codes(xl: torch.Tensor, table, choice, step, steps: int, integer, off
     return a
 
 
-def _output_shape(x: torch.Tensor, n: int, kernel_size, padding,
-                  stride) -> tuple[int, int, int, int]:
-    """``[B, H_out, W_out, N]``: the output as it lies in memory (channels-last)."""
-    b, _, h, width = x.shape
+def _input_shape(x: torch.Tensor | None, a: torch.Tensor | None,
+                 padding) -> tuple[int, int, int, int]:
+    """``(B, C, H, W)`` of the input: x's, or (x None) what its padded NHWC codes ``a`` tell."""
+    if x is not None:
+        return tuple(x.shape)
+    b, hp, wp, c = a.shape
+    return b, c, hp - 2 * padding[0], wp - 2 * padding[1]
+
+
+def _output_shape(x_shape, n: int, kernel_size, padding, stride) -> tuple[int, int, int, int]:
+    """``[B, H_out, W_out, N]``: the output as it lies in memory (channels-last), for an input
+    of ``x_shape`` ``(B, C, H, W)``."""
+    b, _, h, width = x_shape
     return (b, (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1,
             (width + 2 * padding[1] - kernel_size[1]) // stride[1] + 1, n)
 
 
-def _launch_conv2d(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
+def _launch_conv2d(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.Tensor,
                    choice: torch.Tensor, step: torch.Tensor, steps: int, integer: torch.Tensor,
                    offset: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
                    w_zero: torch.Tensor | None, w_scale: torch.Tensor, bias: torch.Tensor | None,
                    kernel_size: list[int], padding: list[int], tap_major: bool,
-                   stride: list[int], x_read: bool = True,
+                   stride: list[int],
                    w_float: torch.Tensor | None = None) -> torch.Tensor:
     """``a``: x's padded NHWC int8 codes (``real_gemm.graph_codes``, in a compiled graph), or
     None: the padded codes kernel writes them here (where ``real_gemm.PREQUANTIZE``).
-    ``x_read`` False (with ``a``): x is ``real_gemm.unread``, only its shape and dtype used.
-    ``w_float``: see :func:`real_conv2d`."""
-    if not x_read and a is None:
-        raise ValueError("an unread x needs its codes (a)")
-    real_gemm.check_float_weights(w_float, w, x.shape[1] * kernel_size[0] * kernel_size[1],
-                                  x.dtype)
-    b, c, h, width = x.shape
+    ``x`` None (with ``a``): the codes are all the kernel reads (no float option); the input's
+    size comes from them and the output's dtype from the table. ``w_float``: see
+    :func:`real_conv2d`."""
+    if x is None and a is None:
+        raise ValueError("a layer given no input (x None) needs its codes (a)")
+    dtype = x.dtype if x is not None else table.dtype
+    b, c, h, width = x_shape = _input_shape(x, a, padding)
     kh, kw = kernel_size
-    _, h_out, w_out, n = shape = _output_shape(x, w.shape[0], kernel_size, padding, stride)
-    xl = x.permute(0, 2, 3, 1)  # [B, H, W, C] (a view for a channels-last x)
-    if x_read:
-        xl = xl.contiguous()
-    out = torch.empty(shape, device=x.device, dtype=x.dtype)
+    real_gemm.check_float_weights(w_float, w, c * kh * kw, dtype)
+    _, h_out, w_out, n = shape = _output_shape(x_shape, w.shape[0], kernel_size, padding, stride)
+    out = torch.empty(shape, device=w.device, dtype=dtype)
+    # [B, H, W, C] (a view for a channels-last x; x None: the kernel's x pointer, never read)
+    xl = x.permute(0, 2, 3, 1).contiguous() if x is not None else out
     table = table.contiguous()
     if a is not None:
         a = a.contiguous()  # [B, H + 2·PH, W + 2·PW, C], as the kernel reads it
@@ -383,7 +392,7 @@ def _launch_conv2d(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
     packed = w.dtype == torch.uint8
     flags = dict(KH=kh, KW=kw, PH=padding[0], PW=padding[1], SH=stride[0], SW=stride[1],
                  HAS_STEPS=bool(steps), HAS_BIAS=bias is not None,
-                 IEEE=x.dtype == torch.float32, PACKED=packed,
+                 IEEE=dtype == torch.float32, PACKED=packed,
                  TAP_MAJOR=tap_major, PRE=pre, ZERO=zero_mode(w, w_zero),
                  PAIRED=packed and tap_major and c % 2 == 0, FLOAT_W=w_float is not None)
     if packed:
@@ -401,6 +410,7 @@ _real_conv2d_op = torch.library.custom_op("qlip::real_conv2d", mutates_args=())(
 
 @_real_conv2d_op.register_fake
 def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-      kernel_size, padding, tap_major, stride, x_read=True, w_float=None):
-    return x.new_empty(_output_shape(x, w.shape[0], kernel_size, padding, stride)).permute(
+      kernel_size, padding, tap_major, stride, w_float=None):
+    shape = _output_shape(_input_shape(x, a, padding), w.shape[0], kernel_size, padding, stride)
+    return table.new_empty(shape, dtype=x.dtype if x is not None else table.dtype).permute(
         0, 3, 1, 2)

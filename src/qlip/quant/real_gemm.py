@@ -171,6 +171,19 @@ def float_weights(w: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.T
     return (codes.float() * w_scale.float()[:, None]).to(dtype).contiguous()
 
 
+def check_float_weights(w_float: torch.Tensor | None, w: torch.Tensor, k: int,
+                        dtype: torch.dtype) -> None:
+    """``w_float``, where given, is the ``[N, K]`` contiguous copy :func:`float_weights` makes, in
+    the input's dtype, on its device."""
+    if w_float is None:
+        return
+    want = (w.shape[0], k)
+    if (tuple(w_float.shape) != want or w_float.dtype != dtype or not w_float.is_contiguous()
+            or w_float.device != w.device):
+        raise ValueError(f"w_float must be the contiguous {want} {dtype} weights of "
+                         f"real_gemm.float_weights on {w.device}; got {tuple(w_float.shape)} "
+                         f"{w_float.dtype} on {w_float.device}")
+
 def reference(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias):
     """What the kernel computes, in PyTorch (float64 for the integer path's bracket): ``x``
     ``[M, K]``; ``table`` ``[K·T, 3]`` in x's dtype; ``choice``/``step`` ``[1]`` long."""
@@ -410,15 +423,6 @@ if triton is not None:
     _packed_linear_tuned = autotuned(_real_linear_kernel, TILES, _LINEAR_KEY)
 
 
-def unread(x: torch.Tensor) -> torch.Tensor:
-    """A stand-in for an input the kernel will not read: x's shape and dtype over one element
-    (every stride 0). Passed to a compiled graph's real operator in x's place where only the
-    codes are read (a layer whose every option is integer math), it leaves x's only consumer
-    the graph's codes ops, so Inductor writes the int8 codes instead of x (2 bytes an element
-    fewer)."""
-    return x.new_empty(()).expand(x.shape)
-
-
 def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
                 integer_only: bool = False, w_float: torch.Tensor | None = None):
     """``x [..., K]`` through the layer: one launch, integer or float math by the option that
@@ -430,7 +434,10 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     implementation) and fuses what lies around it, instead of breaking the graph or falling back
     to the simulation. Eager calls launch directly. ``integer_only``: every option of the
     layer runs in integer math (at most 8 bits), so that the kernel reads only the codes, never
-    x: a compiled graph then hands the operator :func:`unread` instead of x. ``w_float``: the
+    x: a compiled graph then hands the operator the codes alone (x None), and x's only
+    consumer is the graph's codes ops, so Inductor writes the int8 codes instead of x (2 bytes
+    an element fewer). (A stand-in of x's shape over one element cost the compiled SD 1.4 step
+    a one-element kernel a layer, 0.29 ms of 25.2 on an H100, eighteenth session.) ``w_float``: the
     dequantized weights (:func:`float_weights`, ``[N, K]`` in x's dtype), which the float math
     of wider options then reads instead of dequantizing the codes in every tile."""
     k_dim = x.shape[-1]
@@ -444,31 +451,34 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
                               w_zero, w_scale, bias, w_float=w_float)
     a = graph_codes(x, table, choice, step, steps, offset) if codes_in_graph() else None
     read = a is None or not integer_only
-    return torch.ops.qlip.real_linear(x if read else unread(x), a, table, choice, step, steps,
-                                      integer, offset, w, w_sum, w_zero, w_scale, bias, read,
-                                      w_float)
+    return torch.ops.qlip.real_linear(x if read else None, a, table, choice, step, steps,
+                                      integer, offset, w, w_sum, w_zero, w_scale, bias, w_float)
 
 
-def _launch_linear(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
+def _launch_linear(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.Tensor,
                    choice: torch.Tensor, step: torch.Tensor, steps: int, integer: torch.Tensor,
                    offset: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
                    w_zero: torch.Tensor | None, w_scale: torch.Tensor,
-                   bias: torch.Tensor | None, x_read: bool = True,
+                   bias: torch.Tensor | None,
                    w_float: torch.Tensor | None = None) -> torch.Tensor:
     """``a``: x's int8 codes (:func:`graph_codes`, in a compiled graph), or None: the codes
-    kernel rounds them here (where :data:`PREQUANTIZE`). ``x_read`` False (with ``a``): x is
-    :func:`unread`, its shape and dtype all the kernel takes from it (no option of the layer
-    runs in float math). ``w_float``: see :func:`real_linear`."""
-    if not x_read and a is None:
-        raise ValueError("an unread x needs its codes (a)")
-    check_float_weights(w_float, w, x.shape[-1], x.dtype)
-    lead, k_dim = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k_dim)
-    if x_read and (x2.stride(1) != 1 or (PREQUANTIZE and a is None and not x2.is_contiguous())):
-        x2 = x2.contiguous()
+    kernel rounds them here (where :data:`PREQUANTIZE`). ``x`` None (with ``a``): no option of
+    the layer runs in float math, so the codes are all the kernel reads; the output then takes
+    the codes' shape and the table's dtype (the table is in x's). ``w_float``: see
+    :func:`real_linear`."""
+    if x is None and a is None:
+        raise ValueError("a layer given no input (x None) needs its codes (a)")
+    shape, dtype = (x.shape, x.dtype) if x is not None else (a.shape, table.dtype)
+    lead, k_dim = shape[:-1], shape[-1]
+    check_float_weights(w_float, w, k_dim, dtype)
     table = table.contiguous()  # (a compiled graph may hand over a strided slice)
-    m, n = x2.shape[0], w.shape[0]
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    m, n = lead.numel(), w.shape[0]
+    out = torch.empty(m, n, device=w.device, dtype=dtype)
+    x2 = out  # (x None: the kernel's x pointer, never read)
+    if x is not None:
+        x2 = x.reshape(-1, k_dim)
+        if x2.stride(1) != 1 or (PREQUANTIZE and a is None and not x2.is_contiguous()):
+            x2 = x2.contiguous()
     if a is not None:  # rows of K codes, one after the other, as the kernel reads them
         a = a.reshape(-1, k_dim).contiguous()
     elif PREQUANTIZE:
@@ -481,7 +491,7 @@ def _launch_linear(x: torch.Tensor, a: torch.Tensor | None, table: torch.Tensor,
                 m, n, k_dim, (k_dim + 1) // 2, steps, x2.stride(0), w.stride(0), out.stride(0),
                 k_dim)
     packed = w.dtype == torch.uint8
-    flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+    flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, IEEE=dtype == torch.float32,
                  PACKED=packed, PRE=a is not x2, ZERO=zero_mode(w, w_zero),
                  FLOAT_W=w_float is not None)
     if packed:
@@ -498,19 +508,8 @@ _real_linear_op = torch.library.custom_op("qlip::real_linear", mutates_args=())(
 
 @_real_linear_op.register_fake
 def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-      x_read=True, w_float=None):
+      w_float=None):
+    if x is None:  # the codes alone: their shape, the table's dtype
+        return a.new_empty(*a.shape[:-1], w.shape[0], dtype=table.dtype)
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
-
-def check_float_weights(w_float: torch.Tensor | None, w: torch.Tensor, k: int,
-                        dtype: torch.dtype) -> None:
-    """``w_float``, where given, is the ``[N, K]`` contiguous copy :func:`float_weights` makes, in
-    the input's dtype, on its device."""
-    if w_float is None:
-        return
-    want = (w.shape[0], k)
-    if (tuple(w_float.shape) != want or w_float.dtype != dtype or not w_float.is_contiguous()
-            or w_float.device != w.device):
-        raise ValueError(f"w_float must be the contiguous {want} {dtype} weights of "
-                         f"real_gemm.float_weights on {w.device}; got {tuple(w_float.shape)} "
-                         f"{w_float.dtype} on {w_float.device}")
