@@ -8,7 +8,9 @@ Autotune keeps one tile per shape and records nothing of the others; here each c
 once: the eager step's path), timed with ``triton.testing.do_bench`` (median ms). ``gemm_tiles``
 times the same launches given the codes, as a compiled step runs them (its graph computes the
 codes, fused into the kernel that produces the layer's input): the GEMM alone, to set beside
-bf16. Each row also times the same layer in bf16 (``F.linear``; ``F.conv2d`` channels-last), and
+bf16. ``persistent_tiles`` times the same codes through the persistent TMA kernel
+(``real_gemm.PERSISTENT``, an integer-only layer's path), beside ``gemm_graph_tiles``, the
+one-tile-a-program kernel on them, both replayed from a CUDA graph (no host work counted). Each row also times the same layer in bf16 (``F.linear``; ``F.conv2d`` channels-last), and
 the codes kernel alone. A tile that cannot launch (shared memory) is recorded as such.
 
     python benchmarks/real_tile_sweep.py --out OUT/real_tile_sweep.json
@@ -65,6 +67,17 @@ def bench(fn) -> float | str:
         return f"{type(error).__name__}: {str(error)[:120]}"
 
 
+def bench_graph(fn) -> float | str:
+    """Median ms of ``fn`` replayed from a CUDA graph (as a compiled step runs it): the host's
+    work, such as the persistent kernel's TMA descriptors, is left out."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return float(do_bench_cudagraph(fn, rep=40, return_mode="median"))
+    except Exception as error:  # noqa: BLE001 (a tile that cannot launch is a result)
+        return f"{type(error).__name__}: {str(error)[:120]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--extra-tiles", type=tiles_arg, default=tiles_arg(EXTRA_TILES))
@@ -99,7 +112,7 @@ def main() -> None:
                 row = {"kind": "linear", "shape": [m, n, k],
                        "bf16": bench(partial(F.linear, x, weight, ops[-1])),
                        "codes": bench(partial(real_gemm.int8_codes, x, *ops[:6])), "tiles": {},
-                       "gemm_tiles": {}}
+                       "gemm_tiles": {}, "gemm_graph_tiles": {}, "persistent_tiles": {}}
                 codes = real_gemm.int8_codes(x, *ops[:6])
                 for tile in tiles:
                     real_gemm.FORCE_TILE = tile
@@ -107,6 +120,14 @@ def main() -> None:
                     row["tiles"][name] = bench(partial(real_gemm.real_linear, x, *ops))
                     row["gemm_tiles"][name] = bench(partial(real_gemm._launch_linear, x, codes,
                                                             *ops))
+                    # the persistent TMA kernel on the same codes (an integer-only layer: x
+                    # None), both kernels replayed from a CUDA graph
+                    row["gemm_graph_tiles"][name] = bench_graph(partial(
+                        real_gemm._launch_linear, None, codes, *ops))
+                    real_gemm.PERSISTENT = True
+                    row["persistent_tiles"][name] = bench_graph(partial(
+                        real_gemm._launch_linear, None, codes, *ops))
+                    real_gemm.PERSISTENT = False
                 real_gemm.FORCE_TILE = None
                 rows.append(row)
                 save()
@@ -154,9 +175,16 @@ def main() -> None:
         best = min(timed, key=timed.get) if timed else None
         gemm = {t: v for t, v in r["gemm_tiles"].items() if isinstance(v, float)}
         best_gemm = min(gemm, key=gemm.get) if gemm else None
+        persistent = {t: v for t, v in r.get("persistent_tiles", {}).items()
+                      if isinstance(v, float)}
+        best_p = min(persistent, key=persistent.get) if persistent else None
+        graphed = {t: v for t, v in r.get("gemm_graph_tiles", {}).items() if isinstance(v, float)}
+        best_g = min(graphed, key=graphed.get) if graphed else None
         print(f"{r['kind']} {r['shape']}: bf16 {r['bf16']:.3f} ms, codes {r['codes']:.3f} ms, "
               f"best tile {best} {timed.get(best, float('nan')):.3f} ms, GEMM alone "
-              f"{best_gemm} {gemm.get(best_gemm, float('nan')):.3f} ms; "
+              f"{best_gemm} {gemm.get(best_gemm, float('nan')):.3f} ms"
+              + (f"; from a CUDA graph: GEMM {best_g} {graphed[best_g]:.3f} ms, persistent "
+                 f"{best_p} {persistent[best_p]:.3f} ms" if best_p and best_g else "") + "; "
               + ", ".join(f"{t} {v:.3f}" for t, v in timed.items()))
 
 

@@ -7,7 +7,9 @@ only; layers + attention, materialised or fused: ``w4a8_attention_fused`` runs s
 qlip.quant.fused_attention's Triton kernel; ``w4a8_layers_pytorch`` without the one-launch
 quantizer; ``w4a8_layers_real`` with the Linear layers and convs in int8 math,
 qlip.quant.real_gemm/real_conv; ``w4a8_layers_real_packed`` the same on packed 4-bit weights,
-every layer's codes two a byte) and a W4A{8,16,32} bank whose every unit's bits change
+every layer's codes two a byte; ``w4a8_layers_real_persistent`` the int8 one with its Linear
+layers through the persistent TMA kernel, ``real_gemm.PERSISTENT``) and a W4A{8,16,32} bank
+whose every unit's bits change
 at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
 
     python benchmarks/sd14_unet_step.py --out benchmarks/results/sd14_unet_step.json
@@ -49,10 +51,11 @@ from qlip.policies import BitPolicy, FixedBits
 from qlip.testing import build_unet, unet_step_inputs
 
 VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real",
-            "w4a8_layers_real_packed", "w4a8_attention",
+            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_attention",
             "w4a8_attention_fused", "bank")
 COMPILED = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_real",
-            "w4a8_layers_real_packed", "w4a8_attention", "w4a8_attention_fused", "bank")
+            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_attention",
+            "w4a8_attention_fused", "bank")
 BANK = (8, 16, 32)
 
 
@@ -157,6 +160,10 @@ def build(variant: str, args):
     if variant.startswith("w4a8_layers_real"):  # the Linear layers in int8 math (real_gemm)
         if variant.endswith("_packed"):  # on the packed 4-bit codes themselves
             pack_weights(unet)
+        if variant.endswith("_persistent"):  # (this variant's own process)
+            from qlip.quant import real_gemm
+
+            real_gemm.PERSISTENT = True  # the Linear layers through the persistent TMA kernel
         use_real_execution(unet, True)
     return unet, quant_units(unet)
 
@@ -458,7 +465,8 @@ def summarise(results: dict) -> None:
     if base_compiled and "compiled" in layers:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
     base_graph = base.get("compiled_graph", {}).get("median_ms")
-    for name in ("w4a8_layers", "w4a8_layers_real", "w4a8_layers_real_packed", "w4a8_attention",
+    for name in ("w4a8_layers", "w4a8_layers_real", "w4a8_layers_real_packed",
+                 "w4a8_layers_real_persistent", "w4a8_attention",
                  "w4a8_attention_fused", "bank"):
         # by the compiled step's GPU time (bank: A8, attention quantized)
         if base_graph and "compiled_graph" in v.get(name, {}):

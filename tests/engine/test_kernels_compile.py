@@ -54,6 +54,20 @@ def _real_conv(tile, packed=False, tap_major=True, pre=True, zero=None, paired=F
          "PAIRED": paired, "SH": stride, "SW": stride, "FLOAT_W": float_w})
 
 
+def _persistent_linear(tile):
+    """The persistent TMA kernel of integer-only Linear layers (real_gemm.PERSISTENT)."""
+    block_m, block_n, block_k = tile[:3]
+    return lambda dt: (
+        rg._persistent_linear_kernel,
+        {"a_desc": f"tensordesc<i8[{block_m}, {block_k}]>",
+         "w_desc": f"tensordesc<i8[{block_n}, {block_k}]>",
+         "out_desc": f"tensordesc<{dt}[{block_m}, {block_n}]>", "table_ptr": f"*{dt}",
+         "choice_ptr": "*i64", "step_ptr": "*i64", "offset_ptr": "*i32", "w_sum_ptr": "*i32",
+         "w_scale_ptr": "*fp32", "bias_ptr": f"*{dt}"},
+        {"HAS_STEPS": True, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": block_n,
+         "BLOCK_K": block_k, "PROGRAMS": 132})
+
+
 CASES = {
     "fake_quantize": _fake_quantize(False),
     "fake_quantize_per_image": _fake_quantize(True),
@@ -74,6 +88,8 @@ CASES = {
     "real_linear_packed": _real_linear(rg.TILES[0], packed=True),
     "real_linear_packed_long_k": _real_linear((128, 128, 128), packed=True),
     "real_linear_float_weights": _real_linear((128, 128, 128), float_w=True),  # QLIP's A16
+    "real_linear_persistent": _persistent_linear(rg.TILES[0]),
+    "real_linear_persistent_large": _persistent_linear((128, 256, 128)),
     "real_conv": _real_conv(rg.TILES[0]),
     "real_conv_float_weights": _real_conv((128, 128, 128), float_w=True),
     "real_conv_weight_order_codes_in_tiles": _real_conv(rg.TILES[0], tap_major=False, pre=False),

@@ -411,8 +411,8 @@ def test_a_compiled_unet_keeps_the_real_kernels_and_follows_the_bits(tiny_pipe, 
     # Inductor to fuse into the op that produces the layer's input
     assert all(n.args[1] is not None for n in real_calls)
     # A16 is float math: the kernel may read x, so every call gets x itself (its first operand),
-    # and the layer's dequantized weights (w_float, the last operand), which that math reads
-    assert all(n.args[0] is not None and n.args[-1] is not None for n in real_calls)
+    # and the layer's dequantized weights (w_float), which that math reads
+    assert all(n.args[0] is not None and _w_float_arg(n) is not None for n in real_calls)
     assert torch.allclose(first, eager[4], rtol=1e-5, atol=1e-5)
     with torch.compiler.set_stance("fail_on_recompile"):
         for bits in (8, 16, 4):
@@ -467,12 +467,18 @@ def test_a_compiled_integer_only_layer_hands_over_its_codes_and_not_its_input(ti
         assert torch.allclose(got, eager[bits], rtol=1e-5, atol=1e-5), bits
     real_calls = [n for n in graphs[0].graph.nodes
                   if n.op == "call_function" and "qlip.real_" in str(n.target)]
-    # no x (None), and no float weights kept (w_float, the last operand, None)
-    assert real_calls and all(n.args[0] is None and n.args[-1] is None for n in real_calls)
+    # no x (None), and no float weights kept (w_float None)
+    assert real_calls and all(n.args[0] is None and _w_float_arg(n) is None for n in real_calls)
     # the operators ran on the codes alone, the kernels' x pointer the output's
     assert len(seen) >= 2 * len(real_calls)
     assert all(is_out and pre for is_out, pre in seen)
     torch._dynamo.reset()
+
+
+def _w_float_arg(node):
+    """The ``w_float`` operand of a traced real operator's call (real_linear: after the bias;
+    real_conv2d: after the kernel size, padding, tap order and stride)."""
+    return node.args[13] if "real_linear" in str(node.target) else node.args[17]
 
 
 def test_a_missing_input_needs_its_codes():
@@ -624,3 +630,41 @@ def test_real_layers_keep_float_weights_only_where_an_option_runs_in_float_math(
     use_real_execution(unet, float_weights=False)
     layers[0].refresh_weight()
     assert all(f is None for m in layers for f in m._real_float)
+
+
+@needs_kernel
+@pytest.mark.parametrize("steps", [None, 3], ids=["one_row", "per_step"])
+@pytest.mark.parametrize("bias_on", [True, False], ids=["bias", "no_bias"])
+def test_the_persistent_kernel_gives_the_same_integer_product(steps, bias_on, monkeypatch):
+    """An integer-only layer through the persistent TMA kernel (rg.PERSISTENT): the same bits
+    as the one-tile-a-program kernel at every integer option and step row, with M, N and K off
+    the tiles (TMA's zero fill at the edges), and more tiles than programs (each program walks
+    several: 4 × 3 tiles of 64 × 64, N = 136, over the interpreter's 4 programs). Codes its descriptors
+    cannot address (K not a multiple of 16) take the other kernel."""
+    device = kernel_device()
+    acts, (w, w_sum, w_zero, w_scale), _, bias = _layer(4, n=136, k=80, steps=steps)
+    integer, offset = rg.int8_offsets(OPTIONS)
+    x = torch.randn(4, 50, 80, generator=torch.Generator().manual_seed(9)) + 0.4
+    table = acts._flat_table(torch.float32)
+    taken = []
+    original = rg._launch_persistent
+    monkeypatch.setattr(rg, "_launch_persistent", lambda *a: taken.append(1) or original(*a))
+    for choice in range(3):  # the integer options: 4, 6, 8 bits
+        for step in range(steps or 1):
+            args = [t.to(device) for t in (x, table, torch.tensor([choice]), torch.tensor([step]))]
+            args += [steps or 0] + [on(t, device) for t in (integer, offset, w, w_sum, w_zero,
+                                                            w_scale, bias if bias_on else None)]
+            monkeypatch.setattr(rg, "PERSISTENT", False)
+            plain = rg.real_linear(*args, integer_only=True).cpu()
+            monkeypatch.setattr(rg, "PERSISTENT", True)
+            before = len(taken)
+            persistent = rg.real_linear(*args, integer_only=True).cpu()
+            assert len(taken) == before + 1
+            assert torch.equal(persistent, plain), (choice, step)
+    acts, (w, w_sum, w_zero, w_scale), _, bias = _layer(4, n=136, k=72)  # K = 72: not for TMA
+    args = [t.to(device) for t in (x[..., :72], acts._flat_table(torch.float32),
+                                    torch.tensor([0]), torch.tensor([0]))]
+    args += [0] + [on(t, device) for t in (integer, offset, w, w_sum, w_zero, w_scale, bias)]
+    before = len(taken)
+    rg.real_linear(*args, integer_only=True)
+    assert len(taken) == before

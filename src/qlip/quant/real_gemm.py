@@ -59,8 +59,14 @@ import torch
 
 from .fused_quantize import fixed_tile, triton, tuner
 
+TensorDescriptor = None  # host-side TMA descriptors, where this Triton has them (3.4 on)
 if triton is not None:
     import triton.language as tl
+
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        pass
 
     from .fused_quantize import grid_codes, load_grid
 
@@ -337,6 +343,50 @@ if triton is not None:
                  mask=m_ok & n_ok)
 
 
+    @triton.jit
+    def _persistent_linear_kernel(a_desc, w_desc, out_desc, table_ptr, choice_ptr, step_ptr,
+                                  offset_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, M, N, K, steps,
+                                  HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr):
+        """The integer path alone (a layer whose every option is integer math, centered weight
+        codes), persistent: ``PROGRAMS`` programs walk the output tiles, each tile's codes and
+        weights loaded by TMA (``a_desc`` ``[M, K]``, ``w_desc`` ``[N, K]``, int8; zeros past
+        the edges, so no masks), its output stored by TMA (``out_desc``). One loop over tiles
+        and K blocks: the software pipeline issues the next tile's loads before this tile's
+        epilogue, which the one-tile-a-program kernel cannot overlap. Its products are
+        :func:`_real_linear_kernel`'s, bit for bit (the same bracket, the same scaling)."""
+        choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
+        z_a = (-low - tl.load(offset_ptr + choice).to(tl.float32)).to(tl.int32)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles = tiles_m * tl.cdiv(N, BLOCK_N)
+        k_blocks = tl.cdiv(K, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        tile = tl.program_id(0) - PROGRAMS
+        k_block = k_blocks - 1
+        off_m = 0
+        off_n = 0
+        for _ in range(0, tl.cdiv(tiles - tl.program_id(0), PROGRAMS) * k_blocks):
+            k_block = tl.where(k_block == k_blocks - 1, 0, k_block + 1)
+            if k_block == 0:  # the next tile of this program (row tiles fastest)
+                tile += PROGRAMS
+                off_m = (tile % tiles_m) * BLOCK_M
+                off_n = (tile // tiles_m) * BLOCK_N
+            a = a_desc.load([off_m, k_block * BLOCK_K])
+            w = w_desc.load([off_n, k_block * BLOCK_K])
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+            if k_block == k_blocks - 1:  # the tile's epilogue: Σ a·w − z_a·Σ_k w, scaled
+                offs_n = off_n + tl.arange(0, BLOCK_N)
+                w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
+                w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+                out = (acc - z_a * w_sum[None, :]).to(tl.float32) * (scale * w_scale[None, :])
+                if HAS_BIAS:
+                    out += tl.load(bias_ptr + offs_n, mask=offs_n < N,
+                                   other=0.0).to(tl.float32)[None, :]
+                out_desc.store([off_m, off_n], out.to(out_desc.dtype))
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+
+
 def autotuned(kernel, tiles, key: list[str]):
     """``kernel`` under triton.autotune over ``tiles`` (BLOCK_M, BLOCK_N, BLOCK_K, warps,
     stages), timed once per value of the ``key`` arguments."""
@@ -422,6 +472,61 @@ if triton is not None:
     _real_linear_tuned = autotuned(_real_linear_kernel, TILES, _LINEAR_KEY)
     _packed_linear_tuned = autotuned(_real_linear_kernel, TILES, _LINEAR_KEY)
 
+    def _descriptor_blocks(nargs: dict) -> None:
+        """triton.autotune's pre-hook: each TMA descriptor's block, the config's tile."""
+        m, n, k = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+        nargs["a_desc"].block_shape = [m, k]
+        nargs["w_desc"].block_shape = [n, k]
+        nargs["out_desc"].block_shape = [m, n]
+
+    _persistent_tuned = tuner([triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
+                                             num_warps=w, num_stages=st, pre_hook=_descriptor_blocks)
+                               for m, n, k, w, st in TILES], ["M", "N", "K"])(_persistent_linear_kernel)
+
+# Integer-only Linear layers (every option at most 8 bits, centered int8 weight codes) through the
+# persistent TMA kernel (:func:`_persistent_linear_kernel`) instead of one program a tile. Off
+# until timed on a GPU: on an H100 the one-tile-a-program int8 GEMM ran 1.2–1.9× cuBLAS's bf16
+# on the SD 1.4 step's Linear shapes (the eighteenth session), worst where K is short and the
+# epilogue's store dominates, which the persistent loop overlaps with the next tile's loads.
+PERSISTENT = False
+
+
+def persistent_ok(a: torch.Tensor, w: torch.Tensor, w_zero, out: torch.Tensor) -> bool:
+    """Whether :data:`PERSISTENT` can take this product: Triton with host TMA descriptors, int8
+    centered codes (not packed, no zero point), and rows TMA can address (16-byte aligned
+    starts and strides)."""
+    return (PERSISTENT and TensorDescriptor is not None and w.dtype == torch.int8
+            and w_zero is None
+            and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+                    and t.stride(1) == 1 for t in (a, w, out)))
+
+
+def _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_scale,
+                       bias) -> None:
+    """``out [M, N] = `` the integer product of the codes ``a [M, K]`` and ``w [N, K]``,
+    scaled, through :func:`_persistent_linear_kernel` (its tile: autotune's, or the first of
+    :data:`TILES` where :func:`~qlip.quant.fused_quantize.fixed_tile`, or :data:`FORCE_TILE`)."""
+    m, k = a.shape
+    n = w.shape[0]
+    block_m, block_n, block_k, warps, stages = FORCE_TILE or TILES[0]
+    descs = (TensorDescriptor.from_tensor(a, [block_m, block_k]),
+             TensorDescriptor.from_tensor(w, [block_n, block_k]),
+             TensorDescriptor.from_tensor(out, [block_m, block_n]))
+    programs = (torch.cuda.get_device_properties(out.device).multi_processor_count
+                if out.is_cuda else 4)
+    operands = (*descs, table, choice, step, offset, w_sum, w_scale,
+                bias if bias is not None else w_scale, m, n, k, steps)
+    flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, PROGRAMS=programs)
+
+    def grid(meta):
+        return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+    if fixed_tile() or FORCE_TILE is not None:
+        extra = {} if FORCE_TILE is None else {"num_warps": warps, "num_stages": stages}
+        _persistent_linear_kernel[grid(dict(BLOCK_M=block_m, BLOCK_N=block_n))](
+            *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **extra)
+    else:
+        _persistent_tuned[grid](*operands, **flags)
+
 
 def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
                 integer_only: bool = False, w_float: torch.Tensor | None = None):
@@ -448,11 +553,12 @@ def real_linear(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     step = step if steps else choice
     if not torch.compiler.is_compiling():
         return _launch_linear(x, None, table, choice, step, steps, integer, offset, w, w_sum,
-                              w_zero, w_scale, bias, w_float=w_float)
+                              w_zero, w_scale, bias, w_float=w_float, integer_only=integer_only)
     a = graph_codes(x, table, choice, step, steps, offset) if codes_in_graph() else None
     read = a is None or not integer_only
     return torch.ops.qlip.real_linear(x if read else None, a, table, choice, step, steps,
-                                      integer, offset, w, w_sum, w_zero, w_scale, bias, w_float)
+                                      integer, offset, w, w_sum, w_zero, w_scale, bias, w_float,
+                                      integer_only)
 
 
 def _launch_linear(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.Tensor,
@@ -460,12 +566,14 @@ def _launch_linear(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.
                    offset: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor,
                    w_zero: torch.Tensor | None, w_scale: torch.Tensor,
                    bias: torch.Tensor | None,
-                   w_float: torch.Tensor | None = None) -> torch.Tensor:
+                   w_float: torch.Tensor | None = None,
+                   integer_only: bool = False) -> torch.Tensor:
     """``a``: x's int8 codes (:func:`graph_codes`, in a compiled graph), or None: the codes
     kernel rounds them here (where :data:`PREQUANTIZE`). ``x`` None (with ``a``): no option of
     the layer runs in float math, so the codes are all the kernel reads; the output then takes
-    the codes' shape and the table's dtype (the table is in x's). ``w_float``: see
-    :func:`real_linear`."""
+    the codes' shape and the table's dtype (the table is in x's). ``w_float``,
+    ``integer_only``: see :func:`real_linear` (an integer-only layer may take the persistent
+    kernel, :data:`PERSISTENT`)."""
     if x is None and a is None:
         raise ValueError("a layer given no input (x None) needs its codes (a)")
     shape, dtype = (x.shape, x.dtype) if x is not None else (a.shape, table.dtype)
@@ -485,6 +593,9 @@ def _launch_linear(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.
         a = int8_codes(x2, table, choice, step, steps, integer, offset)
     else:
         a = x2
+    if a is not x2 and (integer_only or x is None) and persistent_ok(a, w, w_zero, out):
+        _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_scale, bias)
+        return out.reshape(*lead, n)
     operands = (x2, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
                 bias if bias is not None else w_scale, w_float if w_float is not None else out,
@@ -508,7 +619,7 @@ _real_linear_op = torch.library.custom_op("qlip::real_linear", mutates_args=())(
 
 @_real_linear_op.register_fake
 def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-      w_float=None):
+      w_float=None, integer_only=False):
     if x is None:  # the codes alone: their shape, the table's dtype
         return a.new_empty(*a.shape[:-1], w.shape[0], dtype=table.dtype)
     return x.new_empty(*x.shape[:-1], w.shape[0])
