@@ -513,11 +513,13 @@ def summarise(results: dict) -> None:
     # variants that measured beside others (still compiling when their turn came): their times
     # and ratios are not quiet ones (the eighteenth session's first real step on a fresh H100
     # read 51.9 ms out of turn, 25.2 ms in a quiet rerun on the warm machine)
-    late = {name: [what for what, flag in (("eager", data.get("eager", {}).get("rounds_out_of_turn")),
-                                           ("graph and compiled", data.get("rest_out_of_turn")))
-                   if flag]
-            for name, data in v.items()}
-    late = {name: whats for name, whats in late.items() if whats}
+    late = {}
+    for name, data in v.items():
+        whats = [what for what, flag in (("eager", data.get("eager", {}).get("rounds_out_of_turn")),
+                                         ("graph and compiled", data.get("rest_out_of_turn")))
+                 if flag]
+        if whats:
+            late[name] = whats
     if late:
         targets["timed_out_of_turn"] = late
     results["targets"] = targets
