@@ -8,7 +8,9 @@ qlip.quant.fused_attention's Triton kernel; ``w4a8_layers_pytorch`` without the 
 quantizer; ``w4a8_layers_real`` with the Linear layers and convs in int8 math,
 qlip.quant.real_gemm/real_conv; ``w4a8_layers_real_packed`` the same on packed 4-bit weights,
 every layer's codes two a byte; ``w4a8_layers_real_persistent`` the int8 one with its Linear
-layers through the persistent TMA kernel, ``real_gemm.PERSISTENT``) and a W4A{8,16,32} bank
+layers through the persistent TMA kernel, ``real_gemm.PERSISTENT``; ``w4a8_layers_real_fp8``
+the int8 one with its Linear layers and 1×1 convs in e4m3 through ``torch._scaled_mm``,
+qlip.quant.real_fp8, ``..._fp8_fast`` with its fast accumulation) and a W4A{8,16,32} bank
 whose every unit's bits change
 at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
 
@@ -51,11 +53,11 @@ from qlip.policies import BitPolicy, FixedBits
 from qlip.testing import build_unet, unet_step_inputs
 
 VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real",
-            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_attention",
-            "w4a8_attention_fused", "bank")
+            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_fp8",
+            "w4a8_layers_real_fp8_fast", "w4a8_attention", "w4a8_attention_fused", "bank")
 COMPILED = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_real",
-            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_attention",
-            "w4a8_attention_fused", "bank")
+            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_fp8",
+            "w4a8_layers_real_fp8_fast", "w4a8_attention", "w4a8_attention_fused", "bank")
 BANK = (8, 16, 32)
 
 
@@ -164,7 +166,12 @@ def build(variant: str, args):
             from qlip.quant import real_gemm
 
             real_gemm.PERSISTENT = True  # the Linear layers through the persistent TMA kernel
-        use_real_execution(unet, True)
+        fp8 = "_fp8" in variant  # the A8 GEMMs in e4m3 (torch._scaled_mm), the 3×3 convs int8
+        if variant.endswith("_fp8_fast"):
+            from qlip.quant import real_fp8
+
+            real_fp8.FAST_ACCUM = True
+        use_real_execution(unet, True, fp8=fp8)
     return unet, quant_units(unet)
 
 
@@ -466,7 +473,8 @@ def summarise(results: dict) -> None:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
     base_graph = base.get("compiled_graph", {}).get("median_ms")
     for name in ("w4a8_layers", "w4a8_layers_real", "w4a8_layers_real_packed",
-                 "w4a8_layers_real_persistent", "w4a8_attention",
+                 "w4a8_layers_real_persistent", "w4a8_layers_real_fp8",
+                 "w4a8_layers_real_fp8_fast", "w4a8_attention",
                  "w4a8_attention_fused", "bank"):
         # by the compiled step's GPU time (bank: A8, attention quantized)
         if base_graph and "compiled_graph" in v.get(name, {}):
@@ -523,9 +531,11 @@ def summarise(results: dict) -> None:
     if late:
         targets["timed_out_of_turn"] = late
     results["targets"] = targets
-    print(f"{'variant':<16}{'mode':<28}{'median ms':>10}")
+    width = max([len(name) + 2 for name, _, _ in rows] + [16])  # (names longer than 16
+    # characters ran into the mode column until the nineteenth session)
+    print(f"{'variant':<{width}}{'mode':<34}{'median ms':>10}")
     for name, mode, ms in rows:
-        print(f"{name:<16}{mode:<28}{ms:>10.2f}")
+        print(f"{name:<{width}}{mode:<34}{ms:>10.2f}")
     print(json.dumps(targets, indent=2))
     for name, whats in late.items():
         print(f"WARNING: {name} was timed out of turn ({', '.join(whats)}), beside other "

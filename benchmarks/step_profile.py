@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 # ("triton_poi_fused_add_convolution_…"), cuDNN's attention says "fprop" and its convolutions
 # "…fprop_implicit_gemm…", so Inductor comes first, then attention, convolutions, GEMMs
 KINDS = (
-    ("real_gemm", r"_real_linear_kernel"),
+    ("real_gemm", r"_real_linear_kernel|_persistent_linear_kernel"),
     ("real_conv", r"_real_conv_kernel"),
     ("fused_attention", r"_stats_kernel|_output_kernel"),
     ("quantize", r"_fake_quantize_kernel"),
@@ -37,7 +37,10 @@ KINDS = (
     ("layout", r"nchwtonhwc|nhwctonchw"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
     ("conv", r"conv|fprop|implicit|winograd|dgrad|wgrad"),
-    ("gemm", r"gemm|matmul|cutlass|xmma|cublas|splitk"),
+    # (cuBLAS's newer kernels, bf16 and fp8 alike, are named "nvjet_…": an H100 ran the bf16
+    # step's Linear layers through them, 4.4 ms a step filed under "other" until the
+    # nineteenth session)
+    ("gemm", r"gemm|matmul|cutlass|xmma|cublas|splitk|nvjet"),
 )
 
 

@@ -17,6 +17,7 @@ from .cli_args import (
     bits_arg,
     bits_list_arg,
     device_name,
+    execution_label,
     finite_float,
     int_at_least,
     output_folder,
@@ -231,7 +232,7 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise ValueError("no prompts given; pass PROMPT arguments or --prompt-file")
     check_sampling_flags(args.quantized, args.abits, args.packed_weights, args.real_kernels,
-                         device_name(args.device))
+                         device_name(args.device), args.fp8)
     if args.quantized:
         check_quantized_folder(args.quantized)
     from .pipeline.quantized_model import check_policy_inputs
@@ -246,7 +247,7 @@ def cmd_generate(args) -> int:
             note(truncation_note(over, len(prompts), pipe.tokenizer.model_max_length))
         policy = load_for_sampling(pipe, args.quantized, args.abits, policy_config,
                                    packed_weights=args.packed_weights,
-                                   real_kernels=args.real_kernels)
+                                   real_kernels=args.real_kernels, real_fp8=args.fp8)
         config = GenerationConfig(steps=args.steps, guidance=args.guidance,
                                   batch_size=args.batch_size, truncate=args.truncate,
                                   batch_mode=args.batch_mode, allow_empty=args.allow_empty_prompt,
@@ -255,8 +256,7 @@ def cmd_generate(args) -> int:
         result = generate(pipe, prompts, seeds, policy, config)
         path = save_generation(result, out, {"model": args.model, "quantized": args.quantized,
                                              "policy": policy.describe() if policy else "FP",
-                                             "execution": "real kernels" if args.real_kernels
-                                             else "simulated"})
+                                             "execution": execution_label(args)})
     extra = " and bits.safetensors" if result.bits is not None else ""
     print(f"wrote {len(result.images)} images, report.json{extra} to {path.parent}")
     return 0

@@ -22,6 +22,8 @@ def step_profile():
     ("triton_poi_fused_add_convolution_silu_3", "inductor"),
     ("_real_conv_kernel", "real_conv"),
     ("_real_linear_kernel", "real_gemm"),
+    ("_persistent_linear_kernel", "real_gemm"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT", "gemm"),
     ("_fake_quantize_kernel", "quantize"),
     ("_stats_kernel", "fused_attention"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",

@@ -110,6 +110,7 @@ def check_reference_run(folder: str) -> None:
 
 def _evaluate(args, prompts, world: bool, device: str, shard: Shard, policy_config
               ) -> dict | None:
+    from ..cli_args import execution_label
     from ..pipeline import load_for_sampling, load_pipeline
 
     measures = (reference_measures(prompts, floor_prompts(len(prompts)), device)
@@ -118,12 +119,13 @@ def _evaluate(args, prompts, world: bool, device: str, shard: Shard, policy_conf
                                      args.lpips_weights))
     pipe = load_pipeline(args.model, device)
     policy = load_for_sampling(pipe, args.quantized, args.abits, policy_config,
-                               packed_weights=args.packed_weights, real_kernels=args.real_kernels)
+                               packed_weights=args.packed_weights, real_kernels=args.real_kernels,
+                               real_fp8=args.fp8)
     config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size,
                         seed=args.seed, steps=args.steps, guidance=args.guidance,
                         batch_mode=args.batch_mode, truncate=args.truncate,
                         height=args.height, width=args.width,
-                        execution="real kernels" if args.real_kernels else "simulated")
+                        execution=execution_label(args))
     bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
                                 device=args.bootstrap_device or device)
     return run_evaluation(pipe, prompts, policy, config, args.out, measures,
@@ -143,7 +145,7 @@ def cmd_eval(args) -> int:
     if args.abits is not None:
         check_bits(args.abits, "--abits")
     check_sampling_flags(args.quantized, args.abits, args.packed_weights, args.real_kernels,
-                         _device(args.device))
+                         _device(args.device), args.fp8)
     if args.quantized:
         check_quantized_folder(args.quantized)
     from ..cli_args import policy_config_from_args

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import UniformQuantizer, check_bits, fused_quantize, is_bypass, real_conv, real_gemm
+from ..quant import (
+    UniformQuantizer,
+    check_bits,
+    fused_quantize,
+    is_bypass,
+    real_conv,
+    real_fp8,
+    real_gemm,
+)
 from ..quant.packing import NIBBLE_BITS, pack_nibbles, unpack_nibbles
 from .bank import ActivationBank
 from .unit import QuantUnit, fp_bits
@@ -241,13 +249,16 @@ class QuantLayer(QuantUnit):
     _real_keep_float = True  # use_real(float_weights=...): whether to keep them
     _real_tap_major = False  # use_real(): a conv's codes in _real are tap-major (real_conv)
     _real_integer_only = False  # use_real(): every option in integer math (x never read)
+    _real_fp8_wanted = False  # use_real(fp8=...): A8-only GEMM layers in fp8 (qlip.quant.real_fp8)
+    _real_fp8 = False  # use_real(): this layer's _real_parts are fp8 operands (w8, scale_b)
 
     def real_kind(self) -> str | None:
         """How this layer runs for real: ``"gemm"`` (one GEMM over its input's last dim: a
         Linear, a 1×1 conv of stride 1), ``"conv"`` (an implicit GEMM: any other conv), or None."""
         return "gemm"
 
-    def use_real(self, on: bool = True, float_weights: bool | None = None) -> bool:
+    def use_real(self, on: bool = True, float_weights: bool | None = None,
+                 fp8: bool | None = None) -> bool:
         """Run this layer for real (:mod:`qlip.quant.real_gemm`): integer math at options of at
         most 8 bits, float math above, chosen on the device, in eager inference on the GPU.
         Needs a layer of a :meth:`real_kind` (a Linear, a conv), weights of at most 8 bits fixed
@@ -260,9 +271,18 @@ class QuantLayer(QuantUnit):
         ``float_weights`` (kept for later rebuilds where None; default True): a layer with
         float options beside its integer ones keeps its dequantized weights for them
         (:func:`qlip.quant.real_gemm.float_weights`, 2 bytes a bf16 weight), which its float
-        math then reads instead of dequantizing the codes in every tile; False saves that memory."""
+        math then reads instead of dequantizing the codes in every tile; False saves that memory.
+
+        ``fp8`` (kept for later rebuilds where None; default False): a one-GEMM layer (a Linear,
+        a 1×1 conv) whose every option is A8, with weights of at most 4 bits and one input part,
+        runs through ``torch._scaled_mm`` in e4m3 (:mod:`qlip.quant.real_fp8`): the weights
+        exact, the activations an fp8 quantizer over the A8 grid's range, not the integer
+        simulation's values; on the CPU too. Other layers keep the integer kernels."""
         if float_weights is not None:
             self._real_keep_float = bool(float_weights)
+        if fp8 is not None:
+            self._real_fp8_wanted = bool(fp8)
+        self._real_fp8 = False
         if not on:
             self._real_parts = self._real_float = None
             return True
@@ -278,6 +298,8 @@ class QuantLayer(QuantUnit):
         # made here; packed: the layer's own bytes, kept tap-major by pack_weights)
         self._real_tap_major = self.real_kind() == "conv" and (
             not self.packed or self._nibbles_tap_major())
+        if self._real_fp8_wanted and self._use_fp8(codes, integer, offset):
+            return True
         parts, floats = [], []
         for index, part in enumerate(codes):
             part = part.flatten(1)  # [N, K]: a conv's K is C·KH·KW, in its weight's order
@@ -297,6 +319,28 @@ class QuantLayer(QuantUnit):
         self._real_parts, self._real_float = tuple(parts), tuple(floats)
         self._qweight = None  # the simulation's dequantized weight, rebuilt if it runs again
         return True
+
+    def _use_fp8(self, codes, integer: torch.Tensor, offset: torch.Tensor) -> bool:
+        """Make this layer's real operands fp8 ones (:func:`qlip.quant.real_fp8.fp8_weights`)
+        where it can take them: one GEMM, one input part, every option A8 (integer math, offset
+        128), unpacked weights whose centered codes are exact in e4m3. Returns whether it did."""
+        if (self.real_kind() != "gemm" or len(codes) != 1 or self.packed
+                or not bool(integer.all()) or not bool((offset == 128).all())):
+            return False
+        scale, zero = self.weight_quantizers[0].params()
+        w, _, w_zero, w_scale = real_gemm.weight_operands(codes[0].flatten(1), scale, zero,
+                                                          self.wbits)
+        operands = real_fp8.fp8_weights(w, w_zero, w_scale)
+        if operands is None:
+            return False
+        self._real_parts = (tuple(t.to(self.weight.device) for t in operands),)
+        self._real_float, self._real_fp8 = (None,), True
+        self._qweight = None
+        return True
+
+    def _fp8_gemm(self, x, *args) -> torch.Tensor:
+        """An fp8 layer's GEMM over x's last dim (:func:`qlip.quant.real_fp8.fp8_linear`)."""
+        return real_fp8.fp8_linear(x, *args)
 
     def _packed_rows(self, codes: torch.Tensor, index: int = 0) -> torch.Tensor | None:
         """A packed layer's codes of input part ``index`` as real execution reads them,
@@ -323,7 +367,9 @@ class QuantLayer(QuantUnit):
         banks = self._modules["act_banks"]._modules
         table = self._table
         choice = self._buffers["_choice"] if table is None else table[self._row]
-        if (choice.shape != (1,) or choice.is_floating_point() or not fused_quantize.available(x)
+        fp8 = self._real_fp8  # (torch's own op: no Triton needed, the CPU too)
+        if (choice.shape != (1,) or choice.is_floating_point()
+                or not (fp8 or fused_quantize.available(x))
                 or any(bank.observer is not None or not bank.enabled for bank in banks.values())):
             return None
         if parts[0][0].device != x.device:  # moved since use_real(): rebuild from the moved
@@ -333,6 +379,10 @@ class QuantLayer(QuantUnit):
             if parts[0][0].device != x.device:  # the layer is elsewhere: the simulation says so
                 return None
         step = self._shared_step if self._shared_step is not None else self._buffers["_step"]
+        if fp8:
+            stack = banks["0"]._modules["stack"]
+            return self._fp8_gemm(x, stack._flat_table(x.dtype), choice, step,
+                                  stack.num_steps or 0, *parts[0], self._parameters.get("bias"))
         if run is None:  # (not `run or ...`: torch 2.11's Dynamo cannot take a bound method's
             run = real_gemm.real_linear  # truth value and broke the graph at every real conv)
         bias = self._parameters.get("bias")
@@ -437,6 +487,10 @@ class QuantConv2d(QuantLayer):
         x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         return real_gemm.real_linear(x, *args, integer_only=integer_only,
                                      w_float=w_float).permute(0, 3, 1, 2)
+
+    def _fp8_gemm(self, x, *args) -> torch.Tensor:  # over the channels of x as [B, H, W, C]
+        x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return real_fp8.fp8_linear(x, *args).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C_in, H, W]
         if self._real_parts is not None:

@@ -142,11 +142,15 @@ def use_fused_quantize(model: nn.Module, on: bool = True) -> int:
     return count
 
 
-def use_real_execution(model: nn.Module, on: bool = True, float_weights: bool = True) -> int:
+def use_real_execution(model: nn.Module, on: bool = True, float_weights: bool = True,
+                       fp8: bool | None = None) -> int:
     """Run every quantized layer of ``model`` that can for real (``QuantLayer.use_real``: the
     Linear layers and the convolutions, strided ones included, integer math at options of at
     most 8 bits, chosen on the device, in eager or compiled GPU inference); returns how many
     were switched. ``float_weights``: layers with float options beside integer ones (A16
-    beside A8) keep their dequantized weights for them, faster for more memory."""
-    return sum(module.use_real(on, float_weights) for module in model.modules()
+    beside A8) keep their dequantized weights for them, faster for more memory. ``fp8``: the
+    one-GEMM layers whose every option is A8 (W ≤ 4) run in e4m3 through ``torch._scaled_mm``
+    instead (:mod:`qlip.quant.real_fp8`: not the integer simulation's values; measure it);
+    None keeps each layer's last choice (at first, no fp8)."""
+    return sum(module.use_real(on, float_weights, fp8) for module in model.modules()
                if isinstance(module, QuantLayer))

@@ -14,6 +14,7 @@ from ..methods.qlip import has_qlip, load_qlip
 from ..nn import pack_weights, use_real_execution
 from ..policies import BitPolicy, FixedBits, PerLayerBits, QLIPPolicy, RandomMatchedBits
 from ..quant import fused_quantize
+from ..quant.real_fp8 import supported as real_fp8_supported
 from .cache import file_digest
 from .generate import load_generation_bits
 from .ptqd_sampling import apply_saved_correction
@@ -87,6 +88,7 @@ def check_policy_inputs(config: PolicyConfig, quantized: str | Path | None,
 def load_for_sampling(
     pipe, quantized: str | Path | None = None, abits: int | None = None,
     policy: PolicyConfig | None = None, packed_weights: bool = False, real_kernels: bool = False,
+    real_fp8: bool = False,
 ) -> BitPolicy | None:
     """Load the quantized model folder ``quantized`` onto ``pipe.unet`` (in place), wrap the
     scheduler with PTQD's correction when the folder holds PTQD statistics, and return the bit
@@ -96,20 +98,21 @@ def load_for_sampling(
     ``packed_weights`` keeps every layer's weights of at most 4 bits as codes two per byte and
     frees its FP weight (``qlip.nn.pack_weights``): the same images in less memory, each layer
     dequantizing its weight at every call. ``real_kernels`` runs the layers in low-precision
-    math (:func:`prepare_real_kernels`; a CUDA GPU with Triton).
+    math (:func:`prepare_real_kernels`; a CUDA GPU with Triton), ``real_fp8`` its A8-only GEMMs
+    in fp8 (``qlip.quant.real_fp8``).
 
     >>> policy = load_for_sampling(pipe, "runs/w4a8", abits=16)  # doctest: +SKIP
     >>> result = generate(pipe, ["a red circle"], seeds=[0], policy=policy)  # doctest: +SKIP
     """
     check_sampling_flags(quantized, abits, packed_weights, real_kernels,
-                         pipe.unet.device.type if real_kernels else None)
+                         pipe.unet.device.type if real_kernels else None, real_fp8)
     policy = policy or PolicyConfig()
     check_policy_inputs(policy, quantized, abits)
     if not quantized:
         return None
     info = load_quantized(pipe.unet, quantized)
     if real_kernels:
-        prepare_real_kernels(pipe.unet, packed_weights)
+        prepare_real_kernels(pipe.unet, packed_weights, fp8=real_fp8)
     elif packed_weights:
         pack_weights(pipe.unet)
     apply_saved_correction(pipe, info.extra)
@@ -123,7 +126,8 @@ def load_for_sampling(
 
 
 def check_sampling_flags(quantized, abits: int | None = None, packed_weights: bool = False,
-                         real_kernels: bool = False, device: str | None = None) -> None:
+                         real_kernels: bool = False, device: str | None = None,
+                         real_fp8: bool = False) -> None:
     """Refuse, before any work, sampling options that need a quantized model without one, and
     real kernels (``device``: the pipeline's, ``cpu`` or ``cuda``) where they cannot run."""
     if not quantized and (abits or packed_weights or real_kernels):
@@ -134,19 +138,26 @@ def check_sampling_flags(quantized, abits: int | None = None, packed_weights: bo
         raise ValueError("--real-kernels runs Triton kernels on a CUDA GPU (this run: device "
                          f"{device}, Triton {'missing' if fused_quantize.triton is None else 'installed'}); "
                          "run without it: the simulation computes the same quantized model")
+    if real_fp8 and not real_kernels:
+        raise ValueError("--fp8 chooses how --real-kernels runs the A8 layers; add --real-kernels")
+    if real_fp8 and torch.cuda.is_available() and not real_fp8_supported(device):
+        raise ValueError(f"--fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or "
+                         f"newer: Ada, Hopper); {torch.cuda.get_device_name(device)} has none: "
+                         "run --real-kernels without --fp8 (int8)")
 
 
-def prepare_real_kernels(unet, packed_weights: bool = False) -> int:
+def prepare_real_kernels(unet, packed_weights: bool = False, fp8: bool = False) -> int:
     """Make a loaded quantized ``unet`` run its layers in low-precision math
     (``qlip.nn.use_real_execution``: integer math at A8 and below, float math above, the option
     read on the device): channels-last first, the layout its convolutions read and write, then, with
     ``packed_weights``, the codes two per byte (the kernels read those bytes). Returns how many
-    layers run for real. A per-image choice (``--batch-mode per_image`` with images at other
+    layers run for real. ``fp8``: the one-GEMM layers whose every option is A8 run in e4m3
+    (``use_real_execution(fp8=True)``). A per-image choice (``--batch-mode per_image`` with images at other
     bits) runs those layers in the simulation."""
     unet.to(memory_format=torch.channels_last)  # (before packing: a packed weight is a placeholder)
     if packed_weights:
         pack_weights(unet)
-    return use_real_execution(unet)
+    return use_real_execution(unet, fp8=fp8)
 
 
 def saved_policy(pipe, quantized: str | Path | None, info: QuantizedInfo, abits: int | None = None

@@ -484,18 +484,23 @@ if triton is not None:
                                for m, n, k, w, st in TILES], ["M", "N", "K"])(_persistent_linear_kernel)
 
 # Integer-only Linear layers (every option at most 8 bits, centered int8 weight codes) through the
-# persistent TMA kernel (:func:`_persistent_linear_kernel`) instead of one program a tile. Off
-# until timed on a GPU: on an H100 the one-tile-a-program int8 GEMM ran 1.2–1.9× cuBLAS's bf16
-# on the SD 1.4 step's Linear shapes (the eighteenth session), worst where K is short and the
-# epilogue's store dominates, which the persistent loop overlaps with the next tile's loads.
+# persistent TMA kernel (:func:`_persistent_linear_kernel`) instead of one program a tile. On an
+# H100 (nineteenth session) it pays on the GPU and costs on the host: alone, from a CUDA graph,
+# it ran the SD 1.4 step's Linear GEMMs at 0.83–1.16× cuBLAS's bf16 (the one-tile kernel
+# 1.2–1.9×), and the compiled W4A8 step replayed from a CUDA graph took 23.35 ms against 24.86
+# (bf16 19.34); but each launch encodes three TMA descriptors on the host, so steps that are
+# not graph-replayed got slower (eager 75.7 against 67.4 ms, compiled 62.8 against 55.6). Off by
+# default, as `qlip generate`/`qlip eval` run eager; turn it on where the step is replayed from
+# a CUDA graph.
 PERSISTENT = False
 
 
 def persistent_ok(a: torch.Tensor, w: torch.Tensor, w_zero, out: torch.Tensor) -> bool:
     """Whether :data:`PERSISTENT` can take this product: Triton with host TMA descriptors, int8
-    centered codes (not packed, no zero point), and rows TMA can address (16-byte aligned
-    starts and strides)."""
+    centered codes (not packed, no zero point), a Hopper GPU or newer (TMA), and rows TMA can
+    address (16-byte aligned starts and strides)."""
     return (PERSISTENT and TensorDescriptor is not None and w.dtype == torch.int8
+            and (not out.is_cuda or torch.cuda.get_device_capability(out.device) >= (9, 0))
             and w_zero is None
             and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
                     and t.stride(1) == 1 for t in (a, w, out)))
