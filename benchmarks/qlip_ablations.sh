@@ -15,8 +15,12 @@
 #   bits      the option set (Table S4): BIT_SETS (default "8,16 6,8,16,32"; the variant follows
 #             the option count: pq, full, four); QLIP's own set is QLIP; the bank must hold every
 #             option (on this world's range, e.g. SET=4,5,6 BIT_SETS="4,6 4,5,6,8");
-#   lam       λ, the bit penalty: LAMS (default "0.02 0.05 0.2 0.5"; QLIP's is 0.1).
-# ABLATIONS picks them (default "labels criteria q2b bits lam"), LABELS the labels' rows (default
+#   lam       λ, the bit penalty: LAMS (default "0.02 0.05 0.2 0.5"; QLIP's is 0.1);
+#   retrain   the same settings trained again with other --q2b-seed values (SEEDS, default
+#             "1 2"), RETRAIN_OPTIONS the row's own train-qlip options (e.g. "--variant pq_ph"),
+#             RETRAIN_TAG its name (rows retrain_<tag>_s<seed>): how far training alone moves
+#             a policy (the nineteenth session saw 0.73 dB of PSNR between two trainings).
+# ABLATIONS picks them (default "labels criteria q2b bits lam"; retrain only when named), LABELS the labels' rows (default
 # "realism image_text sensitivity", started in that order). Each row trains in its own work
 # folder, a copy of WORK's FP stages (a work folder is locked by one job), JOBS at a time.
 # Then benchmarks/qlip_ablations_summary.py writes OUT/ablations.md (every row's SROCC, PLCC,
@@ -57,7 +61,10 @@ for group in $groups; do
                   rows+=("bits_${b//,/-}|$b|--variant $v")
               done ;;
         lam) for l in $lams; do rows+=("lam_$l|$set_bits|--lam $l"); done ;;
-        *) echo "ABLATIONS: unknown group $group (labels criteria q2b bits lam)" >&2; exit 2 ;;
+        retrain) for sd in ${SEEDS:-1 2}; do
+                     rows+=("retrain_${RETRAIN_TAG:-qlip}_s$sd|$set_bits|--q2b-seed $sd ${RETRAIN_OPTIONS:-}")
+                 done ;;
+        *) echo "ABLATIONS: unknown group $group (labels criteria q2b bits lam retrain)" >&2; exit 2 ;;
     esac
 done
 

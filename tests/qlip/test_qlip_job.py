@@ -304,7 +304,7 @@ def test_every_flag_maps_onto_its_config_field():
         "--variant", "pq_pm", "--group-steps", "4", "--high-steps", "3", "--force", "p_q",
         "--q2b-iters", "70", "--q2b-batch-size", "6", "--q2b-lr", "0.05", "--lam", "0.3",
         "--penalty-norm", "max", "--q2b-optimizer", "sgd", "--checkpoint-every", "10",
-        "--redo-stale", "--stop-after",
+        "--q2b-seed", "5", "--redo-stale", "--stop-after",
         "t2q", "--ignore-prompt", "--no-progress"])
     want = TrainQLIPConfig(
         quantized="q", model="m", out="o", work_dir="w", device="cpu", prompts="p.txt",
@@ -316,7 +316,7 @@ def test_every_flag_maps_onto_its_config_field():
         q2b=Q2BConfig(bits=(4, 5, 6), variant="pq_pm", group_steps=4, high_steps=3, force="p_q",
                       ignore_prompt=True),
         q2b_train=Q2BTrainConfig(iters=70, batch_size=6, lr=0.05, lam=0.3, penalty_norm="max",
-                                 optimizer="sgd", checkpoint_every=10),
+                                 optimizer="sgd", checkpoint_every=10, seed=5),
         redo_stale=True, stop_after="t2q", progress=False)
     assert train_config_from_args(args) == want
     defaults = train_config_from_args(build_parser().parse_args(
