@@ -8,7 +8,9 @@ qlip.quant.fused_attention's Triton kernel; ``w4a8_layers_pytorch`` without the 
 quantizer; ``w4a8_layers_real`` with the Linear layers and convs in int8 math,
 qlip.quant.real_gemm/real_conv; ``w4a8_layers_real_packed`` the same on packed 4-bit weights,
 every layer's codes two a byte; ``w4a8_layers_real_persistent`` the int8 one with its Linear
-layers through the persistent TMA kernel, ``real_gemm.PERSISTENT``; ``w4a8_layers_real_fp8``
+layers always through the persistent TMA kernel, ``real_gemm.PERSISTENT = True``, and
+``w4a8_layers_real_one_tile`` never (the default, None, takes it while a CUDA graph is
+captured); ``w4a8_layers_real_fp8``
 the int8 one with its Linear layers and 1×1 convs in e4m3 through ``torch._scaled_mm``,
 qlip.quant.real_fp8, ``..._fp8_fast`` with its fast accumulation) and a W4A{8,16,32} bank
 whose every unit's bits change
@@ -53,11 +55,13 @@ from qlip.policies import BitPolicy, FixedBits
 from qlip.testing import build_unet, unet_step_inputs
 
 VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real",
-            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_fp8",
-            "w4a8_layers_real_fp8_fast", "w4a8_attention", "w4a8_attention_fused", "bank")
+            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile",
+            "w4a8_layers_real_fp8", "w4a8_layers_real_fp8_fast", "w4a8_attention",
+            "w4a8_attention_fused", "bank")
 COMPILED = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_real",
-            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_fp8",
-            "w4a8_layers_real_fp8_fast", "w4a8_attention", "w4a8_attention_fused", "bank")
+            "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile",
+            "w4a8_layers_real_fp8", "w4a8_layers_real_fp8_fast", "w4a8_attention",
+            "w4a8_attention_fused", "bank")
 BANK = (8, 16, 32)
 
 
@@ -162,10 +166,11 @@ def build(variant: str, args):
     if variant.startswith("w4a8_layers_real"):  # the Linear layers in int8 math (real_gemm)
         if variant.endswith("_packed"):  # on the packed 4-bit codes themselves
             pack_weights(unet)
-        if variant.endswith("_persistent"):  # (this variant's own process)
+        if variant.endswith(("_persistent", "_one_tile")):  # (this variant's own process)
             from qlip.quant import real_gemm
 
-            real_gemm.PERSISTENT = True  # the Linear layers through the persistent TMA kernel
+            # the Linear layers always through the persistent TMA kernel, or never
+            real_gemm.PERSISTENT = variant.endswith("_persistent")
         fp8 = "_fp8" in variant  # the A8 GEMMs in e4m3 (torch._scaled_mm), the 3×3 convs int8
         if variant.endswith("_fp8_fast"):
             from qlip.quant import real_fp8
@@ -473,7 +478,7 @@ def summarise(results: dict) -> None:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
     base_graph = base.get("compiled_graph", {}).get("median_ms")
     for name in ("w4a8_layers", "w4a8_layers_real", "w4a8_layers_real_packed",
-                 "w4a8_layers_real_persistent", "w4a8_layers_real_fp8",
+                 "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile", "w4a8_layers_real_fp8",
                  "w4a8_layers_real_fp8_fast", "w4a8_attention",
                  "w4a8_attention_fused", "bank"):
         # by the compiled step's GPU time (bank: A8, attention quantized)

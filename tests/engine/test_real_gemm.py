@@ -668,3 +668,47 @@ def test_the_persistent_kernel_gives_the_same_integer_product(steps, bias_on, mo
     before = len(taken)
     rg.real_linear(*args, integer_only=True)
     assert len(taken) == before
+
+
+@needs_kernel
+def test_by_default_the_persistent_kernel_runs_only_while_a_graph_is_captured(monkeypatch):
+    """rg.PERSISTENT None (the default): an integer-only layer takes the persistent kernel only
+    while a CUDA graph is being captured (the host's descriptor work done once, not at every
+    call), with the tile persistent_tile gives for its N, no autotune (a capture cannot time
+    candidates); outside a capture the one-tile kernel. Both give the same bits."""
+    device = kernel_device()
+    acts, (w, w_sum, w_zero, w_scale), _, bias = _layer(4, n=136, k=80)
+    integer, offset = rg.int8_offsets(OPTIONS)
+    x = torch.randn(2, 40, 80, generator=torch.Generator().manual_seed(3)) + 0.4
+    args = [t.to(device) for t in (x, acts._flat_table(torch.float32), torch.tensor([1]),
+                                    torch.tensor([0]))]
+    args += [0] + [on(t, device) for t in (integer, offset, w, w_sum, w_zero, w_scale, bias)]
+    tiles = []
+
+    class Spy:  # the kernel, launched as kernel[grid](...), its tile recorded
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                tiles.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]))
+                return self.kernel[grid](*a, **kw)
+            return launch
+
+    monkeypatch.setattr(rg, "_persistent_linear_kernel", Spy(rg._persistent_linear_kernel))
+    monkeypatch.setattr(rg, "_persistent_tuned", None)  # autotune must not be reached
+    monkeypatch.setattr(rg, "PERSISTENT", None)
+    plain = rg.real_linear(*args, integer_only=True).cpu()
+    assert not tiles  # not capturing: the one-tile kernel
+    monkeypatch.setattr(rg, "capturing", lambda t: True)
+    fixed_tile = rg.fixed_tile
+    monkeypatch.setattr(rg, "fixed_tile", lambda: False)  # as on a GPU, where autotune is on
+    captured = rg.real_linear(*args, integer_only=True).cpu()
+    assert tiles == [rg.PERSISTENT_NARROW[:3]]
+    assert torch.equal(captured, plain)
+    monkeypatch.setattr(rg, "fixed_tile", fixed_tile)
+    monkeypatch.setattr(rg, "PERSISTENT", False)  # never, capture or not
+    rg.real_linear(*args, integer_only=True)
+    assert len(tiles) == 1
+    assert rg.persistent_tile(2560) == rg.PERSISTENT_WIDE
+    assert rg.persistent_tile(320) == rg.PERSISTENT_NARROW

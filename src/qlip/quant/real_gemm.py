@@ -489,17 +489,35 @@ if triton is not None:
 # it ran the SD 1.4 step's Linear GEMMs at 0.83–1.16× cuBLAS's bf16 (the one-tile kernel
 # 1.2–1.9×), and the compiled W4A8 step replayed from a CUDA graph took 23.35 ms against 24.86
 # (bf16 19.34); but each launch encodes three TMA descriptors on the host, so steps that are
-# not graph-replayed got slower (eager 75.7 against 67.4 ms, compiled 62.8 against 55.6). Off by
-# default, as `qlip generate`/`qlip eval` run eager; turn it on where the step is replayed from
-# a CUDA graph.
-PERSISTENT = False
+# not graph-replayed got slower (eager 75.7 against 67.4 ms, compiled 62.8 against 55.6).
+# So by default (None) a launch takes it only while a CUDA graph is being captured, where the
+# host's work is done once and every replay skips it; True: always; False: never.
+PERSISTENT: bool | None = None
+# The persistent kernel's tile while a graph is captured (autotune times its candidates by
+# running them, which a capture cannot): by N, the fastest of ten tiles on each of the SD 1.4
+# step's six largest Linear shapes on an H100 (nineteenth session's sweep; N ≥ 2048: 0.065–0.122
+# ms, the rest 0.026–0.062 ms).
+PERSISTENT_WIDE = (128, 256, 128, 8, 3)
+PERSISTENT_NARROW = (128, 128, 128, 8, 4)
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device is capturing a CUDA graph on the current stream (a query of the
+    stream's state: no sync)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def persistent_tile(n: int) -> tuple[int, int, int, int, int]:
+    """The persistent kernel's tile for ``n`` output columns where autotune cannot run."""
+    return PERSISTENT_WIDE if n >= 2048 else PERSISTENT_NARROW
 
 
 def persistent_ok(a: torch.Tensor, w: torch.Tensor, w_zero, out: torch.Tensor) -> bool:
     """Whether :data:`PERSISTENT` can take this product: Triton with host TMA descriptors, int8
     centered codes (not packed, no zero point), a Hopper GPU or newer (TMA), and rows TMA can
     address (16-byte aligned starts and strides)."""
-    return (PERSISTENT and TensorDescriptor is not None and w.dtype == torch.int8
+    wanted = capturing(out) if PERSISTENT is None else PERSISTENT
+    return (wanted and TensorDescriptor is not None and w.dtype == torch.int8
             and (not out.is_cuda or torch.cuda.get_device_capability(out.device) >= (9, 0))
             and w_zero is None
             and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
@@ -509,11 +527,14 @@ def persistent_ok(a: torch.Tensor, w: torch.Tensor, w_zero, out: torch.Tensor) -
 def _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_scale,
                        bias) -> None:
     """``out [M, N] = `` the integer product of the codes ``a [M, K]`` and ``w [N, K]``,
-    scaled, through :func:`_persistent_linear_kernel` (its tile: autotune's, or the first of
-    :data:`TILES` where :func:`~qlip.quant.fused_quantize.fixed_tile`, or :data:`FORCE_TILE`)."""
+    scaled, through :func:`_persistent_linear_kernel` (its tile: autotune's; while a CUDA graph
+    is captured, :func:`persistent_tile`'s; the first of :data:`TILES` where
+    :func:`~qlip.quant.fused_quantize.fixed_tile`; :data:`FORCE_TILE` where set)."""
     m, k = a.shape
     n = w.shape[0]
-    block_m, block_n, block_k, warps, stages = FORCE_TILE or TILES[0]
+    fixed = FORCE_TILE or (TILES[0] if fixed_tile() else
+                           persistent_tile(n) if capturing(out) else None)
+    block_m, block_n, block_k, warps, stages = fixed or TILES[0]
     descs = (TensorDescriptor.from_tensor(a, [block_m, block_k]),
              TensorDescriptor.from_tensor(w, [block_n, block_k]),
              TensorDescriptor.from_tensor(out, [block_m, block_n]))
@@ -525,8 +546,9 @@ def _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_s
 
     def grid(meta):
         return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-    if fixed_tile() or FORCE_TILE is not None:
-        extra = {} if FORCE_TILE is None else {"num_warps": warps, "num_stages": stages}
+    if fixed is not None:
+        extra = {} if fixed_tile() and FORCE_TILE is None else {"num_warps": warps,
+                                                                "num_stages": stages}
         _persistent_linear_kernel[grid(dict(BLOCK_M=block_m, BLOCK_N=block_n))](
             *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **extra)
     else:
