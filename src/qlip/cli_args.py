@@ -185,16 +185,17 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
                         "channels-last): the simulation's quantized model, not faster than bf16 "
                         "yet (docs/results/speed/)")
     p.add_argument("--fp8", action="store_true",
-                   help="with --real-kernels: the Linear layers and 1x1 convs whose every option "
-                        "is A8 (weights of at most 4 bits) run in fp8 e4m3 through "
-                        "torch._scaled_mm (an Ada or Hopper GPU): weights exact, activations an "
-                        "fp8 quantizer over the A8 range, so not the simulation's values")
+                   help="the Linear layers and 1x1 convs whose every option is A8 (weights of at "
+                        "most 4 bits) run in fp8 e4m3 through torch._scaled_mm (the CPU, or an "
+                        "Ada or Hopper GPU); with --real-kernels the other layers in int8. "
+                        "Weights exact, activations an fp8 grid over the A8 range: not the "
+                        "simulation's values")
 
 
 def execution_label(args) -> str:
     """How ``add_execution_args``' flags run the quantized layers, as reports record it."""
     if not args.real_kernels:
-        return "simulated"
+        return "simulated, fp8 A8 GEMMs" if args.fp8 else "simulated"
     return "real kernels, fp8 A8 GEMMs" if args.fp8 else "real kernels"
 
 

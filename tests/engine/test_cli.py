@@ -127,9 +127,6 @@ def test_quantized_folder_missing_or_abits_without_it(capsys, tiny_pipe_dir, tmp
                                   "--out", str(tmp_path / "real")],
                "--real-kernels runs Triton kernels on a CUDA GPU", "run without it")
         assert not (tmp_path / "real").exists()
-        # fp8 is a way of running the real kernels, not a mode of its own
-        _fails(capsys, command + ["--model", str(tiny_pipe_dir), "--quantized",
-                                  str(tmp_path / "none"), "--fp8", "--device", "cpu",
-                                  "--out", str(tmp_path / "real")],
-               "--fp8 chooses how --real-kernels runs the A8 layers", "add --real-kernels")
+        _fails(capsys, command + ["--model", str(tiny_pipe_dir), "--fp8", "--device", "cpu",
+                                  "--out", str(tmp_path / "real")], "--fp8 needs --quantized")
         assert not (tmp_path / "real").exists()

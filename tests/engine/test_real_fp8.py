@@ -156,3 +156,36 @@ def test_a_layer_with_a_float_option_beside_a8_keeps_the_integer_kernels(tiny_pi
     layers = [m for m in unet.modules() if isinstance(m, QuantLayer) and m._real is not None]
     assert layers and not any(m._real_fp8 for m in layers)
     assert all(m._real[2].dtype in (torch.int8, torch.uint8) for m in layers)
+
+
+def test_a_loaded_w4a8_folder_runs_its_gemm_layers_in_fp8_alone_with_fp8(
+        tiny_pipe, tmp_path, _tiny_pipeline_template):
+    """load_for_sampling(real_fp8=True) without real kernels (`qlip eval --fp8`): the layers
+    that can take fp8 run in fp8, on the CPU too, and every other layer stays simulated (no
+    Triton, no int8 operands kept); switching back gives the simulation's outputs."""
+    import copy
+
+    from qlip.nn import QuantConfig, QuantLayer, use_fp8_execution
+    from qlip.pipeline import CalibrationConfig, QuantizeJob, load_for_sampling, quantize_pipeline
+
+    small = CalibrationConfig(num_prompts=2, num_inference_steps=3, num_kept_steps=2,
+                              guidance=3.0)
+    job = QuantizeJob(quant=QuantConfig(wbits=4, abits=8), calibration=small)
+    quantize_pipeline(tiny_pipe, ["a red circle", "two squares"], job, tmp_path / "w4a8",
+                      progress=False)
+    pipe = copy.deepcopy(_tiny_pipeline_template)
+    load_for_sampling(pipe, tmp_path / "w4a8", real_fp8=True)
+    layers = [m for m in pipe.unet.modules() if isinstance(m, QuantLayer)]
+    fp8 = [m for m in layers if m._real_fp8]
+    assert fp8 and all(m.real_kind() == "gemm" for m in fp8)
+    assert all(m._real_parts is None for m in layers if not m._real_fp8)  # others simulated
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g)
+    with torch.no_grad():
+        real = pipe.unet(x, 10, encoder_hidden_states=c).sample
+        assert use_fp8_execution(pipe.unet, False) == 0
+        assert all(m._real_parts is None for m in layers)
+        simulated = pipe.unet(x, 10, encoder_hidden_states=c).sample
+        want = tiny_pipe.unet(x, 10, encoder_hidden_states=c).sample
+    assert torch.equal(simulated, want)  # the loaded model is the calibrated one
+    assert 0 < (real - simulated).abs().mean() < 0.1 * simulated.abs().mean()

@@ -11,6 +11,7 @@ from .swap import (
     quant_units,
     quantize_model,
     tensor_bytes,
+    use_fp8_execution,
     use_fused_attention,
     use_fused_quantize,
     use_real_execution,
@@ -37,6 +38,7 @@ __all__ = [
     "tensor_bytes",
     "use_fused_attention",
     "use_fused_quantize",
+    "use_fp8_execution",
     "use_real_execution",
     "verify_calibrated",
 ]

@@ -154,3 +154,18 @@ def use_real_execution(model: nn.Module, on: bool = True, float_weights: bool = 
     None keeps each layer's last choice (at first, no fp8)."""
     return sum(module.use_real(on, float_weights, fp8) for module in model.modules()
                if isinstance(module, QuantLayer))
+
+
+def use_fp8_execution(model: nn.Module, on: bool = True) -> int:
+    """Run only the layers of ``model`` that can take fp8 for real (``use_real(fp8=True)``: the
+    one-GEMM layers whose every option is A8, weights of at most 4 bits), through
+    ``torch._scaled_mm`` on the CPU or an fp8 GPU; every other layer stays simulated (no
+    Triton needed). Returns how many run in fp8; ``on=False`` puts them back."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLayer):
+            if on and module.use_real(True, fp8=True) and module._real_fp8:
+                count += 1
+            elif module._real_parts is not None or not on:
+                module.use_real(False, fp8=False)
+    return count

@@ -11,7 +11,7 @@ import torch
 
 from ..methods.bit_assignment import load_assignment
 from ..methods.qlip import has_qlip, load_qlip
-from ..nn import pack_weights, use_real_execution
+from ..nn import pack_weights, use_fp8_execution, use_real_execution
 from ..policies import BitPolicy, FixedBits, PerLayerBits, QLIPPolicy, RandomMatchedBits
 from ..quant import fused_quantize
 from ..quant.real_fp8 import supported as real_fp8_supported
@@ -98,14 +98,15 @@ def load_for_sampling(
     ``packed_weights`` keeps every layer's weights of at most 4 bits as codes two per byte and
     frees its FP weight (``qlip.nn.pack_weights``): the same images in less memory, each layer
     dequantizing its weight at every call. ``real_kernels`` runs the layers in low-precision
-    math (:func:`prepare_real_kernels`; a CUDA GPU with Triton), ``real_fp8`` its A8-only GEMMs
-    in fp8 (``qlip.quant.real_fp8``).
+    math (:func:`prepare_real_kernels`; a CUDA GPU with Triton); ``real_fp8`` runs the A8-only
+    GEMM layers in fp8 (``qlip.quant.real_fp8``), with ``real_kernels`` or alone (the other
+    layers simulated; the CPU too).
 
     >>> policy = load_for_sampling(pipe, "runs/w4a8", abits=16)  # doctest: +SKIP
     >>> result = generate(pipe, ["a red circle"], seeds=[0], policy=policy)  # doctest: +SKIP
     """
     check_sampling_flags(quantized, abits, packed_weights, real_kernels,
-                         pipe.unet.device.type if real_kernels else None, real_fp8)
+                         pipe.unet.device.type, real_fp8)
     policy = policy or PolicyConfig()
     check_policy_inputs(policy, quantized, abits)
     if not quantized:
@@ -113,8 +114,11 @@ def load_for_sampling(
     info = load_quantized(pipe.unet, quantized)
     if real_kernels:
         prepare_real_kernels(pipe.unet, packed_weights, fp8=real_fp8)
-    elif packed_weights:
-        pack_weights(pipe.unet)
+    else:
+        if packed_weights:
+            pack_weights(pipe.unet)
+        if real_fp8:
+            use_fp8_execution(pipe.unet)
     apply_saved_correction(pipe, info.extra)
     if policy.policy == "random-matched":
         _, requested, names = load_generation_bits(policy.bits_from)
@@ -130,17 +134,16 @@ def check_sampling_flags(quantized, abits: int | None = None, packed_weights: bo
                          real_fp8: bool = False) -> None:
     """Refuse, before any work, sampling options that need a quantized model without one, and
     real kernels (``device``: the pipeline's, ``cpu`` or ``cuda``) where they cannot run."""
-    if not quantized and (abits or packed_weights or real_kernels):
-        flag = "--abits" if abits else "--packed-weights" if packed_weights else "--real-kernels"
+    if not quantized and (abits or packed_weights or real_kernels or real_fp8):
+        flag = ("--abits" if abits else "--packed-weights" if packed_weights
+                else "--real-kernels" if real_kernels else "--fp8")
         raise ValueError(f"{flag} needs --quantized DIR, a quantized model folder (made by "
                          "`qlip quantize`)")
     if real_kernels and (fused_quantize.triton is None or not str(device).startswith("cuda")):
         raise ValueError("--real-kernels runs Triton kernels on a CUDA GPU (this run: device "
                          f"{device}, Triton {'missing' if fused_quantize.triton is None else 'installed'}); "
                          "run without it: the simulation computes the same quantized model")
-    if real_fp8 and not real_kernels:
-        raise ValueError("--fp8 chooses how --real-kernels runs the A8 layers; add --real-kernels")
-    if real_fp8 and torch.cuda.is_available() and not real_fp8_supported(device):
+    if real_fp8 and str(device).startswith("cuda") and not real_fp8_supported(device):
         raise ValueError(f"--fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or "
                          f"newer: Ada, Hopper); {torch.cuda.get_device_name(device)} has none: "
                          "run --real-kernels without --fp8 (int8)")
