@@ -106,7 +106,7 @@ def load_for_sampling(
     >>> result = generate(pipe, ["a red circle"], seeds=[0], policy=policy)  # doctest: +SKIP
     """
     check_sampling_flags(quantized, abits, packed_weights, real_kernels,
-                         pipe.unet.device.type, real_fp8)
+                         pipe.unet.device.type if real_kernels or real_fp8 else None, real_fp8)
     policy = policy or PolicyConfig()
     check_policy_inputs(policy, quantized, abits)
     if not quantized:
