@@ -232,7 +232,7 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise ValueError("no prompts given; pass PROMPT arguments or --prompt-file")
     check_sampling_flags(args.quantized, args.abits, args.packed_weights, args.real_kernels,
-                         device_name(args.device), args.fp8)
+                         device_name(args.device), args.fp8, args.batch_mode)
     if args.quantized:
         check_quantized_folder(args.quantized)
     from .pipeline.quantized_model import check_policy_inputs

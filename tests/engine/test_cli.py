@@ -130,3 +130,9 @@ def test_quantized_folder_missing_or_abits_without_it(capsys, tiny_pipe_dir, tmp
         _fails(capsys, command + ["--model", str(tiny_pipe_dir), "--fp8", "--device", "cpu",
                                   "--out", str(tmp_path / "real")], "--fp8 needs --quantized")
         assert not (tmp_path / "real").exists()
+        # a per-image choice would run the real layers in the simulation: refused, not hidden
+        _fails(capsys, command + ["--model", str(tiny_pipe_dir), "--quantized",
+                                  str(tmp_path / "none"), "--fp8", "--batch-mode", "per_image",
+                                  "--device", "cpu", "--out", str(tmp_path / "real")],
+               "--fp8 runs one bit choice a batch", "use --batch-mode max")
+        assert not (tmp_path / "real").exists()

@@ -145,7 +145,7 @@ def cmd_eval(args) -> int:
     if args.abits is not None:
         check_bits(args.abits, "--abits")
     check_sampling_flags(args.quantized, args.abits, args.packed_weights, args.real_kernels,
-                         _device(args.device), args.fp8)
+                         _device(args.device), args.fp8, args.batch_mode)
     if args.quantized:
         check_quantized_folder(args.quantized)
     from ..cli_args import policy_config_from_args

@@ -131,7 +131,7 @@ def load_for_sampling(
 
 def check_sampling_flags(quantized, abits: int | None = None, packed_weights: bool = False,
                          real_kernels: bool = False, device: str | None = None,
-                         real_fp8: bool = False) -> None:
+                         real_fp8: bool = False, batch_mode: str | None = None) -> None:
     """Refuse, before any work, sampling options that need a quantized model without one, and
     real kernels (``device``: the pipeline's, ``cpu`` or ``cuda``) where they cannot run."""
     if not quantized and (abits or packed_weights or real_kernels or real_fp8):
@@ -143,6 +143,12 @@ def check_sampling_flags(quantized, abits: int | None = None, packed_weights: bo
         raise ValueError("--real-kernels runs Triton kernels on a CUDA GPU (this run: device "
                          f"{device}, Triton {'missing' if fused_quantize.triton is None else 'installed'}); "
                          "run without it: the simulation computes the same quantized model")
+    if (real_kernels or real_fp8) and batch_mode == "per_image":
+        flag = "--real-kernels" if real_kernels else "--fp8"
+        raise ValueError(f"{flag} runs one bit choice a batch; --batch-mode per_image gives each "
+                         "image its own, which real layers cannot take (they would run the "
+                         "simulation instead): use --batch-mode max (at fixed bits every image "
+                         "gets the same bits either way)")
     if real_fp8 and str(device).startswith("cuda") and not real_fp8_supported(device):
         raise ValueError(f"--fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or "
                          f"newer: Ada, Hopper); {torch.cuda.get_device_name(device)} has none: "
