@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from .real_gemm import centered_codes, option_grid
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3fn value
 E4M3_EXACT = 16  # every integer of at most this magnitude is exact in e4m3
@@ -61,9 +63,7 @@ def fp8_weights(w: torch.Tensor, w_zero: torch.Tensor | None,
     of more than 4 bits) or the shape is not a multiple of 16 (``torch._scaled_mm``'s rule)."""
     if w.dtype != torch.int8:  # packed codes: their memory is the point, no byte copy
         return None
-    codes = w.to(torch.int32)
-    if w_zero is not None:
-        codes = codes - w_zero.to(torch.int32)[:, None]
+    codes = centered_codes(w, w_zero)
     n, k = codes.shape
     if n % 16 or k % 16 or (codes.numel() and int(codes.abs().max()) > E4M3_EXACT):  # (setup)
         return None
@@ -75,8 +75,7 @@ def fp8_activation_scale(table: torch.Tensor, choice: torch.Tensor, step: torch.
                          steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The option's clipping range and e4m3 scale from the bank's table ``[K·T, 3]`` (Δ, low,
     high), gathered on the device: ``(lo, hi, s_a)``, fp32 ``[1]`` each."""
-    rows = choice * steps + step if steps else choice
-    scale, low, high = table.index_select(0, rows).float().unbind(1)
+    scale, low, high = (t.float() for t in option_grid(table, choice, step, steps))
     lo, hi = low * scale, high * scale
     return lo, hi, torch.maximum(-lo, hi).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX
 

@@ -156,6 +156,13 @@ def zero_mode(w: torch.Tensor, w_zero: torch.Tensor | None) -> int:
     return 1 if w.dtype == torch.uint8 else 2
 
 
+def centered_codes(w: torch.Tensor, w_zero: torch.Tensor | None) -> torch.Tensor:
+    """The int8 weight operands of :func:`weight_operands` as centered codes ``w_c − z_w``
+    (int32): ``w`` itself where it comes centered, minus its zero points where not."""
+    codes = w.to(torch.int32)
+    return codes if w_zero is None else codes - w_zero.to(torch.int32)[:, None]
+
+
 def float_weights(w: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
     """The dequantized weights ``(w_c − z_w)·s_w`` ``[N, K]`` in ``dtype``, from the int8
@@ -171,9 +178,7 @@ def float_weights(w: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.T
     such copy (their point is the memory)."""
     if w.dtype == torch.uint8:
         raise ValueError("packed codes keep no float copy of their weights")
-    codes = w.to(torch.int32)
-    if w_zero is not None:
-        codes = codes - w_zero[:, None]
+    codes = centered_codes(w, w_zero)
     return (codes.float() * w_scale.float()[:, None]).to(dtype).contiguous()
 
 
@@ -444,6 +449,15 @@ def int8_codes(x: torch.Tensor, table, choice, step, steps: int, integer, offset
     return a
 
 
+def option_grid(table: torch.Tensor, choice: torch.Tensor, step: torch.Tensor,
+                steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The option's grid ``(Δ, low, high)`` (``[1]`` each, the table's dtype) from a bank's
+    flat table ``[K·T, 3]``: row ``choice·T + step`` (``choice`` where the bank has no per-step
+    rows), gathered on the device."""
+    rows = choice * steps + step if steps else choice
+    return table.index_select(0, rows).unbind(1)
+
+
 def graph_codes(x: torch.Tensor, table, choice, step, steps: int, offset,
                 padding: tuple[int, int] | None = None) -> torch.Tensor:
     """The int8 codes ``a = c − low − o_a`` of ``x`` in PyTorch ops, for a compiled graph to fuse
@@ -452,8 +466,7 @@ def graph_codes(x: torch.Tensor, table, choice, step, steps: int, offset,
     compiled simulation's integers. ``padding`` ``(PH, PW)``: ``x`` is NHWC and the codes come
     padded, the border the code 0 (``a = z_a``), as :func:`qlip.quant.real_conv.padded_codes`
     writes them. Where the option runs in float math the values are unused."""
-    rows = choice * steps + step if steps else choice
-    scale, low, high = table.index_select(0, rows).unbind(1)
+    scale, low, high = option_grid(table, choice, step, steps)
     c = torch.div(x, scale).round_().clamp_(low, high)
     if padding is not None:  # the simulation pads the quantized input with exact zeros
         c = torch.nn.functional.pad(c, (0, 0, padding[1], padding[1], padding[0], padding[0]))
