@@ -10,8 +10,10 @@ times the same launches given the codes, as a compiled step runs them (its graph
 codes, fused into the kernel that produces the layer's input): the GEMM alone, to set beside
 bf16. ``persistent_tiles`` times the same codes through the persistent TMA kernel
 (``real_gemm.PERSISTENT``, an integer-only layer's path), beside ``gemm_graph_tiles``, the
-one-tile-a-program kernel on them, both replayed from a CUDA graph (no host work counted). Each row also times the same layer in bf16 (``F.linear``; ``F.conv2d`` channels-last), and
-the codes kernel alone. A tile that cannot launch (shared memory) is recorded as such.
+one-tile-a-program kernel on them, both replayed from a CUDA graph (no host work counted); the
+3×3 convs' rows the same with ``real_conv.PERSISTENT`` (tiles whose pixels are whole rows only).
+Each row also times the same layer in bf16 (``F.linear``; ``F.conv2d`` channels-last, from a
+graph too for the convs), and the codes kernel alone. A tile that cannot launch (shared memory) is recorded as such.
 
     python benchmarks/real_tile_sweep.py --out OUT/real_tile_sweep.json
 """
@@ -81,6 +83,8 @@ def bench_graph(fn) -> float | str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--extra-tiles", type=tiles_arg, default=tiles_arg(EXTRA_TILES))
+    parser.add_argument("--tiles", type=tiles_arg, default=None,
+                        help="the tiles to time instead of real_gemm.TILES and --extra-tiles")
     parser.add_argument("--kinds", default="linear,conv,codes")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -90,7 +94,7 @@ def main() -> None:
 
     from qlip.quant import real_conv, real_gemm
 
-    tiles = list(dict.fromkeys([*real_gemm.TILES, *args.extra_tiles]))
+    tiles = args.tiles or list(dict.fromkeys([*real_gemm.TILES, *args.extra_tiles]))
     kinds = args.kinds.split(",")
     rows = []
     started = time.perf_counter()
@@ -142,8 +146,11 @@ def main() -> None:
                 row = {"kind": "conv3x3", "shape": [b, c, h, w, n],
                        "bf16": bench(partial(F.conv2d, x, weight, ops[-1], padding=1)),
                        "codes": bench(partial(real_conv.padded_codes, x.permute(0, 2, 3, 1),
-                                              *ops[:6], (1, 1))), "tiles": {}, "gemm_tiles": {}}
+                                              *ops[:6], (1, 1))), "tiles": {}, "gemm_tiles": {},
+                       "gemm_graph_tiles": {}, "persistent_tiles": {},
+                       "bf16_graph": bench_graph(partial(F.conv2d, x, weight, ops[-1], padding=1))}
                 codes = real_conv.padded_codes(x.permute(0, 2, 3, 1), *ops[:6], (1, 1))
+                shape = ([3, 3], [1, 1], True, [1, 1])
                 for tile in tiles:
                     real_gemm.FORCE_TILE = tile
                     name = ",".join(map(str, tile))
@@ -151,7 +158,18 @@ def main() -> None:
                         real_conv.real_conv2d, x, *ops, kernel_size=(3, 3), padding=(1, 1),
                         tap_major=True))
                     row["gemm_tiles"][name] = bench(partial(
-                        real_conv._launch_conv2d, x, codes, *ops, [3, 3], [1, 1], True, [1, 1]))
+                        real_conv._launch_conv2d, x, codes, *ops, *shape))
+                    # the codes alone (an integer-only conv), one tile a program and persistent
+                    # (where the tile's pixels are whole rows: real_conv.conv_box), both
+                    # replayed from a CUDA graph
+                    real_conv.PERSISTENT = False
+                    row["gemm_graph_tiles"][name] = bench_graph(partial(
+                        real_conv._launch_conv2d, None, codes, *ops, *shape, None, True))
+                    if real_conv.conv_box(h, w, tile[0]) is not None:
+                        real_conv.PERSISTENT = True
+                        row["persistent_tiles"][name] = bench_graph(partial(
+                            real_conv._launch_conv2d, None, codes, *ops, *shape, None, True))
+                    real_conv.PERSISTENT = None
                 real_gemm.FORCE_TILE = None
                 rows.append(row)
                 save()
@@ -180,7 +198,10 @@ def main() -> None:
         best_p = min(persistent, key=persistent.get) if persistent else None
         graphed = {t: v for t, v in r.get("gemm_graph_tiles", {}).items() if isinstance(v, float)}
         best_g = min(graphed, key=graphed.get) if graphed else None
-        print(f"{r['kind']} {r['shape']}: bf16 {r['bf16']:.3f} ms, codes {r['codes']:.3f} ms, "
+        graph_bf16 = (f" (from a graph {r['bf16_graph']:.3f})"
+                      if isinstance(r.get("bf16_graph"), float) else "")
+        print(f"{r['kind']} {r['shape']}: bf16 {r['bf16']:.3f} ms{graph_bf16}, codes "
+              f"{r['codes']:.3f} ms, "
               f"best tile {best} {timed.get(best, float('nan')):.3f} ms, GEMM alone "
               f"{best_gemm} {gemm.get(best_gemm, float('nan')):.3f} ms"
               + (f"; from a CUDA graph: GEMM {best_g} {graphed[best_g]:.3f} ms, persistent "

@@ -8,11 +8,14 @@ qlip.quant.fused_attention's Triton kernel; ``w4a8_layers_pytorch`` without the 
 quantizer; ``w4a8_layers_real`` with the Linear layers and convs in int8 math,
 qlip.quant.real_gemm/real_conv; ``w4a8_layers_real_packed`` the same on packed 4-bit weights,
 every layer's codes two a byte; ``w4a8_layers_real_persistent`` the int8 one with its Linear
-layers always through the persistent TMA kernel, ``real_gemm.PERSISTENT = True``, and
-``w4a8_layers_real_one_tile`` never (the default, None, takes it while a CUDA graph is
-captured); ``w4a8_layers_real_fp8``
+layers and stride-1 3×3 convs always through the persistent TMA kernels,
+``real_gemm.PERSISTENT = real_conv.PERSISTENT = True``, and ``w4a8_layers_real_one_tile`` never
+(the default, None, takes them while a CUDA graph is captured);
+``w4a8_layers_real_conv_one_tile`` the default for Linear layers, never for convs;
+``w4a8_layers_real_fp8``
 the int8 one with its Linear layers and 1×1 convs in e4m3 through ``torch._scaled_mm``,
-qlip.quant.real_fp8, ``..._fp8_fast`` with its fast accumulation) and a W4A{8,16,32} bank
+qlip.quant.real_fp8, ``..._fp8_fast`` with its fast accumulation, ``..._fp8_fast_packed`` the
+same on packed 4-bit weights, unpacked to e4m3 per call for the fp8 GEMMs) and a W4A{8,16,32} bank
 whose every unit's bits change
 at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
 
@@ -56,13 +59,23 @@ from qlip.testing import build_unet, unet_step_inputs
 
 VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real",
             "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile",
-            "w4a8_layers_real_fp8", "w4a8_layers_real_fp8_fast", "w4a8_attention",
+            "w4a8_layers_real_conv_one_tile", "w4a8_layers_real_fp8", "w4a8_layers_real_fp8_fast",
+            "w4a8_layers_real_fp8_fast_packed", "w4a8_attention",
             "w4a8_attention_fused", "bank")
 COMPILED = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_real",
             "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile",
-            "w4a8_layers_real_fp8", "w4a8_layers_real_fp8_fast", "w4a8_attention",
+            "w4a8_layers_real_conv_one_tile", "w4a8_layers_real_fp8", "w4a8_layers_real_fp8_fast",
+            "w4a8_layers_real_fp8_fast_packed", "w4a8_attention",
             "w4a8_attention_fused", "bank")
 BANK = (8, 16, 32)
+
+
+def error_text(err: Exception) -> str:
+    """An error for the record: its type, its message's start and its end (Inductor's wrap a
+    compile worker's traceback, whose cause comes last; the twentieth session's record of the
+    fused attention's compile failure kept only the first 600 characters, not the cause)."""
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= 3000 else f"{text[:600]} […] {text[-2400:]}"
 
 
 class RandomBits(BitPolicy):
@@ -167,12 +180,15 @@ def build(variant: str, args):
         if variant.endswith("_packed"):  # on the packed 4-bit codes themselves
             pack_weights(unet)
         if variant.endswith(("_persistent", "_one_tile")):  # (this variant's own process)
-            from qlip.quant import real_gemm
+            from qlip.quant import real_conv, real_gemm
 
-            # the Linear layers always through the persistent TMA kernel, or never
-            real_gemm.PERSISTENT = variant.endswith("_persistent")
+            # the Linear layers and stride-1 3×3 convs always through the persistent TMA
+            # kernels, or never (_conv_one_tile: the convs never, the Linear layers by default)
+            if not variant.endswith("_conv_one_tile"):
+                real_gemm.PERSISTENT = variant.endswith("_persistent")
+            real_conv.PERSISTENT = variant.endswith("_persistent")
         fp8 = "_fp8" in variant  # the A8 GEMMs in e4m3 (torch._scaled_mm), the 3×3 convs int8
-        if variant.endswith("_fp8_fast"):
+        if "_fp8_fast" in variant:
             from qlip.quant import real_fp8
 
             real_fp8.FAST_ACCUM = True
@@ -281,7 +297,7 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
                 out["compiled_vs_eager_real"] = {"max_abs": float((got - want).abs().max()),
                                                  "mean_abs": float((got - want).abs().mean())}
         except Exception as err:  # noqa: BLE001 (a variant that does not compile is a result)
-            compiled, out["compile_error"] = None, f"{type(err).__name__}: {str(err)[:600]}"
+            compiled, out["compile_error"] = None, error_text(err)
     _barrier(args)
     # Eager steps are bound by the host, whose speed drifts between minutes (bf16 eager read
     # 34 ms and 47 ms in two runs of the same code): the variants measure eager in rounds taking
@@ -367,7 +383,7 @@ def bits_changing(unet, units, compiled, inputs_, args) -> dict:
                 for key, call in calls.items():
                     times[key] += timed(call, 2, args.iters)["times"]
     except RuntimeError as err:  # the stance raises on a recompile
-        recompiled, out["recompile_error"] = True, str(err)[:600]
+        recompiled, out["recompile_error"] = True, error_text(err)
     for key, values in times.items():
         if values:
             out[key] = {"median_ms": statistics.median(values), "min_ms": min(values),
@@ -478,8 +494,9 @@ def summarise(results: dict) -> None:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
     base_graph = base.get("compiled_graph", {}).get("median_ms")
     for name in ("w4a8_layers", "w4a8_layers_real", "w4a8_layers_real_packed",
-                 "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile", "w4a8_layers_real_fp8",
-                 "w4a8_layers_real_fp8_fast", "w4a8_attention",
+                 "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile",
+                 "w4a8_layers_real_conv_one_tile", "w4a8_layers_real_fp8",
+                 "w4a8_layers_real_fp8_fast", "w4a8_layers_real_fp8_fast_packed", "w4a8_attention",
                  "w4a8_attention_fused", "bank"):
         # by the compiled step's GPU time (bank: A8, attention quantized)
         if base_graph and "compiled_graph" in v.get(name, {}):

@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 # "…fprop_implicit_gemm…", so Inductor comes first, then attention, convolutions, GEMMs
 KINDS = (
     ("real_gemm", r"_real_linear_kernel|_persistent_linear_kernel"),
-    ("real_conv", r"_real_conv_kernel"),
+    ("real_conv", r"_real_conv_kernel|_persistent_conv_kernel"),
     ("fused_attention", r"_stats_kernel|_output_kernel"),
     ("quantize", r"_fake_quantize_kernel"),
     ("inductor", r"^triton_"),

@@ -5,8 +5,11 @@ on random inputs, saved, loaded again onto a fresh copy, once as usual and once 
 ``--packed-weights`` (``qlip.nn.pack_weights``: 4-bit codes two per byte, the FP weights freed),
 and measured:
 
-- ``tensor_bytes``: the bytes of the storage its parameters and buffers hold, each storage once,
-  in bf16 (after one call, so an unpacked layer's dequantized-weight cache is counted);
+- ``tensor_bytes``: the bytes of the storage its parameters and buffers hold, and its real
+  execution's operands, each storage once, in bf16 (after one call, so an unpacked layer's
+  dequantized-weight cache is counted);
+- the same in fp8 (``use_real_execution(fp8=True)``, the CPU too), unpacked (an e4m3 copy of
+  each fp8 layer's codes) and packed (each fp8 layer unpacks its own bytes per call);
 - on CUDA also ``torch.cuda.memory_allocated`` with only that model on the device;
 - the parts: the packed codes, the FP tensors of the layers left unquantized (norms, ...), and the
   quantizers' state (weight scales and zero points, activation tables);
@@ -83,6 +86,16 @@ def _cuda_allocated(model_fn) -> int | None:
     return used
 
 
+def _fp8_loaded(load, packed: bool, device: str, latent: int):
+    """A loaded model in fp8 (``use_real_execution(fp8=True)``) after one call."""
+    unet = load(packed)
+    use_real_execution(unet, fp8=True)
+    x, t, c = _inputs(device, unet.dtype, latent)
+    with torch.no_grad():
+        unet(x, t, encoder_hidden_states=c)
+    return unet
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +151,33 @@ def main() -> None:
             del unet
             gc.collect()
             rows[name]["cuda_allocated"] = _cuda_allocated(lambda p=packed: load(p))
+        # fp8 (use_real_execution(fp8=True): the A8 GEMM layers in e4m3, the CPU too), after
+        # one call: unpacked, each such layer keeps an e4m3 copy of its codes; packed, it
+        # unpacks its own bytes at every call, so the model holds the packed bytes alone (its
+        # 3×3 convs' int8 operands are their packed bytes too)
+        for name, packed in (("unpacked_fp8", False), ("packed_fp8", True)):
+            unet = load(packed)
+            fp8_layers = use_real_execution(unet, fp8=True)
+            x, t, c = _inputs(device, unet.dtype, args.latent)
+            with torch.no_grad():
+                outputs[name] = unet(x, t, encoder_hidden_states=c).sample.float().cpu()
+            unet.to(torch.bfloat16)  # (measured in bf16, as above)
+            size = tensor_bytes(unet)
+            rows[name] = {"tensor_bytes": size, "vs_bf16": size / bf16_bytes,
+                          "parts": _parts(unet), "real_layers": fp8_layers,
+                          "fp8_layers": sum(m._real_fp8 for m in unet.modules()
+                                            if isinstance(m, QuantLayer)),
+                          "dtype": str(unet.dtype)}
+            if device.startswith("cuda"):
+                del unet
+                rows[name]["cuda_allocated"] = _cuda_allocated(
+                    lambda p=packed: _fp8_loaded(load, p, device, args.latent))
+                rows[name]["cuda_vs_bf16"] = None  # (set below, against bf16's)
+            else:
+                del unet
+            gc.collect()
     equal = torch.equal(outputs["packed"], outputs["unpacked"])
+    result_fp8_equal = torch.equal(outputs["packed_fp8"], outputs["unpacked_fp8"])
     result = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
@@ -147,6 +186,7 @@ def main() -> None:
         "bf16_bytes": bf16_bytes,
         "rows": rows,
         "outputs_equal": equal,
+        "fp8_outputs_equal": result_fp8_equal,
         "target_packed_vs_bf16": 0.3,
     }
     if device.startswith("cuda"):
@@ -161,6 +201,9 @@ def main() -> None:
             result.setdefault("real_linear_layers", switched)
             return unet
 
+        for name in ("unpacked_fp8", "packed_fp8"):
+            rows[name]["cuda_vs_bf16"] = (rows[name]["cuda_allocated"]
+                                          / result["bf16_cuda_allocated"])
         for name, packed in (("unpacked_real", False), ("packed_real", True)):
             used = _cuda_allocated(lambda p=packed: real(p))
             rows[name] = {"cuda_allocated": used,
@@ -173,7 +216,8 @@ def main() -> None:
         if row.get("cuda_allocated") is not None and "cuda_vs_bf16" in row:
             print(f"{name:13s} CUDA allocated {row['cuda_allocated'] / 2**20:9.1f} MiB  "
                   f"{row['cuda_vs_bf16']:.3f}x bf16")
-    print(f"bf16 weights {bf16_bytes / 2**20:.1f} MiB; packed output equals unpacked: {equal}")
+    print(f"bf16 weights {bf16_bytes / 2**20:.1f} MiB; packed output equals unpacked: {equal}; "
+          f"in fp8: {result_fp8_equal}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

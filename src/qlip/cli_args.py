@@ -182,14 +182,16 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real-kernels", action="store_true",
                    help="run the quantized layers in low-precision math on a CUDA GPU (Triton "
                         "kernels: int8 at A8 and below, the option read on the device; the model "
-                        "channels-last): the simulation's quantized model, not faster than bf16 "
-                        "yet (docs/results/speed/)")
+                        "channels-last): the simulation's quantized model; as fast as bf16 "
+                        "only with --fp8 on GEMM-heavy UNets such as SDXL's "
+                        "(docs/results/speed/)")
     p.add_argument("--fp8", action="store_true",
                    help="the Linear layers and 1x1 convs whose every option is A8 (weights of at "
                         "most 4 bits) run in fp8 e4m3 through torch._scaled_mm (the CPU, or an "
                         "Ada or Hopper GPU); with --real-kernels the other layers in int8. "
                         "Weights exact, activations an fp8 grid over the A8 range: not the "
-                        "simulation's values")
+                        "simulation's values. With --packed-weights each such layer unpacks "
+                        "its own bytes to e4m3 at every call")
 
 
 def execution_label(args) -> str:

@@ -136,8 +136,3 @@ def test_quantized_folder_missing_or_abits_without_it(capsys, tiny_pipe_dir, tmp
                                   "--device", "cpu", "--out", str(tmp_path / "real")],
                "--fp8 runs one bit choice a batch", "use --batch-mode max")
         assert not (tmp_path / "real").exists()
-        _fails(capsys, command + ["--model", str(tiny_pipe_dir), "--quantized",
-                                  str(tmp_path / "none"), "--fp8", "--packed-weights",
-                                  "--device", "cpu", "--out", str(tmp_path / "real")],
-               "no packed layer would run in fp8", "choose one")
-        assert not (tmp_path / "real").exists()

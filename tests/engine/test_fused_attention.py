@@ -154,3 +154,38 @@ def test_bf16_kernel_equals_the_reference_with_16_bit_probabilities(keep_first):
     # bf16 output rounding (2^-8 relative), except at rounding boundaries of the 8-bit grid
     assert (diff <= 2 ** -8 * want.abs() + 1e-4).float().mean() >= 0.995
     assert float(diff.max()) <= float(params[:, 0].max()) * float(v.float().abs().max()) + 1e-2
+
+
+@pytest.mark.skipif(kernel_device() is None,
+                    reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+@pytest.mark.parametrize("keep_first", [False, True])
+def test_a_compiled_graph_keeps_both_passes_as_operators(keep_first):
+    """Under torch.compile the two passes are the custom operators (Inductor keeps them opaque;
+    tracing the autotuned kernels themselves failed to compile on an H100), the quantizer's
+    parameters between them are graph ops, and the output is the eager kernels' bit for bit."""
+    device = kernel_device()
+    g = torch.Generator().manual_seed(2)
+    rows, n, m, d = 4, 37, 21, 40
+    q, k, v = (torch.randn(rows, s, d, generator=g).to(device) for s in (n, m, m))
+
+    def params_for(row_max):  # 8 bits over [0, the row's max]
+        zeros = torch.zeros_like(row_max)
+        return torch.stack([row_max / 255, zeros, zeros + 255.0, zeros], dim=1)
+
+    def attend(q, k, v):
+        return fa.fused_attention(q, k, v, d ** -0.5, params_for, fa.UNIFORM, keep_first,
+                                  use_kernel=True)
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    eager = attend(q, k, v)
+    torch._dynamo.reset()
+    got = torch.compile(attend, backend=recording, fullgraph=True)(q, k, v)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("qlip.attention_row_stats" in t for t in targets) == 1
+    assert sum("qlip.attention_output" in t for t in targets) == 1
+    assert torch.equal(got, eager)

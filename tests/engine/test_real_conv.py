@@ -110,3 +110,78 @@ def test_float_options_read_the_stored_float_weights_in_the_codes_order(tap_majo
         assert torch.equal(stored, plain), choice
     with pytest.raises(ValueError, match="w_float must be"):
         rc.real_conv2d(*args, **kw, w_float=w_float.t().to(device))
+
+
+@needs_kernel
+@pytest.mark.parametrize("h,w", [(4, 16), (2, 8)], ids=["rows_of_one_image", "whole_images"])
+@pytest.mark.parametrize("bias_on", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("packed", [False, True], ids=["int8", "packed"])
+def test_the_persistent_conv_kernel_gives_the_same_integer_product(h, w, bias_on, packed,
+                                                                   monkeypatch):
+    """An integer-only stride-1 conv through the persistent TMA kernel (rc.PERSISTENT): the same
+    bits as the one-tile kernel at every integer option (the grid whose range leaves 0 out
+    among them), for tiles of whole rows of one image (4 × 16 pixels: 4 rows a 64-pixel tile)
+    and of whole images (2 × 8: four images a tile, the last tile past the batch), C = 48 over
+    channel blocks of 32 (a tap's second block past C: TMA's zero fill meets the next tap's
+    weights), N = 136 over tiles of 32 (more tiles than the interpreter's 4 programs); packed
+    codes too (C = 96 over blocks of 64), centered in registers. A conv its boxes cannot take
+    (stride 2, C not a multiple of 16, images whose rows do not tile) takes the one-tile
+    kernel. The tile by N: the wide one from 1280 channels."""
+    device = kernel_device()
+    g = torch.Generator().manual_seed(8)
+    b, c, n = 3, 96 if packed else 48, 136  # (packed: C a multiple of 32)
+    codes = torch.randint(0, 16, (n, c * 9), generator=g)
+    rows = rc.tap_major_rows(codes, (3, 3))
+    weights = rg.weight_operands(rows, torch.rand(n, generator=g) * 0.05 + 0.01,
+                                 torch.randint(5, 11, (n,), generator=g).float(), 4,
+                                 packed=rg.pack_rows(rows) if packed else None)
+    assert (weights[2] is None) != packed  # centered codes, or packed ones and their zeros
+    x, bias = torch.randn(b, c, h, w, generator=g), torch.randn(n, generator=g)
+    monkeypatch.setattr(rg, "FORCE_TILE", (64, 32, 64 if packed else 32, 4, 2))
+    taken = []
+    original = rc._launch_persistent_conv
+    monkeypatch.setattr(rc, "_launch_persistent_conv",
+                        lambda *a: taken.append(1) or original(*a))
+
+    def run(x, weights, persistent, **kw):
+        monkeypatch.setattr(rc, "PERSISTENT", persistent)
+        args = [t.to(device) for t in (x, TABLE, torch.tensor([choice]), torch.zeros(1).long())]
+        args += [0] + [on(t, device) for t in (INTEGER, OFFSET, *weights,
+                                                bias[:weights[0].shape[0]] if bias_on else None)]
+        return rc.real_conv2d(*args, kernel_size=(3, 3), padding=kw.get("padding", (1, 1)),
+                              tap_major=True, stride=kw.get("stride", (1, 1)),
+                              integer_only=True).cpu()
+
+    for choice in (0, 1, 3):  # the integer options
+        plain = run(x, weights, False)
+        before = len(taken)
+        persistent = run(x, weights, True)
+        assert len(taken) == before + 1
+        if bias_on and device == "cuda":  # on an H100 (twentieth session) the two were not
+            # bit-equal with a bias, bit-equal without: most likely the compiler fuses the
+            # scaling and the bias into one FMA in the persistent epilogue (one rounding where
+            # the one-tile kernel, adding the bias after its branch, rounds twice)
+            torch.testing.assert_close(persistent, plain, rtol=2.5e-7, atol=1e-6)
+        else:
+            assert torch.equal(persistent, plain), choice
+    choice = 1
+    before = len(taken)
+    run(x, weights, True, stride=(2, 2))  # a downsampler
+    run(torch.randn(b, c, 3, 12, generator=g), weights, True)  # 36 pixels: no whole tile
+    odd_rows = rc.tap_major_rows(codes.reshape(n, c, 9)[:, :40].reshape(n, -1), (3, 3))
+    odd = rg.weight_operands(odd_rows, torch.ones(n), torch.full((n,), 8.0), 4,
+                             packed=rg.pack_rows(odd_rows) if packed else None)
+    run(x[:, :40], odd, True)  # C = 40: rows TMA cannot address
+    assert len(taken) == before
+    monkeypatch.setattr(rg, "FORCE_TILE", None)
+    assert rc.persistent_conv_tile(1280) == rc.PERSISTENT_CONV_WIDE
+    assert rc.persistent_conv_tile(640) == rc.PERSISTENT_CONV_NARROW
+
+
+def test_conv_boxes_tile_whole_rows_or_whole_images():
+    assert rc.conv_box(64, 64, 128) == (1, 2)
+    assert rc.conv_box(8, 8, 128) == (2, 8)
+    assert rc.conv_box(128, 128, 128) == (1, 1)
+    assert rc.conv_box(6, 6, 128) is None  # 36 pixels do not divide 128
+    assert rc.conv_box(3, 64, 128) is None  # two rows a tile, three rows an image
+    assert rc.conv_box(2, 300, 128) is None  # a row over TMA's 256

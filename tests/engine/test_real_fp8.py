@@ -31,8 +31,8 @@ def _layer(wbits=4, n=48, k=64, steps=None, seed=0):
 
 def test_w4_weights_are_exact_in_e4m3_and_wider_or_odd_shapes_are_refused():
     _, (w, _, w_zero, w_scale), (codes, scale, zero) = _layer(4)
-    w8, scale_b = rf.fp8_weights(w, w_zero, w_scale)
-    assert w8.dtype == torch.float8_e4m3fn and scale_b.shape == (1, 48)
+    w8, scale_b, none = rf.fp8_weights(w, w_zero, w_scale)
+    assert w8.dtype == torch.float8_e4m3fn and scale_b.shape == (1, 48) and none is None
     centered = codes.float() - zero.round().float()[:, None]
     assert centered.abs().max() > 7  # asymmetric codes: centered beyond int4's range
     assert torch.equal(w8.float(), centered)  # every code exact
@@ -47,7 +47,7 @@ def test_w4_weights_are_exact_in_e4m3_and_wider_or_odd_shapes_are_refused():
 def test_the_fp8_product_is_its_operands_product_and_follows_the_steps_table(steps):
     device = _device()
     acts, (w, _, w_zero, w_scale), (codes, scale, zero) = _layer(4, steps=steps)
-    w8, scale_b = (t.to(device) for t in rf.fp8_weights(w, w_zero, w_scale))
+    w8, scale_b = (t.to(device) for t in rf.fp8_weights(w, w_zero, w_scale)[:2])
     table = acts._flat_table(torch.float32).to(device)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(2, 30, 64, generator=g) * 2 + 0.4).to(device)
@@ -58,8 +58,8 @@ def test_the_fp8_product_is_its_operands_product_and_follows_the_steps_table(ste
     outs = []
     for s in range(steps or 1):
         step = torch.tensor([s], device=device)
-        got = rf.fp8_linear(x, table, choice, step, steps or 0, w8, scale_b, bias)
-        want = rf.fp8_reference(x, table, choice, step, steps or 0, w8, scale_b, bias)
+        got = rf.fp8_linear(x, table, choice, step, steps or 0, w8, scale_b, None, bias)
+        want = rf.fp8_reference(x, table, choice, step, steps or 0, w8, scale_b, None, bias)
         assert got.shape == (2, 30, 48) and got.dtype == x.dtype
         # (Hopper's fp8 tensor cores accumulate with about 14 bits: an H100 was 9e-5 off)
         tol = 5e-4 if x.is_cuda else 1e-5
@@ -72,6 +72,30 @@ def test_the_fp8_product_is_its_operands_product_and_follows_the_steps_table(ste
         outs.append(got)
     if steps:  # each step its own grid: another scale, another output
         assert not torch.allclose(outs[0], outs[1])
+
+
+def test_packed_codes_give_the_same_fp8_product_from_a_quarter_of_the_bytes():
+    """Packed 4-bit codes as fp8 operands: the bytes themselves and their zero points, unpacked
+    at every call to the same exact e4m3 matrix, so the same product bit for bit."""
+    device = _device()
+    acts, (w, _, w_zero, w_scale), (codes, scale, zero) = _layer(4, k=64)
+    packed_ops = rg.weight_operands(codes, scale, zero, 4, packed=rg.pack_rows(codes))
+    packed, scale_p, zero_p = rf.fp8_weights(packed_ops[0], packed_ops[2], packed_ops[3], k=64)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 32)  # no e4m3 copy kept
+    w8, scale_b, _ = rf.fp8_weights(w, w_zero, w_scale)
+    assert torch.equal(rf.fp8_weight_matrix(packed, zero_p, 64).float(), w8.float())
+    assert torch.equal(scale_p, scale_b)
+    table = acts._flat_table(torch.float32).to(device)
+    x = torch.randn(3, 20, 64, generator=torch.Generator().manual_seed(4)).to(device)
+    one = torch.tensor([0], device=device)
+    plain = rf.fp8_linear(x, table, one, one, 0, w8.to(device), scale_b.to(device), None, None)
+    got = rf.fp8_linear(x, table, one, one, 0, packed.to(device), scale_p.to(device),
+                        zero_p.to(device), None)
+    assert torch.equal(got, plain)
+    with pytest.raises(ValueError, match="need their K"):
+        rf.fp8_weights(packed_ops[0], packed_ops[2], packed_ops[3])
+    assert rf.fp8_weights(packed_ops[0][:40], packed_ops[2][:40], packed_ops[3][:40],
+                          k=64) is None  # N = 40: not for torch._scaled_mm
 
 
 def test_activation_codes_stay_finite_at_the_range_ends():
@@ -88,10 +112,11 @@ def test_a_w4a8_unet_runs_its_gemm_layers_in_fp8_and_stays_near_the_simulation(t
     """use_real_execution(fp8=True) on a W4A8 model: the Linear layers and 1×1 convs whose
     every option is A8 take fp8 operands (exact weights), run on the CPU too, and each gives
     its fp8 product on the input it got; the UNet stays near the integer simulation (nearer
-    than A8 is to FP). With an A16 option beside A8 no layer takes fp8."""
+    than A8 is to FP). Packed (pack_weights), the same layers take fp8 from their own bytes and
+    give the same outputs."""
     from qlip.methods.calib_data import CalibrationSet
     from qlip.methods.rtn import quantize_rtn
-    from qlip.nn import QuantConfig, QuantConv2d, QuantLayer, use_real_execution
+    from qlip.nn import QuantConfig, QuantConv2d, QuantLayer, pack_weights, use_real_execution
     from qlip.pipeline import prepare_unet
 
     from ..conftest import unet_inputs
@@ -135,6 +160,14 @@ def test_a_w4a8_unet_runs_its_gemm_layers_in_fp8_and_stays_near_the_simulation(t
     use_real_execution(unet, False)
     with torch.no_grad():
         assert torch.equal(unet(x, t, encoder_hidden_states=c).sample, simulated)
+    # packed: the same fp8 layers read their own bytes (no e4m3 copy kept), the same outputs
+    pack_weights(unet)
+    assert use_real_execution(unet, fp8=True) > 0
+    packed = [m for m in unet.modules() if isinstance(m, QuantLayer) and m._real_fp8]
+    assert set(packed) == set(fp8_layers)
+    assert all(m._real_parts[0][0].dtype == torch.uint8 for m in packed)
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, encoder_hidden_states=c).sample, real)
 
 
 def test_a_layer_with_a_float_option_beside_a8_keeps_the_integer_kernels(tiny_pipe):
@@ -162,7 +195,8 @@ def test_a_loaded_w4a8_folder_runs_its_gemm_layers_in_fp8_alone_with_fp8(
         tiny_pipe, tmp_path, _tiny_pipeline_template):
     """load_for_sampling(real_fp8=True) without real kernels (`qlip eval --fp8`): the layers
     that can take fp8 run in fp8, on the CPU too, and every other layer stays simulated (no
-    Triton, no int8 operands kept); switching back gives the simulation's outputs."""
+    Triton, no int8 operands kept); switching back gives the simulation's outputs. With
+    packed weights too, the same outputs from the packed bytes."""
     import copy
 
     from qlip.nn import QuantConfig, QuantLayer, use_fp8_execution
@@ -189,3 +223,10 @@ def test_a_loaded_w4a8_folder_runs_its_gemm_layers_in_fp8_alone_with_fp8(
         want = tiny_pipe.unet(x, 10, encoder_hidden_states=c).sample
     assert torch.equal(simulated, want)  # the loaded model is the calibrated one
     assert 0 < (real - simulated).abs().mean() < 0.1 * simulated.abs().mean()
+    # --fp8 --packed-weights: the fp8 layers read their packed bytes, to the same outputs
+    packed = copy.deepcopy(_tiny_pipeline_template)
+    load_for_sampling(packed, tmp_path / "w4a8", packed_weights=True, real_fp8=True)
+    layers = [m for m in packed.unet.modules() if isinstance(m, QuantLayer) and m._real_fp8]
+    assert len(layers) == len(fp8) and all(m.packed for m in layers)
+    with torch.no_grad():
+        assert torch.equal(packed.unet(x, 10, encoder_hidden_states=c).sample, real)

@@ -635,16 +635,24 @@ def test_real_layers_keep_float_weights_only_where_an_option_runs_in_float_math(
 @needs_kernel
 @pytest.mark.parametrize("steps", [None, 3], ids=["one_row", "per_step"])
 @pytest.mark.parametrize("bias_on", [True, False], ids=["bias", "no_bias"])
-def test_the_persistent_kernel_gives_the_same_integer_product(steps, bias_on, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["int8", "packed"])
+def test_the_persistent_kernel_gives_the_same_integer_product(steps, bias_on, packed,
+                                                              monkeypatch):
     """An integer-only layer through the persistent TMA kernel (rg.PERSISTENT): the same bits
     as the one-tile-a-program kernel at every integer option and step row, with M, N and K off
     the tiles (TMA's zero fill at the edges), and more tiles than programs (each program walks
-    several: 4 × 3 tiles of 64 × 64, N = 136, over the interpreter's 4 programs). Codes its descriptors
-    cannot address (K not a multiple of 16) take the other kernel."""
+    several: 4 × 3 tiles of 64 × 64, N = 136, over the interpreter's 4 programs); on packed
+    codes too (K = 96: rows of 48 bytes), centered in registers. Codes its descriptors cannot
+    address (K not a multiple of 16) take the other kernel."""
     device = kernel_device()
-    acts, (w, w_sum, w_zero, w_scale), _, bias = _layer(4, n=136, k=80, steps=steps)
+    acts, (w, w_sum, w_zero, w_scale), (codes, scale, zero), bias = _layer(
+        4, n=136, k=96 if packed else 80, steps=steps)
+    if packed:
+        w, w_sum, w_zero, w_scale = rg.weight_operands(codes, scale, zero, 4,
+                                                       packed=rg.pack_rows(codes))
+        assert w.dtype == torch.uint8 and w_zero is not None
     integer, offset = rg.int8_offsets(OPTIONS)
-    x = torch.randn(4, 50, 80, generator=torch.Generator().manual_seed(9)) + 0.4
+    x = torch.randn(4, 50, 96 if packed else 80, generator=torch.Generator().manual_seed(9)) + 0.4
     table = acts._flat_table(torch.float32)
     taken = []
     original = rg._launch_persistent
@@ -660,7 +668,10 @@ def test_the_persistent_kernel_gives_the_same_integer_product(steps, bias_on, mo
             before = len(taken)
             persistent = rg.real_linear(*args, integer_only=True).cpu()
             assert len(taken) == before + 1
-            assert torch.equal(persistent, plain), (choice, step)
+            if bias_on and device == "cuda":  # (see test_real_conv's persistent test: an FMA)
+                torch.testing.assert_close(persistent, plain, rtol=2.5e-7, atol=1e-6)
+            else:
+                assert torch.equal(persistent, plain), (choice, step)
     acts, (w, w_sum, w_zero, w_scale), _, bias = _layer(4, n=136, k=72)  # K = 72: not for TMA
     args = [t.to(device) for t in (x[..., :72], acts._flat_table(torch.float32),
                                     torch.tensor([0]), torch.tensor([0]))]

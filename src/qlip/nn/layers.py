@@ -323,17 +323,21 @@ class QuantLayer(QuantUnit):
     def _use_fp8(self, codes, integer: torch.Tensor, offset: torch.Tensor) -> bool:
         """Make this layer's real operands fp8 ones (:func:`qlip.quant.real_fp8.fp8_weights`)
         where it can take them: one GEMM, one input part, every option A8 (integer math, offset
-        128), unpacked weights whose centered codes are exact in e4m3. Returns whether it did."""
-        if (self.real_kind() != "gemm" or len(codes) != 1 or self.packed
+        128), weights whose centered codes are exact in e4m3. A packed layer's operands are its
+        own bytes, unpacked to e4m3 at every call (no second copy of the weights). Returns
+        whether it did."""
+        if (self.real_kind() != "gemm" or len(codes) != 1
                 or not bool(integer.all()) or not bool((offset == 128).all())):
             return False
         scale, zero = self.weight_quantizers[0].params()
-        w, _, w_zero, w_scale = real_gemm.weight_operands(codes[0].flatten(1), scale, zero,
-                                                          self.wbits)
-        operands = real_fp8.fp8_weights(w, w_zero, w_scale)
+        rows = codes[0].flatten(1)
+        w, _, w_zero, w_scale = real_gemm.weight_operands(rows, scale, zero, self.wbits,
+                                                          packed=self._packed_rows(rows))
+        operands = real_fp8.fp8_weights(w, w_zero, w_scale, k=rows.shape[1])
         if operands is None:
             return False
-        self._real_parts = (tuple(t.to(self.weight.device) for t in operands),)
+        self._real_parts = (tuple(None if t is None else t.to(self.weight.device)
+                                  for t in operands),)
         self._real_float, self._real_fp8 = (None,), True
         self._qweight = None
         return True

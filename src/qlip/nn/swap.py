@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..quant.stacked import StackedQuantizer
@@ -112,10 +113,17 @@ def pack_weights(model: nn.Module) -> int:
 
 
 def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of the storage that ``model``'s parameters and buffers hold, each storage once (a
-    packed layer's one-element weight placeholder counts its one element)."""
+    """Bytes of the storage that ``model``'s parameters and buffers hold, and its layers' real
+    execution operands (``use_real``: int8 or e4m3 codes, dequantized weights), each storage
+    once (a packed layer's one-element weight placeholder counts its one element; operands that
+    are its own packed bytes count once)."""
+    held = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        if isinstance(module, QuantLayer):
+            for part in (*(module._real_parts or ()), module._real_float or ()):
+                held += [t for t in part if isinstance(t, torch.Tensor)]
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in held:
         storage = t.untyped_storage()
         key = (storage.data_ptr(), t.device)
         if key not in seen:

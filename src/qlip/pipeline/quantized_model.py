@@ -143,9 +143,6 @@ def check_sampling_flags(quantized, abits: int | None = None, packed_weights: bo
         raise ValueError("--real-kernels runs Triton kernels on a CUDA GPU (this run: device "
                          f"{device}, Triton {'missing' if fused_quantize.triton is None else 'installed'}); "
                          "run without it: the simulation computes the same quantized model")
-    if real_fp8 and packed_weights:
-        raise ValueError("--fp8 reads one byte a weight and --packed-weights keeps two codes a "
-                         "byte, so no packed layer would run in fp8: choose one of the two")
     if (real_kernels or real_fp8) and batch_mode == "per_image":
         flag = "--real-kernels" if real_kernels else "--fp8"
         raise ValueError(f"{flag} runs one bit choice a batch; --batch-mode per_image gives each "

@@ -248,14 +248,50 @@ def kernel_output(q, k, v, m, norm, params: torch.Tensor, scale: float, mode: in
     return out
 
 
+# The two passes as custom operators, for compiled graphs: Inductor keeps each an opaque call
+# (its output's shape from a fake implementation) and fuses the [R]-vector work between them,
+# where tracing the autotuned kernels themselves failed to compile on an H100 (torch 2.11,
+# twentieth session: an InductorError from its compile worker, on _stats_kernel). Eager calls
+# launch directly (the dispatcher's Python custom-op path adds host time to every call).
+@torch.library.custom_op("qlip::attention_row_stats", mutates_args=())
+def _row_stats_op(q: torch.Tensor, k: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernel_row_stats(q, k, scale)
+
+
+@_row_stats_op.register_fake
+def _(q, k, scale):
+    rows, n, _ = q.shape
+    return tuple(q.new_empty(rows, n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("qlip::attention_output", mutates_args=())
+def _output_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
+               norm: torch.Tensor, params: torch.Tensor, scale: float, mode: int,
+               keep_first: bool) -> torch.Tensor:
+    return kernel_output(q, k, v, m, norm, params, scale, mode, keep_first)
+
+
+@_output_op.register_fake
+def _(q, k, v, m, norm, params, scale, mode, keep_first):
+    return q.new_empty(q.shape)
+
+
 def fused_attention(q, k, v, scale: float, params_for, mode: int, keep_first: bool = False,
                     use_kernel: bool | None = None) -> torch.Tensor:
     """``softmax(q·kᵀ·scale)`` with fake-quantized probabilities, times ``v``; q ``[R, N, d]``,
     k and v ``[R, M, d]``. ``params_for(row_max [R]) -> params [R, 4]`` gives each row's
     quantizer parameters from each row's largest probability (a log2 Δ needs it; a uniform grid
     ignores it). ``use_kernel``: the Triton kernel (default where :func:`available`), else the
-    same computation in PyTorch, materialising the probabilities."""
+    same computation in PyTorch, materialising the probabilities. Under ``torch.compile`` the
+    two passes are the custom operators ``torch.ops.qlip.attention_row_stats`` and
+    ``torch.ops.qlip.attention_output``."""
     kernel = available(q) if use_kernel is None else use_kernel
+    if kernel and torch.compiler.is_compiling():  # (see _row_stats_op)
+        m, norm, m1 = torch.ops.qlip.attention_row_stats(q, k, float(scale))
+        params = params_for(row_max_prob(m, norm, m1, keep_first))
+        return torch.ops.qlip.attention_output(q, k, v, m, norm, params, float(scale), mode,
+                                               keep_first)
     if kernel:
         m, norm, m1 = kernel_row_stats(q, k, scale)
         params = params_for(row_max_prob(m, norm, m1, keep_first))

@@ -43,14 +43,14 @@ from __future__ import annotations
 import torch
 
 from . import real_gemm
-from .fused_quantize import triton
+from .fused_quantize import fixed_tile, triton
 from .real_gemm import MAX_K, TILES, autotuned, launch, zero_mode
 
 if triton is not None:
     import triton.language as tl
 
     from .fused_quantize import grid_codes, load_grid
-    from .real_gemm import _float_weight, _weight_block
+    from .real_gemm import _float_weight, _tma_weights, _weight_block
 
 # The channel block of a tap is the GEMM tiles' BLOCK_K (real_gemm.TILES): every
 # one is at least 32 channels, what a tap's int8 product needs.
@@ -281,6 +281,64 @@ if triton is not None:
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(dtype),
                  mask=m_ok1[:, None] & n_ok)
 
+    @triton.jit
+    def _persistent_conv_kernel(a_desc, w_desc, out_desc, table_ptr, choice_ptr, step_ptr,
+                                offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr, M, N,
+                                C, HW, W_OUT, steps, HAS_STEPS: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, PACKED: tl.constexpr,
+                                KH: tl.constexpr, KW: tl.constexpr, BB: tl.constexpr,
+                                BH: tl.constexpr, BW: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                PROGRAMS: tl.constexpr):
+        """The integer path alone of a stride-1 conv (an integer-only layer, centered tap-major
+        weight codes, the input's padded codes), persistent and fed by TMA, as
+        :func:`qlip.quant.real_gemm._persistent_linear_kernel` is for Linear layers. A tile's
+        ``BLOCK_M`` output pixels are whole output rows, ``BB`` images of ``BH`` rows of
+        ``BW = W_OUT`` pixels (:func:`conv_box`), so tap ``(kh, kw)``'s activations for the
+        tile are one box of the padded codes ``[B, H + 2·PH, W + 2·PW, C]`` (``a_desc``), at
+        image ``b0``, row ``h0 + kh``, column ``kw``, channels ``c0 …``: no gather, no masks
+        (TMA fills past the edges with zeros; a channel past C holds the code value 0 and
+        meets the next tap's weights with a product of 0). ``w_desc``: the ``[N, KH·KW·C]``
+        codes (``PACKED``: their ``[N, KH·KW·C/2]`` bytes, centered in registers with the zero
+        points at ``w_zero_ptr``, :func:`qlip.quant.real_gemm._tma_weights`); ``out_desc``: the ``[M, N]`` output, channels-last. Its products are
+        :func:`_real_conv_kernel`'s, bit for bit (the same bracket, the same scaling)."""
+        choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
+        z_a = (-low - tl.load(offset_ptr + choice).to(tl.float32)).to(tl.int32)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles = tiles_m * tl.cdiv(N, BLOCK_N)
+        n_cb = tl.cdiv(C, BLOCK_K)
+        k_steps = KH * KW * n_cb
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        tile = tl.program_id(0) - PROGRAMS
+        i = k_steps - 1
+        off_m = 0
+        off_n = 0
+        b0 = 0
+        h0 = 0
+        for _ in range(0, tl.cdiv(tiles - tl.program_id(0), PROGRAMS) * k_steps):
+            i = tl.where(i == k_steps - 1, 0, i + 1)
+            if i == 0:  # the next tile of this program (pixel tiles fastest)
+                tile += PROGRAMS
+                off_m = (tile % tiles_m) * BLOCK_M
+                off_n = (tile // tiles_m) * BLOCK_N
+                b0 = off_m // HW
+                h0 = (off_m - b0 * HW) // W_OUT
+            kh, kw, c0 = _step(i, n_cb, KW, BLOCK_K)
+            a = a_desc.load([b0, h0 + kh, kw, c0]).reshape(BLOCK_M, BLOCK_K)
+            w = _tma_weights(w_desc, w_zero_ptr, off_n, (kh * KW + kw) * C + c0, N, PACKED,
+                             BLOCK_N, BLOCK_K)
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+            if i == k_steps - 1:  # the tile's epilogue: Σ a·w − z_a·Σ_k w, scaled
+                offs_n = off_n + tl.arange(0, BLOCK_N)
+                w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
+                w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+                out = (acc - z_a * w_sum[None, :]).to(tl.float32) * (scale * w_scale[None, :])
+                if HAS_BIAS:
+                    out += tl.load(bias_ptr + offs_n, mask=offs_n < N,
+                                   other=0.0).to(tl.float32)[None, :]
+                out_desc.store([off_m, off_n], out.to(out_desc.dtype))
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+
     _CONV_KEY = ["B", "H", "W", "C", "N", "H_OUT", "W_OUT", "KH", "KW", "IEEE", "TAP_MAJOR",
                  "PRE", "ZERO", "FLOAT_W"]  # (the output's size tells a stride from another)
     _conv_tuned = autotuned(_real_conv_kernel, TILES, _CONV_KEY)
@@ -310,13 +368,97 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
     shape = (list(kernel_size), list(padding), tap_major, list(stride))
     if not torch.compiler.is_compiling():
         return _launch_conv2d(x, None, table, choice, step, steps, integer, offset, w, w_sum,
-                              w_zero, w_scale, bias, *shape, w_float=w_float)
+                              w_zero, w_scale, bias, *shape, w_float=w_float,
+                              integer_only=integer_only)
     a = (real_gemm.graph_codes(x.permute(0, 2, 3, 1), table, choice, step, steps, offset,
                                tuple(padding)) if real_gemm.codes_in_graph() else None)
     read = a is None or not integer_only  # (not read: the codes alone, real_gemm.real_linear)
     return torch.ops.qlip.real_conv2d(x if read else None, a, table, choice, step, steps,
                                       integer, offset, w, w_sum, w_zero, w_scale, bias, *shape,
-                                      w_float)
+                                      w_float, integer_only)
+
+
+# Integer-only stride-1 convs (every option at most 8 bits, centered tap-major int8 codes) through
+# the persistent TMA kernel (:func:`_persistent_conv_kernel`), as real_gemm.PERSISTENT does for
+# Linear layers: None (the default) while a CUDA graph is captured (each launch encodes three TMA
+# descriptors on the host, which a graph does once), True always, False never.
+PERSISTENT: bool | None = None
+# Its tile (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) by N, autotune being impossible inside a
+# capture: the fastest of six on each of the SD 1.4 step's four 3×3 conv shapes at batch 8 on an
+# H100 (twentieth session's sweep, replayed from a CUDA graph: N 320 and 640 0.114 and 0.081 ms
+# with the narrow tile, N 1280 0.076 and 0.228 ms with the wide one; cuDNN's bf16 0.126, 0.119,
+# 0.100 and 0.378 ms).
+PERSISTENT_CONV_WIDE = (128, 256, 128, 8, 3)
+PERSISTENT_CONV_NARROW = (128, 128, 128, 8, 4)
+
+
+def conv_box(h_out: int, w_out: int, block_m: int) -> tuple[int, int] | None:
+    """``(BB, BH)``: a tile of ``block_m`` output pixels as whole output rows, ``BB`` images of
+    ``BH`` rows of ``w_out`` pixels (one TMA box of the padded codes per tap, each dimension at
+    most 256), or None where the image's rows do not tile ``block_m`` so."""
+    hw = h_out * w_out
+    if w_out > 256:
+        return None
+    if hw >= block_m:
+        rows = block_m // w_out
+        return (1, rows) if block_m % w_out == 0 and h_out % rows == 0 else None
+    images = block_m // hw
+    return (images, h_out) if block_m % hw == 0 and images <= 256 and h_out <= 256 else None
+
+
+def persistent_conv_tile(n: int) -> tuple[int, int, int, int, int]:
+    """The persistent conv kernel's tile for ``n`` output channels (``real_gemm.FORCE_TILE``
+    where set)."""
+    if real_gemm.FORCE_TILE is not None:
+        return real_gemm.FORCE_TILE
+    return PERSISTENT_CONV_WIDE if n >= 1280 else PERSISTENT_CONV_NARROW
+
+
+def persistent_conv_ok(a: torch.Tensor, w: torch.Tensor, w_zero, out: torch.Tensor,
+                       tap_major: bool, stride, block_m: int) -> bool:
+    """Whether :data:`PERSISTENT` can take this conv: Triton with host TMA descriptors, the
+    padded int8 codes ``a`` ``[B, Hp, Wp, C]``, centered tap-major weight codes (int8, or
+    packed: then C a multiple of 32, for 16-byte rows of bytes), stride 1,
+    a Hopper GPU or newer, output rows that tile ``block_m`` (:func:`conv_box`), and rows TMA
+    can address (16-byte aligned starts and strides)."""
+    wanted = real_gemm.capturing(out) if PERSISTENT is None else PERSISTENT
+    return (bool(wanted) and real_gemm.TensorDescriptor is not None
+            and zero_mode(w, w_zero) in (0, 1) and a.dtype == torch.int8 and tap_major
+            and tuple(stride) == (1, 1) and w.stride(0) * w.element_size() % 16 == 0
+            and (not out.is_cuda or torch.cuda.get_device_capability(out.device) >= (9, 0))
+            and conv_box(out.shape[1], out.shape[2], block_m) is not None
+            and a.is_contiguous() and w.is_contiguous() and out.is_contiguous()
+            and all(t.data_ptr() % 16 == 0 for t in (a, w, out))
+            and a.shape[3] % 16 == 0 and out.shape[3] * out.element_size() % 16 == 0)
+
+
+def _launch_persistent_conv(a, w, out, table, choice, step, steps, offset, w_sum, w_zero,
+                            w_scale, bias, kernel_size, tile) -> None:
+    """``out [B, H_out, W_out, N]`` (channels-last) ``=`` the integer product of the padded
+    codes ``a`` and the tap-major codes ``w``, scaled, through :func:`_persistent_conv_kernel`
+    (``tile``: :func:`persistent_conv_tile`'s)."""
+    TensorDescriptor = real_gemm.TensorDescriptor
+    b, h_out, w_out, n = out.shape
+    block_m, block_n, block_k, warps, stages = tile
+    bb, bh = conv_box(h_out, w_out, block_m)
+    m = b * h_out * w_out
+    out2 = out.view(m, n)
+    packed = w.dtype == torch.uint8
+    descs = (TensorDescriptor.from_tensor(a, [bb, bh, w_out, block_k]),
+             TensorDescriptor.from_tensor(w, [block_n, block_k // 2 if packed else block_k]),
+             TensorDescriptor.from_tensor(out2, [block_m, block_n]))
+    programs = (torch.cuda.get_device_properties(out.device).multi_processor_count
+                if out.is_cuda else 4)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    extra = {} if fixed_tile() and real_gemm.FORCE_TILE is None else {"num_warps": warps,
+                                                                      "num_stages": stages}
+    _persistent_conv_kernel[(min(programs, tiles),)](
+        *descs, table, choice, step, offset, w_sum, w_zero if w_zero is not None else w_sum,
+        w_scale, bias if bias is not None else w_scale, m, n, a.shape[3], h_out * w_out, w_out,
+        steps, HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, PACKED=packed,
+        KH=kernel_size[0], KW=kernel_size[1],
+        BB=bb, BH=bh, BW=w_out, PROGRAMS=programs, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, **extra)
 
 
 CODES_BLOCK = 1024  # elements a program of the padded codes kernel writes
@@ -361,12 +503,14 @@ def _launch_conv2d(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.
                    w_zero: torch.Tensor | None, w_scale: torch.Tensor, bias: torch.Tensor | None,
                    kernel_size: list[int], padding: list[int], tap_major: bool,
                    stride: list[int],
-                   w_float: torch.Tensor | None = None) -> torch.Tensor:
+                   w_float: torch.Tensor | None = None,
+                   integer_only: bool = False) -> torch.Tensor:
     """``a``: x's padded NHWC int8 codes (``real_gemm.graph_codes``, in a compiled graph), or
     None: the padded codes kernel writes them here (where ``real_gemm.PREQUANTIZE``).
     ``x`` None (with ``a``): the codes are all the kernel reads (no float option); the input's
-    size comes from them and the output's dtype from the table. ``w_float``: see
-    :func:`real_conv2d`."""
+    size comes from them and the output's dtype from the table. ``w_float``, ``integer_only``:
+    see :func:`real_conv2d` (an integer-only stride-1 conv may take the persistent kernel,
+    :data:`PERSISTENT`)."""
     if x is None and a is None:
         raise ValueError("a layer given no input (x None) needs its codes (a)")
     dtype = x.dtype if x is not None else table.dtype
@@ -385,6 +529,12 @@ def _launch_conv2d(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.
     else:
         a = xl
     pre = a is not xl
+    if pre and (integer_only or x is None):
+        tile = persistent_conv_tile(n)
+        if persistent_conv_ok(a, w, w_zero, out, tap_major, stride, tile[0]):
+            _launch_persistent_conv(a, w, out, table, choice, step, steps, offset, w_sum,
+                                    w_zero, w_scale, bias, kernel_size, tile)
+            return out.permute(0, 3, 1, 2)
     operands = (xl, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
                 bias if bias is not None else w_scale, w_float if w_float is not None else out,
@@ -410,7 +560,7 @@ _real_conv2d_op = torch.library.custom_op("qlip::real_conv2d", mutates_args=())(
 
 @_real_conv2d_op.register_fake
 def _(x, a, table, choice, step, steps, integer, offset, w, w_sum, w_zero, w_scale, bias,
-      kernel_size, padding, tap_major, stride, w_float=None):
+      kernel_size, padding, tap_major, stride, w_float=None, integer_only=False):
     shape = _output_shape(_input_shape(x, a, padding), w.shape[0], kernel_size, padding, stride)
     return table.new_empty(shape, dtype=x.dtype if x is not None else table.dtype).permute(
         0, 3, 1, 2)

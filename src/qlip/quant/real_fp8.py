@@ -27,6 +27,12 @@ product of the same e4m3 operands by up to 9e-5 of its largest value (the ninete
 about 2^-13, which matches the tensor cores' reduced-precision fp8 accumulation. The activations' cast is
 PyTorch ops, which a compiled graph fuses into the kernel producing the layer's input.
 
+**Packed weights.** A packed layer (``qlip.nn.pack_weights``: 4-bit codes two a byte, a
+quarter of bf16's bytes) keeps only its bytes: every call unpacks them to the e4m3 weights of
+that one GEMM (:func:`fp8_weight_matrix`, PyTorch ops that a compiled graph fuses into one
+kernel; the same exact values), which live until the product is done. The model's weight
+memory stays the packed bytes', and the step pays one read of them and one e4m3 write a layer.
+
 Written with PyTorch's own fp8 GEMM, not by hand: cuBLASLt's fp8 kernels are what Hopper's
 vendor tunes; the Triton int8 GEMM of :mod:`~qlip.quant.real_gemm` exists because no library
 fuses integer quantization, zero points and the per-step choice into one launch.
@@ -36,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from .real_gemm import centered_codes, option_grid
+from .real_gemm import centered_codes, option_grid, unpack_rows
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3fn value
@@ -55,20 +61,36 @@ def supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_weights(w: torch.Tensor, w_zero: torch.Tensor | None,
-                w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fp8_weights(w: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Tensor,
+                k: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """The fp8 weight operands of a layer from :func:`~qlip.quant.real_gemm.weight_operands`'
-    int8 ones: ``(w8, scale_b)``, the centered codes ``[N, K]`` in e4m3 (exact) and the per-column
-    scales ``[1, N]`` fp32; None where a centered code exceeds ±16 (not exact in e4m3: weights
-    of more than 4 bits) or the shape is not a multiple of 16 (``torch._scaled_mm``'s rule)."""
-    if w.dtype != torch.int8:  # packed codes: their memory is the point, no byte copy
-        return None
+    integer ones: ``(w8, scale_b, w_zero)``, the per-column scales ``scale_b`` ``[1, N]`` fp32
+    and either the centered codes ``w8`` ``[N, K]`` in e4m3 (exact; ``w_zero`` None) or, for
+    packed codes (uint8 ``[N, ceil(K/2)]``, ``k`` their K), the packed bytes themselves and
+    their zero points ``[N]`` (int32), which :func:`fp8_weight_matrix` turns into the same e4m3
+    matrix at every call. None where a centered code exceeds ±16 (not exact in e4m3: weights of
+    more than 4 bits) or the shape is not a multiple of 16 (``torch._scaled_mm``'s rule)."""
+    scale_b = w_scale.reshape(1, -1).to(torch.float32).contiguous()
+    if w.dtype == torch.uint8:  # packed 4-bit codes: centered, within ±15, always exact
+        if k is None:
+            raise ValueError("packed codes need their K (k=): a byte holds two codes")
+        if w.shape[0] % 16 or k % 16:
+            return None
+        return w, scale_b, w_zero.to(torch.int32).contiguous()
     codes = centered_codes(w, w_zero)
     n, k = codes.shape
     if n % 16 or k % 16 or (codes.numel() and int(codes.abs().max()) > E4M3_EXACT):  # (setup)
         return None
-    return (codes.to(torch.float32).to(E4M3).contiguous(),
-            w_scale.reshape(1, -1).to(torch.float32).contiguous())
+    return codes.to(torch.float32).to(E4M3).contiguous(), scale_b, None
+
+
+def fp8_weight_matrix(w8: torch.Tensor, w_zero: torch.Tensor | None, k: int) -> torch.Tensor:
+    """The ``[N, k]`` e4m3 weight matrix of :func:`fp8_weights`' operands: ``w8`` itself, or
+    (packed bytes) their codes minus the zero points, unpacked here."""
+    if w8.dtype != torch.uint8:
+        return w8
+    return (unpack_rows(w8, k) - w_zero[:, None]).to(torch.float32).to(E4M3)
 
 
 def fp8_activation_scale(table: torch.Tensor, choice: torch.Tensor, step: torch.Tensor,
@@ -87,14 +109,16 @@ def fp8_codes(x2: torch.Tensor, lo, hi, s_a) -> torch.Tensor:
 
 
 def fp8_linear(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor, step: torch.Tensor,
-               steps: int, w8: torch.Tensor, scale_b: torch.Tensor,
+               steps: int, w8: torch.Tensor, scale_b: torch.Tensor, w_zero: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., K]`` through a layer whose option is A8, in fp8: returns ``[..., N]`` in x's
     dtype. ``table``/``choice``/``step``/``steps`` as :func:`~qlip.quant.real_gemm.real_linear`
-    takes them (the bank's flat table, the option, the step); ``w8``/``scale_b`` from
-    :func:`fp8_weights`."""
+    takes them (the bank's flat table, the option, the step); ``w8``/``scale_b``/``w_zero``
+    from :func:`fp8_weights` (packed bytes are unpacked here, for this call)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
+    n = scale_b.shape[1]
+    w8 = fp8_weight_matrix(w8, w_zero, k)
     lo, hi, s_a = fp8_activation_scale(table, choice, step, steps)
     a8 = fp8_codes(x2, lo, hi, s_a)
     if x.is_cuda:  # row-wise scales: s_a for every row, s_w for every column, in the epilogue
@@ -107,15 +131,16 @@ def fp8_linear(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor, step:
                                 out_dtype=torch.float32) * scale_b).to(x.dtype)
     if bias is not None:
         out = out + bias
-    return out.reshape(*x.shape[:-1], w8.shape[0])
+    return out.reshape(*x.shape[:-1], n)
 
 
 def fp8_reference(x: torch.Tensor, table: torch.Tensor, choice: torch.Tensor, step: torch.Tensor,
                   steps: int, w8: torch.Tensor, scale_b: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
+                  w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """What :func:`fp8_linear` computes, in float64 from the same e4m3 operands: for the tests
     and for measuring the fp8 path against the integer simulation."""
     k = x.shape[-1]
+    w8 = fp8_weight_matrix(w8, w_zero, k)
     lo, hi, s_a = fp8_activation_scale(table, choice, step, steps)
     a = fp8_codes(x.reshape(-1, k), lo, hi, s_a).double() * s_a.double()
     out = a @ (w8.double() * scale_b.double().t()).t()

@@ -349,15 +349,33 @@ if triton is not None:
 
 
     @triton.jit
+    def _tma_weights(w_desc, w_zero_ptr, off_n, k0, N, PACKED: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The ``[BLOCK_N, BLOCK_K]`` int8 weight codes at column ``off_n``, K offset ``k0``,
+        loaded by TMA: centered codes as stored, or (``PACKED``) the bytes ``k0/2 …`` of packed
+        codes, their nibbles put back in K order and centered in registers (``− z_w``)."""
+        if PACKED:
+            b = w_desc.load([off_n, k0 // 2])
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            z_w = tl.load(w_zero_ptr + offs_n, mask=offs_n < N, other=0)
+            w = (tl.interleave(b & 15, b >> 4).to(tl.int32) - z_w[:, None]).to(tl.int8)
+        else:
+            w = w_desc.load([off_n, k0])
+        return w
+
+    @triton.jit
     def _persistent_linear_kernel(a_desc, w_desc, out_desc, table_ptr, choice_ptr, step_ptr,
-                                  offset_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, M, N, K, steps,
-                                  HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, PROGRAMS: tl.constexpr):
+                                  offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr, M, N,
+                                  K, steps, HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  PACKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  PROGRAMS: tl.constexpr):
         """The integer path alone (a layer whose every option is integer math, centered weight
-        codes), persistent: ``PROGRAMS`` programs walk the output tiles, each tile's codes and
-        weights loaded by TMA (``a_desc`` ``[M, K]``, ``w_desc`` ``[N, K]``, int8; zeros past
-        the edges, so no masks), its output stored by TMA (``out_desc``). One loop over tiles
+        codes, or packed ones: ``PACKED``, ``w_desc`` over their ``[N, ceil(K/2)]`` bytes, the
+        zero points at ``w_zero_ptr``), persistent: ``PROGRAMS`` programs walk the output
+        tiles, each tile's codes and weights loaded by TMA (``a_desc`` ``[M, K]``, ``w_desc``
+        ``[N, K]``, int8; zeros past the edges, so no masks: a packed byte past K meets
+        activations of 0), its output stored by TMA (``out_desc``). One loop over tiles
         and K blocks: the software pipeline issues the next tile's loads before this tile's
         epilogue, which the one-tile-a-program kernel cannot overlap. Its products are
         :func:`_real_linear_kernel`'s, bit for bit (the same bracket, the same scaling)."""
@@ -378,7 +396,8 @@ if triton is not None:
                 off_m = (tile % tiles_m) * BLOCK_M
                 off_n = (tile // tiles_m) * BLOCK_N
             a = a_desc.load([off_m, k_block * BLOCK_K])
-            w = w_desc.load([off_n, k_block * BLOCK_K])
+            w = _tma_weights(w_desc, w_zero_ptr, off_n, k_block * BLOCK_K, N, PACKED, BLOCK_N,
+                             BLOCK_K)
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
             if k_block == k_blocks - 1:  # the tile's epilogue: Σ a·w − z_a·Σ_k w, scaled
                 offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -489,12 +508,12 @@ if triton is not None:
         """triton.autotune's pre-hook: each TMA descriptor's block, the config's tile."""
         m, n, k = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
         nargs["a_desc"].block_shape = [m, k]
-        nargs["w_desc"].block_shape = [n, k]
+        nargs["w_desc"].block_shape = [n, k // 2 if nargs.get("PACKED") else k]
         nargs["out_desc"].block_shape = [m, n]
 
     _persistent_tuned = tuner([triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
                                              num_warps=w, num_stages=st, pre_hook=_descriptor_blocks)
-                               for m, n, k, w, st in TILES], ["M", "N", "K"])(_persistent_linear_kernel)
+                               for m, n, k, w, st in TILES], ["M", "N", "K", "PACKED"])(_persistent_linear_kernel)
 
 # Integer-only Linear layers (every option at most 8 bits, centered int8 weight codes) through the
 # persistent TMA kernel (:func:`_persistent_linear_kernel`) instead of one program a tile. On an
@@ -527,17 +546,17 @@ def persistent_tile(n: int) -> tuple[int, int, int, int, int]:
 
 def persistent_ok(a: torch.Tensor, w: torch.Tensor, w_zero, out: torch.Tensor) -> bool:
     """Whether :data:`PERSISTENT` can take this product: Triton with host TMA descriptors, int8
-    centered codes (not packed, no zero point), a Hopper GPU or newer (TMA), and rows TMA can
-    address (16-byte aligned starts and strides)."""
+    centered codes or packed ones (:func:`zero_mode` 0 or 1, not the 8-bit bracket), a Hopper
+    GPU or newer (TMA), and rows TMA can address (16-byte aligned starts and strides: a packed
+    row's K a multiple of 32)."""
     wanted = capturing(out) if PERSISTENT is None else PERSISTENT
-    return (wanted and TensorDescriptor is not None and w.dtype == torch.int8
+    return (wanted and TensorDescriptor is not None and zero_mode(w, w_zero) in (0, 1)
             and (not out.is_cuda or torch.cuda.get_device_capability(out.device) >= (9, 0))
-            and w_zero is None
             and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
                     and t.stride(1) == 1 for t in (a, w, out)))
 
 
-def _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_scale,
+def _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_zero, w_scale,
                        bias) -> None:
     """``out [M, N] = `` the integer product of the codes ``a [M, K]`` and ``w [N, K]``,
     scaled, through :func:`_persistent_linear_kernel` (its tile: autotune's; while a CUDA graph
@@ -548,14 +567,17 @@ def _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_s
     fixed = FORCE_TILE or (TILES[0] if fixed_tile() else
                            persistent_tile(n) if capturing(out) else None)
     block_m, block_n, block_k, warps, stages = fixed or TILES[0]
+    packed = w.dtype == torch.uint8
     descs = (TensorDescriptor.from_tensor(a, [block_m, block_k]),
-             TensorDescriptor.from_tensor(w, [block_n, block_k]),
+             TensorDescriptor.from_tensor(w, [block_n, block_k // 2 if packed else block_k]),
              TensorDescriptor.from_tensor(out, [block_m, block_n]))
     programs = (torch.cuda.get_device_properties(out.device).multi_processor_count
                 if out.is_cuda else 4)
-    operands = (*descs, table, choice, step, offset, w_sum, w_scale,
+    operands = (*descs, table, choice, step, offset, w_sum,
+                w_zero if w_zero is not None else w_sum, w_scale,
                 bias if bias is not None else w_scale, m, n, k, steps)
-    flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, PROGRAMS=programs)
+    flags = dict(HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, PACKED=packed,
+                 PROGRAMS=programs)
 
     def grid(meta):
         return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
@@ -634,7 +656,8 @@ def _launch_linear(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.
     else:
         a = x2
     if a is not x2 and (integer_only or x is None) and persistent_ok(a, w, w_zero, out):
-        _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_scale, bias)
+        _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_zero,
+                           w_scale, bias)
         return out.reshape(*lead, n)
     operands = (x2, a, w, out, table, choice, step, integer, offset, w_sum,
                 w_scale if w_zero is None else w_zero, w_scale,
