@@ -50,7 +50,13 @@ if triton is not None:
     import triton.language as tl
 
     from .fused_quantize import grid_codes, load_grid
-    from .real_gemm import _float_weight, _tma_weights, _weight_block
+    from .real_gemm import (
+        _float_weight,
+        _next_tile,
+        _persistent_epilogue,
+        _tma_weights,
+        _weight_block,
+    )
 
 # The channel block of a tap is the GEMM tiles' BLOCK_K (real_gemm.TILES): every
 # one is at least 32 channels, what a tap's int8 product needs.
@@ -300,8 +306,9 @@ if triton is not None:
         (TMA fills past the edges with zeros; a channel past C holds the code value 0 and
         meets the next tap's weights with a product of 0). ``w_desc``: the ``[N, KH·KW·C]``
         codes (``PACKED``: their ``[N, KH·KW·C/2]`` bytes, centered in registers with the zero
-        points at ``w_zero_ptr``, :func:`qlip.quant.real_gemm._tma_weights`); ``out_desc``: the ``[M, N]`` output, channels-last. Its products are
-        :func:`_real_conv_kernel`'s, bit for bit (the same bracket, the same scaling)."""
+        points at ``w_zero_ptr``, :func:`qlip.quant.real_gemm._tma_weights`); ``out_desc``: the
+        ``[M, N]`` output, channels-last. Its products are :func:`_real_conv_kernel`'s, bit for
+        bit (the same bracket, the same scaling)."""
         choice, scale, low, high = load_grid(table_ptr, choice_ptr, step_ptr, steps, HAS_STEPS)
         z_a = (-low - tl.load(offset_ptr + choice).to(tl.float32)).to(tl.int32)
         tiles_m = tl.cdiv(M, BLOCK_M)
@@ -318,9 +325,7 @@ if triton is not None:
         for _ in range(0, tl.cdiv(tiles - tl.program_id(0), PROGRAMS) * k_steps):
             i = tl.where(i == k_steps - 1, 0, i + 1)
             if i == 0:  # the next tile of this program (pixel tiles fastest)
-                tile += PROGRAMS
-                off_m = (tile % tiles_m) * BLOCK_M
-                off_n = (tile // tiles_m) * BLOCK_N
+                tile, off_m, off_n = _next_tile(tile, tiles_m, PROGRAMS, BLOCK_M, BLOCK_N)
                 b0 = off_m // HW
                 h0 = (off_m - b0 * HW) // W_OUT
             kh, kw, c0 = _step(i, n_cb, KW, BLOCK_K)
@@ -328,15 +333,9 @@ if triton is not None:
             w = _tma_weights(w_desc, w_zero_ptr, off_n, (kh * KW + kw) * C + c0, N, PACKED,
                              BLOCK_N, BLOCK_K)
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-            if i == k_steps - 1:  # the tile's epilogue: Σ a·w − z_a·Σ_k w, scaled
-                offs_n = off_n + tl.arange(0, BLOCK_N)
-                w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
-                w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-                out = (acc - z_a * w_sum[None, :]).to(tl.float32) * (scale * w_scale[None, :])
-                if HAS_BIAS:
-                    out += tl.load(bias_ptr + offs_n, mask=offs_n < N,
-                                   other=0.0).to(tl.float32)[None, :]
-                out_desc.store([off_m, off_n], out.to(out_desc.dtype))
+            if i == k_steps - 1:
+                _persistent_epilogue(acc, out_desc, off_m, off_n, N, z_a, scale, w_sum_ptr,
+                                     w_scale_ptr, bias_ptr, HAS_BIAS, BLOCK_N)
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
 
     _CONV_KEY = ["B", "H", "W", "C", "N", "H_OUT", "W_OUT", "KH", "KW", "IEEE", "TAP_MAJOR",

@@ -364,6 +364,27 @@ if triton is not None:
         return w
 
     @triton.jit
+    def _next_tile(tile, tiles_m, PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+        """A persistent program's next output tile after ``tile`` (row tiles fastest): its index
+        and its first row and column."""
+        tile += PROGRAMS
+        return tile, (tile % tiles_m) * BLOCK_M, (tile // tiles_m) * BLOCK_N
+
+    @triton.jit
+    def _persistent_epilogue(acc, out_desc, off_m, off_n, N, z_a, scale, w_sum_ptr, w_scale_ptr,
+                             bias_ptr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A persistent kernel's tile epilogue: ``Σ a·w − z_a·Σ_k w`` (centered weights), scaled,
+        the bias added, stored by TMA at ``(off_m, off_n)``."""
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        out = (acc - z_a * w_sum[None, :]).to(tl.float32) * (scale * w_scale[None, :])
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([off_m, off_n], out.to(out_desc.dtype))
+
+    @triton.jit
     def _persistent_linear_kernel(a_desc, w_desc, out_desc, table_ptr, choice_ptr, step_ptr,
                                   offset_ptr, w_sum_ptr, w_zero_ptr, w_scale_ptr, bias_ptr, M, N,
                                   K, steps, HAS_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -391,23 +412,15 @@ if triton is not None:
         off_n = 0
         for _ in range(0, tl.cdiv(tiles - tl.program_id(0), PROGRAMS) * k_blocks):
             k_block = tl.where(k_block == k_blocks - 1, 0, k_block + 1)
-            if k_block == 0:  # the next tile of this program (row tiles fastest)
-                tile += PROGRAMS
-                off_m = (tile % tiles_m) * BLOCK_M
-                off_n = (tile // tiles_m) * BLOCK_N
+            if k_block == 0:
+                tile, off_m, off_n = _next_tile(tile, tiles_m, PROGRAMS, BLOCK_M, BLOCK_N)
             a = a_desc.load([off_m, k_block * BLOCK_K])
             w = _tma_weights(w_desc, w_zero_ptr, off_n, k_block * BLOCK_K, N, PACKED, BLOCK_N,
                              BLOCK_K)
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-            if k_block == k_blocks - 1:  # the tile's epilogue: Σ a·w − z_a·Σ_k w, scaled
-                offs_n = off_n + tl.arange(0, BLOCK_N)
-                w_sum = tl.load(w_sum_ptr + offs_n, mask=offs_n < N, other=0)
-                w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
-                out = (acc - z_a * w_sum[None, :]).to(tl.float32) * (scale * w_scale[None, :])
-                if HAS_BIAS:
-                    out += tl.load(bias_ptr + offs_n, mask=offs_n < N,
-                                   other=0.0).to(tl.float32)[None, :]
-                out_desc.store([off_m, off_n], out.to(out_desc.dtype))
+            if k_block == k_blocks - 1:
+                _persistent_epilogue(acc, out_desc, off_m, off_n, N, z_a, scale, w_sum_ptr,
+                                     w_scale_ptr, bias_ptr, HAS_BIAS, BLOCK_N)
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
 
 
