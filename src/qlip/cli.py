@@ -251,7 +251,7 @@ def cmd_generate(args) -> int:
         config = GenerationConfig(steps=args.steps, guidance=args.guidance,
                                   batch_size=args.batch_size, truncate=args.truncate,
                                   batch_mode=args.batch_mode, allow_empty=args.allow_empty_prompt,
-                                  height=args.height, width=args.width)
+                                  height=args.height, width=args.width, compile=args.compile)
         seeds = [args.seed + i for i in range(len(prompts))]
         result = generate(pipe, prompts, seeds, policy, config)
         path = save_generation(result, out, {"model": args.model, "quantized": args.quantized,

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .pipeline.compiled import COMPILE_MODES
 from .quant import check_bits, parse_bits_list
 
 DEFAULT_MODEL = "reference"
@@ -192,13 +193,22 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
                         "Weights exact, activations an fp8 grid over the A8 range: not the "
                         "simulation's values. With --packed-weights each such layer unpacks "
                         "its own bytes to e4m3 at every call")
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="run the UNet under torch.compile in MODE: reduce-overhead (each step "
+                        "replayed from a CUDA graph on a GPU), default, max-autotune or "
+                        "max-autotune-no-cudagraphs. The first call of each "
+                        "pipeline run stays eager (its MACs are counted); the first batch "
+                        "pays the compile. Where the speed figures of docs/results/speed/ "
+                        "come from; images are the same model's, rounded a little differently")
 
 
 def execution_label(args) -> str:
     """How ``add_execution_args``' flags run the quantized layers, as reports record it."""
     if not args.real_kernels:
-        return "simulated, fp8 A8 GEMMs" if args.fp8 else "simulated"
-    return "real kernels, fp8 A8 GEMMs" if args.fp8 else "real kernels"
+        label = "simulated, fp8 A8 GEMMs" if args.fp8 else "simulated"
+    else:
+        label = "real kernels, fp8 A8 GEMMs" if args.fp8 else "real kernels"
+    return label + (f", compiled ({args.compile})" if args.compile else "")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

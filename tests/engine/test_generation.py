@@ -168,3 +168,65 @@ def test_per_step_tables_are_calibrated_and_used_by_step_index(tiny_pipe, tmp_pa
     with pytest.raises(ValueError, match="per-step table of 3 steps"):
         generate(tiny_pipe, ["red"], [0], None, GenerationConfig(steps=4, guidance=3.0),
                  progress=False)
+
+
+def test_a_compiled_unet_samples_the_eager_images_and_compiles_once(tiny_pipe, tmp_path,
+                                                                    monkeypatch):
+    """GenerationConfig.compile: every UNet call but each run's first (the one whose MACs are
+    counted, eager) goes through torch.compile's graph; bits changing per prompt, per run and
+    per policy recompile nothing; the images, cost reports and bits are eager sampling's
+    (under a backend that runs the traced graph as traced); the UNet's own forward comes back
+    after the run."""
+    from dataclasses import replace
+
+    from qlip.pipeline import compiled
+    from qlip.pipeline.session import unet_calls
+
+    _quantize(tiny_pipe, tmp_path, wbits=8, abits=8, abits_options=(8, 16))
+    graphs, calls = [], []
+
+    def backend(gm, example_inputs):  # counts compilations and calls of the compiled graphs
+        graphs.append(gm)
+
+        def run(*args):
+            calls.append(1)
+            return gm.forward(*args)
+        return run
+
+    monkeypatch.setattr(compiled, "BACKEND", backend)
+    torch._dynamo.reset()
+    prompts, seeds = ["red", "a long prompt"], [0, 1]
+    eager = generate(tiny_pipe, prompts, seeds, LengthPolicy(), GEN, progress=False)
+    config = replace(GEN, compile="default")
+    got = generate(tiny_pipe, prompts, seeds, LengthPolicy(), config, progress=False)
+    # one graph, no break; every call but the first (the MACs counted, eager) ran it
+    assert len(graphs) == 1
+    assert len(calls) == unet_calls(tiny_pipe, GEN.steps) - 1
+    assert "forward" not in tiny_pipe.unet.__dict__  # its own forward is back
+    for a, b in zip(got.images, eager.images):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert [r.to_dict() for r in got.reports] == [r.to_dict() for r in eager.reports]
+    assert np.array_equal(got.bits, eager.bits)
+    compiled_graphs = len(graphs)
+    again = generate(tiny_pipe, ["red"], [0], FixedBits(16), config, progress=False)
+    alone = generate(tiny_pipe, ["red"], [0], FixedBits(16), GEN, progress=False)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(alone.images[0]))
+    assert again.reports[0].fab == 16.0
+    # other bits and another batch size: the bits are data (no new graph for them); the batch
+    # size is a shape, which may compile a graph for it once
+    before = len(graphs)
+    generate(tiny_pipe, ["red"], [0], LengthPolicy(), config, progress=False)
+    assert len(graphs) == before <= compiled_graphs + 1
+    assert len(calls) > unet_calls(tiny_pipe, GEN.steps) - 1
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        GenerationConfig(compile="fastest")
+
+
+def test_the_execution_label_records_the_compile_mode():
+    from argparse import Namespace
+
+    from qlip.cli_args import execution_label
+
+    assert execution_label(Namespace(real_kernels=True, fp8=True, compile="reduce-overhead")) == \
+        "real kernels, fp8 A8 GEMMs, compiled (reduce-overhead)"
+    assert execution_label(Namespace(real_kernels=False, fp8=False, compile=None)) == "simulated"

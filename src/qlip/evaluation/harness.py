@@ -53,9 +53,10 @@ class EvalConfig:
     truncate: bool = False  # cut prompts over the tokenizer's limit instead of refusing them
     height: int | None = None  # pixels; None: the pipeline's own resolution
     width: int | None = None
-    # how the quantized layers run: "simulated", or "real kernels" (--real-kernels); kept in
-    # settings.json, so a folder is not resumed the other way
+    # how the quantized layers run: "simulated", or "real kernels" (--real-kernels), and
+    # whether compiled; kept in settings.json, so a folder is not resumed the other way
     execution: str = "simulated"
+    compile: str | None = None  # GenerationConfig.compile: torch.compile's mode, None: eager
 
 
 @dataclass
@@ -100,7 +101,7 @@ def generate_missing(
              f"there, generating the other {len(todo)}")
     gen = GenerationConfig(steps=config.steps, guidance=config.guidance, batch_mode=config.batch_mode,
                            batch_size=config.batch_size, truncate=config.truncate,
-                           height=config.height, width=config.width)
+                           height=config.height, width=config.width, compile=config.compile)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generating", unit="img",
                disable=not shard.is_main)
     for number, start in enumerate(range(0, len(todo), config.batch_size)):

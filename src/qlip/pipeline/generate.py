@@ -19,6 +19,7 @@ from ..files import LOCK_FILE, load_tensors, save_image_atomic, save_tensors, wr
 from ..nn import quant_units
 from ..policies import BitPolicy
 from .accounting import ImageReport
+from .compiled import check_compile_mode, compiled_forward
 from .prompts import check_prompts
 from .session import (  # noqa: F401  (StepController & co. are imported from here too)
     BATCH_MODES,
@@ -43,10 +44,14 @@ class GenerationConfig:
     # "max": each layer runs the batch at its maximum over the batch's prompts (the paper's
     # practice); "per_image": each prompt at its own bits (a simulation of per-prompt precision)
     batch_mode: str = "max"
+    # torch.compile's mode for the UNet (compiled.COMPILE_MODES; None: eager): every UNet call
+    # but each run's first (the one whose MACs are counted) runs compiled
+    compile: str | None = None
 
     def __post_init__(self):
         if self.batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {BATCH_MODES}; got {self.batch_mode!r}")
+        check_compile_mode(self.compile)
 
 
 @dataclass
@@ -103,7 +108,8 @@ def generate(
     device = pipe.unet.device
     result = GenerationResult()
     bar = tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress)
-    with sampling_session(pipe, policy, config.batch_mode) as session:
+    with (sampling_session(pipe, policy, config.batch_mode) as session,
+          compiled_forward(pipe.unet, config.compile, session.counting_macs)):
         for start, batch in _batches(prompts, config.batch_size):
             batch_seeds = list(seeds[start : start + len(batch)])
             session.last = None

@@ -259,6 +259,13 @@ class SamplingSession:
         finally:
             self.use(*saved)
 
+    def counting_macs(self) -> bool:
+        """Whether the UNet call under way is the one the cost ledger counts MACs on (the first
+        of a run, with forward hooks on every layer): a compiled UNet runs it eagerly."""
+        run = self._run
+        return (run is not None and run["controller"] is not None
+                and run["controller"]._counter is not None)
+
     def close(self) -> None:
         """Remove the hooks and give the pipeline back the scheduler it had."""
         self._abandon()
