@@ -377,8 +377,8 @@ def real_conv2d(x, table, choice, step, steps, integer, offset, w, w_sum, w_zero
                                       w_float, integer_only)
 
 
-# Integer-only stride-1 convs (every option at most 8 bits, centered tap-major int8 codes) through
-# the persistent TMA kernel (:func:`_persistent_conv_kernel`), as real_gemm.PERSISTENT does for
+# Integer-only stride-1 convs (every option at most 8 bits, centered tap-major codes, int8 or
+# packed) through the persistent TMA kernel (:func:`_persistent_conv_kernel`), as real_gemm.PERSISTENT does for
 # Linear layers: None (the default) while a CUDA graph is captured (each launch encodes three TMA
 # descriptors on the host, which a graph does once), True always, False never.
 PERSISTENT: bool | None = None
