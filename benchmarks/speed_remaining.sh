@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 14's measurements still missing after the twentieth session, as device calls of at most
+# ~9.5 minutes each (from the repository root on the GPU machine, .whl carried), in order:
+#   bash benchmarks/speed_remaining.sh "$OUT" a
+#     the persistent kernels' and the compiled fused attention's tests on CUDA; the SDXL real
+#     step at batch 8 with the packed fp8 model beside the unpacked one and packed int8
+#   ... b   the weight memory on CUDA (the packed fp8 model's allocation); the first target
+#           (simulated W4A8 with attention, the fused kernel compiled) at batch 8 and 2
+#   ... c   the SD 1.4 real step at batch 2 and 1 (bf16, int8, fp8)
+#   ... d   the SDXL real step at batch 1 (bf16, int8, fp8, packed fp8)
+# A fresh machine pays Triton's and Inductor's compiles (about 2 minutes a real SD 1.4 variant,
+# 4 for SDXL); the limits below leave each step's timing turns after them.
+# Each part's records come back as at most 8 files: machine.txt (every step's exit code and
+# seconds), the tests' and steps' logs, and records.tgz (the JSON records, parts and suites).
+set -uo pipefail
+out=${1:?output folder}; part=${2:?a or b}
+here=$(dirname "$0")
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
+    && export PYTHONPATH=$PWD/.site:$PWD/src || exit 1
+mkdir -p "$out"
+{ nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$out/machine.txt" 2>&1
+timed() {  # timed NAME LIMIT COMMAND...: one step, its exit code and seconds in machine.txt
+    local name=$1 limit=$2 start=$SECONDS; shift 2
+    timeout "$limit" "$@"; echo "$name: exit $? in $((SECONDS - start)) s" >> "$out/machine.txt"
+}
+case "$part" in
+    a)
+        timed tests 90 python3 -m pytest -q -p no:cacheprovider tests/engine/test_real_conv.py \
+            tests/engine/test_real_gemm.py tests/engine/test_fused_attention.py \
+            -k "persistent or boxes or compiled_graph_keeps" > "$out/tests.txt" 2>&1
+        ARCH=sdxl BATCH=8 T_REAL=${T_REAL:-440} \
+            REAL_VARIANTS=bf16_channels_last,w4a8_layers_real_fp8_fast,w4a8_layers_real_fp8_fast_packed,w4a8_layers_real_packed \
+            timed sdxl_b8 450 bash "$here/speed_suite.sh" "$out/sdxl_b8" real > /dev/null 2>&1 ;;
+    b)
+        timed memory 90 python3 "$here/weight_memory.py" --device cuda \
+            --out "$out/weight_memory.json" > "$out/weight_memory.txt" 2>&1
+        for b in 8 2; do
+            BATCH=$b T_STEP=${T_STEP:-210} \
+                VARIANTS=bf16_channels_last,w4a8_layers,w4a8_attention,w4a8_attention_fused \
+                timed "first_target_b$b" 220 bash "$here/speed_suite.sh" "$out/first_b$b" step \
+                > /dev/null 2>&1
+        done ;;
+    c)
+        for b in 2 1; do
+            BATCH=$b T_REAL=${T_REAL:-250} \
+                REAL_VARIANTS=bf16_channels_last,w4a8_layers_real,w4a8_layers_real_fp8_fast \
+                timed "sd14_real_b$b" 260 bash "$here/speed_suite.sh" "$out/real_b$b" real \
+                > /dev/null 2>&1
+        done ;;
+    d)
+        ARCH=sdxl BATCH=1 T_REAL=${T_REAL:-500} \
+            REAL_VARIANTS=bf16_channels_last,w4a8_layers_real,w4a8_layers_real_fp8_fast,w4a8_layers_real_fp8_fast_packed \
+            timed sdxl_b1 510 bash "$here/speed_suite.sh" "$out/sdxl_b1" real > /dev/null 2>&1 ;;
+    *) echo "part must be a, b, c or d" >&2; exit 2 ;;
+esac
+# at most 8 files come back: the step logs stay, the JSON records, parts and suites travel as
+# one tarball
+cd "$out" && records=$(find . -mindepth 2 \( -name '*.json' -o -name 'parts.tgz' \
+                                           -o -name 'suite.txt' \)) \
+    && { [ -z "$records" ] || { tar czf records.tgz $records && rm $records; }; }
+find . -type f | sort
