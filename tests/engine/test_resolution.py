@@ -44,3 +44,19 @@ def test_a_resolution_that_is_not_a_multiple_of_8_is_refused(value, capsys, tmp_
         main(["generate", "a", "--height", value, "--out", str(tmp_path)])
     assert stop.value.code == 2
     assert "--height" in capsys.readouterr().err
+
+
+def test_a_lone_height_or_width_keeps_the_other_at_the_pipelines_own(tiny_pipe):
+    """diffusers' SD pipeline given one of the two drops it and uses its own size for both; qlip
+    fills in the missing one from the pipeline's own resolution, so a lone --height reaches the
+    images (calibration capture and PTQD's statistics take the same sizes)."""
+    from qlip.pipeline import GenerationConfig, generate
+    from qlip.pipeline.resolution import pipeline_resolution
+
+    own = tiny_pipe.unet.config.sample_size * tiny_pipe.vae_scale_factor  # 16 px here
+    assert pipeline_resolution(tiny_pipe, 32, None) == (32, own)
+    assert pipeline_resolution(tiny_pipe, None, 24) == (own, 24)
+    assert pipeline_resolution(tiny_pipe, None, None) == (None, None)
+    result = generate(tiny_pipe, ["a red circle"], [0], None,
+                      GenerationConfig(steps=1, guidance=1.0, height=32), progress=False)
+    assert result.images[0].size == (own, 32)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..methods.calib_data import CalibrationSet
 from ..methods.unet_inputs import UNetInputs
 from .prompts import check_prompts
+from .resolution import pipeline_resolution
 
 
 class _InputRecorder:
@@ -61,6 +62,7 @@ def capture_unet_inputs(
     check_prompts(pipe, prompts, truncate=True)
     keep = set(keep_steps) if keep_steps is not None else None
     unet: nn.Module = pipe.unet
+    height, width = pipeline_resolution(pipe, height, width)
     rows: list[UNetInputs] = []
     steps: list[torch.Tensor] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="capturing", disable=not progress):

@@ -23,6 +23,7 @@ from ..methods.runner import full_precision
 from ..methods.unet_inputs import UNetInputs, call_unet
 from ..nn import QuantUnit
 from .prompts import check_prompts
+from .resolution import pipeline_resolution
 
 
 class _PairRecorder:
@@ -79,6 +80,7 @@ def gather_correction_statistics(
     original = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(original.config)
     recorder = _PairRecorder(units, config.guidance)
+    height, width = pipeline_resolution(pipe, config.height, config.width)
     unet = pipe.unet
     handles = [unet.register_forward_pre_hook(recorder.before, with_kwargs=True),
                unet.register_forward_hook(recorder.after, with_kwargs=True)]
@@ -89,7 +91,7 @@ def gather_correction_statistics(
             generator = torch.Generator(unet.device).manual_seed(config.seed + start)
             pipe(prompts[start : start + config.batch_size], num_inference_steps=config.num_steps,
                  guidance_scale=config.guidance, generator=generator, eta=0.0,
-                 output_type="latent", height=config.height, width=config.width)
+                 output_type="latent", height=height, width=width)
     finally:
         for handle in handles:
             handle.remove()
