@@ -196,9 +196,9 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="run the UNet under torch.compile in MODE: reduce-overhead (each step "
                         "replayed from a CUDA graph on a GPU), default, max-autotune or "
-                        "max-autotune-no-cudagraphs. The first call of each "
-                        "pipeline run stays eager (its MACs are counted); the first batch "
-                        "pays the compile. Where the speed figures of docs/results/speed/ "
+                        "max-autotune-no-cudagraphs. The first UNet call at a new image size stays "
+                        "eager (its MACs are counted); the first batch pays the compile. "
+                        "Where the speed figures of docs/results/speed/ "
                         "come from; images are the same model's, rounded a little differently")
 
 

@@ -2,9 +2,10 @@
 generation, the bits still data (a step's bit choice, a policy's per-prompt bits and the
 per-step tables are device tensors the compiled graph reads, so they recompile nothing).
 
-The first UNet call of every sampling run stays eager: it is the one the cost ledger counts
-MACs on (forward hooks on every layer, :class:`~qlip.pipeline.accounting.MacCounter`), which a
-compiled graph would either trace or recompile around; every later call runs compiled. The
+The UNet call the cost ledger counts MACs on stays eager (forward hooks on every layer,
+:class:`~qlip.pipeline.accounting.MacCounter`, which a compiled graph would either trace or
+recompile around): the first call of the first run of each latent and text shape, since the
+counted sites are kept on the UNet; every other call runs compiled. The
 compiled function is kept on the UNet, so the batches of an evaluation reuse its graphs (and,
 with ``"reduce-overhead"``, its CUDA graphs). Images are the same model's, not bit-identical to
 eager sampling: Inductor's fused kernels round some intermediate values differently."""

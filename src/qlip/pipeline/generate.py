@@ -21,6 +21,7 @@ from ..policies import BitPolicy
 from .accounting import ImageReport
 from .compiled import check_compile_mode, compiled_forward
 from .prompts import check_prompts
+from .resolution import pipeline_resolution
 from .session import (  # noqa: F401  (StepController & co. are imported from here too)
     BATCH_MODES,
     SamplingRecord,
@@ -106,6 +107,7 @@ def generate(
     check_prompts(pipe, prompts, config.truncate, config.allow_empty)
     check_step_tables(quant_units(pipe.unet), config.steps, unet_calls(pipe, config.steps))
     device = pipe.unet.device
+    height, width = pipeline_resolution(pipe, config.height, config.width)
     result = GenerationResult()
     bar = tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress)
     with (sampling_session(pipe, policy, config.batch_mode) as session,
@@ -117,8 +119,8 @@ def generate(
                 batch,
                 num_inference_steps=config.steps,
                 guidance_scale=config.guidance,
-                height=config.height,
-                width=config.width,
+                height=height,
+                width=width,
                 generator=[torch.Generator(device).manual_seed(s) for s in batch_seeds],
             )
             record = session.last

@@ -201,6 +201,7 @@ class SessionScheduler:
 
 
 MAX_TEXT_CALLS = 4  # text-encoder calls kept per run: the prompt's comes first
+MAC_SITES = "_qlip_mac_sites"  # the UNet attribute holding the counted MAC sites
 
 
 class SamplingSession:
@@ -227,6 +228,9 @@ class SamplingSession:
         self.last: SamplingRecord | None = None
         self._texts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._run: dict | None = None  # the run in progress: steps, calls, texts, controller
+        # MAC sites by (units, latent shape, text shape), counted once per UNet: kept on it, so
+        # the sessions of later generate() calls (an eval's batches) reuse them
+        self._sites: dict[tuple, list] = pipe.unet.__dict__.setdefault(MAC_SITES, {})
         tokenizer, encoder = text_towers(pipe)[-1]
         self._tokenizer = tokenizer
         self._handles = [
@@ -304,9 +308,19 @@ class SamplingSession:
             batch = self._prompt_batch(run["texts"], images)
             if self.policy is not None:
                 self.policy.begin(batch, run["calls"])
-            run |= {"halves": halves, "prompts": batch.prompts, "controller": StepController(
-                module, self.policy, self.units, self.batch_mode, images, self.count_macs,
-                hook=False)}
+            # MACs per image depend on the units and on the shapes of an image's latents and
+            # text, not on the batch: counted on the first run of each, reused after (no
+            # hooks, so a compiled UNet runs every call of a later run compiled)
+            context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+            key = (tuple(self.units), tuple(sample.shape[1:]),
+                   tuple(context.shape[1:]) if isinstance(context, torch.Tensor) else None)
+            sites = self._sites.get(key)
+            controller = StepController(module, self.policy, self.units, self.batch_mode,
+                                        images, self.count_macs and sites is None, hook=False)
+            if sites is not None:
+                controller.ledger.sites = list(sites)
+            run |= {"halves": halves, "prompts": batch.prompts, "controller": controller,
+                    "shape_key": key}
         run["controller"](module, args, kwargs)
 
     def _stepped(self) -> None:
@@ -315,6 +329,8 @@ class SamplingSession:
             return
         controller = run["controller"]
         controller.close()
+        if self.count_macs and controller.ledger.sites:
+            self._sites.setdefault(run["shape_key"], list(controller.ledger.sites))
         prompts = run["prompts"]
         reports = controller.ledger.reports(prompts, [None] * len(prompts), run["halves"],
                                             run["steps"])
