@@ -30,11 +30,18 @@ import torch
 import torch.nn.functional as F
 from kernel_resources import tiles_arg  # (benchmarks/ is on the path when run as a script)
 
-# (kind, M or (B, C, H, W), N, K or 3×3): the step's heaviest Linear and conv shapes at batch 8
-LINEARS = [(32768, 320, 320), (32768, 2560, 320), (32768, 320, 1280), (8192, 5120, 640),
-           (8192, 640, 2560), (2048, 10240, 1280)]
-CONVS = [((8, 320, 64, 64), 320), ((8, 640, 32, 32), 640), ((8, 1280, 16, 16), 1280),
-         ((8, 1280, 32, 32), 1280)]
+# (kind, M or (B, C, H, W), N, K or 3×3): the step's heaviest Linear and conv shapes at batch 8,
+# SD 1.4 (64×64 latents) and SDXL (128×128 latents: attention at 64×64 and 32×32 tokens)
+SHAPES = {
+    "sd14": ([(32768, 320, 320), (32768, 2560, 320), (32768, 320, 1280), (8192, 5120, 640),
+              (8192, 640, 2560), (2048, 10240, 1280)],
+             [((8, 320, 64, 64), 320), ((8, 640, 32, 32), 640), ((8, 1280, 16, 16), 1280),
+              ((8, 1280, 32, 32), 1280)]),
+    "sdxl": ([(32768, 640, 640), (32768, 5120, 640), (32768, 640, 2560), (8192, 1280, 1280),
+              (8192, 10240, 1280), (8192, 1280, 5120)],
+             [((8, 320, 128, 128), 320), ((8, 640, 64, 64), 640), ((8, 1280, 32, 32), 1280),
+              ((8, 640, 128, 128), 320)]),
+}
 EXTRA_TILES = "128,128,128,8,4 128,256,128,8,3 128,256,64,8,4 128,64,128,4,4"
 CODES = [(1024, 4), (2048, 4), (4096, 8), (8192, 8)]  # (block, warps) of the codes kernel
 
@@ -86,6 +93,8 @@ def main() -> None:
     parser.add_argument("--tiles", type=tiles_arg, default=None,
                         help="the tiles to time instead of real_gemm.TILES and --extra-tiles")
     parser.add_argument("--kinds", default="linear,conv,codes")
+    parser.add_argument("--arch", choices=sorted(SHAPES), default="sd14",
+                        help="whose Linear and 3×3 conv shapes (batch 8)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -95,6 +104,7 @@ def main() -> None:
     from qlip.quant import real_conv, real_gemm
 
     tiles = args.tiles or list(dict.fromkeys([*real_gemm.TILES, *args.extra_tiles]))
+    linears, convs = SHAPES[args.arch]
     kinds = args.kinds.split(",")
     rows = []
     started = time.perf_counter()
@@ -103,13 +113,13 @@ def main() -> None:
 
     def save():
         out_path.write_text(json.dumps({
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "arch": args.arch,
             "tiles": [list(t) for t in tiles], "rows": rows,
             "seconds": round(time.perf_counter() - started, 1)}, indent=1))
 
     with torch.no_grad():
         if "linear" in kinds:
-            for m, n, k in tqdm(LINEARS, desc="linear shapes"):
+            for m, n, k in tqdm(linears, desc="linear shapes"):
                 ops = operands(n, k, "cuda")
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -136,7 +146,7 @@ def main() -> None:
                 rows.append(row)
                 save()
         if "conv" in kinds:
-            for (b, c, h, w), n in tqdm(CONVS, desc="conv shapes"):
+            for (b, c, h, w), n in tqdm(convs, desc="conv shapes"):
                 ops = list(operands(n, c * 9, "cuda"))
                 ops[6] = real_conv.tap_major_rows(ops[6], (3, 3))  # as use_real keeps int8 codes
                 x = torch.randn(b, c, h, w, device="cuda", dtype=torch.bfloat16).to(

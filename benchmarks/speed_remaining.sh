@@ -8,6 +8,8 @@
 #           (simulated W4A8 with attention, the fused kernel compiled) at batch 8 and 2
 #   ... c   the SD 1.4 real step at batch 2 and 1 (bf16, int8, fp8)
 #   ... d   the SDXL real step at batch 1 (bf16, int8, fp8, packed fp8)
+#   ... e   SDXL's Linear and 3×3 conv shapes alone (benchmarks/real_tile_sweep.py --arch
+#           sdxl): the persistent kernels' tiles against cuBLAS's and cuDNN's bf16 there
 # A fresh machine pays Triton's and Inductor's compiles (about 2 minutes a real SD 1.4 variant,
 # 4 for SDXL); the limits below leave each step's timing turns after them.
 # Each part's records come back as at most 8 files: machine.txt (every step's exit code and
@@ -51,7 +53,11 @@ case "$part" in
         ARCH=sdxl BATCH=1 T_REAL=${T_REAL:-500} \
             REAL_VARIANTS=bf16_channels_last,w4a8_layers_real,w4a8_layers_real_fp8_fast,w4a8_layers_real_fp8_fast_packed \
             timed sdxl_b1 510 bash "$here/speed_suite.sh" "$out/sdxl_b1" real > /dev/null 2>&1 ;;
-    *) echo "part must be a, b, c or d" >&2; exit 2 ;;
+    e)
+        timed sweep 540 python3 "$here/real_tile_sweep.py" --arch sdxl --kinds linear,conv \
+            --tiles "128,128,128,8,4 128,256,128,8,3 128,256,64,8,3 128,128,64,8,4 64,128,64,4,3" \
+            --out "$out/sdxl_tile_sweep.json" > "$out/sdxl_tile_sweep.txt" 2>&1 ;;
+    *) echo "part must be a, b, c, d or e" >&2; exit 2 ;;
 esac
 # at most 8 files come back: the step logs stay, the JSON records, parts and suites travel as
 # one tarball
