@@ -229,6 +229,16 @@ def test_a_compiled_unet_samples_the_eager_images_and_compiles_once(tiny_pipe, t
     second = generate(tiny_pipe, ["red"], [0], FixedBits(8), taller, progress=False)
     assert len(calls) == unet_calls(tiny_pipe, GEN.steps)
     assert second.reports[0].bitops_t == first.reports[0].bitops_t > again.reports[0].bitops_t
+    # a deep copy of the pipeline, its weights changed, samples with its own weights compiled
+    import copy
+
+    other = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():
+        other.unet.conv_out.bias.add_(0.5)
+    want = generate(other, ["red"], [0], FixedBits(8), GEN, progress=False)
+    copied = generate(other, ["red"], [0], FixedBits(8), config, progress=False)
+    assert np.array_equal(np.asarray(copied.images[0]), np.asarray(want.images[0]))
+    assert not np.array_equal(np.asarray(want.images[0]), np.asarray(again.images[0]))
     with pytest.raises(ValueError, match="compile mode must be one of"):
         GenerationConfig(compile="fastest")
 

@@ -32,15 +32,18 @@ def check_compile_mode(mode: str | None) -> None:
 
 
 def _compiled(unet: nn.Module, mode: str, original: Callable) -> Callable:
-    """The UNet's compiled forward for ``mode``, made once and kept on the UNet."""
+    """The UNet's compiled forward for ``mode``, made once and kept on the UNet. Kept with the
+    UNet's id: a deep copy of the UNet copies the entry, whose function still calls the
+    original's forward, so the copy compiles its own (the kept function holds the original
+    alive, so its id is not reused meanwhile)."""
     kept = unet.__dict__.get(_KEPT)
-    if kept is not None and kept[:2] == (mode, BACKEND):
-        return kept[2]
+    if kept is not None and kept[:3] == (mode, BACKEND, id(unet)):
+        return kept[3]
     if BACKEND == "inductor":
         fn = torch.compile(original, mode=mode)
     else:
         fn = torch.compile(original, backend=BACKEND)
-    unet.__dict__[_KEPT] = (mode, BACKEND, fn)
+    unet.__dict__[_KEPT] = (mode, BACKEND, id(unet), fn)
     return fn
 
 
