@@ -312,7 +312,8 @@ class SamplingSession:
             # text, not on the batch: counted on the first run of each, reused after (no
             # hooks, so a compiled UNet runs every call of a later run compiled)
             context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-            key = (tuple(self.units), tuple(sample.shape[1:]),
+            key = (tuple((n, u.fab_member) for n, u in self.units.items()),
+                   tuple(sample.shape[1:]),
                    tuple(context.shape[1:]) if isinstance(context, torch.Tensor) else None)
             sites = self._sites.get(key)
             controller = StepController(module, self.policy, self.units, self.batch_mode,
