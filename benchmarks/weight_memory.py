@@ -86,14 +86,15 @@ def _cuda_allocated(model_fn) -> int | None:
     return used
 
 
-def _fp8_loaded(load, packed: bool, device: str, latent: int):
-    """A loaded model in fp8 (``use_real_execution(fp8=True)``) after one call."""
+def _real_loaded(load, packed: bool, device: str, latent: int, fp8: bool):
+    """A loaded model run for real (``use_real_execution``, ``fp8`` for its A8 GEMM layers),
+    after one call: ``(unet, its output, how many layers were switched)``."""
     unet = load(packed)
-    use_real_execution(unet, fp8=True)
+    switched = use_real_execution(unet, fp8=fp8)
     x, t, c = _inputs(device, unet.dtype, latent)
     with torch.no_grad():
-        unet(x, t, encoder_hidden_states=c)
-    return unet
+        out = unet(x, t, encoder_hidden_states=c).sample
+    return unet, out, switched
 
 
 def main() -> None:
@@ -156,11 +157,9 @@ def main() -> None:
         # unpacks its own bytes at every call, so the model holds the packed bytes alone (its
         # 3×3 convs' int8 operands are their packed bytes too)
         for name, packed in (("unpacked_fp8", False), ("packed_fp8", True)):
-            unet = load(packed)
-            fp8_layers = use_real_execution(unet, fp8=True)
-            x, t, c = _inputs(device, unet.dtype, args.latent)
-            with torch.no_grad():
-                outputs[name] = unet(x, t, encoder_hidden_states=c).sample.float().cpu()
+            unet, out, fp8_layers = _real_loaded(load, packed, device, args.latent, fp8=True)
+            outputs[name] = out.float().cpu()
+            del out
             unet.to(torch.bfloat16)  # (measured in bf16, as above)
             size = tensor_bytes(unet)
             rows[name] = {"tensor_bytes": size, "vs_bf16": size / bf16_bytes,
@@ -168,13 +167,7 @@ def main() -> None:
                           "fp8_layers": sum(m._real_fp8 for m in unet.modules()
                                             if isinstance(m, QuantLayer)),
                           "dtype": str(unet.dtype)}
-            if device.startswith("cuda"):
-                del unet
-                rows[name]["cuda_allocated"] = _cuda_allocated(
-                    lambda p=packed: _fp8_loaded(load, p, device, args.latent))
-                rows[name]["cuda_vs_bf16"] = None  # (set below, against bf16's)
-            else:
-                del unet
+            del unet
             gc.collect()
     equal = torch.equal(outputs["packed"], outputs["unpacked"])
     result_fp8_equal = torch.equal(outputs["packed_fp8"], outputs["unpacked_fp8"])
@@ -192,22 +185,17 @@ def main() -> None:
     if device.startswith("cuda"):
         result["bf16_cuda_allocated"] = _cuda_allocated(lambda: template.to(device, torch.bfloat16))
 
-        def real(packed: bool):  # real Linear layers, after one call
-            unet = load(packed)
-            switched = use_real_execution(unet)
-            x, t, c = _inputs(device, unet.dtype, args.latent)
-            with torch.no_grad():
-                unet(x, t, encoder_hidden_states=c)
-            result.setdefault("real_linear_layers", switched)
+        def real(packed: bool, fp8: bool):  # run for real, after one call
+            unet, _, switched = _real_loaded(load, packed, device, args.latent, fp8)
+            if not fp8:
+                result.setdefault("real_linear_layers", switched)
             return unet
 
-        for name in ("unpacked_fp8", "packed_fp8"):
-            rows[name]["cuda_vs_bf16"] = (rows[name]["cuda_allocated"]
-                                          / result["bf16_cuda_allocated"])
-        for name, packed in (("unpacked_real", False), ("packed_real", True)):
-            used = _cuda_allocated(lambda p=packed: real(p))
-            rows[name] = {"cuda_allocated": used,
-                          "cuda_vs_bf16": used / result["bf16_cuda_allocated"]}
+        for name, packed, fp8 in (("unpacked_fp8", False, True), ("packed_fp8", True, True),
+                                  ("unpacked_real", False, False), ("packed_real", True, False)):
+            used = _cuda_allocated(lambda p=packed, f=fp8: real(p, f))
+            rows.setdefault(name, {}).update(cuda_allocated=used,
+                                             cuda_vs_bf16=used / result["bf16_cuda_allocated"])
     for name, row in rows.items():
         if "tensor_bytes" in row:
             print(f"{name:13s} {row['tensor_bytes'] / 2**20:9.1f} MiB  {row['vs_bf16']:.3f}x bf16  "

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from . import real_gemm
-from .fused_quantize import fixed_tile, triton
+from .fused_quantize import triton
 from .real_gemm import MAX_K, TILES, autotuned, launch, zero_mode
 
 if triton is not None:
@@ -415,16 +415,13 @@ def persistent_conv_tile(n: int) -> tuple[int, int, int, int, int]:
 
 def persistent_conv_ok(a: torch.Tensor, w: torch.Tensor, w_zero, out: torch.Tensor,
                        tap_major: bool, stride, block_m: int) -> bool:
-    """Whether :data:`PERSISTENT` can take this conv: Triton with host TMA descriptors, the
-    padded int8 codes ``a`` ``[B, Hp, Wp, C]``, centered tap-major weight codes (int8, or
-    packed: then C a multiple of 32, for 16-byte rows of bytes), stride 1,
-    a Hopper GPU or newer, output rows that tile ``block_m`` (:func:`conv_box`), and rows TMA
-    can address (16-byte aligned starts and strides)."""
-    wanted = real_gemm.capturing(out) if PERSISTENT is None else PERSISTENT
-    return (bool(wanted) and real_gemm.TensorDescriptor is not None
-            and zero_mode(w, w_zero) in (0, 1) and a.dtype == torch.int8 and tap_major
+    """Whether :data:`PERSISTENT` can take this conv (``real_gemm.persistent_wanted``): the
+    padded int8 codes ``a`` ``[B, Hp, Wp, C]``, tap-major weight codes (packed: C a multiple of
+    32, for 16-byte rows of bytes), stride 1, output rows that tile ``block_m``
+    (:func:`conv_box`), and rows TMA can address (16-byte aligned starts and strides)."""
+    return (real_gemm.persistent_wanted(PERSISTENT, w, w_zero, out)
+            and a.dtype == torch.int8 and tap_major
             and tuple(stride) == (1, 1) and w.stride(0) * w.element_size() % 16 == 0
-            and (not out.is_cuda or torch.cuda.get_device_capability(out.device) >= (9, 0))
             and conv_box(out.shape[1], out.shape[2], block_m) is not None
             and a.is_contiguous() and w.is_contiguous() and out.is_contiguous()
             and all(t.data_ptr() % 16 == 0 for t in (a, w, out))
@@ -446,18 +443,15 @@ def _launch_persistent_conv(a, w, out, table, choice, step, steps, offset, w_sum
     descs = (TensorDescriptor.from_tensor(a, [bb, bh, w_out, block_k]),
              TensorDescriptor.from_tensor(w, [block_n, block_k // 2 if packed else block_k]),
              TensorDescriptor.from_tensor(out2, [block_m, block_n]))
-    programs = (torch.cuda.get_device_properties(out.device).multi_processor_count
-                if out.is_cuda else 4)
+    programs = real_gemm.persistent_programs(out.device)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    extra = {} if fixed_tile() and real_gemm.FORCE_TILE is None else {"num_warps": warps,
-                                                                      "num_stages": stages}
     _persistent_conv_kernel[(min(programs, tiles),)](
         *descs, table, choice, step, offset, w_sum, w_zero if w_zero is not None else w_sum,
         w_scale, bias if bias is not None else w_scale, m, n, a.shape[3], h_out * w_out, w_out,
         steps, HAS_STEPS=bool(steps), HAS_BIAS=bias is not None, PACKED=packed,
         KH=kernel_size[0], KW=kernel_size[1],
         BB=bb, BH=bh, BW=w_out, PROGRAMS=programs, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, **extra)
+        BLOCK_K=block_k, **real_gemm.tile_options(warps, stages))
 
 
 CODES_BLOCK = 1024  # elements a program of the padded codes kernel writes

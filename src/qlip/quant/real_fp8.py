@@ -90,7 +90,7 @@ def fp8_weight_matrix(w8: torch.Tensor, w_zero: torch.Tensor | None, k: int) -> 
     (packed bytes) their codes minus the zero points, unpacked here."""
     if w8.dtype != torch.uint8:
         return w8
-    return (unpack_rows(w8, k) - w_zero[:, None]).to(torch.float32).to(E4M3)
+    return centered_codes(unpack_rows(w8, k), w_zero).to(torch.float32).to(E4M3)
 
 
 def fp8_activation_scale(table: torch.Tensor, choice: torch.Tensor, step: torch.Tensor,

@@ -557,14 +557,35 @@ def persistent_tile(n: int) -> tuple[int, int, int, int, int]:
     return PERSISTENT_WIDE if n >= 2048 else PERSISTENT_NARROW
 
 
+def persistent_wanted(switch: bool | None, w: torch.Tensor, w_zero, out: torch.Tensor) -> bool:
+    """What both persistent kernels (Linear, :mod:`~qlip.quant.real_conv`'s) need besides their
+    operands' shapes: their ``switch`` on (None: while a CUDA graph is captured), Triton with
+    host TMA descriptors, int8 centered codes or packed ones (:func:`zero_mode` 0 or 1, not the
+    8-bit bracket), and a Hopper GPU or newer (TMA)."""
+    wanted = capturing(out) if switch is None else switch
+    return (bool(wanted) and TensorDescriptor is not None and zero_mode(w, w_zero) in (0, 1)
+            and (not out.is_cuda or torch.cuda.get_device_capability(out.device) >= (9, 0)))
+
+
+def persistent_programs(device: torch.device) -> int:
+    """A persistent kernel's programs: one per SM (4 in the interpreter)."""
+    return (torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda" else 4)
+
+
+def tile_options(warps: int, stages: int) -> dict:
+    """A fixed tile's launch options: none where the interpreter's first tile runs
+    (:func:`~qlip.quant.fused_quantize.fixed_tile`, no :data:`FORCE_TILE`), else its warps and
+    stages."""
+    if fixed_tile() and FORCE_TILE is None:
+        return {}
+    return {"num_warps": warps, "num_stages": stages}
+
+
 def persistent_ok(a: torch.Tensor, w: torch.Tensor, w_zero, out: torch.Tensor) -> bool:
-    """Whether :data:`PERSISTENT` can take this product: Triton with host TMA descriptors, int8
-    centered codes or packed ones (:func:`zero_mode` 0 or 1, not the 8-bit bracket), a Hopper
-    GPU or newer (TMA), and rows TMA can address (16-byte aligned starts and strides: a packed
-    row's K a multiple of 32)."""
-    wanted = capturing(out) if PERSISTENT is None else PERSISTENT
-    return (wanted and TensorDescriptor is not None and zero_mode(w, w_zero) in (0, 1)
-            and (not out.is_cuda or torch.cuda.get_device_capability(out.device) >= (9, 0))
+    """Whether :data:`PERSISTENT` can take this product (:func:`persistent_wanted`) and TMA can
+    address its rows (16-byte aligned starts and strides: a packed row's K a multiple of 32)."""
+    return (persistent_wanted(PERSISTENT, w, w_zero, out)
             and all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
                     and t.stride(1) == 1 for t in (a, w, out)))
 
@@ -584,8 +605,7 @@ def _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_z
     descs = (TensorDescriptor.from_tensor(a, [block_m, block_k]),
              TensorDescriptor.from_tensor(w, [block_n, block_k // 2 if packed else block_k]),
              TensorDescriptor.from_tensor(out, [block_m, block_n]))
-    programs = (torch.cuda.get_device_properties(out.device).multi_processor_count
-                if out.is_cuda else 4)
+    programs = persistent_programs(out.device)
     operands = (*descs, table, choice, step, offset, w_sum,
                 w_zero if w_zero is not None else w_sum, w_scale,
                 bias if bias is not None else w_scale, m, n, k, steps)
@@ -595,10 +615,9 @@ def _launch_persistent(a, w, out, table, choice, step, steps, offset, w_sum, w_z
     def grid(meta):
         return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
     if fixed is not None:
-        extra = {} if fixed_tile() and FORCE_TILE is None else {"num_warps": warps,
-                                                                "num_stages": stages}
         _persistent_linear_kernel[grid(dict(BLOCK_M=block_m, BLOCK_N=block_n))](
-            *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **extra)
+            *operands, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            **tile_options(warps, stages))
     else:
         _persistent_tuned[grid](*operands, **flags)
 
