@@ -4,7 +4,8 @@
 # tests   the Triton kernels' tests on CUDA (first tile, conftest's QLIP_AUTOTUNE=0; the tuned
 #         launch in test_kernel_autotune.py)                   -> OUT/kernel_tests.txt
 # step    benchmarks/sd14_unet_step.py at BATCH (default 8), ARCH (sd14), VARIANTS (bf16 in both
-#         layouts, simulated W4A8 ± attention, the fused attention), compiled unless COMPILE=0
+#         layouts, simulated W4A8 ± attention, the fused attention), compiled unless COMPILE=0;
+#         SIM_CHANNELS_LAST=1 runs the simulated variants channels-last, as the best bf16
 #                                                              -> OUT/unet_step.<arch>.b<batch>.json
 # real    the same for REAL_VARIANTS (bf16 in both layouts again, for ratios within the run; real
 #         int8 and packed, eager and compiled)         -> OUT/unet_step.<arch>.b<batch>.real.json
@@ -45,6 +46,7 @@ unet_step() {  # unet_step NAME LIMIT VARIANTS SUFFIX
     step "$1" "$2" "$out/unet_step.$arch.b$batch$4.txt" \
         python3 "$here/sd14_unet_step.py" --arch "$arch" --batch "$batch" --eager-rounds 2 \
         --rounds 2 --variants "$3" --barrier-s $(($2 / 2)) $([ "${COMPILE:-1}" = 0 ] && echo --no-compile) \
+        $([ "${SIM_CHANNELS_LAST:-0}" = 1 ] && echo --sim-channels-last) \
         --out "$out/unet_step.$arch.b$batch$4.json"
 }
 step() {  # step NAME LIMIT LOG COMMAND...

@@ -98,10 +98,13 @@ def test_probability_quantizers_match_a_hand_computation():
                     reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
 @pytest.mark.parametrize("mode", [fa.UNIFORM, fa.LOG2], ids=["uniform", "log2"])
 @pytest.mark.parametrize("keep_first", [False, True])
-def test_kernel_equals_the_materialised_reference(mode, keep_first):
+# keys within the first block; whole blocks after it; whole blocks and a partial last one (the
+# kernels peel the first block, run full blocks unmasked and mask a partial last one)
+@pytest.mark.parametrize("m", [21, 128, 150])
+def test_kernel_equals_the_materialised_reference(mode, keep_first, m):
     device = kernel_device()
     g = torch.Generator().manual_seed(0)
-    rows, n, m, d = 6, 37, 21, 40  # not multiples of the blocks; SD 1.x's head dim 40
+    rows, n, d = 6, 37, 40  # queries not a multiple of the blocks; SD 1.x's head dim 40
     q, k, v = (torch.randn(rows, s, d, generator=g).to(device) for s in (n, m, m))
     scale = d ** -0.5
     stats = fa.kernel_row_stats(q, k, scale)

@@ -38,8 +38,6 @@ TINY = torch.finfo(torch.float32).tiny
 if triton is not None:  # Triton ships with PyTorch's CUDA wheels; a CPU install runs the reference
     import triton.language as tl
 
-    from .fused_quantize import round_half_even
-
 
 def available(x: torch.Tensor) -> bool:
     """Whether the Triton kernel can run on ``x``'s device (a CUDA tensor and Triton installed)."""
@@ -87,14 +85,21 @@ def row_stats(q, k, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return m, norm, m1
 
 
-def row_max_prob(m: torch.Tensor, norm: torch.Tensor, m1: torch.Tensor, skip_first: bool):
+def row_max_prob(m: torch.Tensor, norm: torch.Tensor, m1: torch.Tensor, skip_first: bool,
+                 base2: bool = False):
     """``[R]``: each row's largest probability (over its keys after the first with
-    ``skip_first``), from the softmax statistics, what a log2 scale Δ is the max of."""
+    ``skip_first``), from the softmax statistics, what a log2 scale Δ is the max of. ``base2``:
+    ``m`` and ``m1`` in the kernels' base-2 units."""
     top = m1 if skip_first else m
-    return (torch.exp(top - m) / norm).amax(dim=1)
+    return ((torch.exp2 if base2 else torch.exp)(top - m) / norm).amax(dim=1)
 
 
 # -- the kernel ---------------------------------------------------------------------------------
+# The kernels work in base 2: scores times scale·log2(e), so every exponential is one exp2 (the
+# GPU's native ex2). Their statistics m and m1 are in those units; kernel_row_stats and
+# kernel_output convert at the public seam, fused_attention keeps them in base 2 throughout.
+LOG2E, LN2 = 1 / math.log(2), math.log(2)
+
 if triton is not None:
 
     @triton.jit
@@ -117,64 +122,125 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, m1_ptr, N, M, D, scale,
+    def _rint(x):
+        """Round half to even, for |x| < 2^22: adding and taking away 1.5·2^23 leaves x rounded
+        to an integer by fp32's own rounding (two adds, where a floor-and-tie test takes ten).
+        Callers clamp first: the grids' bounds are integers, so clamping before rounding is
+        the same as after."""
+        return (x + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _scores2(q, k_ptr, start, stride_km, M, offs_d, D, scale2, LOWP: tl.constexpr,
+                 MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One key block's scores in base 2 (q·kᵀ·scale·log2 e), keys past M at −inf where
+        ``MASK`` (the last, partial block and the first)."""
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_ptr, offs_n, stride_km, M, offs_d, D, LOWP)
+        s = _dot(q, tl.trans(k), LOWP) * scale2
+        if MASK:
+            s = tl.where(offs_n[None, :] < M, s, float("-inf"))
+        return s, offs_n
+
+    @triton.jit
+    def _stats_block(q, k_ptr, start, stride_km, M, offs_d, D, scale2, m_i, l_i,
+                     LOWP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The online softmax's update over one key block: ``(m, l, block row max)``."""
+        s, offs_n = _scores2(q, k_ptr, start, stride_km, M, offs_d, D, scale2, LOWP, MASK,
+                             BLOCK_N)
+        top = tl.max(s, axis=1)
+        m_new = tl.maximum(m_i, top)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        return m_new, l_i, top, s, offs_n
+
+    @triton.jit
+    def _stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, m1_ptr, N, M, D, scale2,
                       stride_qr, stride_qn, stride_kr, stride_km, LOWP: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Per query row: the max score m, the normaliser l and the max over the keys after the
+        first m1 (m and m1 in base 2). The first key block is peeled (its keys after the first
+        give m1's start; masked), the full blocks run unmasked, a partial last block masked."""
         row = tl.program_id(1)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D, LOWP)
+        k_row = k_ptr + row * stride_kr
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        m1_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(0, M, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D, LOWP)
-            s = _dot(q, tl.trans(k), LOWP) * scale
-            s = tl.where(offs_n[None, :] < M, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-            m_i = m_new
-            m1_i = tl.maximum(m1_i, tl.max(tl.where(offs_n[None, :] > 0, s, float("-inf")), axis=1))
+        m_i, l_i, top, s, offs_n = _stats_block(q, k_row, 0, stride_km, M, offs_d, D, scale2,
+                                                m_i, l_i, LOWP, True, BLOCK_N)
+        m1_i = tl.max(tl.where(offs_n[None, :] > 0, s, float("-inf")), axis=1)
+        full = M - M % BLOCK_N
+        for start in range(BLOCK_N, full, BLOCK_N):
+            m_i, l_i, top, s, offs_n = _stats_block(q, k_row, start, stride_km, M, offs_d, D,
+                                                    scale2, m_i, l_i, LOWP, False, BLOCK_N)
+            m1_i = tl.maximum(m1_i, top)
+        tail = tl.maximum(full, BLOCK_N)
+        if tail < M:
+            m_i, l_i, top, s, offs_n = _stats_block(q, k_row, tail, stride_km, M, offs_d, D,
+                                                    scale2, m_i, l_i, LOWP, True, BLOCK_N)
+            m1_i = tl.maximum(m1_i, top)
         keep = offs_m < N
         tl.store(m_ptr + row * N + offs_m, m_i, mask=keep)
         tl.store(l_ptr + row * N + offs_m, l_i, mask=keep)
         tl.store(m1_ptr + row * N + offs_m, m1_i, mask=keep)
 
     @triton.jit
-    def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, p_ptr, N, M, D, scale,
+    def _output_block(acc, q, k_ptr, v_ptr, start, stride_km, stride_vm, M, offs_d, D, scale2,
+                      m_i, inv_l, a, inv_a, b, c, bypass, MODE: tl.constexpr,
+                      FIRST: tl.constexpr, LOWP: tl.constexpr, MASK: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+        """``acc`` plus one key block's quantized probabilities times v. ``FIRST``: the block
+        holding the first key, kept in full precision (DGQ's start token)."""
+        s, offs_n = _scores2(q, k_ptr, start, stride_km, M, offs_d, D, scale2, LOWP, MASK,
+                             BLOCK_N)
+        p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]  # masked keys: exp2(−inf) = 0
+        if MODE == 0:  # clamp(round(p/Δ), low, high)·Δ
+            pq = _rint(tl.minimum(tl.maximum(p * inv_a, b), c)) * a
+        else:  # Δ·2^−clamp(round(−log2(p/Δ)), 0, levels)
+            ratio = tl.maximum(p * inv_a, 1.1754943508222875e-38)
+            pq = a * tl.exp2(-_rint(tl.minimum(tl.maximum(-tl.log2(ratio), 0.0), b)))
+        pq = tl.where(bypass != 0.0, p, pq)
+        if FIRST:
+            pq = tl.where(offs_n[None, :] == 0, p, pq)
+        if MASK:
+            pq = tl.where(offs_n[None, :] < M, pq, 0.0)  # padding keys carry nothing
+        v = _load_rows(v_ptr, offs_n, stride_vm, M, offs_d, D, LOWP)
+        return acc + _dot(pq.to(v.dtype), v, LOWP)  # 16-bit probabilities, as the 16-bit path
+
+    @triton.jit
+    def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, p_ptr, N, M, D, scale2,
                        stride_qr, stride_qn, stride_kr, stride_km, stride_vr, stride_vm,
                        stride_or, stride_on,
                        MODE: tl.constexpr, KEEP_FIRST: tl.constexpr, LOWP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Pass 2 over one query block of one row: the blocks as pass 1 walks them (the first
+        peeled and masked, full blocks unmasked, a partial last block masked)."""
         row = tl.program_id(1)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D, LOWP)
+        k_row, v_row = k_ptr + row * stride_kr, v_ptr + row * stride_vr
         m_i = tl.load(m_ptr + row * N + offs_m, mask=offs_m < N, other=0.0)
-        l_i = tl.load(l_ptr + row * N + offs_m, mask=offs_m < N, other=1.0)
+        inv_l = 1.0 / tl.load(l_ptr + row * N + offs_m, mask=offs_m < N, other=1.0)
         a = tl.load(p_ptr + row * 4)
+        inv_a = 1.0 / a
         b = tl.load(p_ptr + row * 4 + 1)
         c = tl.load(p_ptr + row * 4 + 2)
         bypass = tl.load(p_ptr + row * 4 + 3)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(0, M, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D, LOWP)
-            s = _dot(q, tl.trans(k), LOWP) * scale
-            p = tl.exp(s - m_i[:, None]) / l_i[:, None]
-            if MODE == 0:
-                pq = tl.minimum(tl.maximum(round_half_even(p / a), b), c) * a
-            else:
-                ratio = tl.maximum(p / a, 1.1754943508222875e-38)
-                code = tl.minimum(tl.maximum(round_half_even(-tl.log2(ratio)), 0.0), b)
-                pq = a * tl.exp2(-code)
-            pq = tl.where(bypass != 0.0, p, pq)
-            if KEEP_FIRST:
-                pq = tl.where(offs_n[None, :] == 0, p, pq)
-            pq = tl.where(offs_n[None, :] < M, pq, 0.0)  # padding keys carry nothing
-            v = _load_rows(v_ptr + row * stride_vr, offs_n, stride_vm, M, offs_d, D, LOWP)
-            acc += _dot(pq.to(v.dtype), v, LOWP)  # 16-bit probabilities, as the 16-bit materialised path
+        acc = _output_block(acc, q, k_row, v_row, 0, stride_km, stride_vm, M, offs_d, D, scale2,
+                            m_i, inv_l, a, inv_a, b, c, bypass, MODE, KEEP_FIRST, LOWP, True,
+                            BLOCK_N)
+        full = M - M % BLOCK_N
+        for start in range(BLOCK_N, full, BLOCK_N):
+            acc = _output_block(acc, q, k_row, v_row, start, stride_km, stride_vm, M, offs_d, D,
+                                scale2, m_i, inv_l, a, inv_a, b, c, bypass, MODE, False, LOWP,
+                                False, BLOCK_N)
+        tail = tl.maximum(full, BLOCK_N)
+        if tail < M:
+            acc = _output_block(acc, q, k_row, v_row, tail, stride_km, stride_vm, M, offs_d, D,
+                                scale2, m_i, inv_l, a, inv_a, b, c, bypass, MODE, False, LOWP,
+                                True, BLOCK_N)
         tl.store(o_ptr + row * stride_or + offs_m[:, None] * stride_on + offs_d[None, :],
                  acc.to(o_ptr.dtype.element_ty),
                  mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
@@ -222,30 +288,43 @@ def _low_precision(q: torch.Tensor) -> bool:
     return q.dtype in (torch.bfloat16, torch.float16)
 
 
-def kernel_row_stats(q, k, scale: float):
-    """Pass 1 on the device: ``(m, l, m1)``, each ``[R, N]`` fp32."""
+def _stats2(q, k, scale: float):
+    """Pass 1 on the device: ``(m, l, m1)``, each ``[R, N]`` fp32, m and m1 in base 2."""
     q, k = q.contiguous(), k.contiguous()
     rows, n, d = q.shape
     m = torch.empty(rows, n, device=q.device, dtype=torch.float32)
     norm, m1 = torch.empty_like(m), torch.empty_like(m)
     _launch(_stats_kernel, _stats_tuned, rows, n, d,
-            q, k, m, norm, m1, n, k.shape[1], d, scale, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), LOWP=_low_precision(q))
+            q, k, m, norm, m1, n, k.shape[1], d, scale * LOG2E, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), LOWP=_low_precision(q))
     return m, norm, m1
 
 
-def kernel_output(q, k, v, m, norm, params: torch.Tensor, scale: float, mode: int,
-                  keep_first: bool) -> torch.Tensor:
-    """Pass 2 on the device: the attention output ``[R, N, d]`` in q's dtype."""
+def _output2(q, k, v, m2, norm, params: torch.Tensor, scale: float, mode: int,
+             keep_first: bool) -> torch.Tensor:
+    """Pass 2 on the device from base-2 statistics: the output ``[R, N, d]`` in q's dtype."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     rows, n, d = q.shape
     out = torch.empty_like(q)
     _launch(_output_kernel, _output_tuned, rows, n, d,
-            q, k, v, out, m, norm, params.float().contiguous(), n, k.shape[1], d, scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), MODE=mode, KEEP_FIRST=keep_first,
+            q, k, v, out, m2, norm, params.float().contiguous(), n, k.shape[1], d,
+            scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), out.stride(0), out.stride(1), MODE=mode, KEEP_FIRST=keep_first,
             LOWP=_low_precision(q))
     return out
+
+
+def kernel_row_stats(q, k, scale: float):
+    """Pass 1 on the device: ``(m, l, m1)``, each ``[R, N]`` fp32, as :func:`row_stats`."""
+    m2, norm, m1_2 = _stats2(q, k, scale)
+    return m2 * LN2, norm, m1_2 * LN2
+
+
+def kernel_output(q, k, v, m, norm, params: torch.Tensor, scale: float, mode: int,
+                  keep_first: bool) -> torch.Tensor:
+    """Pass 2 on the device, from :func:`row_stats`' statistics: the attention output
+    ``[R, N, d]`` in q's dtype."""
+    return _output2(q, k, v, m * LOG2E, norm, params, scale, mode, keep_first)
 
 
 # The two passes as custom operators, for compiled graphs: Inductor keeps each an opaque call
@@ -256,7 +335,7 @@ def kernel_output(q, k, v, m, norm, params: torch.Tensor, scale: float, mode: in
 @torch.library.custom_op("qlip::attention_row_stats", mutates_args=())
 def _row_stats_op(q: torch.Tensor, k: torch.Tensor,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernel_row_stats(q, k, scale)
+    return _stats2(q, k, scale)
 
 
 @_row_stats_op.register_fake
@@ -269,7 +348,7 @@ def _(q, k, scale):
 def _output_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
                norm: torch.Tensor, params: torch.Tensor, scale: float, mode: int,
                keep_first: bool) -> torch.Tensor:
-    return kernel_output(q, k, v, m, norm, params, scale, mode, keep_first)
+    return _output2(q, k, v, m, norm, params, scale, mode, keep_first)
 
 
 @_output_op.register_fake
@@ -285,17 +364,17 @@ def fused_attention(q, k, v, scale: float, params_for, mode: int, keep_first: bo
     ignores it). ``use_kernel``: the Triton kernel (default where :func:`available`), else the
     same computation in PyTorch, materialising the probabilities. Under ``torch.compile`` the
     two passes are the custom operators ``torch.ops.qlip.attention_row_stats`` and
-    ``torch.ops.qlip.attention_output``."""
+    ``torch.ops.qlip.attention_output`` (their statistics in base 2)."""
     kernel = available(q) if use_kernel is None else use_kernel
     if kernel and torch.compiler.is_compiling():  # (see _row_stats_op)
         m, norm, m1 = torch.ops.qlip.attention_row_stats(q, k, float(scale))
-        params = params_for(row_max_prob(m, norm, m1, keep_first))
+        params = params_for(row_max_prob(m, norm, m1, keep_first, base2=True))
         return torch.ops.qlip.attention_output(q, k, v, m, norm, params, float(scale), mode,
                                                keep_first)
     if kernel:
-        m, norm, m1 = kernel_row_stats(q, k, scale)
-        params = params_for(row_max_prob(m, norm, m1, keep_first))
-        return kernel_output(q, k, v, m, norm, params, scale, mode, keep_first)
+        m, norm, m1 = _stats2(q, k, scale)
+        params = params_for(row_max_prob(m, norm, m1, keep_first, base2=True))
+        return _output2(q, k, v, m, norm, params, scale, mode, keep_first)
     probs = torch.softmax(_scores(q, k, scale), dim=-1)  # the scores once
     quantized = probs[:, :, 1:] if keep_first else probs
     row_max = (quantized.amax(dim=(1, 2)) if quantized.shape[2]

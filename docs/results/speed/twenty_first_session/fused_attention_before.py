@@ -1,0 +1,303 @@
+"""Attention with fake-quantized probabilities that never materialises the ``[R, N, M]``
+probability tensor: a Triton kernel in two passes, and the materialised reference it must equal.
+
+Pass 1 reads q and k once per query block and keeps, per query row, the softmax statistics: the
+row max ``m``, the normaliser ``l = Σ_j exp(s_j − m)``, and the max over the keys after the first
+(``m1``, for DGQ's start-token handling). Between the passes, a few operations on ``[R]`` vectors
+give each row its quantizer parameters (a log2 scale Δ is a max over whole images, so it needs
+every row's statistics first). Pass 2 recomputes the scores block by block, normalises them,
+fake-quantizes the probabilities in registers and multiplies them with v.
+
+The probability quantizer of row ``r`` (rows are attention's batch×heads) is given per row by
+``params [R, 4]``:
+
+- ``UNIFORM``: ``(Δ, low, high, bypass)``: ``p̂ = clamp(round(p/Δ), low, high)·Δ`` (low = −z,
+  high = 2^b − 1 − z), as :class:`qlip.quant.stacked.StackedUniform` computes it;
+- ``LOG2``: ``(Δ, levels, 0, bypass)``: ``p̂ = Δ·2^−clamp(round(−log2(p/Δ)), 0, levels)``, as
+  :func:`qlip.quant.log2.log2_quant`;
+
+``bypass`` ≠ 0 leaves the row's probabilities as they are. With ``keep_first`` the first key's
+column stays in full precision. ``round`` is round-half-to-even, as ``torch.round``.
+
+Written by hand: no library fuses a fake quantizer into the softmax·V product. PyTorch's
+``scaled_dot_product_attention`` and FlashAttention expose no hook between the normalisation and
+the product with V.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .fused_quantize import fixed_tile, triton, tuner
+
+UNIFORM, LOG2 = 0, 1
+TINY = torch.finfo(torch.float32).tiny
+
+if triton is not None:  # Triton ships with PyTorch's CUDA wheels; a CPU install runs the reference
+    import triton.language as tl
+
+    from .fused_quantize import round_half_even
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel can run on ``x``'s device (a CUDA tensor and Triton installed)."""
+    return triton is not None and x.is_cuda
+
+
+# -- the reference: materialised, in fp32 ------------------------------------------------------
+def quantize_probs(p: torch.Tensor, params: torch.Tensor, mode: int) -> torch.Tensor:
+    """``p [R, N, M]`` fake-quantized with the per-row ``params [R, 4]`` (see the module doc)."""
+    a, b, c, bypass = (params[:, i, None, None].to(p.dtype) for i in range(4))
+    if mode == UNIFORM:
+        q = torch.clamp(torch.round(p / a), b, c) * a
+    else:
+        code = torch.round(-torch.log2((p / a).clamp_min(TINY)))
+        q = a * torch.exp2(-torch.minimum(code.clamp_min(0), b))
+    return torch.where(bypass != 0, p, q)
+
+
+def _scores(q, k, scale: float) -> torch.Tensor:
+    return torch.bmm(q.float(), k.float().transpose(1, 2)) * scale  # [R, N, M] fp32
+
+
+def _times_v(probs, v, params, mode: int, keep_first: bool, dtype) -> torch.Tensor:
+    quantized = quantize_probs(probs, params, mode)
+    if keep_first:
+        quantized = torch.cat([probs[:, :, :1], quantized[:, :, 1:]], dim=2)
+    return torch.bmm(quantized, v.float()).to(dtype)
+
+
+def reference_attention(q, k, v, scale: float, params: torch.Tensor, mode: int,
+                        keep_first: bool = False) -> torch.Tensor:
+    """The materialised computation the kernel must equal: softmax(q·kᵀ·scale), its probabilities
+    fake-quantized per row, times v; in fp32, returned in q's dtype."""
+    probs = torch.softmax(_scores(q, k, scale), dim=-1)
+    return _times_v(probs, v, params, mode, keep_first, q.dtype)
+
+
+def row_stats(q, k, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, l, m1)``, each ``[R, N]`` fp32: pass 1's statistics, computed in PyTorch (what the
+    kernel's first pass must equal)."""
+    s = _scores(q, k, scale)
+    m = s.amax(dim=2)
+    norm = torch.exp(s - m[..., None]).sum(dim=2)
+    m1 = s[:, :, 1:].amax(dim=2) if s.shape[2] > 1 else torch.full_like(m, -math.inf)
+    return m, norm, m1
+
+
+def row_max_prob(m: torch.Tensor, norm: torch.Tensor, m1: torch.Tensor, skip_first: bool):
+    """``[R]``: each row's largest probability (over its keys after the first with
+    ``skip_first``), from the softmax statistics, what a log2 scale Δ is the max of."""
+    top = m1 if skip_first else m
+    return (torch.exp(top - m) / norm).amax(dim=1)
+
+
+# -- the kernel ---------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _load_rows(base, offs, stride, count, offs_d, D, LOWP: tl.constexpr):
+        """Rows ``offs`` (of ``count``) of a [count, D] matrix at ``base``, zero-padded: in their
+        own 16-bit dtype with ``LOWP`` (tensor-core products, exact in the fp32 accumulator),
+        else fp32."""
+        rows = tl.load(base + offs[:, None] * stride + offs_d[None, :],
+                       mask=(offs[:, None] < count) & (offs_d[None, :] < D), other=0.0)
+        if not LOWP:  # a compile-time branch: one return (Triton wants one type per return)
+            rows = rows.to(tl.float32)
+        return rows
+
+    @triton.jit
+    def _dot(a, b, LOWP: tl.constexpr):
+        if LOWP:
+            out = tl.dot(a, b)
+        else:
+            out = tl.dot(a, b, input_precision="ieee")
+        return out
+
+    @triton.jit
+    def _stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, m1_ptr, N, M, D, scale,
+                      stride_qr, stride_qn, stride_kr, stride_km, LOWP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(1)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D, LOWP)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        m1_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, M, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D, LOWP)
+            s = _dot(q, tl.trans(k), LOWP) * scale
+            s = tl.where(offs_n[None, :] < M, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m_i = m_new
+            m1_i = tl.maximum(m1_i, tl.max(tl.where(offs_n[None, :] > 0, s, float("-inf")), axis=1))
+        keep = offs_m < N
+        tl.store(m_ptr + row * N + offs_m, m_i, mask=keep)
+        tl.store(l_ptr + row * N + offs_m, l_i, mask=keep)
+        tl.store(m1_ptr + row * N + offs_m, m1_i, mask=keep)
+
+    @triton.jit
+    def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, p_ptr, N, M, D, scale,
+                       stride_qr, stride_qn, stride_kr, stride_km, stride_vr, stride_vm,
+                       stride_or, stride_on,
+                       MODE: tl.constexpr, KEEP_FIRST: tl.constexpr, LOWP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(1)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D, LOWP)
+        m_i = tl.load(m_ptr + row * N + offs_m, mask=offs_m < N, other=0.0)
+        l_i = tl.load(l_ptr + row * N + offs_m, mask=offs_m < N, other=1.0)
+        a = tl.load(p_ptr + row * 4)
+        b = tl.load(p_ptr + row * 4 + 1)
+        c = tl.load(p_ptr + row * 4 + 2)
+        bypass = tl.load(p_ptr + row * 4 + 3)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, M, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_ptr + row * stride_kr, offs_n, stride_km, M, offs_d, D, LOWP)
+            s = _dot(q, tl.trans(k), LOWP) * scale
+            p = tl.exp(s - m_i[:, None]) / l_i[:, None]
+            if MODE == 0:
+                pq = tl.minimum(tl.maximum(round_half_even(p / a), b), c) * a
+            else:
+                ratio = tl.maximum(p / a, 1.1754943508222875e-38)
+                code = tl.minimum(tl.maximum(round_half_even(-tl.log2(ratio)), 0.0), b)
+                pq = a * tl.exp2(-code)
+            pq = tl.where(bypass != 0.0, p, pq)
+            if KEEP_FIRST:
+                pq = tl.where(offs_n[None, :] == 0, p, pq)
+            pq = tl.where(offs_n[None, :] < M, pq, 0.0)  # padding keys carry nothing
+            v = _load_rows(v_ptr + row * stride_vr, offs_n, stride_vm, M, offs_d, D, LOWP)
+            acc += _dot(pq.to(v.dtype), v, LOWP)  # 16-bit probabilities, as the 16-bit materialised path
+        tl.store(o_ptr + row * stride_or + offs_m[:, None] * stride_on + offs_d[None, :],
+                 acc.to(o_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+
+
+def _blocks(d: int) -> tuple[int, int, int]:
+    """The interpreter's tiles: ``(BLOCK_M, BLOCK_N, BLOCK_D)`` for head dim ``d``."""
+    block_d = max(16, 1 << (d - 1).bit_length())
+    block_n = 32 if block_d > 64 else 64
+    return 64, block_n, block_d
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) that triton.autotune times once per shape on the GPU,
+# keeping the fastest for each pass (BLOCK_D is the head dim rounded up to a power of two). A
+# tile that does not fit the device's shared memory is skipped by the tuner. The first is the
+# fixed tile the kernel ran with before (the eighth session's run 7: 20.1 ms a SD 1.4 step
+# against 22.1 ms materialised).
+ATTENTION_TILES = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2),
+                   (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 64, 4, 3)]
+
+if triton is not None:
+    def _tuned(kernel):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=stages)
+                   for m, n, w, stages in ATTENTION_TILES]
+        return tuner(configs, ["N", "M", "D", "LOWP"])(kernel)
+
+    _stats_tuned, _output_tuned = _tuned(_stats_kernel), _tuned(_output_kernel)
+
+
+def _launch(kernel, tuned, rows: int, n: int, d: int, *args, **flags) -> None:
+    """One pass over ``rows`` × query blocks: the autotuned tiles on the GPU, the first tile
+    where :func:`~qlip.quant.fused_quantize.fixed_tile` (the interpreter, ``QLIP_AUTOTUNE=0``)."""
+    bm, bn, bd = _blocks(d)
+    if fixed_tile():
+        kernel[(triton.cdiv(n, bm), rows)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    else:
+        tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), rows)](*args, **flags, BLOCK_D=bd)
+
+
+def _low_precision(q: torch.Tensor) -> bool:
+    """bf16/fp16 inputs: the products on tensor cores in the inputs' dtype (each product exact in
+    the fp32 accumulator; the quantized probabilities rounded to that dtype before the product
+    with v, as the materialised path in that dtype rounds them). fp32 inputs: IEEE fp32 products,
+    equal to the fp32 reference within rounding."""
+    return q.dtype in (torch.bfloat16, torch.float16)
+
+
+def kernel_row_stats(q, k, scale: float):
+    """Pass 1 on the device: ``(m, l, m1)``, each ``[R, N]`` fp32."""
+    q, k = q.contiguous(), k.contiguous()
+    rows, n, d = q.shape
+    m = torch.empty(rows, n, device=q.device, dtype=torch.float32)
+    norm, m1 = torch.empty_like(m), torch.empty_like(m)
+    _launch(_stats_kernel, _stats_tuned, rows, n, d,
+            q, k, m, norm, m1, n, k.shape[1], d, scale, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), LOWP=_low_precision(q))
+    return m, norm, m1
+
+
+def kernel_output(q, k, v, m, norm, params: torch.Tensor, scale: float, mode: int,
+                  keep_first: bool) -> torch.Tensor:
+    """Pass 2 on the device: the attention output ``[R, N, d]`` in q's dtype."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rows, n, d = q.shape
+    out = torch.empty_like(q)
+    _launch(_output_kernel, _output_tuned, rows, n, d,
+            q, k, v, out, m, norm, params.float().contiguous(), n, k.shape[1], d, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), MODE=mode, KEEP_FIRST=keep_first,
+            LOWP=_low_precision(q))
+    return out
+
+
+# The two passes as custom operators, for compiled graphs: Inductor keeps each an opaque call
+# (its output's shape from a fake implementation) and fuses the [R]-vector work between them,
+# where tracing the autotuned kernels themselves failed to compile on an H100 (torch 2.11,
+# twentieth session: an InductorError from its compile worker, on _stats_kernel). Eager calls
+# launch directly (the dispatcher's Python custom-op path adds host time to every call).
+@torch.library.custom_op("qlip::attention_row_stats", mutates_args=())
+def _row_stats_op(q: torch.Tensor, k: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernel_row_stats(q, k, scale)
+
+
+@_row_stats_op.register_fake
+def _(q, k, scale):
+    rows, n, _ = q.shape
+    return tuple(q.new_empty(rows, n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("qlip::attention_output", mutates_args=())
+def _output_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
+               norm: torch.Tensor, params: torch.Tensor, scale: float, mode: int,
+               keep_first: bool) -> torch.Tensor:
+    return kernel_output(q, k, v, m, norm, params, scale, mode, keep_first)
+
+
+@_output_op.register_fake
+def _(q, k, v, m, norm, params, scale, mode, keep_first):
+    return q.new_empty(q.shape)
+
+
+def fused_attention(q, k, v, scale: float, params_for, mode: int, keep_first: bool = False,
+                    use_kernel: bool | None = None) -> torch.Tensor:
+    """``softmax(q·kᵀ·scale)`` with fake-quantized probabilities, times ``v``; q ``[R, N, d]``,
+    k and v ``[R, M, d]``. ``params_for(row_max [R]) -> params [R, 4]`` gives each row's
+    quantizer parameters from each row's largest probability (a log2 Δ needs it; a uniform grid
+    ignores it). ``use_kernel``: the Triton kernel (default where :func:`available`), else the
+    same computation in PyTorch, materialising the probabilities. Under ``torch.compile`` the
+    two passes are the custom operators ``torch.ops.qlip.attention_row_stats`` and
+    ``torch.ops.qlip.attention_output``."""
+    kernel = available(q) if use_kernel is None else use_kernel
+    if kernel and torch.compiler.is_compiling():  # (see _row_stats_op)
+        m, norm, m1 = torch.ops.qlip.attention_row_stats(q, k, float(scale))
+        params = params_for(row_max_prob(m, norm, m1, keep_first))
+        return torch.ops.qlip.attention_output(q, k, v, m, norm, params, float(scale), mode,
+                                               keep_first)
+    if kernel:
+        m, norm, m1 = kernel_row_stats(q, k, scale)
+        params = params_for(row_max_prob(m, norm, m1, keep_first))
+        return kernel_output(q, k, v, m, norm, params, scale, mode, keep_first)
+    probs = torch.softmax(_scores(q, k, scale), dim=-1)  # the scores once
+    quantized = probs[:, :, 1:] if keep_first else probs
+    row_max = (quantized.amax(dim=(1, 2)) if quantized.shape[2]
+               else probs.new_zeros(probs.shape[0]))
+    return _times_v(probs, v, params_for(row_max), mode, keep_first, q.dtype)
