@@ -2,7 +2,9 @@
 a batch, timed replayed from a CUDA graph, and the step's total (each shape's time times how
 often the UNet runs it):
 
-- ``sdpa``: PyTorch's ``scaled_dot_product_attention`` in bf16, what the bf16 step runs;
+- ``sdpa``: PyTorch's ``scaled_dot_product_attention`` in bf16 on ``[1, R, N, d]`` (4-D: the
+  flash kernel; on 3-D inputs PyTorch 2.11 took a slower path, 17.3 ms for SD 1.4's largest
+  shape at batch 8 on an H100, the twenty-first session), what the bf16 step runs;
 - ``materialised``: softmax(q·kᵀ) in bf16 as a tensor, its probabilities fake-quantized to 8
   bits, times v (the simulated model's path without the fused kernel, eager);
 - ``fused``: :func:`qlip.quant.fused_attention.fused_attention`'s kernel, 8-bit uniform
@@ -35,11 +37,11 @@ from qlip.quant import fused_attention as fa
 from qlip.testing import build_unet, unet_step_inputs
 
 
-def attention_shapes(arch: str, batch: int) -> Counter:
+def attention_shapes(arch: str, batch: int, device: str = "cuda") -> Counter:
     """``{(R, N, M, d): count}`` of one UNet call: rows (batch × heads), queries, keys, head dim."""
     from diffusers.models.attention_processor import Attention
 
-    unet = build_unet(arch, "cuda", torch.bfloat16)
+    unet = build_unet(arch, device, torch.bfloat16)
     shapes: Counter = Counter()
 
     def record(module, args, kwargs):
@@ -51,13 +53,14 @@ def attention_shapes(arch: str, batch: int) -> Counter:
 
     hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
              for m in unet.modules() if isinstance(m, Attention)]
-    x, t, c, kwargs = unet_step_inputs(unet, batch, "cuda", torch.bfloat16, 0)
+    x, t, c, kwargs = unet_step_inputs(unet, batch, device, torch.bfloat16, 0)
     with torch.no_grad():
         unet(x, t, encoder_hidden_states=c, **kwargs)
     for hook in hooks:
         hook.remove()
     del unet
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return shapes
 
 
@@ -81,7 +84,8 @@ def materialised(q, k, v, scale):
 
 def ways(before) -> dict:
     out = {
-        "sdpa": lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v, scale=s),
+        "sdpa": lambda q, k, v, s: F.scaled_dot_product_attention(q[None], k[None], v[None],
+                                                                  scale=s)[0],
         "materialised": materialised,
         "fused": lambda q, k, v, s: fa.fused_attention(q, k, v, s, params_uniform, fa.UNIFORM),
         "fused_log2_first": lambda q, k, v, s: fa.fused_attention(q, k, v, s, params_log2,
@@ -131,11 +135,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--before", help="a saved copy of qlip/quant/fused_attention.py")
+    parser.add_argument("--ways", default="sdpa,materialised,fused,fused_log2_first,before",
+                        help="which of the ways to time (comma-separated; before needs --before)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    chosen = args.ways.split(",")
+    variants = {k: w for k, w in ways(load_before(args.before)).items() if k in chosen}
+    if "sdpa" not in variants:
+        parser.error("--ways must include sdpa (the ratios' baseline)")
     torch.manual_seed(0)
     shapes = attention_shapes(args.arch, args.batch)
-    rows, totals, variants = [], Counter(), ways(load_before(args.before))
+    rows, totals = [], Counter()
     for (r, n, m, d), count in sorted(shapes.items(), key=lambda kv: -kv[0][1] * kv[0][2]):
         q, k, v = (torch.randn(r, s, d, device="cuda", dtype=torch.bfloat16) for s in (n, m, m))
         row = {"rows": r, "queries": n, "keys": m, "head_dim": d, "count": count}
@@ -148,10 +158,13 @@ def main() -> None:
                 row[name] = f"{type(err).__name__}: {str(err)[-300:]}"
         rows.append(row)
         print(row, flush=True)
-    out = {"arch": args.arch, "batch": args.batch, "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "shapes": rows, "step_total_ms": dict(totals),
-           "ratio_to_sdpa": {k: t / totals["sdpa"] for k, t in totals.items()}}
-    Path(args.out).write_text(json.dumps(out, indent=2))
+        # written after every shape: a run stopped by its time limit keeps the shapes it timed
+        out = {"arch": args.arch, "batch": args.batch, "device": torch.cuda.get_device_name(),
+               "torch": torch.__version__, "shapes": rows, "complete": len(rows) == len(shapes),
+               "step_total_ms": dict(totals),
+               "ratio_to_sdpa": {k: t / totals["sdpa"] for k, t in totals.items()
+                                 if totals["sdpa"]}}
+        Path(args.out).write_text(json.dumps(out, indent=2))
     print("step total ms:", {k: round(t, 3) for k, t in totals.items()})
     print("ratio to sdpa:", {k: round(t, 2) for k, t in out["ratio_to_sdpa"].items()})
 

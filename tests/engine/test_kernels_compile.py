@@ -101,13 +101,13 @@ CASES = {
         fa._stats_kernel,
         {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "m_ptr": "*fp32", "l_ptr": "*fp32",
          "m1_ptr": "*fp32", "scale2": "fp32"},
-        {"LOWP": dt != "fp32", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}),
+        {"HEAD_D": 40, "LOWP": dt != "fp32", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}),
     "attention_output": lambda dt: (
         fa._output_kernel,
         {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "o_ptr": f"*{dt}",
-         "m_ptr": "*fp32", "l_ptr": "*fp32", "p_ptr": "*fp32", "scale2": "fp32"},
-        {"MODE": 1, "KEEP_FIRST": True, "LOWP": dt != "fp32", "BLOCK_M": 64, "BLOCK_N": 64,
-         "BLOCK_D": 64}),
+         "m_ptr": "*fp32", "inv_ptr": "*fp32", "p_ptr": "*fp32", "scale2": "fp32"},
+        {"HEAD_D": 40, "MODE": 1, "KEEP_FIRST": True, "LOWP": dt != "fp32", "BLOCK_M": 64,
+         "BLOCK_N": 64, "BLOCK_D": 64}),
 }
 
 

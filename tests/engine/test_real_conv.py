@@ -9,7 +9,7 @@ import torch
 from qlip.quant import real_conv as rc
 from qlip.quant import real_gemm as rg
 
-from ..conftest import kernel_device, on
+from ..conftest import assert_same_epilogue, kernel_device, on
 
 needs_kernel = pytest.mark.skipif(
     kernel_device() is None, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
@@ -143,7 +143,7 @@ def test_the_persistent_conv_kernel_gives_the_same_integer_product(h, w, bias_on
     monkeypatch.setattr(rc, "_launch_persistent_conv",
                         lambda *a: taken.append(1) or original(*a))
 
-    def run(x, weights, persistent, **kw):
+    def run(x, weights, persistent, choice=1, **kw):
         monkeypatch.setattr(rc, "PERSISTENT", persistent)
         args = [t.to(device) for t in (x, TABLE, torch.tensor([choice]), torch.zeros(1).long())]
         args += [0] + [on(t, device) for t in (INTEGER, OFFSET, *weights,
@@ -153,18 +153,11 @@ def test_the_persistent_conv_kernel_gives_the_same_integer_product(h, w, bias_on
                               integer_only=True).cpu()
 
     for choice in (0, 1, 3):  # the integer options
-        plain = run(x, weights, False)
+        plain = run(x, weights, False, choice)
         before = len(taken)
-        persistent = run(x, weights, True)
+        persistent = run(x, weights, True, choice)
         assert len(taken) == before + 1
-        if bias_on and device == "cuda":  # on an H100 (twentieth session) the two were not
-            # bit-equal with a bias, bit-equal without: most likely the compiler fuses the
-            # scaling and the bias into one FMA in the persistent epilogue (one rounding where
-            # the one-tile kernel, adding the bias after its branch, rounds twice)
-            torch.testing.assert_close(persistent, plain, rtol=2.5e-7, atol=1e-6)
-        else:
-            assert torch.equal(persistent, plain), choice
-    choice = 1
+        assert_same_epilogue(persistent, plain, bias_on, device)
     before = len(taken)
     run(x, weights, True, stride=(2, 2))  # a downsampler
     run(torch.randn(b, c, 3, 12, generator=g), weights, True)  # 36 pixels: no whole tile

@@ -10,7 +10,7 @@ from qlip.quant import real_gemm as rg
 from qlip.quant.stacked import StackedUniform
 from qlip.quant.uniform import UniformQuantizer
 
-from ..conftest import kernel_device, on
+from ..conftest import assert_same_epilogue, kernel_device, on
 
 needs_kernel = pytest.mark.skipif(
     kernel_device() is None, reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
@@ -668,10 +668,7 @@ def test_the_persistent_kernel_gives_the_same_integer_product(steps, bias_on, pa
             before = len(taken)
             persistent = rg.real_linear(*args, integer_only=True).cpu()
             assert len(taken) == before + 1
-            if bias_on and device == "cuda":  # (see test_real_conv's persistent test: an FMA)
-                torch.testing.assert_close(persistent, plain, rtol=2.5e-7, atol=1e-6)
-            else:
-                assert torch.equal(persistent, plain), (choice, step)
+            assert_same_epilogue(persistent, plain, bias_on, device)
     acts, (w, w_sum, w_zero, w_scale), _, bias = _layer(4, n=136, k=72)  # K = 72: not for TMA
     args = [t.to(device) for t in (x[..., :72], acts._flat_table(torch.float32),
                                     torch.tensor([0]), torch.tensor([0]))]
@@ -716,7 +713,7 @@ def test_by_default_the_persistent_kernel_runs_only_while_a_graph_is_captured(mo
     monkeypatch.setattr(rg, "fixed_tile", lambda: False)  # as on a GPU, where autotune is on
     captured = rg.real_linear(*args, integer_only=True).cpu()
     assert tiles == [rg.PERSISTENT_NARROW[:3]]
-    assert torch.equal(captured, plain)
+    assert_same_epilogue(captured, plain, True, device)
     monkeypatch.setattr(rg, "fixed_tile", fixed_tile)
     monkeypatch.setattr(rg, "PERSISTENT", False)  # never, capture or not
     rg.real_linear(*args, integer_only=True)

@@ -103,12 +103,17 @@ LOG2E, LN2 = 1 / math.log(2), math.log(2)
 if triton is not None:
 
     @triton.jit
-    def _load_rows(base, offs, stride, count, offs_d, D, LOWP: tl.constexpr):
-        """Rows ``offs`` (of ``count``) of a [count, D] matrix at ``base``, zero-padded: in their
-        own 16-bit dtype with ``LOWP`` (tensor-core products, exact in the fp32 accumulator),
-        else fp32."""
-        rows = tl.load(base + offs[:, None] * stride + offs_d[None, :],
-                       mask=(offs[:, None] < count) & (offs_d[None, :] < D), other=0.0)
+    def _load_rows(base, offs, count, offs_d, HEAD_D: tl.constexpr, LOWP: tl.constexpr,
+                   ROWS: tl.constexpr):
+        """Rows ``offs`` of a contiguous [count, HEAD_D] matrix at ``base``, zero-padded to the
+        block: in their own 16-bit dtype with ``LOWP`` (tensor-core products, exact in the fp32
+        accumulator), else fp32. ``ROWS``: mask the rows past ``count`` (a partial block). The
+        head dim a compile-time constant, rows at a multiple of it: the loads are 16-byte
+        vectors where it is a multiple of 8 (a runtime stride left them one element each)."""
+        mask = offs_d[None, :] < HEAD_D
+        if ROWS:
+            mask = mask & (offs[:, None] < count)
+        rows = tl.load(base + offs[:, None] * HEAD_D + offs_d[None, :], mask=mask, other=0.0)
         if not LOWP:  # a compile-time branch: one return (Triton wants one type per return)
             rows = rows.to(tl.float32)
         return rows
@@ -130,54 +135,54 @@ if triton is not None:
         return (x + 12582912.0) - 12582912.0
 
     @triton.jit
-    def _scores2(q, k_ptr, start, stride_km, M, offs_d, D, scale2, LOWP: tl.constexpr,
+    def _scores2(q, k_row, start, M, offs_d, scale2, HEAD_D: tl.constexpr, LOWP: tl.constexpr,
                  MASK: tl.constexpr, BLOCK_N: tl.constexpr):
         """One key block's scores in base 2 (q·kᵀ·scale·log2 e), keys past M at −inf where
         ``MASK`` (the last, partial block and the first)."""
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr, offs_n, stride_km, M, offs_d, D, LOWP)
+        k = _load_rows(k_row, offs_n, M, offs_d, HEAD_D, LOWP, MASK)
         s = _dot(q, tl.trans(k), LOWP) * scale2
         if MASK:
             s = tl.where(offs_n[None, :] < M, s, float("-inf"))
         return s, offs_n
 
     @triton.jit
-    def _stats_block(q, k_ptr, start, stride_km, M, offs_d, D, scale2, m_i, l_i,
+    def _stats_block(q, k_row, start, M, offs_d, scale2, m_i, l_i, HEAD_D: tl.constexpr,
                      LOWP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
         """The online softmax's update over one key block: ``(m, l, block row max)``."""
-        s, offs_n = _scores2(q, k_ptr, start, stride_km, M, offs_d, D, scale2, LOWP, MASK,
-                             BLOCK_N)
+        s, offs_n = _scores2(q, k_row, start, M, offs_d, scale2, HEAD_D, LOWP, MASK, BLOCK_N)
         top = tl.max(s, axis=1)
         m_new = tl.maximum(m_i, top)
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         return m_new, l_i, top, s, offs_n
 
     @triton.jit
-    def _stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, m1_ptr, N, M, D, scale2,
-                      stride_qr, stride_qn, stride_kr, stride_km, LOWP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _stats_kernel(q_ptr, k_ptr, m_ptr, l_ptr, m1_ptr, N, M, scale2, HEAD_D: tl.constexpr,
+                      LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
         """Per query row: the max score m, the normaliser l and the max over the keys after the
         first m1 (m and m1 in base 2). The first key block is peeled (its keys after the first
-        give m1's start; masked), the full blocks run unmasked, a partial last block masked."""
-        row = tl.program_id(1)
+        give m1's start; masked), the full blocks run unmasked, a partial last block masked.
+        q ``[R, N, HEAD_D]`` and k ``[R, M, HEAD_D]`` contiguous."""
+        row = tl.program_id(1).to(tl.int64)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D, LOWP)
-        k_row = k_ptr + row * stride_kr
+        q = _load_rows(q_ptr + row * N * HEAD_D, offs_m, N, offs_d, HEAD_D, LOWP, True)
+        k_row = k_ptr + row * M * HEAD_D
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        m_i, l_i, top, s, offs_n = _stats_block(q, k_row, 0, stride_km, M, offs_d, D, scale2,
-                                                m_i, l_i, LOWP, True, BLOCK_N)
+        m_i, l_i, top, s, offs_n = _stats_block(q, k_row, 0, M, offs_d, scale2, m_i, l_i,
+                                                HEAD_D, LOWP, True, BLOCK_N)
         m1_i = tl.max(tl.where(offs_n[None, :] > 0, s, float("-inf")), axis=1)
         full = M - M % BLOCK_N
         for start in range(BLOCK_N, full, BLOCK_N):
-            m_i, l_i, top, s, offs_n = _stats_block(q, k_row, start, stride_km, M, offs_d, D,
-                                                    scale2, m_i, l_i, LOWP, False, BLOCK_N)
+            m_i, l_i, top, s, offs_n = _stats_block(q, k_row, start, M, offs_d, scale2, m_i,
+                                                    l_i, HEAD_D, LOWP, False, BLOCK_N)
             m1_i = tl.maximum(m1_i, top)
         tail = tl.maximum(full, BLOCK_N)
         if tail < M:
-            m_i, l_i, top, s, offs_n = _stats_block(q, k_row, tail, stride_km, M, offs_d, D,
-                                                    scale2, m_i, l_i, LOWP, True, BLOCK_N)
+            m_i, l_i, top, s, offs_n = _stats_block(q, k_row, tail, M, offs_d, scale2, m_i, l_i,
+                                                    HEAD_D, LOWP, True, BLOCK_N)
             m1_i = tl.maximum(m1_i, top)
         keep = offs_m < N
         tl.store(m_ptr + row * N + offs_m, m_i, mask=keep)
@@ -185,65 +190,81 @@ if triton is not None:
         tl.store(m1_ptr + row * N + offs_m, m1_i, mask=keep)
 
     @triton.jit
-    def _output_block(acc, q, k_ptr, v_ptr, start, stride_km, stride_vm, M, offs_d, D, scale2,
-                      m_i, inv_l, a, inv_a, b, c, bypass, MODE: tl.constexpr,
-                      FIRST: tl.constexpr, LOWP: tl.constexpr, MASK: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
-        """``acc`` plus one key block's quantized probabilities times v. ``FIRST``: the block
-        holding the first key, kept in full precision (DGQ's start token)."""
-        s, offs_n = _scores2(q, k_ptr, start, stride_km, M, offs_d, D, scale2, LOWP, MASK,
-                             BLOCK_N)
-        p = tl.exp2(s - m_i[:, None]) * inv_l[:, None]  # masked keys: exp2(−inf) = 0
+    def _output_block(acc, q, k_row, v_row, start, M, offs_d, scale2, m_i, inv, shift, a, low,
+                      high, HEAD_D: tl.constexpr, MODE: tl.constexpr, FIRST: tl.constexpr,
+                      LOWP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``acc`` plus one key block's quantized probabilities times v. Per query row, ``m_i``
+        is the base-2 max score, ``inv`` is 1/(l·Δ) (see :func:`_inverse`), so
+        ``2^(s − m)·inv`` is p/Δ, and ``shift = m − log2(inv)``, so ``s − shift`` is
+        log2(p/Δ): ``MODE`` 0 (uniform) takes one exp2 an element, ``MODE`` 1 (log2) none for
+        its code, ``MODE`` 2 is a bypassed row (Δ = 1). ``FIRST``: the block holding the first
+        key, kept in full precision (DGQ's start token)."""
+        s, offs_n = _scores2(q, k_row, start, M, offs_d, scale2, HEAD_D, LOWP, MASK, BLOCK_N)
         if MODE == 0:  # clamp(round(p/Δ), low, high)·Δ
-            pq = _rint(tl.minimum(tl.maximum(p * inv_a, b), c)) * a
-        else:  # Δ·2^−clamp(round(−log2(p/Δ)), 0, levels)
-            ratio = tl.maximum(p * inv_a, 1.1754943508222875e-38)
-            pq = a * tl.exp2(-_rint(tl.minimum(tl.maximum(-tl.log2(ratio), 0.0), b)))
-        pq = tl.where(bypass != 0.0, p, pq)
+            pq = _rint(tl.minimum(tl.maximum(tl.exp2(s - m_i[:, None]) * inv[:, None], low),
+                                  high)) * a
+        elif MODE == 1:  # Δ·2^−clamp(round(−log2(p/Δ)), 0, high); high ≤ 126 (p/Δ ≥ 2^−126)
+            pq = a * tl.exp2(-_rint(tl.minimum(tl.maximum(shift[:, None] - s, 0.0), high)))
+        else:
+            pq = tl.exp2(s - m_i[:, None]) * inv[:, None]
         if FIRST:
-            pq = tl.where(offs_n[None, :] == 0, p, pq)
+            pq = tl.where(offs_n[None, :] == 0,
+                          tl.exp2(s - m_i[:, None]) * inv[:, None] * a, pq)
         if MASK:
             pq = tl.where(offs_n[None, :] < M, pq, 0.0)  # padding keys carry nothing
-        v = _load_rows(v_ptr, offs_n, stride_vm, M, offs_d, D, LOWP)
+        v = _load_rows(v_row, offs_n, M, offs_d, HEAD_D, LOWP, MASK)
         return acc + _dot(pq.to(v.dtype), v, LOWP)  # 16-bit probabilities, as the 16-bit path
 
     @triton.jit
-    def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr, p_ptr, N, M, D, scale2,
-                       stride_qr, stride_qn, stride_kr, stride_km, stride_vr, stride_vm,
-                       stride_or, stride_on,
-                       MODE: tl.constexpr, KEEP_FIRST: tl.constexpr, LOWP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Pass 2 over one query block of one row: the blocks as pass 1 walks them (the first
-        peeled and masked, full blocks unmasked, a partial last block masked)."""
-        row = tl.program_id(1)
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(q_ptr + row * stride_qr, offs_m, stride_qn, N, offs_d, D, LOWP)
-        k_row, v_row = k_ptr + row * stride_kr, v_ptr + row * stride_vr
-        m_i = tl.load(m_ptr + row * N + offs_m, mask=offs_m < N, other=0.0)
-        inv_l = 1.0 / tl.load(l_ptr + row * N + offs_m, mask=offs_m < N, other=1.0)
-        a = tl.load(p_ptr + row * 4)
-        inv_a = 1.0 / a
-        b = tl.load(p_ptr + row * 4 + 1)
-        c = tl.load(p_ptr + row * 4 + 2)
-        bypass = tl.load(p_ptr + row * 4 + 3)
+    def _output_blocks(q, k_row, v_row, M, offs_d, scale2, m_i, inv, shift, a, low, high,
+                       HEAD_D: tl.constexpr, MODE: tl.constexpr, KEEP_FIRST: tl.constexpr,
+                       LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """Every key block, as pass 1 walks them: the first peeled and masked, full blocks
+        unmasked, a partial last block masked."""
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc = _output_block(acc, q, k_row, v_row, 0, stride_km, stride_vm, M, offs_d, D, scale2,
-                            m_i, inv_l, a, inv_a, b, c, bypass, MODE, KEEP_FIRST, LOWP, True,
-                            BLOCK_N)
+        acc = _output_block(acc, q, k_row, v_row, 0, M, offs_d, scale2, m_i, inv, shift, a, low,
+                            high, HEAD_D, MODE, KEEP_FIRST, LOWP, True, BLOCK_N)
         full = M - M % BLOCK_N
         for start in range(BLOCK_N, full, BLOCK_N):
-            acc = _output_block(acc, q, k_row, v_row, start, stride_km, stride_vm, M, offs_d, D,
-                                scale2, m_i, inv_l, a, inv_a, b, c, bypass, MODE, False, LOWP,
-                                False, BLOCK_N)
+            acc = _output_block(acc, q, k_row, v_row, start, M, offs_d, scale2, m_i, inv, shift,
+                                a, low, high, HEAD_D, MODE, False, LOWP, False, BLOCK_N)
         tail = tl.maximum(full, BLOCK_N)
         if tail < M:
-            acc = _output_block(acc, q, k_row, v_row, tail, stride_km, stride_vm, M, offs_d, D,
-                                scale2, m_i, inv_l, a, inv_a, b, c, bypass, MODE, False, LOWP,
-                                True, BLOCK_N)
-        tl.store(o_ptr + row * stride_or + offs_m[:, None] * stride_on + offs_d[None, :],
+            acc = _output_block(acc, q, k_row, v_row, tail, M, offs_d, scale2, m_i, inv, shift,
+                                a, low, high, HEAD_D, MODE, False, LOWP, True, BLOCK_N)
+        return acc
+
+    @triton.jit
+    def _output_kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, inv_ptr, p_ptr, N, M, scale2,
+                       HEAD_D: tl.constexpr, MODE: tl.constexpr, KEEP_FIRST: tl.constexpr,
+                       LOWP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """Pass 2 over one query block of one row (q, k, v and the output contiguous). A
+        bypassed row (its quantizer off) takes a loop of its own: the choice is the row's, so
+        no element pays for it."""
+        row = tl.program_id(1).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_rows(q_ptr + row * N * HEAD_D, offs_m, N, offs_d, HEAD_D, LOWP, True)
+        k_row, v_row = k_ptr + row * M * HEAD_D, v_ptr + row * M * HEAD_D
+        m_i = tl.load(m_ptr + row * N + offs_m, mask=offs_m < N, other=0.0)
+        inv = tl.load(inv_ptr + row * N + offs_m, mask=offs_m < N, other=1.0)
+        shift = m_i - tl.log2(inv)
+        a = tl.load(p_ptr + row * 4)
+        low = tl.load(p_ptr + row * 4 + 1)
+        high = tl.load(p_ptr + row * 4 + 2)
+        if MODE == 1:  # (Δ, levels, ·): the codes' bound is the levels, p/Δ ≥ 2^−126
+            high = tl.minimum(low, 126.0)
+        if tl.load(p_ptr + row * 4 + 3) != 0.0:
+            acc = _output_blocks(q, k_row, v_row, M, offs_d, scale2, m_i, inv, shift, 1.0, low,
+                                 high, HEAD_D, 2, KEEP_FIRST, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
+        else:
+            acc = _output_blocks(q, k_row, v_row, M, offs_d, scale2, m_i, inv, shift, a, low,
+                                 high, HEAD_D, MODE, KEEP_FIRST, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
+        tl.store(o_ptr + row * N * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :],
                  acc.to(o_ptr.dtype.element_ty),
-                 mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+                 mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_D))
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
@@ -265,7 +286,7 @@ if triton is not None:
     def _tuned(kernel):
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=stages)
                    for m, n, w, stages in ATTENTION_TILES]
-        return tuner(configs, ["N", "M", "D", "LOWP"])(kernel)
+        return tuner(configs, ["N", "M", "HEAD_D", "LOWP"])(kernel)
 
     _stats_tuned, _output_tuned = _tuned(_stats_kernel), _tuned(_output_kernel)
 
@@ -295,21 +316,27 @@ def _stats2(q, k, scale: float):
     m = torch.empty(rows, n, device=q.device, dtype=torch.float32)
     norm, m1 = torch.empty_like(m), torch.empty_like(m)
     _launch(_stats_kernel, _stats_tuned, rows, n, d,
-            q, k, m, norm, m1, n, k.shape[1], d, scale * LOG2E, q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), LOWP=_low_precision(q))
+            q, k, m, norm, m1, n, k.shape[1], scale * LOG2E, HEAD_D=d, LOWP=_low_precision(q))
     return m, norm, m1
 
 
-def _output2(q, k, v, m2, norm, params: torch.Tensor, scale: float, mode: int,
+def _inverse(norm: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """``[R, N]`` fp32: per query row, ``1/(l·Δ)`` (Δ = 1 for a bypassed row), so that pass 2
+    has p/Δ as ``2^(s − m)`` times it."""
+    step = torch.where(params[:, 3] != 0, torch.ones_like(params[:, 0]), params[:, 0]).float()
+    return 1 / (norm * step[:, None])
+
+
+def _output2(q, k, v, m2, inv, params: torch.Tensor, scale: float, mode: int,
              keep_first: bool) -> torch.Tensor:
-    """Pass 2 on the device from base-2 statistics: the output ``[R, N, d]`` in q's dtype."""
+    """Pass 2 on the device from base-2 row maxima and the rows' :func:`_inverse`: the output
+    ``[R, N, d]`` in q's dtype."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     rows, n, d = q.shape
     out = torch.empty_like(q)
     _launch(_output_kernel, _output_tuned, rows, n, d,
-            q, k, v, out, m2, norm, params.float().contiguous(), n, k.shape[1], d,
-            scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), out.stride(0), out.stride(1), MODE=mode, KEEP_FIRST=keep_first,
+            q, k, v, out, m2.contiguous(), inv.contiguous(), params.float().contiguous(), n,
+            k.shape[1], scale * LOG2E, HEAD_D=d, MODE=mode, KEEP_FIRST=keep_first,
             LOWP=_low_precision(q))
     return out
 
@@ -324,7 +351,8 @@ def kernel_output(q, k, v, m, norm, params: torch.Tensor, scale: float, mode: in
                   keep_first: bool) -> torch.Tensor:
     """Pass 2 on the device, from :func:`row_stats`' statistics: the attention output
     ``[R, N, d]`` in q's dtype."""
-    return _output2(q, k, v, m * LOG2E, norm, params, scale, mode, keep_first)
+    return _output2(q, k, v, m * LOG2E, _inverse(norm, params), params, scale, mode,
+                    keep_first)
 
 
 # The two passes as custom operators, for compiled graphs: Inductor keeps each an opaque call
@@ -346,13 +374,13 @@ def _(q, k, scale):
 
 @torch.library.custom_op("qlip::attention_output", mutates_args=())
 def _output_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor,
-               norm: torch.Tensor, params: torch.Tensor, scale: float, mode: int,
+               inv: torch.Tensor, params: torch.Tensor, scale: float, mode: int,
                keep_first: bool) -> torch.Tensor:
-    return _output2(q, k, v, m, norm, params, scale, mode, keep_first)
+    return _output2(q, k, v, m, inv, params, scale, mode, keep_first)
 
 
 @_output_op.register_fake
-def _(q, k, v, m, norm, params, scale, mode, keep_first):
+def _(q, k, v, m, inv, params, scale, mode, keep_first):
     return q.new_empty(q.shape)
 
 
@@ -369,12 +397,12 @@ def fused_attention(q, k, v, scale: float, params_for, mode: int, keep_first: bo
     if kernel and torch.compiler.is_compiling():  # (see _row_stats_op)
         m, norm, m1 = torch.ops.qlip.attention_row_stats(q, k, float(scale))
         params = params_for(row_max_prob(m, norm, m1, keep_first, base2=True))
-        return torch.ops.qlip.attention_output(q, k, v, m, norm, params, float(scale), mode,
-                                               keep_first)
+        return torch.ops.qlip.attention_output(q, k, v, m, _inverse(norm, params), params,
+                                               float(scale), mode, keep_first)
     if kernel:
         m, norm, m1 = _stats2(q, k, scale)
         params = params_for(row_max_prob(m, norm, m1, keep_first, base2=True))
-        return _output2(q, k, v, m, norm, params, scale, mode, keep_first)
+        return _output2(q, k, v, m, _inverse(norm, params), params, scale, mode, keep_first)
     probs = torch.softmax(_scores(q, k, scale), dim=-1)  # the scores once
     quantized = probs[:, :, 1:] if keep_first else probs
     row_max = (quantized.amax(dim=(1, 2)) if quantized.shape[2]
