@@ -137,6 +137,9 @@ def main() -> None:
     parser.add_argument("--before", help="a saved copy of qlip/quant/fused_attention.py")
     parser.add_argument("--ways", default="sdpa,materialised,fused,fused_log2_first,before",
                         help="which of the ways to time (comma-separated; before needs --before)")
+    parser.add_argument("--largest", type=int, default=0,
+                        help="time only this many shapes, the largest (0: every shape; the "
+                        "step total then covers those shapes alone)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     chosen = args.ways.split(",")
@@ -146,7 +149,10 @@ def main() -> None:
     torch.manual_seed(0)
     shapes = attention_shapes(args.arch, args.batch)
     rows, totals = [], Counter()
-    for (r, n, m, d), count in sorted(shapes.items(), key=lambda kv: -kv[0][1] * kv[0][2]):
+    order = sorted(shapes.items(), key=lambda kv: -kv[0][0] * kv[0][1] * kv[0][2] * kv[0][3])
+    if args.largest:
+        order = order[:args.largest]
+    for (r, n, m, d), count in order:
         q, k, v = (torch.randn(r, s, d, device="cuda", dtype=torch.bfloat16) for s in (n, m, m))
         row = {"rows": r, "queries": n, "keys": m, "head_dim": d, "count": count}
         for name, way in variants.items():
