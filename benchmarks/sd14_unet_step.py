@@ -175,8 +175,9 @@ def build(variant: str, args):
                     for k, v in kwargs.get("added_cond_kwargs", {}).items()}
     quantize_rtn(unet, units, CalibrationSet(x, t.float(), c, torch.zeros(len(x), dtype=torch.long),
                                              conditioning), progress=False)
-    if variant == "w4a8_attention_fused":  # softmax·V without the probability tensor (Triton)
-        use_fused_attention(unet, True)
+    # softmax·V without the probability tensor (Triton) for the fused variant; the others
+    # materialise it (since the twenty-first session a unit fuses on CUDA by default)
+    use_fused_attention(unet, variant == "w4a8_attention_fused")
     if variant == "w4a8_layers_pytorch":  # the quantizers in PyTorch ops, not one launch each
         use_fused_quantize(unet, False)
     if variant.startswith("w4a8_layers_real"):  # the Linear layers in int8 math (real_gemm)

@@ -247,7 +247,8 @@ def cmd_generate(args) -> int:
             note(truncation_note(over, len(prompts), pipe.tokenizer.model_max_length))
         policy = load_for_sampling(pipe, args.quantized, args.abits, policy_config,
                                    packed_weights=args.packed_weights,
-                                   real_kernels=args.real_kernels, real_fp8=args.fp8)
+                                   real_kernels=args.real_kernels, real_fp8=args.fp8,
+                                   attention=args.attention)
         config = GenerationConfig(steps=args.steps, guidance=args.guidance,
                                   batch_size=args.batch_size, truncate=args.truncate,
                                   batch_mode=args.batch_mode, allow_empty=args.allow_empty_prompt,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .pipeline.compiled import COMPILE_MODES
+from .pipeline.quantized_model import ATTENTION_MODES, fused_attention_on
 from .quant import check_bits, parse_bits_list
 
 DEFAULT_MODEL = "reference"
@@ -193,6 +194,12 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
                         "Weights exact, activations an fp8 grid over the A8 range: not the "
                         "simulation's values. With --packed-weights each such layer unpacks "
                         "its own bytes to e4m3 at every call")
+    p.add_argument("--attention", default="auto", choices=tuple(ATTENTION_MODES),
+                   help="quantized attention's softmax·V: auto (default) through the fused "
+                        "Triton kernel on a CUDA GPU, materialising the probabilities elsewhere; "
+                        "fused (the kernel's two passes in PyTorch off the GPU); materialised "
+                        "(the probability tensor, as before the twenty-first session). Fused is "
+                        "faster and keeps the probabilities in fp32 before their quantizer")
     p.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="run the UNet under torch.compile in MODE: reduce-overhead (each step "
                         "replayed from a CUDA graph on a GPU), default, max-autotune or "
@@ -208,6 +215,8 @@ def execution_label(args) -> str:
         label = "simulated, fp8 A8 GEMMs" if args.fp8 else "simulated"
     else:
         label = "real kernels, fp8 A8 GEMMs" if args.fp8 else "real kernels"
+    if fused_attention_on(args.attention, device_name(args.device)):
+        label += ", fused attention"
     return label + (f", compiled ({args.compile})" if args.compile else "")
 
 

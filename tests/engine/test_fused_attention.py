@@ -81,6 +81,33 @@ def test_full_precision_pass_and_training_take_their_own_paths(tiny_pipe, monkey
     assert not calls and c.grad is not None  # gradients need the materialised probabilities
 
 
+def test_by_default_a_unit_fuses_where_the_kernel_runs(tiny_pipe, monkeypatch):
+    """A unit starts at ``fused = None``: the fused path where the Triton kernel can run (on a
+    CUDA tensor), the materialised probabilities elsewhere; True and False force either."""
+    unet, units = _quantized(tiny_pipe, abits=8, softmax_bits=8)
+    assert all(unit.fused is None for unit in units.values() if unit.kind == "attention")
+    x, t, c = unet_inputs(unet, 2, seed=5)
+    calls = _spy_fused(monkeypatch)
+
+    def run():
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=c).sample
+
+    monkeypatch.setattr(fa, "available", lambda q: False)  # (the CPU without the interpreter)
+    plain = run()
+    assert not calls
+    monkeypatch.setattr(fa, "available", lambda q: True)  # a kernel device: fused, here
+    spy = fa.fused_attention  # through the kernel's two passes in PyTorch
+    monkeypatch.setattr(fa, "fused_attention",
+                        lambda *a, **k: spy(*a, **{**k, "use_kernel": False}))
+    assert torch.allclose(run(), plain, atol=1e-5, rtol=1e-4)
+    assert calls
+    calls.clear()
+    use_fused_attention(unet, False)
+    run()
+    assert not calls
+
+
 def test_probability_quantizers_match_a_hand_computation():
     p = torch.tensor([[[0.5, 0.26, 0.125, 0.115, 0.0]]])
     # uniform: Δ = 1/4, codes 0..3 (low 0, high 3)

@@ -243,11 +243,24 @@ def test_a_compiled_unet_samples_the_eager_images_and_compiles_once(tiny_pipe, t
         GenerationConfig(compile="fastest")
 
 
-def test_the_execution_label_records_the_compile_mode():
+def test_the_execution_label_records_the_compile_mode_and_fused_attention(monkeypatch):
     from argparse import Namespace
 
     from qlip.cli_args import execution_label
+    from qlip.pipeline import quantized_model
 
-    assert execution_label(Namespace(real_kernels=True, fp8=True, compile="reduce-overhead")) == \
+    def label(attention="auto", device="cpu", **flags):
+        return execution_label(Namespace(**{"real_kernels": False, "fp8": False, "compile": None,
+                                            "attention": attention, "device": device, **flags}))
+
+    assert label(real_kernels=True, fp8=True, compile="reduce-overhead") == \
         "real kernels, fp8 A8 GEMMs, compiled (reduce-overhead)"
-    assert execution_label(Namespace(real_kernels=False, fp8=False, compile=None)) == "simulated"
+    assert label() == "simulated"  # auto: no Triton kernel on the CPU
+    assert label("fused") == "simulated, fused attention"  # the PyTorch passes
+    monkeypatch.setattr(quantized_model.fused_quantize, "triton", object())  # as with Triton
+    monkeypatch.setattr("qlip.cli_args.device_name", lambda name: name)  # (no GPU here)
+    assert label(device="cuda") == "simulated, fused attention"
+    assert label("materialised", "cuda") == "simulated"
+    assert label(device="cpu") == "simulated"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        label("flash")

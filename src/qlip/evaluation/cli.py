@@ -120,7 +120,7 @@ def _evaluate(args, prompts, world: bool, device: str, shard: Shard, policy_conf
     pipe = load_pipeline(args.model, device)
     policy = load_for_sampling(pipe, args.quantized, args.abits, policy_config,
                                packed_weights=args.packed_weights, real_kernels=args.real_kernels,
-                               real_fp8=args.fp8)
+                               real_fp8=args.fp8, attention=args.attention)
     config = EvalConfig(num_images=args.num_images, batch_size=args.batch_size,
                         seed=args.seed, steps=args.steps, guidance=args.guidance,
                         batch_mode=args.batch_mode, truncate=args.truncate,

@@ -132,9 +132,10 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-def use_fused_attention(model: nn.Module, on: bool = True) -> int:
-    """Turn the fused quantized attention (``QuantAttnProcessor.fused``) on or off for every
-    unit of ``model`` that has one; returns how many."""
+def use_fused_attention(model: nn.Module, on: bool | None = True) -> int:
+    """Turn the fused quantized attention (``QuantAttnProcessor.fused``) on, off, or (``None``,
+    the default a unit starts with) on where its Triton kernel runs, for every unit of
+    ``model`` that has one; returns how many."""
     return sum(unit.use_fused(on) for unit in quant_units(model).values())
 
 

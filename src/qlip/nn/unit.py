@@ -69,9 +69,9 @@ class QuantUnit(nn.Module):
     def calibrate_weight(self, method: str = "minmax") -> None:
         """Set the weight grid (units without weights have none)."""
 
-    def use_fused(self, on: bool = True) -> bool:
-        """Use (or stop using) a fused kernel for this unit's computation; False for a unit
-        without one."""
+    def use_fused(self, on: bool | None = True) -> bool:
+        """Use (or stop using) a fused kernel for this unit's computation (``None``: where its
+        kernel runs); False for a unit without one."""
         return False
 
     def pack_weights(self) -> bool:

@@ -11,7 +11,7 @@ import torch
 
 from ..methods.bit_assignment import load_assignment
 from ..methods.qlip import has_qlip, load_qlip
-from ..nn import pack_weights, use_fp8_execution, use_real_execution
+from ..nn import pack_weights, use_fp8_execution, use_fused_attention, use_real_execution
 from ..policies import BitPolicy, FixedBits, PerLayerBits, QLIPPolicy, RandomMatchedBits
 from ..quant import fused_quantize
 from ..quant.real_fp8 import supported as real_fp8_supported
@@ -85,10 +85,26 @@ def check_policy_inputs(config: PolicyConfig, quantized: str | Path | None,
                          "this model")
 
 
+# how quantized attention computes softmax·V (QuantAttnProcessor.fused): the fused kernel where
+# it runs, always (the PyTorch passes off the GPU), or the probabilities materialised
+ATTENTION_MODES = {"auto": None, "fused": True, "materialised": False}
+
+
+def fused_attention_on(attention: str, device: str) -> bool:
+    """Whether ``attention`` (a key of :data:`ATTENTION_MODES`) fuses quantized attention on
+    ``device``: ``auto`` where the Triton kernel runs (a CUDA device, Triton installed)."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {tuple(ATTENTION_MODES)}; got {attention!r}")
+    on = ATTENTION_MODES[attention]
+    if on is None:
+        return fused_quantize.triton is not None and str(device).startswith("cuda")
+    return on
+
+
 def load_for_sampling(
     pipe, quantized: str | Path | None = None, abits: int | None = None,
     policy: PolicyConfig | None = None, packed_weights: bool = False, real_kernels: bool = False,
-    real_fp8: bool = False,
+    real_fp8: bool = False, attention: str = "auto",
 ) -> BitPolicy | None:
     """Load the quantized model folder ``quantized`` onto ``pipe.unet`` (in place), wrap the
     scheduler with PTQD's correction when the folder holds PTQD statistics, and return the bit
@@ -100,7 +116,9 @@ def load_for_sampling(
     dequantizing its weight at every call. ``real_kernels`` runs the layers in low-precision
     math (:func:`prepare_real_kernels`; a CUDA GPU with Triton); ``real_fp8`` runs the A8-only
     GEMM layers in fp8 (``qlip.quant.real_fp8``), with ``real_kernels`` or alone (the other
-    layers simulated; the CPU too).
+    layers simulated; the CPU too). ``attention`` (:data:`ATTENTION_MODES`): quantized
+    attention's softmax·V through the fused kernel where it runs (``auto``), always
+    (``fused``) or never (``materialised``).
 
     >>> policy = load_for_sampling(pipe, "runs/w4a8", abits=16)  # doctest: +SKIP
     >>> result = generate(pipe, ["a red circle"], seeds=[0], policy=policy)  # doctest: +SKIP
@@ -109,9 +127,11 @@ def load_for_sampling(
                          pipe.unet.device.type if real_kernels or real_fp8 else None, real_fp8)
     policy = policy or PolicyConfig()
     check_policy_inputs(policy, quantized, abits)
+    fused_attention_on(attention, pipe.unet.device.type)  # (a bad mode refused before loading)
     if not quantized:
         return None
     info = load_quantized(pipe.unet, quantized)
+    use_fused_attention(pipe.unet, ATTENTION_MODES[attention])
     if real_kernels:
         prepare_real_kernels(pipe.unet, packed_weights, fp8=real_fp8)
     else:
