@@ -257,7 +257,7 @@ def cmd_generate(args) -> int:
         result = generate(pipe, prompts, seeds, policy, config)
         path = save_generation(result, out, {"model": args.model, "quantized": args.quantized,
                                              "policy": policy.describe() if policy else "FP",
-                                             "execution": execution_label(args)})
+                                             "execution": execution_label(args, pipe.unet)})
     extra = " and bits.safetensors" if result.bits is not None else ""
     print(f"wrote {len(result.images)} images, report.json{extra} to {path.parent}")
     return 0

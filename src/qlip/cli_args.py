@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .nn import quant_units
 from .pipeline.compiled import COMPILE_MODES
 from .pipeline.quantized_model import ATTENTION_MODES, fused_attention_on
 from .quant import check_bits, parse_bits_list
@@ -209,13 +210,16 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
                         "come from; images are the same model's, rounded a little differently")
 
 
-def execution_label(args) -> str:
-    """How ``add_execution_args``' flags run the quantized layers, as reports record it."""
+def execution_label(args, unet=None) -> str:
+    """How ``add_execution_args``' flags run the quantized layers, as reports record it; "fused
+    attention" where quantized attention fuses on this device and ``unet`` (when given) has a
+    quantized attention unit."""
     if not args.real_kernels:
         label = "simulated, fp8 A8 GEMMs" if args.fp8 else "simulated"
     else:
         label = "real kernels, fp8 A8 GEMMs" if args.fp8 else "real kernels"
-    if fused_attention_on(args.attention, device_name(args.device)):
+    if fused_attention_on(args.attention, device_name(args.device)) and (
+            unet is None or any(u.kind == "attention" for u in quant_units(unet).values())):
         label += ", fused attention"
     return label + (f", compiled ({args.compile})" if args.compile else "")
 

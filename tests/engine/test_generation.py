@@ -262,5 +262,8 @@ def test_the_execution_label_records_the_compile_mode_and_fused_attention(monkey
     assert label(device="cuda") == "simulated, fused attention"
     assert label("materialised", "cuda") == "simulated"
     assert label(device="cpu") == "simulated"
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))  # no quantized attention unit: no label
+    assert execution_label(Namespace(real_kernels=False, fp8=False, compile=None,
+                                     attention="fused", device="cpu"), plain) == "simulated"
     with pytest.raises(ValueError, match="attention must be one of"):
         label("flash")

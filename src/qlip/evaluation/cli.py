@@ -125,7 +125,7 @@ def _evaluate(args, prompts, world: bool, device: str, shard: Shard, policy_conf
                         seed=args.seed, steps=args.steps, guidance=args.guidance,
                         batch_mode=args.batch_mode, truncate=args.truncate,
                         height=args.height, width=args.width,
-                        execution=execution_label(args), compile=args.compile)
+                        execution=execution_label(args, pipe.unet), compile=args.compile)
     bootstrap = BootstrapConfig(resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
                                 device=args.bootstrap_device or device)
     return run_evaluation(pipe, prompts, policy, config, args.out, measures,
