@@ -68,7 +68,7 @@ def test_the_tuner_keeps_its_choices_on_disk(monkeypatch):
 
 
 def test_autotuned_attention_launch_equals_the_reference(monkeypatch):
-    keys = ["N", "M", "D", "LOWP"]
+    keys = ["N", "M", "HEAD_D", "LOWP"]
     monkeypatch.setattr(fa, "_stats_tuned", _one_tile(fa._stats_kernel, keys, BLOCK_M=32,
                                                       BLOCK_N=32))
     monkeypatch.setattr(fa, "_output_tuned", _one_tile(fa._output_kernel, keys, BLOCK_M=32,
