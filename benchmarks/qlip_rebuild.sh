@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 12's bank model and QLIP A{4,5,6} rebuilt on the lent GPU, with the controls that decide
+# its item 2, as device calls of at most ~9.5 minutes each (from the repository root on the GPU
+# machine, .whl carried; the untracked runs/ of earlier sessions are gone with their checkouts):
+#   bash benchmarks/qlip_rebuild.sh "$OUT" 1   # FP eval + the W4 bank model + QLIP's FP stages
+#                                              # (benchmarks/qlip_first_result.sh PHASE=quantize),
+#                                              # then QLIP {4,5,6}'s training until the limit
+#   bash benchmarks/qlip_rebuild.sh "$OUT" 2   # the training's rest; (a)'s training and (c)'s
+#                                              # damage table (qlip_controls.sh PHASE=early); the
+#                                              # evals of fixed A5, A4 and QLIP {4,5,6}
+#   bash benchmarks/qlip_rebuild.sh "$OUT" 3   # the controls (a), (b), (c) evaluated and compared
+#                                              # with QLIP (qlip_controls.sh)
+# with BANK=4,5,6,8 SETS=4,5,6 FIXED="5 4" and N (default 2000) held-out prompts into RUN
+# (default runs/qfr). Every step resumes where a limit cut it, so a call may be repeated. Each
+# call ends with `MODELS=1 bash benchmarks/collect_records.sh RUN "$OUT"`: unpack what comes
+# back under RUN here (records.tgz and state_<folder>.tgz from the repository root), and if the
+# machine went back between calls, carry ["RUN", ".whl"] in the next (64 MiB at most).
+# Issue each call within the device's 30 s idle window. GPU calibration and Q2B training are not
+# deterministic: the rows measured on the rebuilt model are compared only with each other
+# (docs/results/qlip.md, "What is left").
+# The limits: T_QUANTIZE, T_TRAIN1 (call 1), T_TRAIN2, T_EARLY, T_EVAL (call 2), T_CONTROLS
+# (call 3), seconds. The H200's first result took 355 s to quantize (its FP eval and FP stages
+# beside it), about 100 s to train and about 230 s an eval.
+# Smoke test (CPU): the smoke settings of qlip_first_result.sh's header in the environment,
+#   N=16 DEVICE=cpu RUN=/tmp/qfr bash benchmarks/qlip_rebuild.sh /tmp/qfr_out 1
+set -uo pipefail
+out=${1:?output folder}; call=${2:?call 1, 2 or 3}
+run=${RUN:-runs/qfr}; n=${N:-2000}; device=${DEVICE:-cuda}
+here=$(dirname "$0")
+if [ -d .whl ]; then  # the GPU machine lacks diffusers
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD/src || exit 1
+fi
+# (SETS holds one set, {4,5,6}: it trains in qlip_work, PHASE=train, where the controls find it)
+export BANK=4,5,6,8 SETS=4,5,6 FIXED="5 4" SET=4,5,6 WORK=qlip_work
+mkdir -p "$out"
+{ nvidia-smi -L 2>/dev/null; python3 -c "import torch; print('torch', torch.__version__)"; } \
+    >> "$out/machine.txt" 2>&1
+timed() {  # timed NAME LIMIT COMMAND...: one step, its exit code and seconds in machine.txt
+    local name=$1 limit=$2 start=$SECONDS; shift 2
+    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    echo "$name: exit $? in $((SECONDS - start)) s" >> "$out/machine.txt"
+}
+case "$call" in
+    1)
+        PHASE=quantize timed quantize "${T_QUANTIZE:-420}" \
+            bash "$here/qlip_first_result.sh" "$run" "$n" "$device"
+        PHASE=train timed train "${T_TRAIN1:-120}" \
+            bash "$here/qlip_first_result.sh" "$run" "$n" "$device" ;;
+    2)
+        PHASE=train timed train "${T_TRAIN2:-150}" \
+            bash "$here/qlip_first_result.sh" "$run" "$n" "$device"
+        PHASE=early timed controls_early "${T_EARLY:-120}" \
+            bash "$here/qlip_controls.sh" "$run" "$n" "$device"
+        PHASE=eval JOBS=${JOBS:-3} timed eval "${T_EVAL:-270}" \
+            bash "$here/qlip_first_result.sh" "$run" "$n" "$device" ;;
+    3)
+        JOBS=${JOBS:-3} timed controls "${T_CONTROLS:-540}" \
+            bash "$here/qlip_controls.sh" "$run" "$n" "$device" ;;
+    *) echo "call must be 1, 2 or 3" >&2; exit 2 ;;
+esac
+MODELS=1 bash "$here/collect_records.sh" "$run" "$out" > /dev/null
+find "$out" -type f | sort
