@@ -20,7 +20,8 @@
 # qlip.safetensors, not its calibration capture or reconstruction checkpoints) and each eval's features.safetensors,
 # one tarball per folder (the device returns files of at most 16 MB). Unpacked here under the
 # repository's runs/ and named in `carry`, they let the next call resume a run whose machine
-# went back, from the models instead of from the start.
+# went back, from the models instead of from the start. ONLY="folder ...": those folders of RUN
+# alone (a call returns at most 8 files).
 set -uo pipefail
 run=${1:?run folder}; dest=${2:?destination folder}
 mkdir -p "$dest"
@@ -45,6 +46,9 @@ fi
 if [ "${MODELS:-0}" = 1 ]; then
     for folder in "$run"/*/; do
         folder=${folder%/}
+        if [ -n "${ONLY:-}" ]; then
+            case " $ONLY " in *" $(basename "$folder") "*) ;; *) continue ;; esac
+        fi
         files=()
         for f in quant_config.json quant_state.safetensors qlip.json qlip.safetensors \
                  features.safetensors bits.safetensors settings.json metrics.json generated.jsonl; do

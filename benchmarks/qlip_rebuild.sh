@@ -12,9 +12,12 @@
 #                                              # with QLIP (qlip_controls.sh)
 # with BANK=4,5,6,8 SETS=4,5,6 FIXED="5 4" and N (default 2000) held-out prompts into RUN
 # (default runs/qfr). Every step resumes where a limit cut it, so a call may be repeated. Each
-# call ends with `MODELS=1 bash benchmarks/collect_records.sh RUN "$OUT"`: unpack what comes
-# back under RUN here (records.tgz and state_<folder>.tgz from the repository root), and if the
-# machine went back between calls, carry ["RUN", ".whl"] in the next (64 MiB at most).
+# call ends with benchmarks/collect_records.sh RUN "$OUT" (every record, the steps' logs among
+# them under RUN/logs/rebuild_*.txt; calls 1 and 2 also the model and eval folders a later call
+# needs: the FP eval, the bank model, QLIP, the timestep-only Q2B, QLIP's eval with its bits):
+# unpack what comes back from the repository root (records.tgz, state_<folder>.tgz; split parts
+# with `cat NAME.tgz.part-* | tar xzf -`), and if the machine went back between calls, carry
+# ["RUN", ".whl"] in the next (64 MiB at most).
 # Issue each call within the device's 30 s idle window. GPU calibration and Q2B training are not
 # deterministic: the rows measured on the rebuilt model are compared only with each other
 # (docs/results/qlip.md, "What is left").
@@ -38,9 +41,17 @@ mkdir -p "$out"
     >> "$out/machine.txt" 2>&1
 timed() {  # timed NAME LIMIT COMMAND...: one step, its exit code and seconds in machine.txt
     local name=$1 limit=$2 start=$SECONDS; shift 2
-    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    mkdir -p "$run/logs"  # (collected in records.tgz: a call returns at most 8 files)
+    timeout "$limit" "$@" > "$run/logs/rebuild_$name.txt" 2>&1
     echo "$name: exit $? in $((SECONDS - start)) s" >> "$out/machine.txt"
 }
+# the model folders each call brings back beside records.tgz (at most 8 files a call): what a
+# later call on a new machine needs carried, and what the local analysis reads
+case "$call" in
+    1) only="eval_fp q_qd_w4 q_qlip_4-5-6" ;;
+    2) only="q_qlip_4-5-6 q_timestep_4-5-6 eval_qlip_4-5-6" ;;
+    *) only="" ;;
+esac
 case "$call" in
     1)
         PHASE=quantize timed quantize "${T_QUANTIZE:-420}" \
@@ -59,5 +70,9 @@ case "$call" in
             bash "$here/qlip_controls.sh" "$run" "$n" "$device" ;;
     *) echo "call must be 1, 2 or 3" >&2; exit 2 ;;
 esac
-MODELS=1 bash "$here/collect_records.sh" "$run" "$out" > /dev/null
+if [ -n "$only" ]; then
+    MODELS=1 ONLY="$only" bash "$here/collect_records.sh" "$run" "$out" > /dev/null
+else
+    bash "$here/collect_records.sh" "$run" "$out" > /dev/null
+fi
 find "$out" -type f | sort

@@ -34,3 +34,18 @@ def test_features_carry_the_bits_and_records_leave_images_out(tmp_path):
         names = {Path(n).name for n in tar.getnames()}
     assert "grid.png" in names and "metrics.json" in names
     assert "00000.png" not in names and "bits.safetensors" not in names
+
+
+def test_models_only_packs_the_named_folders(tmp_path):
+    run = tmp_path / "run"
+    for folder in ("q_bank", "q_qlip", "eval_fp"):
+        _touch(run / folder / ("features.safetensors" if folder.startswith("eval") else
+                               "quant_config.json"))
+    dest = tmp_path / "out"
+    subprocess.run(["bash", str(SCRIPT), str(run), str(dest)], check=True, capture_output=True,
+                   env={"MODELS": "1", "ONLY": "q_qlip eval_fp", "PATH": "/usr/bin:/bin"})
+    assert sorted(p.name for p in dest.glob("state_*")) == ["state_eval_fp.tgz",
+                                                             "state_q_qlip.tgz"]
+    subprocess.run(["bash", str(SCRIPT), str(run), str(tmp_path / "all")], check=True,
+                   capture_output=True, env={"MODELS": "1", "PATH": "/usr/bin:/bin"})
+    assert len(list((tmp_path / "all").glob("state_*"))) == 3  # without ONLY: every folder
