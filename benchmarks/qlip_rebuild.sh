@@ -30,20 +30,14 @@ set -uo pipefail
 out=${1:?output folder}; call=${2:?call 1, 2 or 3}
 run=${RUN:-runs/qfr}; n=${N:-2000}; device=${DEVICE:-cuda}
 here=$(dirname "$0")
-if [ -d .whl ]; then  # the GPU machine lacks diffusers
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD/src || exit 1
-fi
+# shellcheck source=benchmarks/device_call.sh
+source "$here/device_call.sh"  # the wheels, machine.txt, limited NAME LIMIT COMMAND...
 # (SETS holds one set, {4,5,6}: it trains in qlip_work, PHASE=train, where the controls find it)
 export BANK=4,5,6,8 SETS=4,5,6 FIXED="5 4" SET=4,5,6 WORK=qlip_work
-mkdir -p "$out"
-{ nvidia-smi -L 2>/dev/null; python3 -c "import torch; print('torch', torch.__version__)"; } \
-    >> "$out/machine.txt" 2>&1
-timed() {  # timed NAME LIMIT COMMAND...: one step, its exit code and seconds in machine.txt
-    local name=$1 limit=$2 start=$SECONDS; shift 2
-    mkdir -p "$run/logs"  # (collected in records.tgz: a call returns at most 8 files)
-    timeout "$limit" "$@" > "$run/logs/rebuild_$name.txt" 2>&1
-    echo "$name: exit $? in $((SECONDS - start)) s" >> "$out/machine.txt"
+mkdir -p "$run/logs"
+timed() {  # timed NAME LIMIT COMMAND...: limited, its log in RUN/logs (collected in records.tgz:
+    # a call returns at most 8 files)
+    limited "$@" > "$run/logs/rebuild_$1.txt" 2>&1
 }
 # the model folders each call brings back beside records.tgz (at most 8 files a call): what a
 # later call on a new machine needs carried, and what the local analysis reads

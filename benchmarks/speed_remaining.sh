@@ -23,54 +23,48 @@
 set -uo pipefail
 out=${1:?output folder}; part=${2:?a, b, c, d, e or f}
 here=$(dirname "$0")
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl \
-    && export PYTHONPATH=$PWD/.site:$PWD/src || exit 1
-mkdir -p "$out"
-{ nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$out/machine.txt" 2>&1
-timed() {  # timed NAME LIMIT COMMAND...: one step, its exit code and seconds in machine.txt
-    local name=$1 limit=$2 start=$SECONDS; shift 2
-    timeout "$limit" "$@"; echo "$name: exit $? in $((SECONDS - start)) s" >> "$out/machine.txt"
-}
+# shellcheck source=benchmarks/device_call.sh
+source "$here/device_call.sh"  # the wheels, machine.txt, limited NAME LIMIT COMMAND...
 case "$part" in
     a)
-        timed tests 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_real_conv.py \
+        limited tests 120 python3 -m pytest -q -p no:cacheprovider tests/engine/test_real_conv.py \
             tests/engine/test_real_gemm.py -k "persistent or boxes" > "$out/tests.txt" 2>&1
         ARCH=sdxl BATCH=8 T_REAL=${T_REAL:-420} \
             REAL_VARIANTS=bf16_channels_last,w4a8_layers_real_fp8_fast_packed \
-            timed sdxl_b8 430 bash "$here/speed_suite.sh" "$out/sdxl_b8" real > /dev/null 2>&1 ;;
+            limited sdxl_b8 430 bash "$here/speed_suite.sh" "$out/sdxl_b8" real > /dev/null 2>&1 ;;
     b)
-        timed tests 120 python3 -m pytest -q -p no:cacheprovider \
+        limited tests 120 python3 -m pytest -q -p no:cacheprovider \
             tests/engine/test_fused_attention.py > "$out/tests.txt" 2>&1
         mkdir -p "$out/attention"
-        timed attention 150 python3 "$here/attention_speed.py" --arch sd14 --batch 8 \
+        limited attention 150 python3 "$here/attention_speed.py" --arch sd14 --batch 8 \
             --ways sdpa,fused,before \
             --before docs/results/speed/twenty_first_session/fused_attention_before.py \
             --out "$out/attention/attention_speed.json" > "$out/attention_speed.txt" 2>&1
         BATCH=8 T_STEP=${T_STEP:-250} SIM_CHANNELS_LAST=1 \
             VARIANTS=bf16_channels_last,w4a8_layers,w4a8_attention_fused \
-            timed first_target_b8 260 bash "$here/speed_suite.sh" "$out/first_b8" step \
+            limited first_target_b8 260 bash "$here/speed_suite.sh" "$out/first_b8" step \
             > /dev/null 2>&1 ;;
     c)
         for b in 2 1; do
             BATCH=$b T_REAL=${T_REAL:-250} \
                 REAL_VARIANTS=bf16_channels_last,w4a8_layers_real,w4a8_layers_real_fp8_fast \
-                timed "sd14_real_b$b" 260 bash "$here/speed_suite.sh" "$out/real_b$b" real \
+                limited "sd14_real_b$b" 260 bash "$here/speed_suite.sh" "$out/real_b$b" real \
                 > /dev/null 2>&1
         done ;;
     d)
         ARCH=sdxl BATCH=1 T_REAL=${T_REAL:-500} \
             REAL_VARIANTS=bf16_channels_last,w4a8_layers_real,w4a8_layers_real_fp8_fast_packed \
-            timed sdxl_b1 510 bash "$here/speed_suite.sh" "$out/sdxl_b1" real > /dev/null 2>&1 ;;
+            limited sdxl_b1 510 bash "$here/speed_suite.sh" "$out/sdxl_b1" real > /dev/null 2>&1 ;;
     e)
-        timed sweep 540 python3 "$here/real_tile_sweep.py" --arch sdxl --kinds linear,conv \
+        limited sweep 540 python3 "$here/real_tile_sweep.py" --arch sdxl --kinds linear,conv \
             --tiles "128,128,128,8,4 128,256,128,8,3 128,256,64,8,3 128,128,64,8,4 64,128,64,4,3" \
             --out "$out/sdxl_tile_sweep.json" > "$out/sdxl_tile_sweep.txt" 2>&1 ;;
     f)
-        timed memory 90 python3 "$here/weight_memory.py" --device cuda \
+        limited memory 90 python3 "$here/weight_memory.py" --device cuda \
             --out "$out/weight_memory.json" > "$out/weight_memory.txt" 2>&1
         BATCH=2 T_STEP=${T_STEP:-250} SIM_CHANNELS_LAST=1 \
             VARIANTS=bf16_channels_last,w4a8_layers,w4a8_attention,w4a8_attention_fused \
-            timed first_target_b2 260 bash "$here/speed_suite.sh" "$out/first_b2" step \
+            limited first_target_b2 260 bash "$here/speed_suite.sh" "$out/first_b2" step \
             > /dev/null 2>&1 ;;
     *) echo "part must be a, b, c, d, e or f" >&2; exit 2 ;;
 esac

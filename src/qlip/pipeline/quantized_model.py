@@ -90,12 +90,18 @@ def check_policy_inputs(config: PolicyConfig, quantized: str | Path | None,
 ATTENTION_MODES = {"auto": None, "fused": True, "materialised": False}
 
 
+def attention_mode(attention: str) -> bool | None:
+    """``attention``'s ``QuantAttnProcessor.fused`` value (:data:`ATTENTION_MODES`), or a
+    ValueError naming the modes."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {tuple(ATTENTION_MODES)}; got {attention!r}")
+    return ATTENTION_MODES[attention]
+
+
 def fused_attention_on(attention: str, device: str) -> bool:
     """Whether ``attention`` (a key of :data:`ATTENTION_MODES`) fuses quantized attention on
     ``device``: ``auto`` where the Triton kernel runs (a CUDA device, Triton installed)."""
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {tuple(ATTENTION_MODES)}; got {attention!r}")
-    on = ATTENTION_MODES[attention]
+    on = attention_mode(attention)
     if on is None:
         return fused_quantize.triton is not None and str(device).startswith("cuda")
     return on
@@ -127,11 +133,11 @@ def load_for_sampling(
                          pipe.unet.device.type if real_kernels or real_fp8 else None, real_fp8)
     policy = policy or PolicyConfig()
     check_policy_inputs(policy, quantized, abits)
-    fused_attention_on(attention, pipe.unet.device.type)  # (a bad mode refused before loading)
+    fused = attention_mode(attention)  # (a bad mode refused before loading)
     if not quantized:
         return None
     info = load_quantized(pipe.unet, quantized)
-    use_fused_attention(pipe.unet, ATTENTION_MODES[attention])
+    use_fused_attention(pipe.unet, fused)
     if real_kernels:
         prepare_real_kernels(pipe.unet, packed_weights, fp8=real_fp8)
     else:

@@ -197,16 +197,16 @@ if triton is not None:
         its code, ``MODE`` 2 is a bypassed row (Δ = 1). ``FIRST``: the block holding the first
         key, kept in full precision (DGQ's start token)."""
         s, offs_n = _scores2(q, k_row, start, M, offs_d, scale2, HEAD_D, LOWP, MASK, BLOCK_N)
+        if MODE != 1 or FIRST:
+            ratio = tl.exp2(s - m_i[:, None]) * inv[:, None]  # p/Δ
         if MODE == 0:  # clamp(round(p/Δ), low, high)·Δ
-            pq = _rint(tl.minimum(tl.maximum(tl.exp2(s - m_i[:, None]) * inv[:, None], low),
-                                  high)) * a
+            pq = _rint(tl.minimum(tl.maximum(ratio, low), high)) * a
         elif MODE == 1:  # Δ·2^−clamp(round(−log2(p/Δ)), 0, high); high ≤ 126 (p/Δ ≥ 2^−126)
             pq = a * tl.exp2(-_rint(tl.minimum(tl.maximum(shift[:, None] - s, 0.0), high)))
         else:
-            pq = tl.exp2(s - m_i[:, None]) * inv[:, None]
+            pq = ratio
         if FIRST:
-            pq = tl.where(offs_n[None, :] == 0,
-                          tl.exp2(s - m_i[:, None]) * inv[:, None] * a, pq)
+            pq = tl.where(offs_n[None, :] == 0, ratio * a, pq)
         if MASK:
             pq = tl.where(offs_n[None, :] < M, pq, 0.0)  # padding keys carry nothing
         v = _load_rows(v_row, offs_n, M, offs_d, HEAD_D, LOWP, MASK)
