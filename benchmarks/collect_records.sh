@@ -3,9 +3,12 @@
 #   bash benchmarks/collect_records.sh RUN DEST            ->  DEST/records.tgz
 #   MODELS=1 bash benchmarks/collect_records.sh RUN DEST   ->  also DEST/state_<folder>.tgz
 # records.tgz: every JSON/JSONL/text/Markdown/CSV/PNG file under RUN of at most 2 MB, generated images
-# left out (metrics with their intervals, reports, timings, logs, Q2B histories, figures), and each
+# left out (metrics with their intervals, reports, timings, logs, Q2B histories, figures), each
 # trained policy's qlip.safetensors (T2Q and Q2B, a few hundred KB: what Q2B learned can be read
-# here).
+# here), and a QLIP work folder's trained T2Q (t2q.safetensors, its labels.safetensors) and Q2B
+# checkpoint (q2b_ckpt.safetensors), a few hundred KB: carried back with the run folder, they let
+# a Q2B training cut by a call's limit resume on a fresh machine from its last checkpoint, beside
+# its fingerprints (the twenty-second session's call lost 100 of its 500 iterations without them).
 # A call returns at most 8 files of at most 16 MB, 64 MB in all (the device README): bring
 # more over several calls while the machine is warm.
 # records.tgz is written whole (a temporary file, then renamed), so a call may collect every few
@@ -27,7 +30,8 @@ run=${1:?run folder}; dest=${2:?destination folder}
 mkdir -p "$dest"
 find "$run" -type f -size -2M -not -path '*/images/*' \( -name '*.json' -o -name '*.txt' \
     -o -name '*.md' -o -name '*.csv' -o -name '*.png' -o -name '*.jsonl' \
-    -o -name qlip.safetensors \) -print0 \
+    -o -name qlip.safetensors -o -name t2q.safetensors -o -name labels.safetensors \
+    -o -name q2b_ckpt.safetensors \) -print0 \
     | tar czf "$dest/records.tgz.part" --null -T - && mv "$dest/records.tgz.part" "$dest/records.tgz"
 split_large() {  # the device returns files of at most 16 MB: a larger file travels in 15 MB
     # parts (unpack with `cat NAME.tgz.part-* | tar xzf -`)

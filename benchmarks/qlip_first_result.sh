@@ -102,7 +102,8 @@ if [ "${#train_sets[@]}" -gt 0 ]; then
     # content, so the copy is reused, not recomputed.
     for bits in "${train_sets[@]}"; do
         t=$(tag "$bits")
-        [ -e "$out/q_qlip_$t/qlip.json" ] && continue
+        # trained: its policy and its state (records.tgz brings qlip.json back without the state)
+        [ -e "$out/q_qlip_$t/qlip.json" ] && [ -e "$out/q_qlip_$t/quant_state.safetensors" ] && continue
         work="$out/qlip_work"
         if [ "$bits" != "${sets[0]}" ]; then
             work="$out/qlip_work_$t"

@@ -21,9 +21,11 @@
 # Issue each call within the device's 30 s idle window. GPU calibration and Q2B training are not
 # deterministic: the rows measured on the rebuilt model are compared only with each other
 # (docs/results/qlip.md, "What is left").
-# The limits: T_QUANTIZE, T_TRAIN1 (call 1), T_TRAIN2, T_EARLY, T_EVAL (call 2), T_CONTROLS
-# (call 3), seconds. The H200's first result took 355 s to quantize (its FP eval and FP stages
-# beside it), about 100 s to train and about 230 s an eval.
+# The limits: T_QUANTIZE, T_TRAIN1 (call 1; by default what T_CALL, 560 s, leaves), T_TRAIN2,
+# T_EARLY, T_EVAL (call 2), T_CONTROLS (call 3), seconds. On an H100 (twenty-second session,
+# docs/results/qlip/h100_rebuild) the calibration took 382 s with the FP eval (66 s) and FP
+# stages (72 s) beside it, and Q2B ran 100 of its 500 iterations in the 100 s left; the H200's
+# first result took about 230 s an eval.
 # Smoke test (CPU): the smoke settings of qlip_first_result.sh's header in the environment,
 #   N=16 DEVICE=cpu RUN=/tmp/qfr bash benchmarks/qlip_rebuild.sh /tmp/qfr_out 1
 set -uo pipefail
@@ -34,6 +36,10 @@ here=$(dirname "$0")
 source "$here/device_call.sh"  # the wheels, machine.txt, limited NAME LIMIT COMMAND...
 # (SETS holds one set, {4,5,6}: it trains in qlip_work, PHASE=train, where the controls find it)
 export BANK=4,5,6,8 SETS=4,5,6 FIXED="5 4" SET=4,5,6 WORK=qlip_work
+# A call on a fresh machine meets the caches another machine fingerprinted (brought back in
+# records.tgz: the T2Q, the Q2B checkpoint): one whose inputs differ in their last bits on this
+# GPU is computed again rather than refused (--redo-stale), and one that matches is reused
+export TRAIN_EXTRA="${TRAIN_EXTRA:-} --redo-stale"
 mkdir -p "$run/logs"
 timed() {  # timed NAME LIMIT COMMAND...: limited, its log in RUN/logs (collected in records.tgz:
     # a call returns at most 8 files)
@@ -50,7 +56,10 @@ case "$call" in
     1)
         PHASE=quantize timed quantize "${T_QUANTIZE:-420}" \
             bash "$here/qlip_first_result.sh" "$run" "$n" "$device"
-        PHASE=train timed train "${T_TRAIN1:-120}" \
+        # the training takes what the call has left (T_CALL, default 560 s, less 30 s for the
+        # records): a call that found the model already made trains for most of it
+        left=$(( ${T_CALL:-560} - SECONDS - 30 ))
+        PHASE=train timed train "${T_TRAIN1:-$(( left > 60 ? left : 60 ))}" \
             bash "$here/qlip_first_result.sh" "$run" "$n" "$device" ;;
     2)
         PHASE=train timed train "${T_TRAIN2:-150}" \

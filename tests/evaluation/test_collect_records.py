@@ -22,6 +22,8 @@ def test_features_carry_the_bits_and_records_leave_images_out(tmp_path):
     for name in ("features.safetensors", "metrics.json", "settings.json"):  # FP: no bits
         _touch(run / "eval_fp" / name)
     _touch(run / "eval_other" / "features.safetensors")
+    for name in ("q2b_ckpt.safetensors", "trajectories/chunk_0000000.safetensors"):
+        _touch(run / "qlip_work" / "q2b_x" / name)
     dest = tmp_path / "out"
     subprocess.run(["bash", str(SCRIPT), str(run), str(dest)], check=True, capture_output=True,
                    env={"FEATURES": "eval_qlip eval_fp", "PATH": "/usr/bin:/bin"})
@@ -34,6 +36,8 @@ def test_features_carry_the_bits_and_records_leave_images_out(tmp_path):
         names = {Path(n).name for n in tar.getnames()}
     assert "grid.png" in names and "metrics.json" in names
     assert "00000.png" not in names and "bits.safetensors" not in names
+    # a cut Q2B training's checkpoint travels (it resumes from it), the FP trajectories do not
+    assert "q2b_ckpt.safetensors" in names and "chunk_0000000.safetensors" not in names
 
 
 def test_models_only_packs_the_named_folders(tmp_path):

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (fused_attention_before.py, the kernel at 7d6d0f9 that this call timed as "before", was
+# removed in the twenty-second session: `git show 7d6d0f9:src/qlip/quant/fused_attention.py`)
 # Twenty-first session, device call 2 (from the repository root on the GPU machine, $OUT set,
 # .whl carried): issue 14's first target with the reworked fused attention kernel.
 #  1. the fused attention's tests on CUDA (the kernel against the fp32 reference, bf16, compiled)

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (fused_attention_before.py, the kernel at 7d6d0f9 that this call timed as "before", was
+# removed in the twenty-second session: `git show 7d6d0f9:src/qlip/quant/fused_attention.py`)
 # Twenty-first session, device call 4 (from the repository root on the GPU machine, $OUT set,
 # .whl carried), on the session's last ~250 device seconds: the reworked fused attention kernel
 # (commit 1080686) on CUDA, its kernel tests and SD 1.4's largest attention shape at batch 8
