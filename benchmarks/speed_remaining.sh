@@ -18,6 +18,15 @@
 #           batch 2
 #   ... t   the CUDA tests of the fused attention and the persistent kernels (both passed in the
 #           twenty-second session)
+#   ... q   what fp8 does to images at 2,000 prompts on the GPU (issue 14 item 3; the nineteenth
+#           session's CPU pair at 400 prompts tied): an RTN W4A8 reference model (every option
+#           A8, so its Linear layers and 1×1 convs take fp8) evaluated with `--real-kernels`
+#           (int8, the simulation's values up to rounding) and `--real-kernels --fp8`, beside an
+#           FP eval, then `qlip compare` of the two, in RUN (default runs/fp8q; every eval
+#           resumes, so a cut part is run again). `--fp8` without fast accumulation: on the SD 1.4
+#           step the fast and plain fp8 outputs differed from the simulation by the same mean
+#           |Δ| (0.01748 and 0.01750, nineteenth session). The features come back
+#           (features.tgz) for comparisons here.
 # A fresh machine pays Triton's and Inductor's compiles: in the twenty-second session 104 s
 # (bf16), 136 s (simulated W4A8) and 159 s (with the fused attention) for SD 1.4 at batch 8,
 # three variants at once, and the packed fp8 SDXL model's first eager call alone 108 s, so
@@ -28,7 +37,7 @@
 # Each part's records come back as at most 8 files: machine.txt (every step's exit code and
 # seconds), the tests' and steps' logs, and records.tgz (the JSON records, parts and suites).
 set -uo pipefail
-out=${1:?output folder}; part=${2:?a, b, c, d, e, f or t}
+out=${1:?output folder}; part=${2:?a, b, c, d, e, f, q or t}
 here=$(dirname "$0")
 # shellcheck source=benchmarks/device_call.sh
 source "$here/device_call.sh"  # the wheels, machine.txt, limited NAME LIMIT COMMAND...
@@ -75,7 +84,36 @@ case "$part" in
         limited tests_persistent 120 python3 -m pytest -q -p no:cacheprovider \
             tests/engine/test_real_conv.py tests/engine/test_real_gemm.py -k "persistent or boxes" \
             > "$out/tests_persistent.txt" 2>&1 ;;
-    *) echo "part must be a, b, c, d, e, f or t" >&2; exit 2 ;;
+    q)
+        run=${RUN:-runs/fp8q}; mkdir -p "$run/logs"
+        # (a CPU smoke test: DEVICE=cpu REAL= N=8 STEPS=2 QUANT_EXTRA="--calib-num 2 --calib-steps 2
+        # --calib-kept-steps 2", fp8 GEMMs beside the simulation)
+        real=${REAL---real-kernels}
+        common=(--model reference --device "${DEVICE:-cuda}" --prompts heldout
+                --num-images "${N:-2000}" --batch-size 250 --steps "${STEPS:-25}" --guidance 4
+                --batch-mode max)
+        [ -e "$run/eval_fp/metrics.json" ] || (limited eval_fp 200 python3 -m qlip.cli eval \
+            "${common[@]}" --label FP --out "$run/eval_fp" > "$run/logs/eval_fp.txt" 2>&1) &
+        # shellcheck disable=SC2086
+        [ -e "$run/q_rtn_w4a8/quant_state.safetensors" ] || limited quantize "${T_QUANTIZE:-120}" \
+            python3 -m qlip.cli quantize --model reference --device "${DEVICE:-cuda}" \
+            --method rtn --wbits 4 --abits 8 ${QUANT_EXTRA:-} --out "$run/q_rtn_w4a8" \
+            > "$run/logs/quantize.txt" 2>&1
+        wait
+        # shellcheck disable=SC2206
+        quantized=(--quantized "$run/q_rtn_w4a8" $real --reference-run "$run/eval_fp")
+        limited eval_int8 180 python3 -m qlip.cli eval "${common[@]}" "${quantized[@]}" \
+            --label "RTN W4A8, real int8" --out "$run/eval_int8" > "$run/logs/eval_int8.txt" 2>&1
+        limited eval_fp8 180 python3 -m qlip.cli eval "${common[@]}" "${quantized[@]}" --fp8 \
+            --label "RTN W4A8, real int8 and fp8 A8 GEMMs" --out "$run/eval_fp8" \
+            > "$run/logs/eval_fp8.txt" 2>&1
+        limited compare 60 python3 -m qlip.cli compare "$run/eval_fp8" "$run/eval_int8" \
+            --resamples 2000 --json "$out/compare_fp8_vs_int8.json" \
+            > "$out/compare_fp8_vs_int8.md" 2> "$run/logs/compare.txt"
+        # the logs in records.tgz (a call returns at most 8 files)
+        FEATURES="eval_fp eval_int8 eval_fp8" bash "$here/collect_records.sh" "$run" "$out/c" \
+            > /dev/null ;;
+    *) echo "part must be a, b, c, d, e, f, q or t" >&2; exit 2 ;;
 esac
 cache_back
 # at most 8 files come back: the step logs stay, the JSON records, parts and suites travel as

@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from qlip.files import LOCK_FILE, FolderLock
 
@@ -188,6 +189,29 @@ def test_over_long_eval_prompts_are_refused_before_generating(tiny_pipe, tmp_pat
         run_evaluation(tiny_pipe, [EvalPrompt("a red circle " * 70)], None,
                        EvalConfig(num_images=1, steps=1), tmp_path, measures_fn=None)
     assert not list((tmp_path / "images").glob("*.png"))
+
+
+def test_a_real_set_too_small_for_giqa_is_refused_before_loading(capsys, tmp_path, monkeypatch):
+    import qlip.pipeline
+    from qlip.metrics import GMMGIQA
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the real set was checked")
+
+    monkeypatch.setattr(qlip.pipeline, "load_pipeline", no_model)
+    # the reference world renders one real image a prompt; GMM-GIQA fits 5 components to them
+    _refused(*run_cli(capsys, ["eval", "--num-images", "4", "--out", str(tmp_path / "e")]),
+             "--num-images 4 renders 4 real images", "--num-images 5 or more")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(3):
+        (real / f"{i}.png").write_bytes(b"")
+    _refused(*run_cli(capsys, ["eval", "--model", "unused", "--prompts", str(tmp_path / "p.txt"),
+                               "--real", str(real), "--out", str(tmp_path / "u")]),
+             "holds 3 images", "at least 5")
+    with pytest.raises(ValueError, match="needs at least 5 real images; got 4"):
+        GMMGIQA().fit(torch.randn(4, 8))
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])

@@ -9,7 +9,7 @@ import numpy as np
 from ..metrics.bootstrap import BootstrapConfig
 from ..quant import check_bits
 from .harness import EvalConfig, EvalPrompt, run_evaluation
-from .measures import folder_measures, reference_measures
+from .measures import check_real_set, folder_measures, reference_measures
 from .shard import Shard
 
 HELDOUT = "heldout"
@@ -108,13 +108,19 @@ def check_reference_run(folder: str) -> None:
                                 "generated.jsonl): evaluate the reference (e.g. FP) run first")
 
 
+def _renders(args, world: bool) -> bool:
+    """Whether the real images are the reference world's renders of the held-out prompts (else
+    the ``--real`` folder)."""
+    return world and args.prompts == HELDOUT and not args.real
+
+
 def _evaluate(args, prompts, world: bool, device: str, shard: Shard, policy_config
               ) -> dict | None:
     from ..cli_args import execution_label
     from ..pipeline import load_for_sampling, load_pipeline
 
     measures = (reference_measures(prompts, floor_prompts(len(prompts)), device)
-                if world and args.prompts == HELDOUT and not args.real
+                if _renders(args, world)
                 else folder_measures(args.real, args.inception_weights, args.clip, device,
                                      args.lpips_weights))
     pipe = load_pipeline(args.model, device)
@@ -157,6 +163,8 @@ def cmd_eval(args) -> int:
     device = shard.device(_device(args.device))
     world = args.model == DEFAULT_MODEL
     prompts = select_prompts(args.prompts, args.num_images, world)
+    if _renders(args, world) or args.real:  # (no --real for a user's model: folder_measures says so)
+        check_real_set(None if _renders(args, world) else args.real, args.num_images)
     folder = output_folder(args.out)
     shard.start(device)
     try:  # rank 0 alone holds the folder's lock: the ranks write their own files in it

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..metrics.fidelity import LPIPSDistance, StageMapDistance
+from ..metrics.giqa import GMM_COMPONENTS
 from .harness import EvalPrompt, Measures
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -96,6 +97,27 @@ def reference_measures(
         )
 
     return build
+
+
+def check_real_set(real_folder: str | Path | None, num_images: int) -> None:
+    """Refuse, before any image is generated, a real set too small to measure against: GMM-GIQA
+    fits :data:`~qlip.metrics.giqa.GMM_COMPONENTS` mixture components to it. Without
+    ``real_folder`` the real set is the reference world's renders, one a prompt
+    (``num_images``)."""
+    if real_folder is None:
+        if num_images < GMM_COMPONENTS:
+            raise ValueError(f"--num-images {num_images} renders {num_images} real images; GIQA "
+                             f"fits {GMM_COMPONENTS} mixture components to them: pass "
+                             f"--num-images {GMM_COMPONENTS} or more")
+        return
+    folder = Path(real_folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--real folder not found: {folder}")
+    count = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if count < GMM_COMPONENTS:
+        raise ValueError(f"--real {folder} holds {count} images; GIQA fits {GMM_COMPONENTS} "
+                         f"mixture components to the real images: give it at least "
+                         f"{GMM_COMPONENTS}")
 
 
 def load_image_folder(folder: str | Path, size: int, names: Sequence[str] | None = None

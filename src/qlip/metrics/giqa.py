@@ -54,13 +54,17 @@ def _read(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], di
     return arrays, metadata
 
 
+GMM_COMPONENTS = 5  # GMM-GIQA's mixture size (the GIQA paper's code): its fit needs as many reals
+
+
 class GMMGIQA:
     """GMM-GIQA. Example:
     >>> giqa = GMMGIQA().fit(real_features)       # [N, D]
     >>> quality = giqa.score(generated_features)  # [M] log-likelihoods, higher is better
     """
 
-    def __init__(self, n_components: int = 5, pca_variance: float | None = 0.95, seed: int = 0):
+    def __init__(self, n_components: int = GMM_COMPONENTS, pca_variance: float | None = 0.95,
+                 seed: int = 0):
         if pca_variance is not None and not 0 < pca_variance <= 1:
             raise ValueError(f"pca_variance must be in (0, 1] or None; got {pca_variance}")
         self.n_components, self.pca_variance, self.seed = n_components, pca_variance, seed
@@ -70,6 +74,10 @@ class GMMGIQA:
     def fit(self, real_features: Tensor | np.ndarray) -> GMMGIQA:
         """Fit the optional PCA and the mixture on real features [N, D]."""
         values = _as_array(real_features)
+        if len(values) < self.n_components:
+            raise ValueError(f"GMM-GIQA fits {self.n_components} mixture components to the real "
+                             f"features: it needs at least {self.n_components} real images; got "
+                             f"{len(values)}")
         if self.pca_variance is not None:
             self.pca = PCA(n_components=self.pca_variance, svd_solver="full").fit(values)
             # Same memory layout as after loading, so saved and live models score bit-identically.
