@@ -166,12 +166,16 @@ def test_a_folder_made_with_other_settings_is_refused_before_generating(tiny_pip
 def test_eval_cli_bad_inputs(tiny_pipe_dir, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
+    real = tmp_path / "real"  # five image files: enough for GIQA, so the weights are asked for
+    real.mkdir()
+    for i in range(5):
+        (real / f"{i}.png").write_bytes(b"")
     cases = [
         (["--model", str(tiny_pipe_dir), "--prompts", str(prompts)], "--real DIR is needed"),
         (["--model", str(tiny_pipe_dir)], "reference world's set"),
         (["--model", str(tiny_pipe_dir), "--prompts", str(prompts), "--real", str(tmp_path / "x")],
          "--real folder not found"),
-        (["--model", str(tiny_pipe_dir), "--prompts", str(prompts), "--real", str(tmp_path)],
+        (["--model", str(tiny_pipe_dir), "--prompts", str(prompts), "--real", str(real)],
          "torch-fidelity"),
         (["--prompts", str(prompts), "--num-images", "0"], "at least 1"),
     ]

@@ -102,7 +102,7 @@ def test_a_folder_in_use_by_another_process_is_refused(capsys, tmp_path):
         assert holder.stdout.readline().strip() == "held"
         code, err = run_cli(capsys, _gen("unused", out))
         _refused(code, err, "in use by another qlip process", f"pid {holder.pid}")
-        code, err = run_cli(capsys, ["eval", "--num-images", "1", "--out", str(out)])
+        code, err = run_cli(capsys, ["eval", "--num-images", "5", "--out", str(out)])
         _refused(code, err, "in use by another qlip process", f"pid {holder.pid}")
     finally:
         holder.stdin.close()
