@@ -163,8 +163,9 @@ def cmd_eval(args) -> int:
     device = shard.device(_device(args.device))
     world = args.model == DEFAULT_MODEL
     prompts = select_prompts(args.prompts, args.num_images, world)
-    if _renders(args, world) or args.real:  # (no --real for a user's model: folder_measures says so)
-        check_real_set(None if _renders(args, world) else args.real, args.num_images)
+    renders = _renders(args, world)
+    if renders or args.real:  # (no --real for a user's model: folder_measures says so)
+        check_real_set(None if renders else args.real, args.num_images)
     folder = output_folder(args.out)
     shard.start(device)
     try:  # rank 0 alone holds the folder's lock: the ranks write their own files in it

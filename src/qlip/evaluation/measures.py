@@ -111,13 +111,18 @@ def check_real_set(real_folder: str | Path | None, num_images: int) -> None:
                              f"--num-images {GMM_COMPONENTS} or more")
         return
     folder = Path(real_folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--real folder not found: {folder}")
-    count = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    count = len(image_files(folder))
     if count < GMM_COMPONENTS:
         raise ValueError(f"--real {folder} holds {count} images; GIQA fits {GMM_COMPONENTS} "
                          f"mixture components to the real images: give it at least "
                          f"{GMM_COMPONENTS}")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files of the ``--real`` folder ``folder``, sorted."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--real folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def load_image_folder(folder: str | Path, size: int, names: Sequence[str] | None = None
@@ -125,12 +130,12 @@ def load_image_folder(folder: str | Path, size: int, names: Sequence[str] | None
     """Every image in ``folder`` (sorted; or the files ``names`` of it), resized to ``size``², as
     float [N, 3, H, W] in [0, 1]."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--real folder not found: {folder}")
     if names is not None:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--real folder not found: {folder}")
         files = [folder / name for name in names]
     else:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(folder)
         if len(files) < 2:
             raise ValueError(f"{folder} holds {len(files)} images; FID needs a set of real images")
     arrays = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC))
