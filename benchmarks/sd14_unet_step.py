@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qlip.methods.calib_data import CalibrationSet
@@ -473,6 +474,24 @@ class _Turn:
             self._advance(self.place + 1)
 
 
+def ratio_interval(times: list | None, base_times: list | None, resamples: int = 2000,
+                   seed: int = 0) -> list[float] | None:
+    """A 95% percentile-bootstrap interval of median(times) / median(base_times), the two
+    variants' timed calls resampled independently (scipy.stats.bootstrap); None without both
+    samples (records older than the per-call times)."""
+    if not times or not base_times or len(times) < 2 or len(base_times) < 2:
+        return None
+    from scipy.stats import bootstrap
+
+    def ratio(a, b, axis=-1):
+        return np.median(a, axis=axis) / np.median(b, axis=axis)
+
+    result = bootstrap((np.asarray(times), np.asarray(base_times)), ratio, n_resamples=resamples,
+                       paired=False, vectorized=True, method="percentile",
+                       rng=np.random.default_rng(seed))
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
 def summarise(results: dict) -> None:
     """``results["targets"]``: each variant's ratios to bf16 (``bf16``, else
     ``bf16_channels_last``, in the same mode) and to the best bf16 of any layout and mode, and its
@@ -506,6 +525,13 @@ def summarise(results: dict) -> None:
         if base_graph and "compiled_graph" in v.get(name, {}):
             targets[f"compiled_graph_{name}_vs_bf16"] = (
                 v[name]["compiled_graph"]["median_ms"] / base_graph)
+    intervals = {}  # each compiled_graph ratio's 95% bootstrap interval over the timed replays
+    for key in [k for k in targets if k.startswith("compiled_graph_")]:
+        name = key[len("compiled_graph_"):-len("_vs_bf16")]
+        intervals[key] = ratio_interval(v[name]["compiled_graph"].get("times"),
+                                        base["compiled_graph"].get("times"))
+    if any(intervals.values()):
+        targets["intervals_95"] = {k: i for k, i in intervals.items() if i}
     # the best bf16 (the issue's baseline): the fastest of every bf16 layout and mode
     best = min(((data[mode]["median_ms"], f"{name} {mode}") for name, data in v.items()
                 if name.startswith("bf16") for mode in ("eager", "graph", "compiled",
@@ -599,7 +625,21 @@ def main() -> None:
                         "twenty-first session)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="eager and CUDA-graph variants only (minutes less)")
+    parser.add_argument("--summarise", metavar="PARTS", default="",
+                        help="no GPU: the summary (ratios, their intervals) of a run's parts "
+                             "folder OUT.parts, e.g. of a run cut by its time limit after its "
+                             "variants were timed; written to --out")
     args = parser.parse_args()
+    if args.summarise:
+        parts = Path(args.summarise)
+        if not parts.is_dir():
+            parser.error(f"--summarise {parts}: no such folder (a run's OUT.parts)")
+        results = {"arch": args.arch, "batch": args.batch, "from_parts": str(parts),
+                   "variants": {f.stem: json.loads(f.read_text())
+                                for f in sorted(parts.glob("*.json"))}}
+        summarise(results)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        return
     if args.variant:
         def save(out: dict) -> None:  # whole or absent: a variant stopped mid-write tears nothing
             part = Path(args.out)

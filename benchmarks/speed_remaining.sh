@@ -16,6 +16,10 @@
 #           sdxl): the persistent kernels' tiles against cuBLAS's and cuDNN's bf16 there
 #   ... f   the weight memory on CUDA (the packed fp8 model's allocation); the first target at
 #           batch 2
+#   ... u   (short) the largest attention shape, the kernel now (the loops of 1080686 again)
+#           beside 1080686's; benchmarks/fp8_unpack_cost.py (SDXL b8: what unpacking packed bytes
+#           to e4m3 costs a step, Inductor's kernel against a hand-written one); the fused
+#           attention's CUDA tests with what the call has left
 #   ... t   the CUDA tests of the fused attention and the persistent kernels (both passed in the
 #           twenty-second session)
 #   ... q   what fp8 does to images at 2,000 prompts on the GPU (issue 14 item 3; the nineteenth
@@ -37,7 +41,7 @@
 # Each part's records come back as at most 8 files: machine.txt (every step's exit code and
 # seconds), the tests' and steps' logs, and records.tgz (the JSON records, parts and suites).
 set -uo pipefail
-out=${1:?output folder}; part=${2:?a, b, c, d, e, f, q or t}
+out=${1:?output folder}; part=${2:?a, b, c, d, e, f, q, t or u}
 here=$(dirname "$0")
 # shellcheck source=benchmarks/device_call.sh
 source "$here/device_call.sh"  # the wheels, machine.txt, limited NAME LIMIT COMMAND...
@@ -78,6 +82,16 @@ case "$part" in
             VARIANTS=bf16_channels_last,w4a8_layers,w4a8_attention,w4a8_attention_fused \
             limited first_target_b2 260 bash "$here/speed_suite.sh" "$out/first_b2" step \
             > /dev/null 2>&1 ;;
+    u)
+        mkdir -p "$out/attention"
+        limited attention 55 python3 "$here/attention_speed.py" --arch sd14 --batch 8 \
+            --largest 1 --ways sdpa,fused,before \
+            --before docs/results/speed/twenty_second_session/fused_attention_1080686.py \
+            --out "$out/attention/attention_speed.json" > "$out/attention_speed.txt" 2>&1
+        limited unpack ${T_UNPACK:-100} python3 "$here/fp8_unpack_cost.py" --arch sdxl --batch 8 \
+            --out "$out/unpack/fp8_unpack_cost.json" > "$out/fp8_unpack_cost.txt" 2>&1
+        limited tests_attention ${T_TESTS:-60} python3 -m pytest -q -p no:cacheprovider \
+            tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1 ;;
     t)
         limited tests_attention 200 python3 -m pytest -q -p no:cacheprovider \
             tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1
@@ -113,7 +127,7 @@ case "$part" in
         # the logs in records.tgz (a call returns at most 8 files)
         FEATURES="eval_fp eval_int8 eval_fp8" bash "$here/collect_records.sh" "$run" "$out/c" \
             > /dev/null ;;
-    *) echo "part must be a, b, c, d, e, f, q or t" >&2; exit 2 ;;
+    *) echo "part must be a, b, c, d, e, f, q, t or u" >&2; exit 2 ;;
 esac
 cache_back
 # at most 8 files come back: the step logs stay, the JSON records, parts and suites travel as

@@ -125,9 +125,9 @@ def test_probability_quantizers_match_a_hand_computation():
                     reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
 @pytest.mark.parametrize("mode", [fa.UNIFORM, fa.LOG2], ids=["uniform", "log2"])
 @pytest.mark.parametrize("keep_first", [False, True])
-# keys within one block; a partial first block and whole blocks after it (the kernels mask the
-# first block, which holds M mod BLOCK_N keys or a whole block, and run the rest unmasked)
-@pytest.mark.parametrize("m", [21, 150])
+# keys within the first block; whole blocks after it; whole blocks and a partial last one (the
+# kernels peel the first block, run full blocks unmasked and mask a partial last one)
+@pytest.mark.parametrize("m", [21, 128, 150])
 def test_kernel_equals_the_materialised_reference(mode, keep_first, m):
     device = kernel_device()
     g = torch.Generator().manual_seed(0)

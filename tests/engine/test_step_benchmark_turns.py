@@ -2,6 +2,7 @@
 a variant still compiling must not hold the others (on an H100 the real variants' first calls
 ran past the step's time limit and nothing was measured)."""
 
+import statistics
 import time
 from argparse import Namespace
 
@@ -101,3 +102,56 @@ def test_the_summary_names_the_variants_timed_out_of_turn(step_module, capsys):
         "eager": {**_timed(90.0), "rounds_out_of_turn": 0}}}
     step_module.summarise(results)
     assert "timed_out_of_turn" not in results["targets"]
+
+
+def test_the_summary_gives_each_compiled_ratio_an_interval_over_the_timed_calls(step_module):
+    """With every timed call recorded, each compiled_graph ratio gets a 95% bootstrap interval
+    that holds the ratio of medians and shrinks to it when the calls do not vary; records
+    without the calls get none."""
+    base = [18.0 + 0.1 * (i % 5) for i in range(20)]
+    real = [54.0 + 0.3 * (i % 7) for i in range(20)]
+    results = {"variants": {
+        "bf16_channels_last": {"eager": _timed(30.0), "compiled_graph": {**_timed(18.2), "times": base}},
+        "w4a8_layers_real": {"eager": _timed(90.0), "compiled_graph": {**_timed(54.9), "times": real}},
+        "w4a8_layers_real_packed": {"eager": _timed(90.0), "compiled_graph": {
+            **_timed(36.4), "times": [36.4] * 20}}}}
+    step_module.summarise(results)
+    got = results["targets"]
+    low, high = got["intervals_95"]["compiled_graph_w4a8_layers_real_vs_bf16"]
+    ratio = statistics.median(real) / statistics.median(base)
+    assert low <= ratio <= high and high - low < 0.1 and low < high
+    low, high = got["intervals_95"]["compiled_graph_w4a8_layers_real_packed_vs_bf16"]
+    assert low <= 36.4 / statistics.median(base) <= high
+    del results["variants"]["w4a8_layers_real"]["compiled_graph"]["times"]
+    del results["variants"]["w4a8_layers_real_packed"]
+    step_module.summarise(results)
+    assert "intervals_95" not in results["targets"]
+
+
+def test_a_parts_folder_is_summarised_without_a_gpu(step_module, tmp_path, monkeypatch):
+    """``--summarise PARTS``: a run stopped by its time limit after its variants were timed
+    (the twenty-third session's SDXL step) is summarised from its parts; a missing folder is
+    refused before anything is written."""
+    import json
+    import sys
+
+    parts = tmp_path / "unet_step.sdxl.b8.real.parts"
+    parts.mkdir()
+    (parts / "bf16_channels_last.json").write_text(json.dumps(
+        {"eager": _timed(160.0), "compiled_graph": {**_timed(120.0), "times": [120.0] * 5}}))
+    (parts / "w4a8_layers_real_fp8_fast_packed.json").write_text(json.dumps(
+        {"eager": _timed(480.0), "compiled_graph": {**_timed(132.0), "times": [132.0] * 5}}))
+    (parts / "turn").write_text("2")  # the turn counter beside them is not a variant
+    out = tmp_path / "summary.json"
+    monkeypatch.setattr(sys, "argv", ["sd14_unet_step.py", "--arch", "sdxl", "--batch", "8",
+                                      "--summarise", str(parts), "--out", str(out)])
+    step_module.main()
+    got = json.loads(out.read_text())
+    assert got["targets"]["compiled_graph_w4a8_layers_real_fp8_fast_packed_vs_bf16"] == pytest.approx(1.1)
+    assert got["arch"] == "sdxl" and sorted(got["variants"]) == [
+        "bf16_channels_last", "w4a8_layers_real_fp8_fast_packed"]
+    monkeypatch.setattr(sys, "argv", ["sd14_unet_step.py", "--summarise", str(tmp_path / "no"),
+                                      "--out", str(tmp_path / "other.json")])
+    with pytest.raises(SystemExit):
+        step_module.main()
+    assert not (tmp_path / "other.json").exists()

@@ -175,6 +175,15 @@ def test_a_cached_t2q_is_named_by_its_labels_inputs_not_by_the_scores_last_bits(
     fit_t2q(tmp_path / "t2q", pooled, nudged, normalized_labels(nudged.numpy()),
             tensor_digest(inputs), config, lines.append)
     assert lines[-1] == f"T2Q: reusing {tmp_path / 't2q'}"
+    # the records alone (fingerprint and metrics, as collect_records.sh brought them back
+    # before the twenty-second session) are not a finished T2Q: it is trained again
+    (tmp_path / "t2q" / "t2q.safetensors").unlink()
+    fit_t2q(tmp_path / "t2q", pooled, raw, normalized_labels(raw.numpy()),
+            tensor_digest(inputs), config, lines.append)
+    assert "training prompts" in lines[-1] and (tmp_path / "t2q" / "t2q.safetensors").is_file()
+    fit_t2q(tmp_path / "t2q", pooled, raw, normalized_labels(raw.numpy()),
+            tensor_digest(inputs), config, lines.append)
+    assert lines[-1] == f"T2Q: reusing {tmp_path / 't2q'}"
     other = label_inputs(config.labels, {**data, "features": data["features"] + 1}, real)
     with pytest.raises(ValueError, match="made from other inputs"):
         fit_t2q(tmp_path / "t2q", pooled, raw, normalized_labels(raw.numpy()),

@@ -42,7 +42,10 @@ def fit_t2q(folder: Path, pooled: torch.Tensor, raw: torch.Tensor, labels: torch
     fingerprint = {"labels": config.labels.fingerprint(), "t2q": t2q_config,
                    "holdout": config.t2q_holdout,
                    "data": tensor_digest({"pooled": pooled}), "label_inputs": inputs}
-    if claim(folder, fingerprint, config.redo_stale, "T2Q") and (folder / METRICS_FILE).is_file():
+    # complete only with every file: a folder of the records alone (metrics.json, the
+    # fingerprint) copied from another machine is trained again, as one cut before its end
+    complete = all((folder / name).is_file() for name in (MODEL_FILE, LABELS_FILE, METRICS_FILE))
+    if claim(folder, fingerprint, config.redo_stale, "T2Q") and complete:
         log(f"T2Q: reusing {folder}")
         model = T2Q(pooled.shape[1], config.t2q.hidden)
         remedy = f"delete {folder} (T2Q is trained again)"

@@ -1,0 +1,164 @@
+"""Where the packed fp8 model's time goes, on the GPU: every fp8 GEMM shape of the SDXL (or SD 1.4)
+UNet at a batch, timed alone replayed from a CUDA graph, and the step's total (each shape's time
+times how often the UNet runs it):
+
+- ``bf16``: ``x @ wᵀ`` in bf16 (cuBLAS), what the bf16 step runs;
+- ``fp8``: :func:`qlip.quant.real_fp8.fp8_linear` on e4m3 weights kept in memory (the unpacked
+  model; compiled, fast accumulation as the step's ``fp8_fast`` variants);
+- ``fp8_packed``: the same on packed 4-bit bytes, unpacked to e4m3 at every call by PyTorch ops
+  that Inductor compiles (the packed model's path);
+- ``unpack_inductor``: that unpacking alone, compiled;
+- ``unpack_triton``: the same unpacking as one hand-written Triton kernel (below), to learn
+  whether Inductor's kernel is where the packed model loses.
+
+The twenty-third session timed the packed fp8 SDXL step at batch 8 at 1.098× bf16 channels-last
+(135.70 against 123.58 ms) where the twentieth session's unpacked fp8 step ran at 0.92×; this
+script says how much of that the unpacking explains. Shapes come from the UNet (a forward
+pre-hook on every ``nn.Linear`` and 1×1 ``nn.Conv2d`` during one bf16 call); weights are random.
+Writes ``--out`` (JSON) and prints a table.
+
+    python benchmarks/fp8_unpack_cost.py --arch sdxl --batch 8 --out fp8_unpack_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlip.quant import real_fp8
+from qlip.quant.real_gemm import pack_rows
+from qlip.testing import build_unet, unet_step_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_speed import graph_ms  # noqa: E402
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the CPU without Triton
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _unpack_e4m3_kernel(packed_ptr, zero_ptr, out_ptr, N, K, KH, BLOCK_N: tl.constexpr,
+                            BLOCK_H: tl.constexpr):
+        """Bytes ``[N, KH]`` (two codes a byte, the even code low) minus the row's zero point,
+        as e4m3 ``[N, K]``: one read of the bytes, one write of the e4m3 values."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        keep = (rows[:, None] < N) & (cols[None, :] < KH)
+        b = tl.load(packed_ptr + rows[:, None] * KH + cols[None, :], mask=keep, other=0)
+        z = tl.load(zero_ptr + rows, mask=rows < N, other=0)
+        low = (b & 15).to(tl.int32) - z[:, None]
+        high = (b >> 4).to(tl.int32) - z[:, None]
+        pair = tl.join(low.to(tl.float32), high.to(tl.float32)).to(tl.float8e4nv)
+        pair = tl.reshape(pair, [BLOCK_N, 2 * BLOCK_H])
+        out_cols = tl.program_id(1) * 2 * BLOCK_H + tl.arange(0, 2 * BLOCK_H)
+        tl.store(out_ptr + rows[:, None] * K + out_cols[None, :], pair,
+                 mask=(rows[:, None] < N) & (out_cols[None, :] < K))
+
+
+def unpack_triton(packed: torch.Tensor, zero: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`qlip.quant.real_fp8.fp8_weight_matrix` of packed bytes, by the kernel above."""
+    n, kh = packed.shape
+    out = torch.empty((n, k), dtype=real_fp8.E4M3, device=packed.device)
+    block_n, block_h = 32, 64
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kh, block_h))
+    _unpack_e4m3_kernel[grid](packed, zero, out, n, k, kh, BLOCK_N=block_n, BLOCK_H=block_h)
+    return out
+
+
+def gemm_shapes(arch: str, batch: int, device: str = "cuda") -> Counter:
+    """``{(M, N, K): count}`` of one UNet call's Linear layers and 1×1 convs."""
+    unet = build_unet(arch, device, torch.bfloat16)
+    shapes: Counter = Counter()
+
+    def record(module, args):
+        x = args[0]
+        if isinstance(module, nn.Linear):
+            shapes[(x.numel() // x.shape[-1], module.out_features, module.in_features)] += 1
+        elif module.kernel_size == (1, 1):
+            shapes[(x.numel() // x.shape[1], module.out_channels, module.in_channels)] += 1
+
+    hooks = [m.register_forward_pre_hook(record) for m in unet.modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))]
+    x, t, c, kwargs = unet_step_inputs(unet, batch, device, torch.bfloat16, 0)
+    with torch.no_grad():
+        unet(x, t, encoder_hidden_states=c, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    del unet
+    torch.cuda.empty_cache()
+    return shapes
+
+
+def operands(m: int, n: int, k: int, device: str = "cuda") -> dict:
+    """Random operands of one shape: activations, bf16 weights, packed codes and their e4m3 form."""
+    g = torch.Generator(device=device).manual_seed(0)
+    codes = torch.randint(0, 16, (n, k), generator=g, device=device)
+    zero = torch.randint(4, 12, (n,), generator=g, device=device)
+    scale = torch.rand(n, generator=g, device=device) * 1e-2 + 1e-3
+    w8, scale_b, _ = real_fp8.fp8_weights(codes - zero[:, None], None, scale)
+    packed, scale_p, zero_p = real_fp8.fp8_weights(pack_rows(codes), zero, scale, k=k)
+    table = torch.tensor([[0.05, -127.0, 127.0]], device=device)
+    return {"x": torch.randn(m, k, generator=g, device=device, dtype=torch.bfloat16),
+            "w": ((codes - zero[:, None]) * scale[:, None]).to(torch.bfloat16),
+            "w8": w8, "scale_b": scale_b, "packed": packed, "zero": zero_p,
+            "table": table, "choice": torch.zeros(1, dtype=torch.long, device=device),
+            "step": torch.zeros(1, dtype=torch.long, device=device)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sdxl", choices=["sd14", "sdxl"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", default="benchmarks/results/fp8_unpack_cost.json")
+    args = parser.parse_args()
+    real_fp8.FAST_ACCUM = True
+
+    def fp8_call(o, packed: bool):
+        w8, zero = (o["packed"], o["zero"]) if packed else (o["w8"], None)
+        return real_fp8.fp8_linear(o["x"], o["table"], o["choice"], o["step"], 1, w8,
+                                   o["scale_b"], zero, None)
+
+    # dynamic shapes: one compile a function for every shape (static ones would recompile per
+    # shape, past Dynamo's limit of 8, after which it runs eager)
+    fp8 = torch.compile(lambda o: fp8_call(o, False), dynamic=True)
+    fp8_packed = torch.compile(lambda o: fp8_call(o, True), dynamic=True)
+    unpack = torch.compile(lambda o: real_fp8.fp8_weight_matrix(o["packed"], o["zero"],
+                                                                o["x"].shape[1]), dynamic=True)
+    ways = {"bf16": lambda o: o["x"] @ o["w"].t(), "fp8": fp8, "fp8_packed": fp8_packed,
+            "unpack_inductor": unpack,
+            "unpack_triton": lambda o: unpack_triton(o["packed"], o["zero"], o["x"].shape[1])}
+    rows = []
+    shapes = gemm_shapes(args.arch, args.batch)
+    for (m, n, k), count in sorted(shapes.items(), key=lambda s: -s[0][0] * s[0][1] * s[0][2]):
+        if n % 16 or k % 16:  # torch._scaled_mm's rule: such layers stay on the integer kernels
+            continue
+        o = operands(m, n, k)
+        exact = torch.equal(unpack_triton(o["packed"], o["zero"], k).float(),
+                            real_fp8.fp8_weight_matrix(o["packed"], o["zero"], k).float())
+        row = {"m": m, "n": n, "k": k, "count": count, "triton_unpack_exact": exact}
+        row |= {name: graph_ms(partial(call, o), args.iters) for name, call in ways.items()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del o
+    totals = {name: sum(r[name] * r["count"] for r in rows) for name in ways}
+    out = {"arch": args.arch, "batch": args.batch, "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "shapes": rows, "step_total_ms": totals,
+           "unique_shapes": len(rows), "gemm_calls": sum(r["count"] for r in rows)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print("step totals (ms):", {k: round(v, 2) for k, v in totals.items()})
+
+
+if __name__ == "__main__":
+    main()
