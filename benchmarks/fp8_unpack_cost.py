@@ -8,8 +8,11 @@ times how often the UNet runs it):
 - ``fp8_packed``: the same on packed 4-bit bytes, unpacked to e4m3 at every call by PyTorch ops
   that Inductor compiles (the packed model's path);
 - ``unpack_inductor``: that unpacking alone, compiled;
-- ``unpack_triton``: the same unpacking as one hand-written Triton kernel (below), to learn
-  whether Inductor's kernel is where the packed model loses.
+- ``fp8_packed_kernel``: the same with ``real_fp8.UNPACK_KERNEL``, the unpacking one
+  hand-written Triton launch (:func:`qlip.quant.real_fp8.unpack_e4m3`, an opaque custom
+  operator in the compiled graph);
+- ``unpack_triton``: that kernel alone, to learn whether Inductor's unpacking is where the
+  packed model loses.
 
 The twenty-third session timed the packed fp8 SDXL step at batch 8 at 1.098× bf16 channels-last
 (135.70 against 123.58 ms) where the twentieth session's unpacked fp8 step ran at 0.92×; this
@@ -38,41 +41,6 @@ from qlip.testing import build_unet, unet_step_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_speed import graph_ms  # noqa: E402
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - the CPU without Triton
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def _unpack_e4m3_kernel(packed_ptr, zero_ptr, out_ptr, N, K, KH, BLOCK_N: tl.constexpr,
-                            BLOCK_H: tl.constexpr):
-        """Bytes ``[N, KH]`` (two codes a byte, the even code low) minus the row's zero point,
-        as e4m3 ``[N, K]``: one read of the bytes, one write of the e4m3 values."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        keep = (rows[:, None] < N) & (cols[None, :] < KH)
-        b = tl.load(packed_ptr + rows[:, None] * KH + cols[None, :], mask=keep, other=0)
-        z = tl.load(zero_ptr + rows, mask=rows < N, other=0)
-        low = (b & 15).to(tl.int32) - z[:, None]
-        high = (b >> 4).to(tl.int32) - z[:, None]
-        pair = tl.join(low.to(tl.float32), high.to(tl.float32)).to(tl.float8e4nv)
-        pair = tl.reshape(pair, [BLOCK_N, 2 * BLOCK_H])
-        out_cols = tl.program_id(1) * 2 * BLOCK_H + tl.arange(0, 2 * BLOCK_H)
-        tl.store(out_ptr + rows[:, None] * K + out_cols[None, :], pair,
-                 mask=(rows[:, None] < N) & (out_cols[None, :] < K))
-
-
-def unpack_triton(packed: torch.Tensor, zero: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`qlip.quant.real_fp8.fp8_weight_matrix` of packed bytes, by the kernel above."""
-    n, kh = packed.shape
-    out = torch.empty((n, k), dtype=real_fp8.E4M3, device=packed.device)
-    block_n, block_h = 32, 64
-    grid = (triton.cdiv(n, block_n), triton.cdiv(kh, block_h))
-    _unpack_e4m3_kernel[grid](packed, zero, out, n, k, kh, BLOCK_N=block_n, BLOCK_H=block_h)
-    return out
 
 
 def gemm_shapes(arch: str, batch: int, device: str = "cuda") -> Counter:
@@ -135,16 +103,27 @@ def main() -> None:
     fp8_packed = torch.compile(lambda o: fp8_call(o, True), dynamic=True)
     unpack = torch.compile(lambda o: real_fp8.fp8_weight_matrix(o["packed"], o["zero"],
                                                                 o["x"].shape[1]), dynamic=True)
-    ways = {"bf16": lambda o: o["x"] @ o["w"].t(), "fp8": fp8, "fp8_packed": fp8_packed,
-            "unpack_inductor": unpack,
-            "unpack_triton": lambda o: unpack_triton(o["packed"], o["zero"], o["x"].shape[1])}
+    fp8_packed_kernel = torch.compile(lambda o: fp8_call(o, True), dynamic=True)
+
+    def with_kernel(flag: bool, call):
+        def run(o):  # the switch is read while tracing (and guarded): one value a function
+            real_fp8.UNPACK_KERNEL = flag
+            return call(o)
+        return run
+
+    ways = {"bf16": lambda o: o["x"] @ o["w"].t(), "fp8": with_kernel(False, fp8),
+            "fp8_packed": with_kernel(False, fp8_packed),
+            "fp8_packed_kernel": with_kernel(True, fp8_packed_kernel),
+            "unpack_inductor": with_kernel(False, unpack),
+            "unpack_triton": lambda o: real_fp8.unpack_e4m3(o["packed"], o["zero"],
+                                                            o["x"].shape[1])}
     rows = []
     shapes = gemm_shapes(args.arch, args.batch)
     for (m, n, k), count in sorted(shapes.items(), key=lambda s: -s[0][0] * s[0][1] * s[0][2]):
         if n % 16 or k % 16:  # torch._scaled_mm's rule: such layers stay on the integer kernels
             continue
         o = operands(m, n, k)
-        exact = torch.equal(unpack_triton(o["packed"], o["zero"], k).float(),
+        exact = torch.equal(real_fp8.unpack_e4m3(o["packed"], o["zero"], k).float(),
                             real_fp8.fp8_weight_matrix(o["packed"], o["zero"], k).float())
         row = {"m": m, "n": n, "k": k, "count": count, "triton_unpack_exact": exact}
         row |= {name: graph_ms(partial(call, o), args.iters) for name, call in ways.items()}

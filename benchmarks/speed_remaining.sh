@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Issue 14's measurements still missing after the twenty-second session, as device calls of at
-# most ~9.5 minutes each (from the repository root on the GPU machine, .whl carried), in order:
+# Issue 14's measurements, as device calls of at most ~9.5 minutes each (from the repository root
+# on the GPU machine, .whl carried). Still missing after the twenty-third session, in order:
+# u, then a (with A_VARIANTS by u's answer), c, d, f, q, e.
 #   bash benchmarks/speed_remaining.sh "$OUT" b
 #     the first target alone: simulated W4A8 with attention (the fused kernel, compiled,
 #     channels-last) beside bf16 channels-last at batch 8, the two alone with most of the call;
 #     then SD 1.4's largest attention shape alone (benchmarks/attention_speed.py --largest 1:
-#     SDPA, the fused kernel now and at 1080686, whose loops 528aa8f restructured: 1.119 ms then,
-#     1.218 now, timed on two machines)
+#     SDPA, the fused kernel now and at 1080686). Done in the twenty-third session: 1.298×
+#     (met); the kernel at 1080686 7% faster than 528aa8f's loops, which were reverted since
 #   ... a   the SDXL real step at batch 8, the packed fp8 model beside bf16 channels-last, the two
-#           alone with most of the call (the second target's speed half)
+#           alone with most of the call (the second target's speed half; timed at 1.098× in
+#           the twenty-third session). A_VARIANTS=bf16_channels_last,w4a8_layers_real_fp8_fast_packed_kernel
+#           times the packed model with its bytes unpacked by one Triton launch a layer
+#           (real_fp8.UNPACK_KERNEL) instead of Inductor's kernels
 #   ... c   the SD 1.4 real step at batch 2 and 1 (bf16, int8, fp8)
 #   ... d   the SDXL real step at batch 1 (bf16, int8, packed fp8; two real variants at most
 #           beside bf16 finish compiling within the limit)
@@ -48,7 +52,7 @@ source "$here/device_call.sh"  # the wheels, machine.txt, limited NAME LIMIT COM
 case "$part" in
     a)
         ARCH=sdxl BATCH=8 T_REAL=${T_REAL:-530} \
-            REAL_VARIANTS=bf16_channels_last,w4a8_layers_real_fp8_fast_packed \
+            REAL_VARIANTS=${A_VARIANTS:-bf16_channels_last,w4a8_layers_real_fp8_fast_packed} \
             limited sdxl_b8 540 bash "$here/speed_suite.sh" "$out/sdxl_b8" real > /dev/null 2>&1 ;;
     b)
         BATCH=8 T_STEP=${T_STEP:-460} SIM_CHANNELS_LAST=1 \

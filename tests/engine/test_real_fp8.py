@@ -10,6 +10,8 @@ from qlip.quant import real_gemm as rg
 from qlip.quant.stacked import StackedUniform
 from qlip.quant.uniform import UniformQuantizer
 
+from ..conftest import kernel_device
+
 
 def _device():
     return "cuda" if torch.cuda.is_available() and rf.supported("cuda") else "cpu"
@@ -96,6 +98,31 @@ def test_packed_codes_give_the_same_fp8_product_from_a_quarter_of_the_bytes():
         rf.fp8_weights(packed_ops[0], packed_ops[2], packed_ops[3])
     assert rf.fp8_weights(packed_ops[0][:40], packed_ops[2][:40], packed_ops[3][:40],
                           k=64) is None  # N = 40: not for torch._scaled_mm
+
+
+@pytest.mark.skipif(kernel_device() is None,
+                    reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+@pytest.mark.parametrize("n, k", [(64, 96), (40, 30), (33, 2048)])  # whole, partial, odd rows
+def test_the_unpacking_kernel_gives_fp8_weight_matrix_exactly(n, k, monkeypatch):
+    """:func:`unpack_e4m3`, the packed bytes' one-launch unpacking (``UNPACK_KERNEL``), gives
+    the PyTorch ops' e4m3 matrix bit for bit, as a custom operator too (opcheck: its fake agrees
+    with it); wrong bytes are refused. On CUDA, fp8_weight_matrix takes it under the switch."""
+    device = kernel_device()
+    g = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    zero = torch.randint(0, 16, (n,), generator=g).to(torch.int32)
+    packed = rg.pack_rows(codes)
+    want = rf.fp8_weight_matrix(packed, zero, k).float()
+    assert torch.equal(want, (codes - zero[:, None]).float())  # the centered codes, exact
+    got = rf.unpack_e4m3(packed.to(device), zero.to(device), k)
+    assert got.dtype == rf.E4M3 and torch.equal(got.float().cpu(), want)
+    torch.library.opcheck(torch.ops.qlip.unpack_e4m3, (packed.to(device), zero.to(device), k),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="do not hold"):
+        rf.unpack_e4m3(packed.to(device), zero.to(device), k + 2)
+    if device == "cuda":
+        monkeypatch.setattr(rf, "UNPACK_KERNEL", True)
+        assert torch.equal(rf.fp8_weight_matrix(packed.cuda(), zero.cuda(), k).float().cpu(), want)
 
 
 def test_activation_codes_stay_finite_at_the_range_ends():
