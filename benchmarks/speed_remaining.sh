@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's measurements, as device calls of at most ~9.5 minutes each (from the repository root
 # on the GPU machine, .whl carried). Still missing after the twenty-third session, in order:
-# u, then a (with A_VARIANTS by u's answer), c, d, f, q, e.
+# u, p, then a (with A_VARIANTS by their answer), c, d, f, q, e.
 #   bash benchmarks/speed_remaining.sh "$OUT" b
 #     the first target alone: simulated W4A8 with attention (the fused kernel, compiled,
 #     channels-last) beside bf16 channels-last at batch 8, the two alone with most of the call;
@@ -24,6 +24,12 @@
 #           beside 1080686's; benchmarks/fp8_unpack_cost.py (SDXL b8: what unpacking packed bytes
 #           to e4m3 costs a step, Inductor's kernel against a hand-written one); the fused
 #           attention's CUDA tests with what the call has left
+#   ... p   where the packed fp8 SDXL step's time goes at batch 8 (benchmarks/step_profile.py,
+#           eager with the kernels and tiles of a CUDA graph's capture, no compile): GPU time
+#           by kind of kernel for bf16, fp8 on unpacked codes, fp8 packed (PyTorch's unpacking,
+#           unfused in eager), fp8 packed with real_fp8.unpack_e4m3; chiefly whether the int8
+#           3×3 convs lose on packed bytes (SD 1.4's packed int8 step ran 1.68× where the
+#           unpacked one ran 1.30×, seventeenth session)
 #   ... t   the CUDA tests of the fused attention and the persistent kernels (both passed in the
 #           twenty-second session)
 #   ... q   what fp8 does to images at 2,000 prompts on the GPU (issue 14 item 3; the nineteenth
@@ -45,7 +51,7 @@
 # Each part's records come back as at most 8 files: machine.txt (every step's exit code and
 # seconds), the tests' and steps' logs, and records.tgz (the JSON records, parts and suites).
 set -uo pipefail
-out=${1:?output folder}; part=${2:?a, b, c, d, e, f, q, t or u}
+out=${1:?output folder}; part=${2:?a, b, c, d, e, f, p, q, t or u}
 here=$(dirname "$0")
 # shellcheck source=benchmarks/device_call.sh
 source "$here/device_call.sh"  # the wheels, machine.txt, limited NAME LIMIT COMMAND...
@@ -96,6 +102,11 @@ case "$part" in
             --out "$out/unpack/fp8_unpack_cost.json" > "$out/fp8_unpack_cost.txt" 2>&1
         limited tests_attention ${T_TESTS:-60} python3 -m pytest -q -p no:cacheprovider \
             tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1 ;;
+    p)
+        limited profile ${T_PROFILE:-420} python3 "$here/step_profile.py" --arch sdxl --batch 8 \
+            --no-compile --as-captured --steps 3 --warmup 2 \
+            --variants bf16_channels_last,w4a8_layers_real_fp8_fast,w4a8_layers_real_fp8_fast_packed,w4a8_layers_real_fp8_fast_packed_kernel \
+            --out "$out/profile/step_profile_sdxl_b8.json" > "$out/step_profile.txt" 2>&1 ;;
     t)
         limited tests_attention 200 python3 -m pytest -q -p no:cacheprovider \
             tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1
@@ -131,7 +142,7 @@ case "$part" in
         # the logs in records.tgz (a call returns at most 8 files)
         FEATURES="eval_fp eval_int8 eval_fp8" bash "$here/collect_records.sh" "$run" "$out/c" \
             > /dev/null ;;
-    *) echo "part must be a, b, c, d, e, f, q, t or u" >&2; exit 2 ;;
+    *) echo "part must be a, b, c, d, e, f, p, q, t or u" >&2; exit 2 ;;
 esac
 cache_back
 # at most 8 files come back: the step logs stay, the JSON records, parts and suites travel as

@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 KINDS = (
     ("real_gemm", r"_real_linear_kernel|_persistent_linear_kernel"),
     ("real_conv", r"_real_conv_kernel|_persistent_conv_kernel"),
+    ("unpack", r"_unpack_e4m3_kernel"),
     ("fused_attention", r"_stats_kernel|_output_kernel"),
     ("quantize", r"_fake_quantize_kernel"),
     ("inductor", r"^triton_"),
@@ -89,7 +90,8 @@ def profile_variant(variant: str, args) -> dict:
             micros = e.self_cuda_time_total
         if micros > 0:
             events.append((e.key, float(micros)))
-    return {"compiled": args.compile, "warmup_s": warm_s, "steps": args.steps,
+    return {"compiled": args.compile, "as_captured": args.as_captured, "warmup_s": warm_s,
+            "steps": args.steps,
             **summarise(events, args.steps)}
 
 
@@ -101,12 +103,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--as-captured", action="store_true",
+                        help="eager calls take the kernels and tiles a CUDA graph's capture takes "
+                             "(the persistent Linear and conv kernels at their fixed tiles, no "
+                             "autotuning): with --no-compile, the replayed step's real kernels "
+                             "without its compile")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     import sd14_unet_step
 
     if not torch.cuda.is_available():
         raise SystemExit("step_profile.py profiles CUDA kernels: run it on a GPU")
+    if args.as_captured:
+        from qlip.quant import real_gemm
+
+        real_gemm.capturing = lambda t: t.is_cuda  # (real_conv asks real_gemm too)
     unknown = [v for v in args.variants.split(",") if v not in sd14_unet_step.VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sd14_unet_step.VARIANTS}")

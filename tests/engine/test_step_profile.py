@@ -26,6 +26,7 @@ def step_profile():
     ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT", "gemm"),
     ("_fake_quantize_kernel", "quantize"),
     ("_stats_kernel", "fused_attention"),
+    ("_unpack_e4m3_kernel", "unpack"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
      "other"),
 ])
