@@ -8,7 +8,7 @@ times how often the UNet runs it):
 - ``fp8_packed``: the same on packed 4-bit bytes, unpacked to e4m3 at every call by PyTorch ops
   that Inductor compiles (the packed model's path);
 - ``unpack_inductor``: that unpacking alone, compiled;
-- ``fp8_packed_kernel``: the same with ``real_fp8.UNPACK_KERNEL``, the unpacking one
+- ``fp8_packed_unpack``: the same with ``real_gemm.UNPACK_PACKED``, the unpacking one
   hand-written Triton launch (:func:`qlip.quant.real_fp8.unpack_e4m3`, an opaque custom
   operator in the compiled graph);
 - ``unpack_triton``: that kernel alone, to learn whether Inductor's unpacking is where the
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlip.quant import real_fp8
+from qlip.quant import real_fp8, real_gemm
 from qlip.quant.real_gemm import pack_rows
 from qlip.testing import build_unet, unet_step_inputs
 
@@ -103,17 +103,17 @@ def main() -> None:
     fp8_packed = torch.compile(lambda o: fp8_call(o, True), dynamic=True)
     unpack = torch.compile(lambda o: real_fp8.fp8_weight_matrix(o["packed"], o["zero"],
                                                                 o["x"].shape[1]), dynamic=True)
-    fp8_packed_kernel = torch.compile(lambda o: fp8_call(o, True), dynamic=True)
+    fp8_packed_unpack = torch.compile(lambda o: fp8_call(o, True), dynamic=True)
 
     def with_kernel(flag: bool, call):
         def run(o):  # the switch is read while tracing (and guarded): one value a function
-            real_fp8.UNPACK_KERNEL = flag
+            real_gemm.UNPACK_PACKED = flag
             return call(o)
         return run
 
     ways = {"bf16": lambda o: o["x"] @ o["w"].t(), "fp8": with_kernel(False, fp8),
             "fp8_packed": with_kernel(False, fp8_packed),
-            "fp8_packed_kernel": with_kernel(True, fp8_packed_kernel),
+            "fp8_packed_unpack": with_kernel(True, fp8_packed_unpack),
             "unpack_inductor": with_kernel(False, unpack),
             "unpack_triton": lambda o: real_fp8.unpack_e4m3(o["packed"], o["zero"],
                                                             o["x"].shape[1])}

@@ -16,8 +16,9 @@ layers and stride-1 3×3 convs always through the persistent TMA kernels,
 the int8 one with its Linear layers and 1×1 convs in e4m3 through ``torch._scaled_mm``,
 qlip.quant.real_fp8, ``..._fp8_fast`` with its fast accumulation, ``..._fp8_fast_packed`` the
 same on packed 4-bit weights, unpacked to e4m3 per call for the fp8 GEMMs by PyTorch ops that
-Inductor compiles, ``..._fp8_fast_packed_kernel`` by one Triton launch a layer,
-``real_fp8.UNPACK_KERNEL``) and a W4A{8,16,32} bank whose every unit's bits change at every
+Inductor compiles, ``..._fp8_fast_packed_unpack`` by one Triton launch a layer and call,
+``real_gemm.UNPACK_PACKED``; ``w4a8_layers_real_packed_unpack`` the int8 packed one so, its
+integer kernels reading the unpacked codes instead of unpacking every tile) and a W4A{8,16,32} bank whose every unit's bits change at every
 call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
 
     python benchmarks/sd14_unet_step.py --out benchmarks/results/sd14_unet_step.json
@@ -62,13 +63,13 @@ from qlip.testing import build_unet, unet_step_inputs
 VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real",
             "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile",
             "w4a8_layers_real_conv_one_tile", "w4a8_layers_real_fp8", "w4a8_layers_real_fp8_fast",
-            "w4a8_layers_real_fp8_fast_packed", "w4a8_layers_real_fp8_fast_packed_kernel",
-            "w4a8_attention", "w4a8_attention_fused", "bank")
+            "w4a8_layers_real_fp8_fast_packed", "w4a8_layers_real_fp8_fast_packed_unpack",
+            "w4a8_layers_real_packed_unpack", "w4a8_attention", "w4a8_attention_fused", "bank")
 COMPILED = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_real",
             "w4a8_layers_real_packed", "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile",
             "w4a8_layers_real_conv_one_tile", "w4a8_layers_real_fp8", "w4a8_layers_real_fp8_fast",
-            "w4a8_layers_real_fp8_fast_packed", "w4a8_layers_real_fp8_fast_packed_kernel",
-            "w4a8_attention", "w4a8_attention_fused", "bank")
+            "w4a8_layers_real_fp8_fast_packed", "w4a8_layers_real_fp8_fast_packed_unpack",
+            "w4a8_layers_real_packed_unpack", "w4a8_attention", "w4a8_attention_fused", "bank")
 BANK = (8, 16, 32)
 
 
@@ -183,8 +184,12 @@ def build(variant: str, args):
     if variant == "w4a8_layers_pytorch":  # the quantizers in PyTorch ops, not one launch each
         use_fused_quantize(unet, False)
     if variant.startswith("w4a8_layers_real"):  # the Linear layers in int8 math (real_gemm)
-        if variant.endswith(("_packed", "_packed_kernel")):  # on the packed codes themselves
+        if variant.endswith(("_packed", "_packed_unpack")):  # on the packed codes themselves
             pack_weights(unet)
+            from qlip.quant import real_gemm
+
+            # _unpack: each layer's bytes unpacked by one launch a call, for the unpacked kernels
+            real_gemm.UNPACK_PACKED = variant.endswith("_unpack")
         if variant.endswith(("_persistent", "_one_tile")):  # (this variant's own process)
             from qlip.quant import real_conv, real_gemm
 
@@ -198,7 +203,6 @@ def build(variant: str, args):
             from qlip.quant import real_fp8
 
             real_fp8.FAST_ACCUM = True
-            real_fp8.UNPACK_KERNEL = variant.endswith("_packed_kernel")
         use_real_execution(unet, True, fp8=fp8)
     return unet, quant_units(unet)
 
@@ -522,7 +526,8 @@ def summarise(results: dict) -> None:
                  "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile",
                  "w4a8_layers_real_conv_one_tile", "w4a8_layers_real_fp8",
                  "w4a8_layers_real_fp8_fast", "w4a8_layers_real_fp8_fast_packed",
-                 "w4a8_layers_real_fp8_fast_packed_kernel", "w4a8_attention",
+                 "w4a8_layers_real_fp8_fast_packed_unpack", "w4a8_layers_real_packed_unpack",
+                 "w4a8_attention",
                  "w4a8_attention_fused", "bank"):
         # by the compiled step's GPU time (bank: A8, attention quantized)
         if base_graph and "compiled_graph" in v.get(name, {}):

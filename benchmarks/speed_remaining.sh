@@ -10,9 +10,10 @@
 #     (met); the kernel at 1080686 7% faster than 528aa8f's loops, which were reverted since
 #   ... a   the SDXL real step at batch 8, the packed fp8 model beside bf16 channels-last, the two
 #           alone with most of the call (the second target's speed half; timed at 1.098× in
-#           the twenty-third session). A_VARIANTS=bf16_channels_last,w4a8_layers_real_fp8_fast_packed_kernel
+#           the twenty-third session). A_VARIANTS=bf16_channels_last,w4a8_layers_real_fp8_fast_packed_unpack
 #           times the packed model with its bytes unpacked by one Triton launch a layer
-#           (real_fp8.UNPACK_KERNEL) instead of Inductor's kernels
+#           (real_gemm.UNPACK_PACKED: the fp8 layers' and the int8 3×3 convs' bytes, for the unpacked
+#           kernels) instead of Inductor's kernels and the convs' in-register unpacking
 #   ... c   the SD 1.4 real step at batch 2 and 1 (bf16, int8, fp8)
 #   ... d   the SDXL real step at batch 1 (bf16, int8, packed fp8; two real variants at most
 #           beside bf16 finish compiling within the limit)
@@ -27,7 +28,8 @@
 #   ... p   where the packed fp8 SDXL step's time goes at batch 8 (benchmarks/step_profile.py,
 #           eager with the kernels and tiles of a CUDA graph's capture, no compile): GPU time
 #           by kind of kernel for bf16, fp8 on unpacked codes, fp8 packed (PyTorch's unpacking,
-#           unfused in eager), fp8 packed with real_fp8.unpack_e4m3; chiefly whether the int8
+#           unfused in eager), fp8 packed with real_gemm.UNPACK_PACKED (every layer's bytes unpacked
+#           by one launch a call); chiefly whether the int8
 #           3×3 convs lose on packed bytes (SD 1.4's packed int8 step ran 1.68× where the
 #           unpacked one ran 1.30×, seventeenth session)
 #   ... t   the CUDA tests of the fused attention and the persistent kernels (both passed in the
@@ -105,7 +107,7 @@ case "$part" in
     p)
         limited profile ${T_PROFILE:-420} python3 "$here/step_profile.py" --arch sdxl --batch 8 \
             --no-compile --as-captured --steps 3 --warmup 2 \
-            --variants bf16_channels_last,w4a8_layers_real_fp8_fast,w4a8_layers_real_fp8_fast_packed,w4a8_layers_real_fp8_fast_packed_kernel \
+            --variants bf16_channels_last,w4a8_layers_real_fp8_fast,w4a8_layers_real_fp8_fast_packed,w4a8_layers_real_fp8_fast_packed_unpack \
             --out "$out/profile/step_profile_sdxl_b8.json" > "$out/step_profile.txt" 2>&1 ;;
     t)
         limited tests_attention 200 python3 -m pytest -q -p no:cacheprovider \

@@ -103,26 +103,34 @@ def test_packed_codes_give_the_same_fp8_product_from_a_quarter_of_the_bytes():
 @pytest.mark.skipif(kernel_device() is None,
                     reason="needs Triton and a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
 @pytest.mark.parametrize("n, k", [(64, 96), (40, 30), (33, 2048)])  # whole, partial, odd rows
-def test_the_unpacking_kernel_gives_fp8_weight_matrix_exactly(n, k, monkeypatch):
-    """:func:`unpack_e4m3`, the packed bytes' one-launch unpacking (``UNPACK_KERNEL``), gives
-    the PyTorch ops' e4m3 matrix bit for bit, as a custom operator too (opcheck: its fake agrees
-    with it); wrong bytes are refused. On CUDA, fp8_weight_matrix takes it under the switch."""
+def test_the_unpacking_kernel_gives_the_centered_codes_exactly(n, k, monkeypatch):
+    """``real_gemm.unpack_centered``, the packed bytes' one-launch unpacking
+    (``UNPACK_PACKED``), gives the PyTorch ops' codes bit for bit, in int8 and in e4m3, and as
+    fp8's custom operator (opcheck: its fake agrees with it); wrong bytes or dtypes are
+    refused. On CUDA, fp8_weight_matrix takes it under the switch."""
     device = kernel_device()
     g = torch.Generator().manual_seed(n + k)
     codes = torch.randint(0, 16, (n, k), generator=g)
     zero = torch.randint(0, 16, (n,), generator=g).to(torch.int32)
     packed = rg.pack_rows(codes)
+    centered = rg.centered_codes(rg.unpack_rows(packed, k), zero)
+    assert torch.equal(centered, codes - zero[:, None])
     want = rf.fp8_weight_matrix(packed, zero, k).float()
-    assert torch.equal(want, (codes - zero[:, None]).float())  # the centered codes, exact
-    got = rf.unpack_e4m3(packed.to(device), zero.to(device), k)
+    assert torch.equal(want, centered.float())  # exact in e4m3
+    on = packed.to(device), zero.to(device)
+    got8 = rg.unpack_centered(*on, k)
+    assert got8.dtype == torch.int8 and torch.equal(got8.cpu().to(torch.int32), centered)
+    got = rf.unpack_e4m3(*on, k)
     assert got.dtype == rf.E4M3 and torch.equal(got.float().cpu(), want)
-    torch.library.opcheck(torch.ops.qlip.unpack_e4m3, (packed.to(device), zero.to(device), k),
+    torch.library.opcheck(torch.ops.qlip.unpack_e4m3, (*on, k),
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="do not hold"):
-        rf.unpack_e4m3(packed.to(device), zero.to(device), k + 2)
+        rg.unpack_centered(*on, k + 2)
+    with pytest.raises(ValueError, match="int8 or float8_e4m3fn"):
+        rg.unpack_centered(*on, k, torch.int32)
     if device == "cuda":
-        monkeypatch.setattr(rf, "UNPACK_KERNEL", True)
-        assert torch.equal(rf.fp8_weight_matrix(packed.cuda(), zero.cuda(), k).float().cpu(), want)
+        monkeypatch.setattr(rg, "UNPACK_PACKED", True)
+        assert torch.equal(rf.fp8_weight_matrix(*on, k).float().cpu(), want)
 
 
 def test_activation_codes_stay_finite_at_the_range_ends():

@@ -294,6 +294,20 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
         else:  # float math, on a GPU perhaps summed in another order (the packed kernel tunes
             # its own tiles), carried through the UNet (each layer alone agrees to 1e-5, above)
             assert (got - outputs[bits]).abs().max() < 1e-3, bits
+    # UNPACK_PACKED: each launch unpacks its bytes first (one kernel) for the unpacked kernels:
+    # the same integers again, the same bytes kept
+    monkeypatch.setattr(rg, "UNPACK_PACKED", True)
+    unpacks = []
+    monkeypatch.setattr(rg, "unpack_centered",
+                        lambda *a, _f=rg.unpack_centered: unpacks.append(1) or _f(*a))
+    for bits in (4, 8):
+        for unit in units.values():
+            unit.set_bits(bits)
+        unpacks.clear()
+        with torch.no_grad():
+            got = unet(x, t, encoder_hidden_states=c).sample
+        assert len(unpacks) == sum(len(m.splits) for m in linears if m.packed)
+        assert torch.equal(got, outputs[bits]), bits
 
 
 def test_launch_takes_the_first_tile_unless_autotuning_is_on(monkeypatch):

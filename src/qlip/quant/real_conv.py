@@ -510,6 +510,8 @@ def _launch_conv2d(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.
     b, c, h, width = x_shape = _input_shape(x, a, padding)
     kh, kw = kernel_size
     real_gemm.check_float_weights(w_float, w, c * kh * kw, dtype)
+    if real_gemm.unpack_wanted(w, w_zero):  # centered int8 codes for this call, in the same
+        w, w_zero = real_gemm.unpack_centered(w, w_zero, c * kh * kw), None  # (tap) order
     _, h_out, w_out, n = shape = _output_shape(x_shape, w.shape[0], kernel_size, padding, stride)
     out = torch.empty(shape, device=w.device, dtype=dtype)
     # [B, H, W, C] (a view for a channels-last x; x None: the kernel's x pointer, never read)

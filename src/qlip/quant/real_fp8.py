@@ -34,9 +34,9 @@ exact values), which live until the product is done. The model's weight memory s
 packed bytes', and the step pays one read of them and one e4m3 write a layer. On an H100 the
 packed SDXL step at batch 8 ran at 1.10× bf16 where the unpacked one had run at 0.92× (the
 twentieth and twenty-third sessions), more than the unpacking's bytes explain; with
-:data:`UNPACK_KERNEL` the unpacking is one hand-written Triton kernel instead (an opaque custom
-operator in compiled graphs), so that the two can be timed against each other
-(``benchmarks/fp8_unpack_cost.py``). Off by default until measured.
+``real_gemm.UNPACK_PACKED`` the unpacking is one hand-written Triton launch instead
+(:func:`unpack_e4m3`, an opaque custom operator in compiled graphs), so that the two can be
+timed against each other (``benchmarks/fp8_unpack_cost.py``). Off by default until measured.
 
 Written with PyTorch's own fp8 GEMM, not by hand: cuBLASLt's fp8 kernels are what Hopper's
 vendor tunes; the Triton int8 GEMM of :mod:`~qlip.quant.real_gemm` exists because no library
@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import torch
 
-from .fused_quantize import triton
-from .real_gemm import centered_codes, option_grid, unpack_rows
+from . import real_gemm
+from .real_gemm import centered_codes, option_grid, unpack_centered, unpack_rows
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3fn value
@@ -56,46 +56,13 @@ E4M3_EXACT = 16  # every integer of at most this magnitude is exact in e4m3
 # torch._scaled_mm's use_fast_accum: on Hopper, accumulate in the tensor cores' own reduced
 # precision instead of promoting to fp32 every few K-steps (faster, less exact)
 FAST_ACCUM = False
-# packed bytes to e4m3 by :func:`unpack_e4m3`'s kernel on CUDA (True) or by PyTorch ops (False)
-UNPACK_KERNEL = False
-
-if triton is not None:
-    import triton.language as tl
-
-    @triton.jit
-    def _unpack_e4m3_kernel(packed_ptr, zero_ptr, out_ptr, N, K, KH, stride_p,
-                            BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-        """Bytes ``[N, KH]`` (row stride ``stride_p``; code ``2j`` in byte ``j``'s low nibble)
-        minus each row's zero point, as e4m3 ``[N, K]``: one read of the bytes, one write."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        row_ok = rows < N
-        b = tl.load(packed_ptr + rows[:, None] * stride_p + cols[None, :],
-                    mask=row_ok[:, None] & (cols[None, :] < KH), other=0)
-        z = tl.load(zero_ptr + rows, mask=row_ok, other=0)
-        low = ((b & 15).to(tl.int32) - z[:, None]).to(tl.float32)
-        high = ((b >> 4).to(tl.int32) - z[:, None]).to(tl.float32)
-        pair = tl.reshape(tl.join(low, high), [BLOCK_N, 2 * BLOCK_H]).to(tl.float8e4nv)
-        out_cols = tl.program_id(1) * 2 * BLOCK_H + tl.arange(0, 2 * BLOCK_H)
-        tl.store(out_ptr + rows[:, None] * K + out_cols[None, :], pair,
-                 mask=row_ok[:, None] & (out_cols[None, :] < K))
 
 
 def unpack_e4m3(packed: torch.Tensor, w_zero: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`fp8_weight_matrix` of packed bytes (uint8 ``[N, ceil(k/2)]``, zero points int32
-    ``[N]``) by one Triton launch: the ``[N, k]`` e4m3 centered codes. Needs Triton (a CUDA
-    GPU, or the interpreter on the CPU)."""
-    if triton is None:
-        raise RuntimeError("unpack_e4m3 needs Triton: use fp8_weight_matrix (PyTorch ops)")
-    n, kh = packed.shape
-    if kh != (k + 1) // 2 or packed.dtype != torch.uint8 or packed.stride(1) != 1:
-        raise ValueError(f"{tuple(packed.shape)} {packed.dtype} bytes do not hold {k} codes a row")
-    out = torch.empty((n, k), dtype=E4M3, device=packed.device)
-    block_n, block_h = 32, 64
-    grid = (triton.cdiv(n, block_n), triton.cdiv(kh, block_h))
-    _unpack_e4m3_kernel[grid](packed, w_zero.to(torch.int32).contiguous(), out, n, k, kh,
-                              packed.stride(0), BLOCK_N=block_n, BLOCK_H=block_h)
-    return out
+    """:func:`fp8_weight_matrix` of packed bytes (uint8 ``[N, ceil(k/2)]``, zero points
+    ``[N]``) by one Triton launch (:func:`~qlip.quant.real_gemm.unpack_centered`): the
+    ``[N, k]`` e4m3 centered codes."""
+    return unpack_centered(packed, w_zero, k, E4M3)
 
 
 # the operator, for compiled graphs (an opaque launch, its output's shape from the fake)
@@ -143,10 +110,10 @@ def fp8_weights(w: torch.Tensor, w_zero: torch.Tensor | None, w_scale: torch.Ten
 def fp8_weight_matrix(w8: torch.Tensor, w_zero: torch.Tensor | None, k: int) -> torch.Tensor:
     """The ``[N, k]`` e4m3 weight matrix of :func:`fp8_weights`' operands: ``w8`` itself, or
     (packed bytes) their codes minus the zero points, unpacked here: by PyTorch ops, or on CUDA
-    with :data:`UNPACK_KERNEL` by :func:`unpack_e4m3`'s one launch (the same values)."""
+    with ``real_gemm.UNPACK_PACKED`` by :func:`unpack_e4m3`'s one launch (the same values)."""
     if w8.dtype != torch.uint8:
         return w8
-    if UNPACK_KERNEL and triton is not None and w8.is_cuda:
+    if w8.is_cuda and real_gemm.unpack_wanted(w8, w_zero):  # (the CPU's fp8 runs no Triton)
         if torch.compiler.is_compiling():
             return torch.ops.qlip.unpack_e4m3(w8, w_zero, k)
         return unpack_e4m3(w8, w_zero, k)

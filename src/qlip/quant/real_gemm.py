@@ -46,7 +46,9 @@ one; for an even K that is exactly the flat packing of :mod:`qlip.quant.packing`
 layer's own bytes serve, viewed ``[N, K/2]``). The kernel interleaves each tile's low and high
 nibbles back into K order in registers (``tl.interleave``) and centers them there (``− z_w``),
 so the activation codes are read contiguously, as for int8 weights: the same integer bracket,
-no int8 copy of the weights in memory.
+no int8 copy of the weights in memory. With :data:`UNPACK_PACKED` a launch instead unpacks the
+layer's bytes once (:func:`unpack_centered`, one kernel) into centered int8 codes that live for
+that call, and runs the unpacked kernel on them.
 
 Written by hand: PyTorch's int8 GEMM (``torch._int_mm``) takes integer inputs only, so the
 quantization, the zero-point sums and the choice between integer and float math would be
@@ -545,6 +547,71 @@ PERSISTENT: bool | None = None
 PERSISTENT_WIDE = (128, 256, 128, 8, 3)
 PERSISTENT_NARROW = (128, 128, 128, 8, 4)
 
+# Packed 4-bit weights on CUDA: False (the default), the integer kernels unpack each tile's bytes
+# in registers (every output tile again) and fp8 layers unpack by PyTorch ops; True, every
+# call first unpacks the layer's bytes into its centered codes (int8, or e4m3 for fp8 layers) by
+# one launch of :func:`unpack_centered`, which the unpacked kernels then read: one extra write
+# and read of the weights a call, in exchange for tiles that do no unpacking. The weights'
+# memory stays the packed bytes' (the codes live until the layer's product is done). On an H100
+# the packed SDXL fp8 step ran at 1.10× bf16 where the unpacked one had run at 0.92×, and SD
+# 1.4's packed int8 step at 1.68× where the unpacked one ran at 1.32× (twenty-third and
+# seventeenth sessions); this switch is what `benchmarks/` times against them. Off until timed.
+UNPACK_PACKED = False
+UNPACK_BLOCK_N, UNPACK_BLOCK_H = 32, 64  # rows and bytes a program of the unpacking kernel
+
+if triton is not None:
+    @triton.jit
+    def _unpack_kernel(packed_ptr, zero_ptr, out_ptr, N, K, KH, stride_p, FP8: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Bytes ``[N, KH]`` (row stride ``stride_p``; code ``2j`` in byte ``j``'s low nibble)
+        minus each row's zero point, into ``out`` ``[N, K]``: int8, or e4m3 (``FP8``; every
+        integer within ±16 is exact there). One read of the bytes, one write of the codes."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        row_ok = rows < N
+        b = tl.load(packed_ptr + rows[:, None] * stride_p + cols[None, :],
+                    mask=row_ok[:, None] & (cols[None, :] < KH), other=0)
+        z = tl.load(zero_ptr + rows, mask=row_ok, other=0)
+        low = (b & 15).to(tl.int32) - z[:, None]
+        high = (b >> 4).to(tl.int32) - z[:, None]
+        pair = tl.reshape(tl.join(low, high), [BLOCK_N, 2 * BLOCK_H])
+        if FP8:
+            codes = pair.to(tl.float32).to(tl.float8e4nv)
+        else:
+            codes = pair.to(tl.int8)
+        out_cols = tl.program_id(1) * 2 * BLOCK_H + tl.arange(0, 2 * BLOCK_H)
+        tl.store(out_ptr + rows[:, None] * K + out_cols[None, :], codes,
+                 mask=row_ok[:, None] & (out_cols[None, :] < K))
+
+
+def unpack_centered(packed: torch.Tensor, w_zero: torch.Tensor, k: int,
+                    dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """The centered codes ``w_c − z_w`` ``[N, k]`` of packed bytes (uint8 ``[N, ceil(k/2)]``,
+    :func:`pack_rows`' order; zero points ``[N]``) in ``dtype`` (int8, or
+    ``torch.float8_e4m3fn``), by one Triton launch: :func:`unpack_rows` and
+    :func:`centered_codes` in one pass, the same values. Needs Triton (a CUDA GPU, or the
+    interpreter on the CPU)."""
+    if triton is None:
+        raise RuntimeError("unpack_centered needs Triton: use centered_codes(unpack_rows(...))")
+    n, kh = packed.shape
+    if kh != (k + 1) // 2 or packed.dtype != torch.uint8 or packed.stride(1) != 1:
+        raise ValueError(f"{tuple(packed.shape)} {packed.dtype} bytes do not hold {k} codes a row")
+    if dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"codes are unpacked to int8 or float8_e4m3fn, not {dtype}")
+    out = torch.empty((n, k), dtype=dtype, device=packed.device)
+    grid = (triton.cdiv(n, UNPACK_BLOCK_N), triton.cdiv(kh, UNPACK_BLOCK_H))
+    _unpack_kernel[grid](packed, w_zero.to(torch.int32).contiguous(), out, n, k, kh,
+                         packed.stride(0), FP8=dtype == torch.float8_e4m3fn,
+                         BLOCK_N=UNPACK_BLOCK_N, BLOCK_H=UNPACK_BLOCK_H)
+    return out
+
+
+def unpack_wanted(w: torch.Tensor, w_zero: torch.Tensor | None) -> bool:
+    """Whether a launch unpacks packed weights ``w`` first (:data:`UNPACK_PACKED`, with Triton;
+    4-bit packed codes with their zero points)."""
+    return (UNPACK_PACKED and triton is not None and w.dtype == torch.uint8
+            and w_zero is not None)
+
 
 def capturing(t: torch.Tensor) -> bool:
     """Whether ``t``'s device is capturing a CUDA graph on the current stream (a query of the
@@ -673,6 +740,8 @@ def _launch_linear(x: torch.Tensor | None, a: torch.Tensor | None, table: torch.
     shape, dtype = (x.shape, x.dtype) if x is not None else (a.shape, table.dtype)
     lead, k_dim = shape[:-1], shape[-1]
     check_float_weights(w_float, w, k_dim, dtype)
+    if unpack_wanted(w, w_zero):  # centered int8 codes for this call (UNPACK_PACKED)
+        w, w_zero = unpack_centered(w, w_zero, k_dim), None
     table = table.contiguous()  # (a compiled graph may hand over a strided slice)
     m, n = lead.numel(), w.shape[0]
     out = torch.empty(m, n, device=w.device, dtype=dtype)
