@@ -547,14 +547,14 @@ PERSISTENT: bool | None = None
 PERSISTENT_WIDE = (128, 256, 128, 8, 3)
 PERSISTENT_NARROW = (128, 128, 128, 8, 4)
 
-# Packed 4-bit weights on CUDA: False (the default), the integer kernels unpack each tile's bytes
+# Packed 4-bit weights: False (the default), the integer kernels unpack each tile's bytes
 # in registers (every output tile again) and fp8 layers unpack by PyTorch ops; True, every
 # call first unpacks the layer's bytes into its centered codes (int8, or e4m3 for fp8 layers) by
 # one launch of :func:`unpack_centered`, which the unpacked kernels then read: one extra write
 # and read of the weights a call, in exchange for tiles that do no unpacking. The weights'
 # memory stays the packed bytes' (the codes live until the layer's product is done). On an H100
 # the packed SDXL fp8 step ran at 1.10× bf16 where the unpacked one had run at 0.92×, and SD
-# 1.4's packed int8 step at 1.68× where the unpacked one ran at 1.32× (twenty-third and
+# 1.4's packed int8 step at 1.66× where the unpacked one ran at 1.32× (twenty-third and
 # seventeenth sessions); this switch is what `benchmarks/` times against them. Off until timed.
 UNPACK_PACKED = False
 UNPACK_BLOCK_N, UNPACK_BLOCK_H = 32, 64  # rows and bytes a program of the unpacking kernel
