@@ -300,14 +300,17 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
     unpacks = []
     monkeypatch.setattr(rg, "unpack_centered",
                         lambda *a, _f=rg.unpack_centered: unpacks.append(1) or _f(*a))
-    for bits in (4, 8):
+    for bits in (4, 8, 16):
         for unit in units.values():
             unit.set_bits(bits)
         unpacks.clear()
         with torch.no_grad():
             got = unet(x, t, encoder_hidden_states=c).sample
         assert len(unpacks) == sum(len(m.splits) for m in linears if m.packed)
-        assert torch.equal(got, outputs[bits]), bits
+        if bits <= 8:
+            assert torch.equal(got, outputs[bits]), bits
+        else:  # the float math on the unpacked codes: the same values, perhaps another order
+            assert (got - outputs[bits]).abs().max() < 1e-3, bits
 
 
 def test_launch_takes_the_first_tile_unless_autotuning_is_on(monkeypatch):
