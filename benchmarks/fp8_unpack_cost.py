@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from qlip.quant import real_fp8, real_gemm
-from qlip.quant.real_gemm import pack_rows
+from qlip.quant.real_gemm import centered_codes, pack_rows, unpack_rows
 from qlip.testing import build_unet, unet_step_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,8 +123,9 @@ def main() -> None:
         if n % 16 or k % 16:  # torch._scaled_mm's rule: such layers stay on the integer kernels
             continue
         o = operands(m, n, k)
+        # against the PyTorch ops themselves (fp8_weight_matrix would follow UNPACK_PACKED)
         exact = torch.equal(real_fp8.unpack_e4m3(o["packed"], o["zero"], k).float(),
-                            real_fp8.fp8_weight_matrix(o["packed"], o["zero"], k).float())
+                            centered_codes(unpack_rows(o["packed"], k), o["zero"]).float())
         row = {"m": m, "n": n, "k": k, "count": count, "triton_unpack_exact": exact}
         row |= {name: graph_ms(partial(call, o), args.iters) for name, call in ways.items()}
         rows.append(row)

@@ -100,7 +100,7 @@ case "$part" in
             --largest 1 --ways sdpa,fused,before \
             --before docs/results/speed/twenty_second_session/fused_attention_1080686.py \
             --out "$out/attention/attention_speed.json" > "$out/attention_speed.txt" 2>&1
-        limited unpack ${T_UNPACK:-100} python3 "$here/fp8_unpack_cost.py" --arch sdxl --batch 8 \
+        limited unpack ${T_UNPACK:-150} python3 "$here/fp8_unpack_cost.py" --arch sdxl --batch 8 \
             --out "$out/unpack/fp8_unpack_cost.json" > "$out/fp8_unpack_cost.txt" 2>&1
         limited tests_attention ${T_TESTS:-60} python3 -m pytest -q -p no:cacheprovider \
             tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1 ;;
