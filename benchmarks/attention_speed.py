@@ -37,11 +37,27 @@ from qlip.quant import fused_attention as fa
 from qlip.testing import build_unet, unet_step_inputs
 
 
+def hooked_call(arch: str, batch: int, types: tuple, record, device: str = "cuda") -> None:
+    """One bf16 call of the ``arch`` UNet (random weights) at ``batch``, ``record(module, args,
+    kwargs)`` a forward pre-hook on every module of ``types``: how the benchmarks read the
+    shapes a step runs."""
+    unet = build_unet(arch, device, torch.bfloat16)
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
+             for m in unet.modules() if isinstance(m, types)]
+    x, t, c, kwargs = unet_step_inputs(unet, batch, device, torch.bfloat16, 0)
+    with torch.no_grad():
+        unet(x, t, encoder_hidden_states=c, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    del unet
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def attention_shapes(arch: str, batch: int, device: str = "cuda") -> Counter:
     """``{(R, N, M, d): count}`` of one UNet call: rows (batch × heads), queries, keys, head dim."""
     from diffusers.models.attention_processor import Attention
 
-    unet = build_unet(arch, device, torch.bfloat16)
     shapes: Counter = Counter()
 
     def record(module, args, kwargs):
@@ -51,16 +67,7 @@ def attention_shapes(arch: str, batch: int, device: str = "cuda") -> Counter:
         d = module.to_q.out_features // module.heads
         shapes[(hidden.shape[0] * module.heads, hidden.shape[1], keys, d)] += 1
 
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
-             for m in unet.modules() if isinstance(m, Attention)]
-    x, t, c, kwargs = unet_step_inputs(unet, batch, device, torch.bfloat16, 0)
-    with torch.no_grad():
-        unet(x, t, encoder_hidden_states=c, **kwargs)
-    for hook in hooks:
-        hook.remove()
-    del unet
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    hooked_call(arch, batch, (Attention,), record, device)
     return shapes
 
 

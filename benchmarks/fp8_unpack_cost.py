@@ -37,33 +37,23 @@ from torch import nn
 
 from qlip.quant import real_fp8, real_gemm
 from qlip.quant.real_gemm import centered_codes, pack_rows, unpack_rows
-from qlip.testing import build_unet, unet_step_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_speed import graph_ms  # noqa: E402
+from attention_speed import graph_ms, hooked_call  # noqa: E402
 
 
 def gemm_shapes(arch: str, batch: int, device: str = "cuda") -> Counter:
     """``{(M, N, K): count}`` of one UNet call's Linear layers and 1×1 convs."""
-    unet = build_unet(arch, device, torch.bfloat16)
     shapes: Counter = Counter()
 
-    def record(module, args):
-        x = args[0]
+    def record(module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
         if isinstance(module, nn.Linear):
             shapes[(x.numel() // x.shape[-1], module.out_features, module.in_features)] += 1
         elif module.kernel_size == (1, 1):
             shapes[(x.numel() // x.shape[1], module.out_channels, module.in_channels)] += 1
 
-    hooks = [m.register_forward_pre_hook(record) for m in unet.modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d))]
-    x, t, c, kwargs = unet_step_inputs(unet, batch, device, torch.bfloat16, 0)
-    with torch.no_grad():
-        unet(x, t, encoder_hidden_states=c, **kwargs)
-    for hook in hooks:
-        hook.remove()
-    del unet
-    torch.cuda.empty_cache()
+    hooked_call(arch, batch, (nn.Linear, nn.Conv2d), record, device)
     return shapes
 
 

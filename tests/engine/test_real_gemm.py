@@ -282,35 +282,29 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
                 assert part[2].untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
         assert layer._real_tap_major == (layer.real_kind() == "conv"
                                          and tuple(layer.kernel_size) != (1, 1))
-    for bits in (4, 8, 16):
-        for unit in units.values():
-            unit.set_bits(bits)
-        calls.clear()
-        with torch.no_grad():
-            got = unet(x, t, encoder_hidden_states=c).sample
-        assert len(calls) == sum(len(m.splits) for m in linears)  # a launch per input part
-        if bits <= 8:  # the same integers, the same fp32 scaling
-            assert torch.equal(got, outputs[bits]), bits
-        else:  # float math, on a GPU perhaps summed in another order (the packed kernel tunes
-            # its own tiles), carried through the UNet (each layer alone agrees to 1e-5, above)
-            assert (got - outputs[bits]).abs().max() < 1e-3, bits
+    def same_outputs(counted: list, launches: int) -> None:
+        for bits in (4, 8, 16):
+            for unit in units.values():
+                unit.set_bits(bits)
+            counted.clear()
+            with torch.no_grad():
+                got = unet(x, t, encoder_hidden_states=c).sample
+            assert len(counted) == launches, bits
+            if bits <= 8:  # the same integers, the same fp32 scaling
+                assert torch.equal(got, outputs[bits]), bits
+            else:  # float math, on a GPU perhaps summed in another order (the packed kernel
+                # tunes its own tiles), carried through the UNet (each layer alone agrees to
+                # 1e-5, above)
+                assert (got - outputs[bits]).abs().max() < 1e-3, bits
+
+    same_outputs(calls, sum(len(m.splits) for m in linears))  # a launch per input part
     # UNPACK_PACKED: each launch unpacks its bytes first (one kernel) for the unpacked kernels:
     # the same integers again, the same bytes kept
     monkeypatch.setattr(rg, "UNPACK_PACKED", True)
     unpacks = []
     monkeypatch.setattr(rg, "unpack_centered",
                         lambda *a, _f=rg.unpack_centered: unpacks.append(1) or _f(*a))
-    for bits in (4, 8, 16):
-        for unit in units.values():
-            unit.set_bits(bits)
-        unpacks.clear()
-        with torch.no_grad():
-            got = unet(x, t, encoder_hidden_states=c).sample
-        assert len(unpacks) == sum(len(m.splits) for m in linears if m.packed)
-        if bits <= 8:
-            assert torch.equal(got, outputs[bits]), bits
-        else:  # the float math on the unpacked codes: the same values, perhaps another order
-            assert (got - outputs[bits]).abs().max() < 1e-3, bits
+    same_outputs(unpacks, sum(len(m.splits) for m in linears if m.packed))
 
 
 def test_launch_takes_the_first_tile_unless_autotuning_is_on(monkeypatch):
