@@ -28,10 +28,10 @@
 #   ... p   where the packed fp8 SDXL step's time goes at batch 8 (benchmarks/step_profile.py,
 #           eager with the kernels and tiles of a CUDA graph's capture, no compile): GPU time
 #           by kind of kernel for bf16, fp8 on unpacked codes, fp8 packed (PyTorch's unpacking,
-#           unfused in eager), fp8 packed with real_gemm.UNPACK_PACKED (every layer's bytes unpacked
-#           by one launch a call); chiefly whether the int8
-#           3×3 convs lose on packed bytes (SD 1.4's packed int8 step ran 1.66× where the
-#           unpacked one ran 1.32×, seventeenth session)
+#           unfused in eager), fp8 packed with real_gemm.UNPACK_PACKED (every layer's bytes
+#           unpacked by one launch a call); chiefly whether the int8 3×3 convs lose on packed
+#           bytes (SD 1.4's packed int8 step ran 1.66× where the unpacked one ran 1.32×,
+#           seventeenth session)
 #   ... t   the CUDA tests of the fused attention and the persistent kernels (both passed in the
 #           twenty-second session)
 #   ... q   what fp8 does to images at 2,000 prompts on the GPU (issue 14 item 3; the nineteenth
