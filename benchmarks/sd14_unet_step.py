@@ -19,7 +19,8 @@ same on packed 4-bit weights, unpacked to e4m3 per call for the fp8 GEMMs by PyT
 Inductor compiles, ``..._fp8_fast_packed_unpack`` by one Triton launch a layer and call,
 ``real_gemm.UNPACK_PACKED``; ``w4a8_layers_real_packed_unpack`` the int8 packed one so, its
 integer kernels reading the unpacked codes instead of unpacking every tile) and a W4A{8,16,32}
-bank whose every unit's bits change at every call. Eager, CUDA-graph replay and ``torch.compile``. Run on the GPU:
+bank whose every unit's bits change at every call. Eager, CUDA-graph replay and
+``torch.compile``. Run on the GPU:
 
     python benchmarks/sd14_unet_step.py --out benchmarks/results/sd14_unet_step.json
     python benchmarks/sd14_unet_step.py --arch sdxl --batch 8 --out ...
