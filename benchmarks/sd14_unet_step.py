@@ -59,6 +59,7 @@ from qlip.nn import (
 from qlip.pipeline import prepare_unet
 from qlip.pipeline.generate import StepController
 from qlip.policies import BitPolicy, FixedBits
+from qlip.quant import real_conv, real_fp8, real_gemm
 from qlip.testing import build_unet, unet_step_inputs
 
 VARIANTS = ("bf16", "bf16_channels_last", "w4a8_layers", "w4a8_layers_pytorch", "w4a8_layers_real",
@@ -187,13 +188,9 @@ def build(variant: str, args):
     if variant.startswith("w4a8_layers_real"):  # the Linear layers in int8 math (real_gemm)
         if variant.endswith(("_packed", "_packed_unpack")):  # on the packed codes themselves
             pack_weights(unet)
-            from qlip.quant import real_gemm
-
             # _unpack: each layer's bytes unpacked by one launch a call, for the unpacked kernels
             real_gemm.UNPACK_PACKED = variant.endswith("_unpack")
         if variant.endswith(("_persistent", "_one_tile")):  # (this variant's own process)
-            from qlip.quant import real_conv, real_gemm
-
             # the Linear layers and stride-1 3×3 convs always through the persistent TMA
             # kernels, or never (_conv_one_tile: the convs never, the Linear layers by default)
             if not variant.endswith("_conv_one_tile"):
@@ -201,8 +198,6 @@ def build(variant: str, args):
             real_conv.PERSISTENT = variant.endswith("_persistent")
         fp8 = "_fp8" in variant  # the A8 GEMMs in e4m3 (torch._scaled_mm), the 3×3 convs int8
         if "_fp8_fast" in variant:
-            from qlip.quant import real_fp8
-
             real_fp8.FAST_ACCUM = True
         use_real_execution(unet, True, fp8=fp8)
     return unet, quant_units(unet)
@@ -245,8 +240,6 @@ def measure(variant: str, args, save=lambda out: None) -> dict:
     """One variant's measurements; ``save(out)`` gets what is measured so far after each phase,
     so that a run cut by its time limit keeps the phases it finished."""
     if getattr(args, "codes_kernel", False):
-        from qlip.quant import real_gemm
-
         real_gemm.CODES_IN_GRAPH = False
     unet, units = build(variant, args)
     x, t, c, kw = inputs(unet, args)
@@ -523,24 +516,18 @@ def summarise(results: dict) -> None:
     if base_compiled and "compiled" in layers:
         targets["compiled_w4a8_layers_vs_bf16"] = layers["compiled"]["median_ms"] / base_compiled
     base_graph = base.get("compiled_graph", {}).get("median_ms")
-    for name in ("w4a8_layers", "w4a8_layers_real", "w4a8_layers_real_packed",
-                 "w4a8_layers_real_persistent", "w4a8_layers_real_one_tile",
-                 "w4a8_layers_real_conv_one_tile", "w4a8_layers_real_fp8",
-                 "w4a8_layers_real_fp8_fast", "w4a8_layers_real_fp8_fast_packed",
-                 "w4a8_layers_real_fp8_fast_packed_unpack", "w4a8_layers_real_packed_unpack",
-                 "w4a8_attention",
-                 "w4a8_attention_fused", "bank"):
+    intervals = {}  # each compiled_graph ratio's 95% bootstrap interval over the timed replays
+    for name in (n for n in COMPILED if not n.startswith("bf16")):
         # by the compiled step's GPU time (bank: A8, attention quantized)
         if base_graph and "compiled_graph" in v.get(name, {}):
-            targets[f"compiled_graph_{name}_vs_bf16"] = (
-                v[name]["compiled_graph"]["median_ms"] / base_graph)
-    intervals = {}  # each compiled_graph ratio's 95% bootstrap interval over the timed replays
-    for key in [k for k in targets if k.startswith("compiled_graph_")]:
-        name = key[len("compiled_graph_"):-len("_vs_bf16")]
-        intervals[key] = ratio_interval(v[name]["compiled_graph"].get("times"),
-                                        base["compiled_graph"].get("times"))
-    if any(intervals.values()):
-        targets["intervals_95"] = {k: i for k, i in intervals.items() if i}
+            key = f"compiled_graph_{name}_vs_bf16"
+            targets[key] = v[name]["compiled_graph"]["median_ms"] / base_graph
+            interval = ratio_interval(v[name]["compiled_graph"].get("times"),
+                                      base["compiled_graph"].get("times"))
+            if interval:
+                intervals[key] = interval
+    if intervals:
+        targets["intervals_95"] = intervals
     # the best bf16 (the issue's baseline): the fastest of every bf16 layout and mode
     best = min(((data[mode]["median_ms"], f"{name} {mode}") for name, data in v.items()
                 if name.startswith("bf16") for mode in ("eager", "graph", "compiled",

@@ -57,6 +57,13 @@ out=${1:?output folder}; part=${2:?a, b, c, d, e, f, p, q, t or u}
 here=$(dirname "$0")
 # shellcheck source=benchmarks/device_call.sh
 source "$here/device_call.sh"  # the wheels, machine.txt, limited NAME LIMIT COMMAND...
+largest_attention() {  # SD 1.4's largest attention shape: SDPA, the kernel now and at 1080686
+    mkdir -p "$out/attention"
+    limited attention "$1" python3 "$here/attention_speed.py" --arch sd14 --batch 8 \
+        --largest 1 --ways sdpa,fused,before \
+        --before docs/results/speed/twenty_second_session/fused_attention_1080686.py \
+        --out "$out/attention/attention_speed.json" > "$out/attention_speed.txt" 2>&1
+}
 case "$part" in
     a)
         ARCH=sdxl BATCH=8 T_REAL=${T_REAL:-530} \
@@ -67,11 +74,7 @@ case "$part" in
             VARIANTS=bf16_channels_last,w4a8_attention_fused \
             limited first_target_b8 470 bash "$here/speed_suite.sh" "$out/first_b8" step \
             > /dev/null 2>&1
-        mkdir -p "$out/attention"
-        limited attention 60 python3 "$here/attention_speed.py" --arch sd14 --batch 8 \
-            --largest 1 --ways sdpa,fused,before \
-            --before docs/results/speed/twenty_second_session/fused_attention_1080686.py \
-            --out "$out/attention/attention_speed.json" > "$out/attention_speed.txt" 2>&1 ;;
+        largest_attention 60 ;;
     c)
         for b in 2 1; do
             BATCH=$b T_REAL=${T_REAL:-250} \
@@ -95,11 +98,7 @@ case "$part" in
             limited first_target_b2 260 bash "$here/speed_suite.sh" "$out/first_b2" step \
             > /dev/null 2>&1 ;;
     u)
-        mkdir -p "$out/attention"
-        limited attention 55 python3 "$here/attention_speed.py" --arch sd14 --batch 8 \
-            --largest 1 --ways sdpa,fused,before \
-            --before docs/results/speed/twenty_second_session/fused_attention_1080686.py \
-            --out "$out/attention/attention_speed.json" > "$out/attention_speed.txt" 2>&1
+        largest_attention 55
         limited unpack ${T_UNPACK:-150} python3 "$here/fp8_unpack_cost.py" --arch sdxl --batch 8 \
             --out "$out/unpack/fp8_unpack_cost.json" > "$out/fp8_unpack_cost.txt" 2>&1
         limited tests_attention ${T_TESTS:-60} python3 -m pytest -q -p no:cacheprovider \
