@@ -7,7 +7,8 @@ only; layers + attention, materialised or fused: ``w4a8_attention_fused`` runs s
 qlip.quant.fused_attention's Triton kernel; ``w4a8_layers_pytorch`` without the one-launch
 quantizer; ``w4a8_layers_real`` with the Linear layers and convs in int8 math,
 qlip.quant.real_gemm/real_conv; ``w4a8_layers_real_packed`` the same on packed 4-bit weights,
-every layer's codes two a byte; ``w4a8_layers_real_persistent`` the int8 one with its Linear
+every layer's codes two a byte, unpacked in the kernels' registers (``real_gemm.UNPACK_PACKED``
+off, as every ``_packed`` variant); ``w4a8_layers_real_persistent`` the int8 one with its Linear
 layers and stride-1 3×3 convs always through the persistent TMA kernels,
 ``real_gemm.PERSISTENT = real_conv.PERSISTENT = True``, and ``w4a8_layers_real_one_tile`` never
 (the default, None, takes them while a CUDA graph is captured);
@@ -17,7 +18,7 @@ the int8 one with its Linear layers and 1×1 convs in e4m3 through ``torch._scal
 qlip.quant.real_fp8, ``..._fp8_fast`` with its fast accumulation, ``..._fp8_fast_packed`` the
 same on packed 4-bit weights, unpacked to e4m3 per call for the fp8 GEMMs by PyTorch ops that
 Inductor compiles, ``..._fp8_fast_packed_unpack`` by one Triton launch a layer and call,
-``real_gemm.UNPACK_PACKED``; ``w4a8_layers_real_packed_unpack`` the int8 packed one so, its
+``real_gemm.UNPACK_PACKED`` (the library's default since the twenty-fourth session); ``w4a8_layers_real_packed_unpack`` the int8 packed one so, its
 integer kernels reading the unpacked codes instead of unpacking every tile) and a W4A{8,16,32}
 bank whose every unit's bits change at every call. Eager, CUDA-graph replay and
 ``torch.compile``. Run on the GPU:
@@ -501,7 +502,7 @@ def summarise(results: dict) -> None:
     if base_name is None:
         raise KeyError("bf16 or bf16_channels_last")
     base = v[base_name]
-    base_eager = base["eager"]["median_ms"]
+    base_eager = base.get("eager", {}).get("median_ms")  # absent from a part cut before timing
     base_compiled = base.get("compiled", {}).get("median_ms")
     rows = []
     for name, data in v.items():
@@ -547,9 +548,10 @@ def summarise(results: dict) -> None:
             if mine and theirs and name != base_name:
                 targets[f"{phase}_memory_{name}_vs_bf16"] = mine / theirs
     targets["bf16_baseline"] = base_name
-    if "eager" in layers:
+    if base_eager and "eager" in layers:
         targets["eager_w4a8_layers_vs_bf16"] = layers["eager"]["median_ms"] / base_eager
-    if "eager" in v.get("w4a8_layers_pytorch", {}):  # the same without the one-launch quantizer
+    # the same without the one-launch quantizer
+    if base_eager and "eager" in v.get("w4a8_layers_pytorch", {}):
         targets["eager_w4a8_layers_pytorch_vs_bf16"] = (
             v["w4a8_layers_pytorch"]["eager"]["median_ms"] / base_eager)
     bank = v.get("bank", {})

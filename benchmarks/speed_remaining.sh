@@ -1,30 +1,37 @@
 #!/usr/bin/env bash
 # Issue 14's measurements, as device calls of at most ~9.5 minutes each (from the repository root
-# on the GPU machine, .whl carried). Still missing after the twenty-third session, in order:
-# u, p, then a (with A_VARIANTS by their answer), c, d, f, q, e.
+# on the GPU machine, .whl carried). Still missing after the twenty-fourth session, in order:
+# u (the restored kernel loops' CUDA tests and time), c (SD 1.4 real at batch 1), f (the weight
+# memory on CUDA, the first target at batch 2), d, q, e. Done: b and a (both targets' steps),
+# p's question answered by a (the packed step's loss was the unpacking: real_gemm.UNPACK_PACKED,
+# now the default, took it to 0.944×), c at batch 2.
 #   bash benchmarks/speed_remaining.sh "$OUT" b
 #     the first target alone: simulated W4A8 with attention (the fused kernel, compiled,
 #     channels-last) beside bf16 channels-last at batch 8, the two alone with most of the call;
 #     then SD 1.4's largest attention shape alone (benchmarks/attention_speed.py --largest 1:
 #     SDPA, the fused kernel now and at 1080686). Done in the twenty-third session: 1.298×
 #     (met); the kernel at 1080686 7% faster than 528aa8f's loops, which were reverted since
-#   ... a   the SDXL real step at batch 8, the packed fp8 model beside bf16 channels-last, the two
-#           alone with most of the call (the second target's speed half; timed at 1.098× in
-#           the twenty-third session). A_VARIANTS=bf16_channels_last,w4a8_layers_real_fp8_fast_packed_unpack
-#           times the packed model with its bytes unpacked by one Triton launch a layer
-#           (real_gemm.UNPACK_PACKED: the fp8 layers' and the int8 3×3 convs' bytes, for the unpacked
-#           kernels) instead of Inductor's kernels and the convs' in-register unpacking
-#   ... c   the SD 1.4 real step at batch 2 and 1 (bf16, int8, fp8)
-#   ... d   the SDXL real step at batch 1 (bf16, int8, packed fp8; two real variants at most
-#           beside bf16 finish compiling within the limit)
+#   ... a   the SDXL real step at batch 8, the packed fp8 model (its bytes unpacked by one Triton
+#           launch a layer and call, real_gemm.UNPACK_PACKED, the default) beside bf16
+#           channels-last, the two alone with most of the call: the second target's step,
+#           0.944× [0.933, 0.950] in the twenty-fourth session (met). A_VARIANTS picks others,
+#           e.g. ..._fp8_fast_packed (UNPACK_PACKED off: Inductor's unpacking for the fp8 layers,
+#           in-register for the int8 3×3 convs; 1.098× in the twenty-third session)
+#   ... c   the SD 1.4 real step at C_BATCHES (default 1; batch 2 ran in the twenty-fourth
+#           session, where batch 1 was cut after bf16 at 250 s a batch) (bf16, int8, fp8)
+#   ... d   the SDXL real step at batch 1 (bf16, int8, packed fp8 as the library runs it; two
+#           real variants at most beside bf16 finish compiling within the limit)
 #   ... e   SDXL's Linear and 3×3 conv shapes alone (benchmarks/real_tile_sweep.py --arch
 #           sdxl): the persistent kernels' tiles against cuBLAS's and cuDNN's bf16 there
-#   ... f   the weight memory on CUDA (the packed fp8 model's allocation); the first target at
-#           batch 2
-#   ... u   (short) the largest attention shape, the kernel now (the loops of 1080686 again)
-#           beside 1080686's; benchmarks/fp8_unpack_cost.py (SDXL b8: what unpacking packed bytes
-#           to e4m3 costs a step, Inductor's kernel against a hand-written one); the fused
-#           attention's CUDA tests with what the call has left
+#   ... f   the weight memory on CUDA (the packed fp8 model's allocation; cut at 90 s in the
+#           twenty-fourth session); the first target at batch 2, its two variants alone (four
+#           variants at once were still compiling at 240 s)
+#   ... u   the fused attention's CUDA tests (the loops of 1080686 again; the twenty-fourth
+#           session's 60 s on a fresh machine passed 7 before the limit), then SD 1.4's largest
+#           attention shape, the kernel now beside 1080686's (55 s was not enough to compile
+#           on a fresh machine); T_UNPACK>0 adds benchmarks/fp8_unpack_cost.py (SDXL b8, run in
+#           the twenty-fourth session: the packed step's fp8 GEMMs 59.6 ms with Inductor's
+#           unpacking, 53.2 with the one-launch unpacking, 51.2 on unpacked e4m3)
 #   ... p   where the packed fp8 SDXL step's time goes at batch 8 (benchmarks/step_profile.py,
 #           eager with the kernels and tiles of a CUDA graph's capture, no compile): GPU time
 #           by kind of kernel for bf16, fp8 on unpacked codes, fp8 packed (PyTorch's unpacking,
@@ -67,7 +74,7 @@ largest_attention() {  # SD 1.4's largest attention shape: SDPA, the kernel now 
 case "$part" in
     a)
         ARCH=sdxl BATCH=8 T_REAL=${T_REAL:-530} \
-            REAL_VARIANTS=${A_VARIANTS:-bf16_channels_last,w4a8_layers_real_fp8_fast_packed} \
+            REAL_VARIANTS=${A_VARIANTS:-bf16_channels_last,w4a8_layers_real_fp8_fast_packed_unpack} \
             limited sdxl_b8 540 bash "$here/speed_suite.sh" "$out/sdxl_b8" real > /dev/null 2>&1 ;;
     b)
         BATCH=8 T_STEP=${T_STEP:-460} SIM_CHANNELS_LAST=1 \
@@ -76,33 +83,36 @@ case "$part" in
             > /dev/null 2>&1
         largest_attention 60 ;;
     c)
-        for b in 2 1; do
-            BATCH=$b T_REAL=${T_REAL:-250} \
+        batches=${C_BATCHES:-1}; nb=$(wc -w <<< "$batches"); each=$(( 510 / nb ))
+        for b in $batches; do
+            BATCH=$b T_REAL=${T_REAL:-$(( each - 10 ))} \
                 REAL_VARIANTS=bf16_channels_last,w4a8_layers_real,w4a8_layers_real_fp8_fast \
-                limited "sd14_real_b$b" 260 bash "$here/speed_suite.sh" "$out/real_b$b" real \
+                limited "sd14_real_b$b" "$each" bash "$here/speed_suite.sh" "$out/real_b$b" real \
                 > /dev/null 2>&1
         done ;;
     d)
         ARCH=sdxl BATCH=1 T_REAL=${T_REAL:-500} \
-            REAL_VARIANTS=bf16_channels_last,w4a8_layers_real,w4a8_layers_real_fp8_fast_packed \
+            REAL_VARIANTS=bf16_channels_last,w4a8_layers_real,w4a8_layers_real_fp8_fast_packed_unpack \
             limited sdxl_b1 510 bash "$here/speed_suite.sh" "$out/sdxl_b1" real > /dev/null 2>&1 ;;
     e)
         limited sweep 540 python3 "$here/real_tile_sweep.py" --arch sdxl --kinds linear,conv \
             --tiles "128,128,128,8,4 128,256,128,8,3 128,256,64,8,3 128,128,64,8,4 64,128,64,4,3" \
             --out "$out/sdxl_tile_sweep.json" > "$out/sdxl_tile_sweep.txt" 2>&1 ;;
     f)
-        limited memory 90 python3 "$here/weight_memory.py" --device cuda \
+        limited memory "${T_MEMORY:-200}" python3 "$here/weight_memory.py" --device cuda \
             --out "$out/weight_memory.json" > "$out/weight_memory.txt" 2>&1
-        BATCH=2 T_STEP=${T_STEP:-250} SIM_CHANNELS_LAST=1 \
-            VARIANTS=bf16_channels_last,w4a8_layers,w4a8_attention,w4a8_attention_fused \
-            limited first_target_b2 260 bash "$here/speed_suite.sh" "$out/first_b2" step \
-            > /dev/null 2>&1 ;;
+        BATCH=2 T_STEP=${T_STEP:-320} SIM_CHANNELS_LAST=1 \
+            VARIANTS=${F_VARIANTS:-bf16_channels_last,w4a8_attention_fused} \
+            limited first_target_b2 "$(( ${T_STEP:-320} + 10 ))" \
+            bash "$here/speed_suite.sh" "$out/first_b2" step > /dev/null 2>&1 ;;
     u)
-        largest_attention 55
-        limited unpack ${T_UNPACK:-150} python3 "$here/fp8_unpack_cost.py" --arch sdxl --batch 8 \
-            --out "$out/unpack/fp8_unpack_cost.json" > "$out/fp8_unpack_cost.txt" 2>&1
-        limited tests_attention ${T_TESTS:-60} python3 -m pytest -q -p no:cacheprovider \
-            tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1 ;;
+        limited tests_attention "${T_TESTS:-240}" python3 -m pytest -q -p no:cacheprovider \
+            tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1
+        largest_attention "${T_ATTENTION:-150}"
+        if [ "${T_UNPACK:-0}" -gt 0 ]; then
+            limited unpack "$T_UNPACK" python3 "$here/fp8_unpack_cost.py" --arch sdxl --batch 8 \
+                --out "$out/unpack/fp8_unpack_cost.json" > "$out/fp8_unpack_cost.txt" 2>&1
+        fi ;;
     p)
         limited profile ${T_PROFILE:-420} python3 "$here/step_profile.py" --arch sdxl --batch 8 \
             --no-compile --as-captured --steps 3 --warmup 2 \

@@ -107,7 +107,7 @@ def test_the_unpacking_kernel_gives_the_centered_codes_exactly(n, k, monkeypatch
     """``real_gemm.unpack_centered``, the packed bytes' one-launch unpacking
     (``UNPACK_PACKED``), gives the PyTorch ops' codes bit for bit, in int8 and in e4m3, and as
     fp8's custom operator (opcheck: its fake agrees with it); wrong bytes or dtypes are
-    refused. On CUDA, fp8_weight_matrix takes it under the switch."""
+    refused. On CUDA, fp8_weight_matrix takes it under the switch (the default)."""
     device = kernel_device()
     g = torch.Generator().manual_seed(n + k)
     codes = torch.randint(0, 16, (n, k), generator=g)
@@ -128,9 +128,10 @@ def test_the_unpacking_kernel_gives_the_centered_codes_exactly(n, k, monkeypatch
         rg.unpack_centered(*on, k + 2)
     with pytest.raises(ValueError, match="int8 or float8_e4m3fn"):
         rg.unpack_centered(*on, k, torch.int32)
-    if device == "cuda":
-        monkeypatch.setattr(rg, "UNPACK_PACKED", True)
-        assert torch.equal(rf.fp8_weight_matrix(*on, k).float().cpu(), want)
+    if device == "cuda":  # fp8_weight_matrix takes the launch under the switch, else PyTorch's ops
+        for flag in (True, False):
+            monkeypatch.setattr(rg, "UNPACK_PACKED", flag)
+            assert torch.equal(rf.fp8_weight_matrix(*on, k).float().cpu(), want)
 
 
 def test_activation_codes_stay_finite_at_the_range_ends():

@@ -297,9 +297,11 @@ def test_a_packed_unet_runs_for_real_on_its_own_bytes(tiny_pipe, monkeypatch):
                 # 1e-5, above)
                 assert (got - outputs[bits]).abs().max() < 1e-3, bits
 
+    # UNPACK_PACKED off: the kernels unpack each tile's bytes in registers
+    monkeypatch.setattr(rg, "UNPACK_PACKED", False)
     same_outputs(calls, sum(len(m.splits) for m in linears))  # a launch per input part
-    # UNPACK_PACKED: each launch unpacks its bytes first (one kernel) for the unpacked kernels:
-    # the same integers again, the same bytes kept
+    # UNPACK_PACKED (the default): each launch unpacks its bytes first (one kernel) for the
+    # unpacked kernels: the same integers again, the same bytes kept
     monkeypatch.setattr(rg, "UNPACK_PACKED", True)
     unpacks = []
     monkeypatch.setattr(rg, "unpack_centered",

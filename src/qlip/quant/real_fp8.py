@@ -29,14 +29,14 @@ PyTorch ops, which a compiled graph fuses into the kernel producing the layer's 
 
 **Packed weights.** A packed layer (``qlip.nn.pack_weights``: 4-bit codes two a byte, a
 quarter of bf16's bytes) keeps only its bytes: every call unpacks them to the e4m3 weights of
-that one GEMM (:func:`fp8_weight_matrix`, PyTorch ops that a compiled graph fuses; the same
-exact values), which live until the product is done. The model's weight memory stays the
-packed bytes', and the step pays one read of them and one e4m3 write a layer. On an H100 the
-packed SDXL step at batch 8 ran at 1.10× bf16 where the unpacked one had run at 0.92× (the
-twentieth and twenty-third sessions), more than the unpacking's bytes explain; with
-``real_gemm.UNPACK_PACKED`` the unpacking is one hand-written Triton launch instead
-(:func:`unpack_e4m3`, an opaque custom operator in compiled graphs), so that the two can be
-timed against each other (``benchmarks/fp8_unpack_cost.py``). Off by default until measured.
+that one GEMM (:func:`fp8_weight_matrix`; the same exact values), which live until the product
+is done. The model's weight memory stays the packed bytes', and the step pays one read of them
+and one e4m3 write a layer. On CUDA the unpacking is one hand-written Triton launch
+(:func:`unpack_e4m3`, an opaque custom operator in compiled graphs; ``real_gemm.UNPACK_PACKED``,
+on by default); without it, PyTorch ops that a compiled graph fuses. On an H100 the packed SDXL
+step at batch 8 ran at 1.10× bf16 with PyTorch's ops and at 0.944× with the launch (the
+twenty-third and twenty-fourth sessions; ``benchmarks/fp8_unpack_cost.py`` times the two per
+GEMM shape).
 
 Written with PyTorch's own fp8 GEMM, not by hand: cuBLASLt's fp8 kernels are what Hopper's
 vendor tunes; the Triton int8 GEMM of :mod:`~qlip.quant.real_gemm` exists because no library

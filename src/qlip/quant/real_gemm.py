@@ -43,12 +43,13 @@ bracket (:func:`zero_mode`).
 **Packed 4-bit weights.** Weight codes of at most 4 bits may come packed two per byte along K
 (:func:`pack_rows`: code ``2j`` of a row in the low nibble of byte ``j``, ``2j + 1`` in the high
 one; for an even K that is exactly the flat packing of :mod:`qlip.quant.packing`, so a packed
-layer's own bytes serve, viewed ``[N, K/2]``). The kernel interleaves each tile's low and high
-nibbles back into K order in registers (``tl.interleave``) and centers them there (``− z_w``),
-so the activation codes are read contiguously, as for int8 weights: the same integer bracket,
-no int8 copy of the weights in memory. With :data:`UNPACK_PACKED` a launch instead unpacks the
-layer's bytes once (:func:`unpack_centered`, one kernel) into centered int8 codes that live for
-that call, and runs the unpacked kernel on them.
+layer's own bytes serve, viewed ``[N, K/2]``). By default (:data:`UNPACK_PACKED`) a launch first
+unpacks the layer's bytes (:func:`unpack_centered`, one kernel) into centered int8 codes that live
+for that call, and runs the unpacked kernel on them: no int8 copy of the weights stays in memory.
+With the switch off, the kernel interleaves each tile's low and high nibbles back into K order
+in registers (``tl.interleave``) and centers them there (``− z_w``), so the activation codes are
+read contiguously, as for int8 weights: the same integer bracket, the unpacking repeated in
+every output tile.
 
 Written by hand: PyTorch's int8 GEMM (``torch._int_mm``) takes integer inputs only, so the
 quantization, the zero-point sums and the choice between integer and float math would be
@@ -547,16 +548,16 @@ PERSISTENT: bool | None = None
 PERSISTENT_WIDE = (128, 256, 128, 8, 3)
 PERSISTENT_NARROW = (128, 128, 128, 8, 4)
 
-# Packed 4-bit weights: False (the default), the integer kernels unpack each tile's bytes
-# in registers (every output tile again) and fp8 layers unpack by PyTorch ops; True, every
-# call first unpacks the layer's bytes into its centered codes (int8, or e4m3 for fp8 layers) by
-# one launch of :func:`unpack_centered`, which the unpacked kernels then read: one extra write
-# and read of the weights a call, in exchange for tiles that do no unpacking. The weights'
-# memory stays the packed bytes' (the codes live until the layer's product is done). On an H100
-# the packed SDXL fp8 step ran at 1.10× bf16 where the unpacked one had run at 0.92×, and SD
-# 1.4's packed int8 step at 1.66× where the unpacked one ran at 1.32× (twenty-third and
-# seventeenth sessions); this switch is what `benchmarks/` times against them. Off until timed.
-UNPACK_PACKED = False
+# Packed 4-bit weights: True (the default), every call first unpacks the layer's bytes into its
+# centered codes (int8, or e4m3 for fp8 layers) by one launch of :func:`unpack_centered`, which
+# the unpacked kernels then read: one extra write and read of the weights a call, in exchange for
+# tiles that do no unpacking. The weights' memory stays the packed bytes' (the codes live until
+# the layer's product is done). False, the integer kernels unpack each tile's bytes in registers
+# (every output tile again) and fp8 layers unpack by PyTorch ops (Inductor's kernels when
+# compiled). On an H100, SDXL's packed W4A8 step at batch 8 (fp8 Linear/1×1, int8 3×3 convs)
+# ran at 1.10× compiled bf16 with this off (twenty-third session) and at 0.944× [0.933, 0.950]
+# with it on (twenty-fourth), at 0.265× bf16's weight memory either way.
+UNPACK_PACKED = True
 UNPACK_BLOCK_N, UNPACK_BLOCK_H = 32, 64  # rows and bytes a program of the unpacking kernel
 
 if triton is not None:
