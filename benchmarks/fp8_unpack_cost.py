@@ -18,9 +18,11 @@ The twenty-third session timed the packed fp8 SDXL step at batch 8 at 1.098× bf
 (135.70 against 123.58 ms) where the twentieth session's unpacked fp8 step ran at 0.92×; this
 script says how much of that the unpacking explains. Shapes come from the UNet (a forward
 pre-hook on every ``nn.Linear`` and 1×1 ``nn.Conv2d`` during one bf16 call); weights are random.
-Writes ``--out`` (JSON) and prints a table.
+Writes ``--out`` (JSON) and prints a table; ``--plot`` draws the step totals (PNG), also from
+an earlier run's JSON without a GPU (``--from``).
 
     python benchmarks/fp8_unpack_cost.py --arch sdxl --batch 8 --out fp8_unpack_cost.json
+    python benchmarks/fp8_unpack_cost.py --from fp8_unpack_cost.json --plot fp8_unpack_cost.png
 """
 
 from __future__ import annotations
@@ -73,13 +75,49 @@ def operands(m: int, n: int, k: int, device: str = "cuda") -> dict:
             "step": torch.zeros(1, dtype=torch.long, device=device)}
 
 
+def plot_totals(result: dict, path: str) -> None:
+    """A bar a way: the step's fp8 GEMMs (or their unpacking alone) in ms, from ``result``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"bf16": "bf16 (cuBLAS)", "fp8": "fp8, e4m3 weights in memory",
+              "fp8_packed": "fp8, packed: Inductor's unpacking",
+              "fp8_packed_unpack": "fp8, packed: one Triton launch",
+              "unpack_inductor": "unpacking alone: Inductor",
+              "unpack_triton": "unpacking alone: Triton"}
+    totals = result["step_total_ms"]
+    names = [n for n in labels if n in totals]
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    bars = ax.barh([labels[n] for n in names], [totals[n] for n in names],
+                   color=["#777777" if n == "bf16" else "#4c72b0" if n.startswith("fp8")
+                          else "#dd8452" for n in names])
+    ax.bar_label(bars, fmt="%.1f ms", padding=3)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(totals.values()) * 1.2)
+    ax.set_xlabel("ms a step: each shape alone, replayed from a CUDA graph, × its count")
+    ax.set_title(f"{result['arch'].upper()} UNet, batch {result['batch']}: its "
+                 f"{result['gemm_calls']} fp8 GEMMs ({result['device']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sdxl", choices=["sd14", "sdxl"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/fp8_unpack_cost.json")
+    parser.add_argument("--plot", metavar="PNG", help="the step totals as a bar chart")
+    parser.add_argument("--from", dest="source", metavar="JSON",
+                        help="no GPU: plot an earlier run's --out (with --plot)")
     args = parser.parse_args()
+    if args.source:
+        if not args.plot:
+            parser.error("--from plots an earlier run: give --plot PNG")
+        plot_totals(json.loads(Path(args.source).read_text()), args.plot)
+        return
     real_fp8.FAST_ACCUM = True
 
     def fp8_call(o, packed: bool):
@@ -128,6 +166,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("step totals (ms):", {k: round(v, 2) for k, v in totals.items()})
+    if args.plot:
+        plot_totals(out, args.plot)
 
 
 if __name__ == "__main__":
