@@ -155,3 +155,20 @@ def test_a_parts_folder_is_summarised_without_a_gpu(step_module, tmp_path, monke
     with pytest.raises(SystemExit):
         step_module.main()
     assert not (tmp_path / "other.json").exists()
+
+
+def test_a_part_cut_before_its_timing_is_summarised_without_ratios(step_module, capsys):
+    """A part whose variants were all still compiling at the limit (the twenty-fourth
+    session's first target at batch 2) holds no times: the summary gives no ratios and does not
+    fail, and a real variant timed beside an untimed bf16 gets none either."""
+    partial = {"memory_mib": {"model": 1661.0}, "first_compile_s": 61.0, "partial": True}
+    results = {"variants": {"bf16_channels_last": partial,
+                            "w4a8_attention_fused": dict(partial)}}
+    step_module.summarise(results)
+    assert results["targets"] == {"bf16_baseline": "bf16_channels_last"}
+    results = {"variants": {"bf16_channels_last": partial, "w4a8_layers": {
+        "eager": _timed(90.0), "compiled": _timed(60.0), "compiled_graph": _timed(54.0)}}}
+    step_module.summarise(results)
+    got = results["targets"]
+    assert not any(key.endswith("_vs_bf16") for key in got) and "best_bf16" not in got
+    assert "w4a8_layers" in capsys.readouterr().out  # its times are still printed
