@@ -15,7 +15,7 @@ and measured:
   quantizers' state (weight scales and zero points, activation tables);
 - that the packed model's output equals the unpacked one's for the same input;
 - on CUDA, the packed model with its Linear layers and convs run for real
-  (``qlip.nn.use_real_execution``: the int8 kernels read the packed bytes themselves) and the
+  (``qlip.nn.use_real_execution``: each call unpacks a layer's bytes for its kernel) and the
   unpacked one run for real (which keeps an int8 copy of the codes): ``memory_allocated`` after one call each.
 
 Issue 14's target: a loaded W4 UNet's weight memory ≤ 0.3× bf16.
