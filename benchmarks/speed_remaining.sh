@@ -71,6 +71,10 @@ largest_attention() {  # SD 1.4's largest attention shape: SDPA, the kernel now 
         --before docs/results/speed/twenty_second_session/fused_attention_1080686.py \
         --out "$out/attention/attention_speed.json" > "$out/attention_speed.txt" 2>&1
 }
+attention_tests() {  # the fused attention's CUDA tests, within $1 seconds
+    limited tests_attention "$1" python3 -m pytest -q -p no:cacheprovider \
+        tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1
+}
 case "$part" in
     a)
         ARCH=sdxl BATCH=8 T_REAL=${T_REAL:-530} \
@@ -106,8 +110,7 @@ case "$part" in
             limited first_target_b2 "$(( ${T_STEP:-320} + 10 ))" \
             bash "$here/speed_suite.sh" "$out/first_b2" step > /dev/null 2>&1 ;;
     u)
-        limited tests_attention "${T_TESTS:-240}" python3 -m pytest -q -p no:cacheprovider \
-            tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1
+        attention_tests "${T_TESTS:-240}"
         largest_attention "${T_ATTENTION:-150}"
         if [ "${T_UNPACK:-0}" -gt 0 ]; then
             limited unpack "$T_UNPACK" python3 "$here/fp8_unpack_cost.py" --arch sdxl --batch 8 \
@@ -119,8 +122,7 @@ case "$part" in
             --variants bf16_channels_last,w4a8_layers_real_fp8_fast,w4a8_layers_real_fp8_fast_packed,w4a8_layers_real_fp8_fast_packed_unpack \
             --out "$out/profile/step_profile_sdxl_b8.json" > "$out/step_profile.txt" 2>&1 ;;
     t)
-        limited tests_attention 200 python3 -m pytest -q -p no:cacheprovider \
-            tests/engine/test_fused_attention.py > "$out/tests_attention.txt" 2>&1
+        attention_tests 200
         limited tests_persistent 120 python3 -m pytest -q -p no:cacheprovider \
             tests/engine/test_real_conv.py tests/engine/test_real_gemm.py -k "persistent or boxes" \
             > "$out/tests_persistent.txt" 2>&1 ;;
